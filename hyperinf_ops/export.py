@@ -1,0 +1,191 @@
+"""Curated subset -> `subset.parquet` + `subset.jsonl` + `manifest.json`, reproducible by time travel.
+
+The export pins every Lance table to its current version first, runs the selection query and
+`export_subset.sql` against those versions, and records them in the manifest: `reproduce(manifest)`
+reruns the recorded SQL text against the recorded versions and returns the same rows, whatever was
+written since. Files are written into a temporary sibling directory that is renamed into place at the
+end, so a crash never leaves a half export.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import uuid
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, date, datetime
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from hyperinf_ops.query import connect, load_sql, run_sql, sql_params
+from hyperinf_ops.store import LanceStore, json_safe, sql_literal
+
+__all__ = ["Manifest", "export_subset", "reproduce"]
+
+EXPORT_QUERY = "export_subset"
+
+
+@dataclass
+class Manifest:
+    """Everything needed to know (and redo) what an export holds."""
+
+    query_name: str
+    params: dict[str, Any]
+    sql: str
+    export_sql: str
+    table_versions: dict[str, int]
+    fingerprint: dict[str, Any] | None
+    estimator: dict[str, Any]
+    row_count: int
+    created_at: str
+    store_root: str
+    files: dict[str, str] = field(
+        default_factory=lambda: {"parquet": "subset.parquet", "jsonl": "subset.jsonl"}
+    )
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, sort_keys=True, default=_json_default)
+
+    @classmethod
+    def from_json(cls, text: str) -> Manifest:
+        return cls(**json.loads(text))
+
+    @classmethod
+    def load(cls, path: str | Path) -> Manifest:
+        """From a manifest.json file or the export directory holding one."""
+        path = Path(path)
+        return cls.from_json((path / "manifest.json" if path.is_dir() else path).read_text())
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, datetime | date):
+        return value.isoformat()
+    if isinstance(value, bytes):
+        return value.hex()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return str(value)
+
+
+def _stored_estimator_info(
+    store: LanceStore, params: Mapping[str, Any], version: int | None
+) -> dict[str, Any]:
+    """Diagnostics (damping, iterations, residual per matrix) of the stored queries the selection used."""
+    if version is None:
+        return {"method": params.get("method")}
+    filters = [f"method = {sql_literal(params['method'])}"] if "method" in params else []
+    sets = [params[k] for k in ("target_set", "set_a", "set_b") if k in params]
+    if sets:
+        filters.append("target_set IN (" + ", ".join(sql_literal(s) for s in sets) + ")")
+    rows = store.open("queries", version).to_table(
+        columns=["target_set", "method", "diagnostics"], filter=" AND ".join(filters) or None
+    )
+    return {
+        "method": params.get("method"),
+        "queries": {
+            f"{r['target_set']}/{r['method']}": json.loads(r["diagnostics"]) for r in rows.to_pylist()
+        },
+    }
+
+
+def _write_jsonl(table: pa.Table, path: Path) -> None:
+    with path.open("w", encoding="utf-8") as fh:
+        for batch in table.to_batches(max_chunksize=4096):
+            for row in batch.to_pylist():
+                fh.write(json.dumps(json_safe(row), ensure_ascii=False, default=_json_default) + "\n")
+
+
+def _select(con: Any, sql: str, export_sql: str, params: Mapping[str, Any], name: str) -> pa.Table:
+    selection = run_sql(con, sql, params, name=name)
+    con.register("selection", selection)
+    try:
+        export_params = {k: params[k] for k in sql_params(export_sql) if k in params}
+        return run_sql(con, export_sql, export_params, name=EXPORT_QUERY)
+    finally:
+        con.unregister("selection")
+
+
+def export_subset(
+    store: LanceStore,
+    query_name: str,
+    params: Mapping[str, Any],
+    out_dir: str | Path,
+    *,
+    estimator_info: Mapping[str, Any] | None = None,
+    overwrite: bool = False,
+    sql_dir: Path | None = None,
+) -> Manifest:
+    """Run `sql/<query_name>.sql` (a selection: sample_id, target_set, method, score, rank, ...) with
+    `params`, join it with `examples` (sql/export_subset.sql) and write out_dir/{subset.parquet,
+    subset.jsonl, manifest.json} atomically.
+
+    estimator_info: estimator + parameters to record (damping, iterations, residual, ...); None records
+    the diagnostics stored with the queries of the selected target set(s) and method.
+    out_dir must not exist unless overwrite=True (the old export is replaced only once the new one is whole).
+    """
+    out = Path(out_dir)
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"export directory {out} exists (pass overwrite=True to replace it)")
+    sql, export_sql = load_sql(query_name, sql_dir), load_sql(EXPORT_QUERY, sql_dir)
+    versions = store.versions()
+    con = connect(store, versions=versions)
+    try:
+        subset = _select(con, sql, export_sql, params, query_name)
+    finally:
+        con.close()
+    fingerprint = store.fingerprint("gradients", versions["gradients"]) if "gradients" in versions else None
+    manifest = Manifest(
+        query_name=query_name,
+        params=dict(params),
+        sql=sql,
+        export_sql=export_sql,
+        table_versions=versions,
+        fingerprint=None if fingerprint is None else json.loads(fingerprint.to_json()),
+        estimator=json_safe(
+            dict(estimator_info)
+            if estimator_info is not None
+            else _stored_estimator_info(store, params, versions.get("queries"))
+        ),
+        row_count=subset.num_rows,
+        created_at=datetime.now(UTC).isoformat(),
+        store_root=store.root,
+    )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex}"
+    tmp.mkdir()
+    try:
+        pq.write_table(subset, tmp / manifest.files["parquet"])
+        _write_jsonl(subset, tmp / manifest.files["jsonl"])
+        (tmp / "manifest.json").write_text(manifest.to_json())
+        if out.exists():
+            old = out.parent / f".{out.name}.old-{uuid.uuid4().hex}"
+            os.rename(out, old)
+            os.rename(tmp, out)
+            shutil.rmtree(old)
+        else:
+            os.rename(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return manifest
+
+
+def reproduce(manifest: Manifest | str | Path, *, store: LanceStore | None = None) -> pa.Table:
+    """Rerun a manifest's recorded SQL against its recorded Lance versions: the same rows as its export.
+
+    store: where the tables live now (default: the manifest's store_root). Old versions must not have
+    been removed by `cleanup_old_versions` (tag them to keep them).
+    """
+    m = manifest if isinstance(manifest, Manifest) else Manifest.load(manifest)
+    store = store or LanceStore(m.store_root)
+    con = connect(store, versions=m.table_versions)
+    try:
+        return _select(con, m.sql, m.export_sql, m.params, m.query_name)
+    finally:
+        con.close()

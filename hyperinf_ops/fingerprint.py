@@ -1,0 +1,159 @@
+"""What made a stored gradient row: rows with different fingerprints must never be scored together.
+
+Scores are inner products between stored rows and a query built from the same model, adapter, LoRA
+matrices and projection; mixing any of these silently gives meaningless rankings (peers learned this the
+hard way, see docs/tables.md). Damping is a query-time choice and is deliberately not part of it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+import numpy as np
+import torch
+
+from hyperinf_ops.errors import FingerprintMismatchError
+from hyperinf_ops.projection import ProjectionSpec
+
+__all__ = ["Fingerprint", "tensor_hash", "shapes_hash", "model_hashes", "require_match"]
+
+
+def _update_with_tensor(h: Any, name: str, value: Any) -> None:
+    arr = (
+        value.detach().cpu().contiguous() if isinstance(value, torch.Tensor) else np.ascontiguousarray(value)
+    )
+    h.update(f"{name}|{arr.dtype}|{tuple(arr.shape)}|".encode())
+    if isinstance(arr, torch.Tensor):
+        # bfloat16 has no numpy dtype: hash the raw bytes through a same-width integer view.
+        arr = arr.view(torch.int16) if arr.dtype == torch.bfloat16 else arr
+        arr = arr.numpy()
+    h.update(memoryview(arr).cast("B"))
+
+
+def tensor_hash(tensors: Any, extra: str = "") -> str:
+    """sha256 (hex) of a state dict (or anything with `state_dict()`), over sorted names, dtypes, shapes, bytes.
+
+    `extra` (e.g. a model config as JSON) is hashed in too.
+    """
+    state = tensors.state_dict() if hasattr(tensors, "state_dict") else tensors
+    h = hashlib.sha256(extra.encode())
+    for name in sorted(state):
+        _update_with_tensor(h, name, state[name])
+    return h.hexdigest()
+
+
+def shapes_hash(shapes: Mapping[str, tuple[int, int]]) -> str:
+    """sha256 (hex, 16 chars) of the LoRA matrix names and (r, d) shapes, in sorted order."""
+    text = json.dumps([[name, list(shapes[name])] for name in sorted(shapes)])
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def model_hashes(model: torch.nn.Module) -> tuple[str, str]:
+    """(base hash, adapter hash) of a peft model: base weights + config, and the LoRA weights alone."""
+    state = model.state_dict()
+    lora = {k: v for k, v in state.items() if "lora_" in k}
+    base = {k: v for k, v in state.items() if "lora_" not in k}
+    config = getattr(model, "config", None)
+    config_json = config.to_json_string(use_diff=False) if hasattr(config, "to_json_string") else ""
+    return tensor_hash(base, extra=config_json), tensor_hash(lora)
+
+
+@dataclass(frozen=True)
+class Fingerprint:
+    """Identity of a gradient row. Every field must match for rows and queries to be combined."""
+
+    model_id: str
+    model_hash: str
+    adapter_hash: str
+    task: str
+    lora_modules: tuple[str, ...]
+    rank: int
+    matrices_hash: str
+    projection_dim: int
+    projection_seed: int
+    projection_dtype: str
+    projection_kind: str
+    grad_dtype: str = "float32"
+    loss_reduction: str = "mean"
+
+    def __post_init__(self) -> None:
+        # JSON round trips give lists; keep the dataclass hashable and comparable.
+        object.__setattr__(self, "lora_modules", tuple(self.lora_modules))
+
+    @classmethod
+    def create(
+        cls,
+        *,
+        model_id: str,
+        model_hash: str,
+        adapter_hash: str,
+        task: str,
+        lora_modules: tuple[str, ...] | list[str],
+        shapes: Mapping[str, tuple[int, int]],
+        projection: ProjectionSpec,
+        grad_dtype: str = "float32",
+        loss_reduction: str = "mean",
+    ) -> Fingerprint:
+        """Fingerprint from the matrix shapes (rank read from them) and the projection spec."""
+        ranks = {int(r) for r, _ in shapes.values()}
+        if len(ranks) != 1:
+            raise ValueError(f"LoRA matrices disagree on rank: {sorted(ranks)}")
+        return cls(
+            model_id=model_id,
+            model_hash=model_hash,
+            adapter_hash=adapter_hash,
+            task=task,
+            lora_modules=tuple(lora_modules),
+            rank=ranks.pop(),
+            matrices_hash=shapes_hash(shapes),
+            projection_dim=projection.dim,
+            projection_seed=projection.seed,
+            projection_dtype=projection.storage_dtype,
+            projection_kind=projection.kind,
+            grad_dtype=grad_dtype,
+            loss_reduction=loss_reduction,
+        )
+
+    @property
+    def projection(self) -> ProjectionSpec:
+        return ProjectionSpec(dim=self.projection_dim, seed=self.projection_seed, dtype=self.projection_dtype)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> Fingerprint:
+        data = json.loads(text)
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown fingerprint fields {unknown}")
+        return cls(**data)
+
+    def digest(self) -> str:
+        """Short (16 hex chars) sha256 of the canonical JSON: the value stored on every row."""
+        return hashlib.sha256(self.to_json().encode()).hexdigest()[:16]
+
+    def diff(self, other: Fingerprint) -> list[str]:
+        """Names of the fields whose values differ, in declaration order."""
+        return [f.name for f in fields(self) if getattr(self, f.name) != getattr(other, f.name)]
+
+
+def require_match(expected: Fingerprint, found: Fingerprint | None, where: str) -> None:
+    """Raise FingerprintMismatchError naming every differing field with both values (`found` None: unknown)."""
+    if found is None:
+        raise FingerprintMismatchError(
+            f"{where}: rows carry a fingerprint whose description is missing; expected {expected.digest()}"
+        )
+    names = expected.diff(found)
+    if names:
+        details = "; ".join(
+            f"{n}: expected {getattr(expected, n)!r}, found {getattr(found, n)!r}" for n in names
+        )
+        raise FingerprintMismatchError(
+            f"{where}: fingerprint mismatch ({expected.digest()} vs {found.digest()}) in {details}"
+        )

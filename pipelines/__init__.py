@@ -1,0 +1,1 @@
+"""The hyperinf Dagster code location (``pipelines.definitions``) and the ``hyperinf`` command line."""

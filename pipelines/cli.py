@@ -1,0 +1,232 @@
+"""The ``hyperinf`` command line: demo, run, sql, ui.
+
+Every command reads one YAML config (validated before any work) and one Dagster instance
+(``--dagster-home``, else ``$DAGSTER_HOME``, else ``<config folder>/.dagster_home``), so runs made here
+show up in ``hyperinf ui``. Problems with the input end in one ``hyperinf: error: ...`` line and exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from hyperinf_ops.errors import HyperinfError
+
+DEMO_WORKDIR = ".hyperinf_demo"
+EXIT_ERROR = 2
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``hyperinf`` console script; returns the exit status."""
+    args = _parser().parse_args(argv)
+    os.environ.setdefault("DAGSTER_DISABLE_TELEMETRY", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from pipelines.runner import PipelineRunError
+
+    try:
+        return args.command(args)
+    except (HyperinfError, PipelineRunError, FileNotFoundError) as err:
+        print(f"hyperinf: error: {err}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="hyperinf",
+        description="Influence-based data curation: LoRA gradients -> HyperINF scores -> SQL-curated subsets.",
+    )
+    sub = parser.add_subparsers(required=True, metavar="COMMAND")
+
+    demo = sub.add_parser("demo", help="build the bundled demo (MiniLM + Rotten Tomatoes) and run every asset")
+    demo.add_argument("--n-pool", type=int, default=4000, help="pool examples (default 4000; 20%% flipped)")
+    demo.add_argument("--n-target", type=int, default=500, help="clean target examples (default 500)")
+    demo.add_argument("--workdir", type=Path, default=Path(DEMO_WORKDIR),
+                      help=f"where data, store and instance go (default {DEMO_WORKDIR})")
+    _home_option(demo)
+    demo.set_defaults(command=_demo)
+
+    run = sub.add_parser("run", help="materialize every asset on your config")
+    run.add_argument("--config", type=Path, required=True, help="the hyperinf YAML file")
+    _home_option(run)
+    run.set_defaults(command=_run)
+
+    sql = sub.add_parser("sql", help="DuckDB SQL over the tables (examples, targets, scores, ...)")
+    _config_option(sql)
+    sql.add_argument("query", help="SQL text, or the name of a query in sql/ (then pass --param)")
+    sql.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
+                     help="a named parameter of a sql/ query (repeatable)")
+    sql.add_argument("--format", choices=("table", "csv", "json"), default="table")
+    sql.set_defaults(command=_sql)
+
+    ui = sub.add_parser("ui", help="start the Dagster UI (dagster dev) on 127.0.0.1 for this project")
+    _config_option(ui)
+    ui.add_argument("--port", type=int, default=3000)
+    _home_option(ui)
+    ui.set_defaults(command=_ui)
+    return parser
+
+
+def _home_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dagster-home", type=Path, default=None,
+                   help="Dagster instance folder (default $DAGSTER_HOME, else <config folder>/.dagster_home)")
+
+
+def _config_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", type=Path, default=None,
+                   help=f"the hyperinf YAML file (default: the demo's, {DEMO_WORKDIR}/hyperinf.yaml)")
+
+
+def _config_path(arg: Path | None) -> Path:
+    path = arg or Path(DEMO_WORKDIR) / "hyperinf.yaml"
+    if not path.is_file():
+        hint = "" if arg else " (pass --config FILE, or run `hyperinf demo` first)"
+        raise FileNotFoundError(f"config file {str(path)!r} does not exist{hint}")
+    return path.resolve()
+
+
+# ---------------------------------------------------------------------------------------------- demo / run
+
+def _demo(args: argparse.Namespace) -> int:
+    from hyperinf_ops.data import build_demo_dataset, write_demo_config
+
+    started = time.perf_counter()
+    workdir = args.workdir.resolve()
+    paths = build_demo_dataset(workdir, n_pool=args.n_pool, n_target=args.n_target)
+    config = write_demo_config(paths)
+    print(f"demo data: {paths.n_pool} Rotten Tomatoes snippets in {len(paths.shards)} shards "
+          f"({paths.n_flipped} labels flipped), {paths.n_target} clean target examples; config {config}")
+    status = _materialize(config, args.dagster_home)
+    print(f"demo wall time: {time.perf_counter() - started:.0f} s")
+    return status
+
+
+def _run(args: argparse.Namespace) -> int:
+    started = time.perf_counter()
+    status = _materialize(_config_path(args.config), args.dagster_home)
+    print(f"wall time: {time.perf_counter() - started:.0f} s")
+    return status
+
+
+def _materialize(config_path: Path, dagster_home: Path | None) -> int:
+    import dagster as dg
+
+    from hyperinf_ops.config import load_config
+    from pipelines.definitions import build_definitions
+    from pipelines.instance import dagster_home_for, prepare_dagster_home
+    from pipelines.runner import failed_checks, materialize_all
+    from pipelines.summary import print_summary
+
+    cfg = load_config(config_path)  # every config problem, before any work
+    home = prepare_dagster_home(dagster_home_for(config_path, dagster_home))
+    print(f"Dagster instance: {home}")
+    with dg.DagsterInstance.get() as instance:
+        results = materialize_all(build_definitions(str(config_path)), instance, cfg)
+        print_summary(instance, cfg, config_path, home)
+    failed = failed_checks(results)
+    for line in failed:
+        print(f"WARNING: asset check failed: {line}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+# ---------------------------------------------------------------------------------------------- sql
+
+def _sql(args: argparse.Namespace) -> int:
+    from hyperinf_ops.config import load_config
+    from hyperinf_ops.query import connect, list_queries, run_query
+    from hyperinf_ops.store import LanceStore
+
+    cfg = load_config(_config_path(args.config))
+    store = LanceStore(str(cfg.storage_root))
+    if not store.versions():
+        raise FileNotFoundError(f"no tables under {cfg.storage_root} yet: run `hyperinf run` (or demo) first")
+    con = connect(store)
+    try:
+        if args.query in list_queries():
+            table = run_query(con, args.query, dict(_parse_param(p) for p in args.param))
+        else:
+            if args.param:
+                raise HyperinfError("--param only applies to the named queries of sql/")
+            table = _run_sql_text(con, args.query)
+    finally:
+        con.close()
+    _print_table(table, args.format)
+    return 0
+
+
+def _run_sql_text(con, query: str):
+    import duckdb
+
+    try:
+        rel = con.sql(query)
+    except duckdb.Error as err:
+        raise HyperinfError(f"SQL error: {str(err).splitlines()[0]}") from err
+    if rel is None:
+        raise HyperinfError("the statement returned no rows (hyperinf sql runs queries, e.g. SELECT ...)")
+    return rel.to_arrow_table()
+
+
+def _parse_param(text: str) -> tuple[str, object]:
+    name, sep, raw = text.partition("=")
+    if not sep or not name:
+        raise HyperinfError(f"--param {text!r}: expected NAME=VALUE")
+    try:
+        value = json.loads(raw)  # numbers, true/false, null
+    except json.JSONDecodeError:
+        value = raw
+    return name, value
+
+
+def _print_table(table, fmt: str) -> None:
+    import pandas as pd
+
+    df = table.to_pandas()
+    if fmt == "csv":
+        sys.stdout.write(df.to_csv(index=False))
+    elif fmt == "json":
+        sys.stdout.write(df.to_json(orient="records", force_ascii=False, date_format="iso") + "\n")
+    else:
+        with pd.option_context("display.max_colwidth", 60, "display.width", 200, "display.max_rows", 200):
+            print(df.to_string(index=False) if len(df) else "(no rows)")
+
+
+# ---------------------------------------------------------------------------------------------- ui
+
+def _ui(args: argparse.Namespace) -> int:
+    from hyperinf_ops.config import load_config
+    from pipelines.devserver import start_dagster_dev, stop_dagster_dev, wait_until_ready
+    from pipelines.instance import WORKSPACE_YAML, dagster_home_for, prepare_dagster_home
+    from pipelines.resources import CONFIG_ENV_VAR
+
+    config_path = _config_path(args.config)
+    load_config(config_path)
+    home = prepare_dagster_home(dagster_home_for(config_path, args.dagster_home))
+    url = f"http://127.0.0.1:{args.port}"
+    proc = start_dagster_dev(dagster_home=home, workspace=WORKSPACE_YAML, port=args.port,
+                             env={CONFIG_ENV_VAR: str(config_path)})
+
+    def _stop(signum, frame):  # Ctrl-C or `kill`: stop the whole dagster dev process group
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+    try:
+        wait_until_ready(proc, url)
+        print(f"Dagster UI: {url}  (instance {home}, config {config_path}); Ctrl-C stops it")
+        return proc.wait()
+    except KeyboardInterrupt:
+        print("stopping dagster dev ...", file=sys.stderr)
+        return 0
+    finally:
+        stop_dagster_dev(proc)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

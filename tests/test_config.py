@@ -1,0 +1,133 @@
+"""config.py: one ConfigError listing every problem, defaults, relative paths, round trip."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from hyperinf_ops.config import HyperinfConfig, load_config
+from hyperinf_ops.errors import ConfigError
+
+
+@pytest.fixture
+def project(tmp_path: Path) -> Path:
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "pool.parquet").write_bytes(b"")
+    (tmp_path / "data" / "val.parquet").write_bytes(b"")
+    return tmp_path
+
+
+def minimal() -> dict:
+    return {"data": {"path": "data/pool.parquet"}, "targets": {"clean_val": {"path": "data/val.parquet"}}}
+
+
+def write(folder: Path, doc: dict) -> Path:
+    path = folder / "hyperinf.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    return path
+
+
+def problems(source, **kw) -> list[str]:
+    with pytest.raises(ConfigError) as info:
+        load_config(source, **kw)
+    return info.value.problems
+
+
+def test_defaults_and_relative_paths(project: Path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.chdir("/")  # paths resolve against the config file, not the cwd
+    cfg = load_config(write(project, minimal()))
+    assert cfg.data.path == project / "data" / "pool.parquet"
+    assert cfg.targets["clean_val"].path == project / "data" / "val.parquet"
+    assert cfg.storage_root == project / "hyperinf_data"
+    assert cfg.model == "minilm" and cfg.task == "classification"
+    assert cfg.lora.rank == 8 and cfg.lora.alpha == 16 and cfg.train.epochs == 2
+    assert cfg.estimators == ("hyperinf", "datainf", "tracin")
+    assert cfg.projection_dim == 8192 and cfg.damping_ratio == 0.1
+    assert cfg.curation.query == "top_fraction"
+    # the query's target set and method default to the first target set and estimator
+    assert cfg.curation.params == {"target_set": "clean_val", "method": "hyperinf", "fraction": 0.8}
+
+
+def test_round_trip(project: Path):
+    doc = {**minimal(), "lora": {"rank": 4, "alpha": 8, "modules": ["query"]}, "projection_dim": 0,
+           "estimators": ["exact", "lissa"], "estimator_options": {"lissa_iterations": 50},
+           "curation": {"query": "top_k", "params": {"k": 10, "method": "exact"}}}
+    cfg = load_config(write(project, doc))
+    again = load_config(cfg.to_dict())
+    assert again == cfg and isinstance(again, HyperinfConfig)
+    assert cfg.lora.modules == ("query",)
+    assert load_config(yaml.safe_load(yaml.safe_dump(cfg.to_dict()))) == cfg
+
+
+def test_every_problem_in_one_error(project: Path):
+    doc = {
+        **minimal(),
+        "modle": "minilm",  # unknown key, with a suggestion
+        "lora": {"rank": "eight", "alpah": 16},  # wrong type + unknown nested key
+        "train": {"epochs": 0, "lr": -1.0},  # impossible values
+        "estimators": ["hyperinf", "hyperinff", "datainf"],  # bad estimator name
+        "damping_ratio": True,  # a bool is not a number
+        "projection_dim": -5,
+        "targets": {"clean_val": {"path": "data/val.parquet", "where": "label = 'x'"}},
+        "curation": {"query": "top_fractoin"},
+    }
+    found = problems(write(project, doc))
+    text = "\n".join(found)
+    assert "modle: unknown key (did you mean 'model'?)" in text
+    assert "lora.rank: expected an integer, got str 'eight'" in text
+    assert "lora.alpah: unknown key (did you mean 'alpha'?)" in text
+    assert "train.epochs: must be >= 1" in text and "train.lr: must be > 0" in text
+    assert "estimators[1]: 'hyperinff' is not one of" in text and "did you mean 'hyperinf'" in text
+    assert "damping_ratio: expected a number, got bool True" in text
+    assert "projection_dim: must be >= 0" in text
+    assert "targets.clean_val: give exactly one of" in text
+    assert "curation.query: no query 'top_fractoin'" in text and "did you mean 'top_fraction'" in text
+    assert len(found) == 10, found  # nothing reported twice
+    found = problems({**minimal(), "curation": {"params": {"target_set": "clean", "fraction": "most"}}},
+                     base_dir=project)
+    assert any("curation.params.target_set: 'clean' is not a configured target set" in p for p in found)
+
+
+def test_missing_required_and_missing_files(tmp_path: Path):
+    found = problems({"model": "no/such/folder"}, base_dir=tmp_path)
+    assert "data: required key is missing" in found
+    assert "targets: required key is missing" in found
+    assert any(p.startswith("model: 'no/such/folder' is neither a bundled model") for p in found)
+    found = problems({"data": {"path": "nope.csv"}, "targets": {"t": {"path": "nope.jsonl"}}}, base_dir=tmp_path)
+    assert any("data.path" in p and "does not exist" in p for p in found)
+    assert any("targets.t.path" in p and "is not a file" in p for p in found)
+
+
+def test_where_targets_must_parse(project: Path):
+    cfg = load_config({**minimal(), "targets": {"sport": {"where": "label = 'sport' AND length(text) > 5"}}},
+                      base_dir=project)
+    assert cfg.targets["sport"].where.startswith("label")
+    found = problems({**minimal(), "targets": {"a": {"where": "label = "}, "b": {"where": "1=1; DROP TABLE x"}}},
+                     base_dir=project)
+    assert any("targets.a.where: does not parse" in p for p in found)
+    assert any(p.startswith("targets.b.where: ") for p in found)  # a second statement never runs
+
+
+def test_task_specific_columns(project: Path):
+    cfg = load_config({**minimal(), "task": "causal_lm"}, base_dir=project)
+    assert (cfg.data.prompt_column, cfg.data.response_column, cfg.data.label_column) == ("prompt", "response", None)
+    found = problems({**minimal(), "data": {"path": "data/pool.parquet", "prompt_column": "q"}}, base_dir=project)
+    assert any("data.prompt_column: only used with task causal_lm" in p for p in found)
+    found = problems({**minimal(), "data": {"path": "data/pool.parquet", "id_column": "text"}}, base_dir=project)
+    assert any("same column is used for two roles: ['text']" in p for p in found)
+
+
+def test_other_value_checks(project: Path):
+    found = problems({**minimal(), "storage_root": "s3://bucket/x", "device": "tpu", "projection_dtype": "int8",
+                      "estimators": ["tracin", "tracin"], "estimator_options": {"lissa_iters": 3},
+                      "curation": {"query": "top_k", "params": {"kk": 3, "method": "lissa"}}}, base_dir=project)
+    text = "\n".join(found)
+    for expected in ("storage_root: object-store URIs are not supported", "device: 'tpu'", "projection_dtype",
+                     "estimators: listed more than once: ['tracin']", "estimator_options.lissa_iters: unknown",
+                     "curation.params.kk: query 'top_k' takes no such parameter",
+                     "curation.params.method: 'lissa' is not one of the configured estimators",
+                     "curation.params: query 'top_k' needs ['k']"):
+        assert expected in text
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        (project / "bad.yaml").write_text("data: [unclosed")
+        load_config(project / "bad.yaml")

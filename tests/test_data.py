@@ -1,0 +1,145 @@
+"""data.py: stable ids, preserved columns, one named DataError per bad input, the demo dataset."""
+
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from hyperinf_ops.config import load_config
+from hyperinf_ops.data import (
+    build_demo_dataset,
+    discover_shards,
+    prepare_examples,
+    prepare_targets,
+    read_table,
+    write_demo_config,
+)
+from hyperinf_ops.errors import DataError
+
+
+def pool_df() -> pd.DataFrame:
+    return pd.DataFrame({
+        "text": ["a good film", "a bad film", "great acting", "dull plot", "fun story", "awful music"],
+        "label": ["pos", "neg", "pos", "neg", "pos", "neg"],
+        "genre": ["drama", "comedy", "drama", "horror", "comedy", "drama"],
+        "year": [2001, 2002, 2003, 2004, 2005, 2006],
+    })
+
+
+@pytest.fixture
+def project(tmp_path: Path) -> Path:
+    pool_df().to_parquet(tmp_path / "pool.parquet")
+    pool_df().iloc[:2].to_csv(tmp_path / "val.csv", index=False)
+    return tmp_path
+
+
+def config(project: Path, **overrides):
+    doc = {"data": {"path": "pool.parquet"}, "targets": {"val": {"path": "val.csv"}}}
+    for key, value in overrides.items():
+        doc[key] = {**doc[key], **value} if key == "data" else value
+    return load_config(doc, base_dir=project)
+
+
+def test_ids_are_stable_and_extras_kept(project: Path):
+    cfg = config(project)
+    table = prepare_examples(pool_df(), cfg, "s0")
+    assert table.column_names == ["sample_id", "content_hash", "text", "label", "shard", "genre", "year"]
+    assert table["year"].to_pylist() == [2001, 2002, 2003, 2004, 2005, 2006]  # types kept
+    again = prepare_examples(pool_df(), cfg, "s0")
+    assert again["sample_id"].to_pylist() == table["sample_id"].to_pylist()
+    shuffled = prepare_examples(pool_df().sample(frac=1, random_state=3), cfg, "s0").to_pandas()
+    by_text = dict(zip(table["text"].to_pylist(), table["sample_id"].to_pylist(), strict=True))
+    assert all(by_text[t] == i for t, i in zip(shuffled["text"], shuffled["sample_id"], strict=True))
+    assert all(len(i) == 16 for i in by_text.values()) and len(set(by_text.values())) == 6
+    # the same text with another label is another example
+    other = pool_df().assign(label=["neg", "pos", "neg", "pos", "neg", "pos"])
+    assert set(prepare_examples(other, cfg, "s0")["sample_id"].to_pylist()).isdisjoint(by_text.values())
+
+
+def test_id_column_and_duplicates(project: Path):
+    df = pool_df().assign(id=[10, 11, 12, 13, 14, 15])
+    table = prepare_examples(df, config(project, data={"id_column": "id"}), "s0")
+    assert table["sample_id"].to_pylist() == ["10", "11", "12", "13", "14", "15"]
+    assert "id" not in table.column_names and len(table["content_hash"][0].as_py()) == 64
+    with pytest.raises(DataError, match=r"duplicated id\(s\) in column 'id': \['11'\]"):
+        prepare_examples(df.assign(id=[10, 11, 11, 13, 14, 15]), config(project, data={"id_column": "id"}), "s0")
+    # without an id column, an exact duplicate row is the same example: dropped, counted by the caller
+    doubled = pd.concat([pool_df(), pool_df().iloc[:2]])
+    assert prepare_examples(doubled, config(project), "s0").num_rows == 6
+
+
+@pytest.mark.parametrize(
+    ("mutate", "message"),
+    [
+        (lambda df: df.rename(columns={"text": "txt"}), r"column 'text' not found \(did you mean 'txt'\?\)"),
+        (lambda df: df.drop(columns="label"), r"column 'label' not found"),
+        (lambda df: df.iloc[:0], r"is empty"),
+        (lambda df: df.assign(text=["ok", "  ", "ok2", None, "x", "y"]), r"2 empty or whitespace-only value"),
+        (lambda df: df.assign(label=["pos", None, "pos", "neg", "pos", "neg"]), r"1 missing label"),
+        (lambda df: df.assign(shard=1), r"\['shard'\] clash with columns hyperinf adds"),
+    ],
+)
+def test_bad_pool_named(project: Path, mutate, message: str):
+    with pytest.raises(DataError, match=message):
+        prepare_examples(mutate(pool_df()), config(project), "s0")
+
+
+def test_targets(project: Path):
+    cfg = config(project, targets={"val": {"path": "val.csv"}, "drama": {"where": "genre = 'drama' AND year > 2001"}})
+    pool = prepare_examples(pool_df(), cfg, "s0")
+    targets = prepare_targets(cfg, pool)
+    assert targets["val"].column_names == ["target_set", "sample_id", "content_hash", "text", "label"]
+    # a target file's examples get the ids the same rows have in the pool
+    assert targets["val"]["sample_id"].to_pylist() == pool["sample_id"].to_pylist()[:2]
+    assert targets["drama"]["text"].to_pylist() == ["great acting", "awful music"]
+
+    with pytest.raises(DataError, match="selects no pool rows"):
+        prepare_targets(config(project, targets={"none": {"where": "year > 3000"}}), pool)
+    with pytest.raises(DataError, match="failed over the pool"):
+        prepare_targets(config(project, targets={"bad": {"where": "genr = 'x'"}}), pool)
+    pd.DataFrame({"text": ["x"], "label": ["maybe"]}).to_csv(project / "odd.csv", index=False)
+    with pytest.raises(DataError, match=r"labels the pool does not have: \['maybe'\]"):
+        prepare_targets(config(project, targets={"odd": {"path": "odd.csv"}}), pool)
+    pd.DataFrame({"text": [], "label": []}).to_csv(project / "empty.csv", index=False)
+    with pytest.raises(DataError, match="is empty"):
+        prepare_targets(config(project, targets={"empty": {"path": "empty.csv"}}), pool)
+
+
+def test_shards_and_formats(tmp_path: Path):
+    folder = tmp_path / "pool"
+    folder.mkdir()
+    with pytest.raises(DataError, match="empty pool"):
+        discover_shards(load_config({"data": {"path": "pool"}, "targets": {"t": {"where": "true"}}},
+                                    base_dir=tmp_path).data)
+    df = pool_df()
+    df.iloc[:2].to_parquet(folder / "b.parquet")
+    df.iloc[2:4].to_csv(folder / "a.csv", index=False)
+    df.iloc[4:].to_json(folder / "c.jsonl", orient="records", lines=True)
+    (folder / "notes.txt").write_text("ignored")
+    cfg = load_config({"data": {"path": "pool"}, "targets": {"t": {"where": "true"}}}, base_dir=tmp_path)
+    shards = discover_shards(cfg.data)
+    assert list(shards) == ["a", "b", "c"]
+    frames = [read_table(p) for p in shards.values()]
+    assert sum(len(f) for f in frames) == 6 and frames[2]["year"].tolist() == [2005, 2006]
+    pd.DataFrame({"text": ["NA"], "label": ["pos"]}).to_csv(folder / "d.csv", index=False)
+    assert read_table(folder / "d.csv")["text"].tolist() == ["NA"]  # "NA" is a text, not a gap
+    df.to_csv(folder / "a.jsonl")
+    with pytest.raises(DataError, match="share the shard name 'a'"):
+        discover_shards(cfg.data)
+
+
+def test_demo_dataset(tmp_path: Path):
+    paths = build_demo_dataset(tmp_path / "demo", n_pool=400, n_target=60, flip_fraction=0.2, seed=0, n_shards=3)
+    pool = pd.concat([pd.read_parquet(p) for p in paths.shards])
+    target = pd.read_parquet(paths.target)
+    assert len(paths.shards) == 3 and len(pool) == 400 and len(target) == 60
+    assert pool["flipped"].sum() == 80 == paths.n_flipped
+    assert set(pool["label"]) == set(target["label"]) == {"fresh", "rotten"}
+    assert not set(pool["movie_name"]) & set(target["movie_name"])
+    again = build_demo_dataset(tmp_path / "again", n_pool=400, n_target=60, seed=0, n_shards=3)
+    assert pd.concat([pd.read_parquet(p) for p in again.shards]).equals(pool)  # seeded
+
+    cfg = load_config(write_demo_config(paths))
+    assert cfg.data.path == paths.pool_dir and cfg.targets["clean_val"].path == paths.target
+    assert cfg.storage_root == paths.root / "store" and cfg.model == "minilm"
+    assert len(discover_shards(cfg.data)) == 3
