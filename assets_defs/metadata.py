@@ -69,10 +69,7 @@ def histogram_markdown(values: Sequence[float], *, title: str, bins: int = 30) -
 
 
 def _cell(value: Any) -> str:
-    if isinstance(value, float):
-        text = f"{value:.4g}"
-    else:
-        text = "" if value is None else str(value)
+    text = f"{value:.4g}" if isinstance(value, float) else "" if value is None else str(value)
     text = " ".join(text.split()).replace("|", "\\|")
     return text if len(text) <= _TEXT_CHARS else text[: _TEXT_CHARS - 1] + "…"
 

@@ -45,6 +45,7 @@ TASKS = ("classification", "causal_lm")
 # every LoRA matrix, which the shard pipeline does not accumulate: it stays a library-level check.
 PIPELINE_ESTIMATORS = ("hyperinf", "datainf", "lissa", "tracin", "exact")
 PROJECTION_DTYPES = ("float16", "float32")
+SCHEDULES = ("linear", "constant")
 # Target set names become SQL parameter values, file names and Dagster metadata keys.
 _NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_\-]*$")
 _DEVICE_RE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
@@ -96,6 +97,7 @@ class TrainConfig:
     seed: int = 0
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
+    schedule: str = "linear"  # "linear": lr decays linearly to 0 over the run; "constant"
     log_every: int = 20  # progress line every this many optimizer steps
 
 
@@ -339,6 +341,7 @@ def _check_train(v: dict[str, Any], r: _Report) -> None:
     for key, low, strict in (("epochs", 1, False), ("lr", 0, True), ("batch_size", 1, False), ("seed", 0, False),
                              ("weight_decay", 0, False), ("max_grad_norm", 0, True), ("log_every", 1, False)):
         r.at_least(v, key, low, strict=strict)
+    r.choice("schedule", v["schedule"], SCHEDULES)
 
 
 def _check_adapter(v: dict[str, Any], r: _Report) -> None:

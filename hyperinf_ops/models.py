@@ -16,6 +16,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 from transformers.pytorch_utils import Conv1D
+from transformers.utils import logging as hf_logging
 
 from hyperinf_ops.config import HyperinfConfig
 from hyperinf_ops.errors import ConfigError, DataError, ModelLoadError
@@ -157,6 +159,30 @@ def load_lora_model(cfg: HyperinfConfig, label_names: Sequence[str] | None, adap
     stable head). A fresh adapter gets a new classifier head, trained as a peft `modules_to_save`.
     """
     path = resolve_model(cfg.model, cache_dir=cache_dir)
+    with _quiet_transformers():
+        return _load_lora_model(cfg, path, label_names, adapter_dir)
+
+
+@contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    """Silence transformers' load report and progress bars for one load, then restore its settings.
+
+    The report always lists the classifier head as "newly initialized": expected here, since the head
+    is trained by the warm-up or restored from the adapter. Real load errors still raise."""
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+def _load_lora_model(
+    cfg: HyperinfConfig, path: Path, label_names: Sequence[str] | None, adapter_dir: Path | None
+) -> LoadedModel:
     device = resolve_device(cfg.device)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)

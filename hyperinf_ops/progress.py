@@ -62,6 +62,7 @@ class ProgressMeter:
         self.phase, self.total, self.callback, self.unit, self.every = phase, total, callback, unit, max(1, every)
         self.done = 0
         self.updates = 0
+        self.reported = -1  # `done` at the last report
         self.start = time.perf_counter()
 
     def event(self, **extra: float) -> ProgressEvent:
@@ -71,12 +72,17 @@ class ProgressMeter:
         """Add `n` units; report if this is every `every`-th update."""
         self.done += n
         self.updates += 1
-        if self.callback is not None and self.updates % self.every == 0:
-            self.callback(self.event(**extra))
+        if self.updates % self.every == 0:
+            self._report(self.event(**extra))
 
     def finish(self, **extra: float) -> ProgressEvent:
-        """Report (always) and return the final event."""
+        """Report the final state (unless just reported without new numbers) and return it."""
         event = self.event(**extra)
+        if self.done != self.reported or extra:
+            self._report(event)
+        return event
+
+    def _report(self, event: ProgressEvent) -> None:
+        self.reported = event.done
         if self.callback is not None:
             self.callback(event)
-        return event

@@ -134,6 +134,7 @@ def connect(
 
     live=True: in-memory DuckDB with each Lance table registered as a view (fresh reads; `versions` pins
     tables to Lance versions: time travel, and only those tables are registered), plus `_lance_versions`.
+    `gradients` is exposed without its vectors (read at connect time).
     live=False: the synced database file (read-only), `database` or `<root>/hyperinf.duckdb`.
     """
     if not live:
@@ -143,7 +144,12 @@ def connect(
     for table, version in pinned.items():
         if table not in TABLES:
             raise ConfigError(f"unknown table {table!r} (tables: {', '.join(TABLES)})")
-        con.register(table, store.open(table, version))
+        ds = store.open(table, version)
+        if table == "gradients":
+            # DuckDB has no float16 type and refuses the whole dataset: expose the non-vector columns.
+            con.register(table, ds.to_table(columns=_SYNC_COLUMNS[table]))
+        else:
+            con.register(table, ds)
     con.register(
         "_lance_versions",
         pa.table({"table_name": list(pinned), "version": pa.array(list(pinned.values()), pa.int64())}),

@@ -155,13 +155,20 @@ def score_store(
 
     id_chunks: list[pa.Array] = []
     score_chunks: list[np.ndarray] = []
+    buf = torch.empty((0, q.shape[1]), dtype=dtype, device=dev)
     for batch in _scan(store, gradients_version, ["sample_id", "grad", "grad_scale"], batch_rows):
-        x = _fixed_rows(batch, "grad").to(dev, non_blocking=True).to(dtype)
-        if x.shape[1] != q.shape[1]:
-            raise GradientMismatchError(f"queries have {q.shape[1]} dims, gradient rows {x.shape[1]}")
+        rows = _fixed_rows(batch, "grad")
+        if rows.shape[1] != q.shape[1]:
+            raise GradientMismatchError(f"queries have {q.shape[1]} dims, gradient rows {rows.shape[1]}")
+        if rows.shape[0] > buf.shape[0]:
+            buf = torch.empty((rows.shape[0], q.shape[1]), dtype=dtype, device=dev)
+        # Converting into a reused buffer: a fresh 100+ MB tensor per batch costs more in page faults
+        # than the conversion itself.
+        x = buf[: rows.shape[0]].copy_(rows)
         scale = _column(batch, "grad_scale").to(dev, dtype)
         score_chunks.append(((x @ q.T) * scale[:, None]).double().cpu().numpy())
-        id_chunks.append(batch.column("sample_id"))
+        # A copy: a slice of the batch's ids would keep the whole decoded batch (vectors too) alive.
+        id_chunks.append(pa.concat_arrays([batch.column("sample_id")]))
     scores = np.concatenate(score_chunks) if score_chunks else np.zeros((0, len(queries)))
     if not np.isfinite(scores).all():
         raise NonFiniteGradientError("non-finite scores: a query or a gradient row holds NaN/inf")
@@ -176,15 +183,15 @@ def score_store(
         table = pa.table(
             {
                 "sample_id": sample_ids,
-                "target_set": pa.array([query.target_set] * n, pa.string()),
-                "method": pa.array([query.method] * n, pa.string()),
+                "target_set": pa.repeat(pa.scalar(query.target_set, pa.string()), n),
+                "method": pa.repeat(pa.scalar(query.method, pa.string()), n),
                 "score": scores[:, j],
                 "rank": rank,
                 "percentile": percentile,
-                "fingerprint": pa.array([digest] * n, pa.string()),
-                "gradients_version": pa.array([gradients_version] * n, pa.int64()),
-                "run_id": pa.array([run_id] * n, pa.string()),
-                "created_at": pa.array([created] * n, created.type),
+                "fingerprint": pa.repeat(pa.scalar(digest, pa.string()), n),
+                "gradients_version": pa.repeat(pa.scalar(gradients_version, pa.int64()), n),
+                "run_id": pa.repeat(pa.scalar(run_id, pa.string()), n),
+                "created_at": pa.repeat(created, n),
             },
             schema=scores_schema(),
         )

@@ -337,7 +337,7 @@ def train_or_load_adapter(cfg: HyperinfConfig, store: LanceStore, log: Log = pri
         return AdapterSummary(source="reused", path=str(path), adapter_hash=info["adapter_hash"],
                               model_hash=base_hash, labels=info["labels"], trained_on=info["trained_on"],
                               pool_examples=n_pool, train=info["train"], seconds=time.perf_counter() - start)
-    records = _records(pool.to_table(columns=_record_columns(cfg)))
+    records = pool.to_table(columns=_record_columns(cfg)).to_pylist()
     probe = load_lora_model(cfg, labels)
     log(f"warm-up training on {len(records)} examples: {cfg.train.epochs} epochs, batch {cfg.train.batch_size}, "
         f"lr {cfg.train.lr}, device {probe.device}")
@@ -382,14 +382,29 @@ def _pool_labels(cfg: HyperinfConfig, store: LanceStore) -> list[str]:
     return sorted(pc.unique(labels).to_pylist())
 
 
+# The last model loaded under an adapter in this process: run_all's steps share it instead of reloading.
+_LOADED: dict[tuple, LoadedModel] = {}
+
+
 def _load(cfg: HyperinfConfig, store: LanceStore) -> LoadedModel:
-    """The model under the pipeline's adapter (labels as the adapter was trained with)."""
+    """The model under the pipeline's adapter (labels as the adapter was trained with).
+
+    Cached per process, keyed by the adapter folder's file names, sizes and mtimes, so a retrained
+    (atomically replaced) adapter is always reloaded.
+    """
     path = adapter_dir(cfg)
     if not (path / "adapter_config.json").is_file():
         raise ModelLoadError(f"no adapter at {path}: run train_or_load_adapter first")
     info = _read_adapter_info(path)
     labels = info["labels"] if info is not None and info.get("labels") else _pool_labels(cfg, store)
-    return load_lora_model(cfg, labels, adapter_dir=path)
+    files = tuple(
+        (f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in sorted(path.iterdir()) if f.is_file()
+    )
+    key = (cfg.model, cfg.task, cfg.device, str(path), files, tuple(labels))
+    if key not in _LOADED:
+        _LOADED.clear()
+        _LOADED[key] = load_lora_model(cfg, labels, adapter_dir=path)
+    return _LOADED[key]
 
 
 def _fingerprint(cfg: HyperinfConfig, loaded: LoadedModel) -> Fingerprint:
@@ -409,16 +424,13 @@ def _record_columns(cfg: HyperinfConfig) -> list[str]:
     return ["sample_id", *text_columns(cfg.task), "label"]
 
 
-def _records(table: pa.Table) -> list[dict[str, Any]]:
-    return table.to_pylist()
-
-
 def _shard_records(cfg: HyperinfConfig, store: LanceStore, shard_key: str) -> list[dict[str, Any]]:
     table = _require_table(store, "examples", "ingest the pool first").to_table(
-        columns=_record_columns(cfg), filter=f"shard = {sql_literal(shard_key)}")
+        columns=_record_columns(cfg), filter=f"shard = {sql_literal(shard_key)}"
+    )
     if table.num_rows == 0:
         raise DataError(f"shard {shard_key!r} has no examples: ingest it first")
-    return _records(table)
+    return table.to_pylist()
 
 
 def _gradient_batches(cfg: HyperinfConfig, loaded: LoadedModel, records: Sequence[Mapping[str, Any]],
@@ -565,7 +577,7 @@ def _mean_target_gradient(cfg: HyperinfConfig, loaded: LoadedModel, records: Seq
     """v_l = mean raw (exact) gradient over a target set's finite examples, float64, and their number."""
     total: dict[str, Tensor] = {}
     n = 0
-    for ids, grads in _gradient_batches(cfg, loaded, records):
+    for _ids, grads in _gradient_batches(cfg, loaded, records):
         keep = _finite_rows(grads)
         if not bool(keep.all()):
             log(f"target set {name}: {int((~keep).sum())} examples with non-finite gradients left out")
@@ -583,7 +595,7 @@ def _target_records(cfg: HyperinfConfig, store: LanceStore, name: str) -> list[d
         columns=_record_columns(cfg), filter=f"target_set = {sql_literal(name)}")
     if table.num_rows == 0:
         raise DataError(f"target set {name!r} has no stored examples: run ingest_targets first")
-    return _records(table)
+    return table.to_pylist()
 
 
 def build_target_queries(cfg: HyperinfConfig, store: LanceStore, log: Log = print) -> QueriesSummary:
@@ -732,7 +744,7 @@ def mislabel_report(cfg: HyperinfConfig, store: LanceStore, target_set: str | No
             raise DataError(f"no scores for {target}/{method}: run score first")
         if truth is None:
             continue
-        flipped = truth.reindex(s["sample_id"]).fillna(False).to_numpy(dtype=bool)
+        flipped = truth.reindex(s["sample_id"], fill_value=False).to_numpy(dtype=bool)
         harm = -s["score"].to_numpy()
         order = np.argsort(-harm, kind="stable")
         found = {f"detection_at_{p}": float(flipped[order[: math.ceil(len(s) * p / 100)]].sum()
@@ -757,7 +769,7 @@ def agreement_check(cfg: HyperinfConfig, store: LanceStore, sample_size: int = 6
     chosen = sorted(np.random.default_rng(seed).choice(ids, size=min(sample_size, len(ids)), replace=False))
     rows = store.open("examples").to_table(
         columns=_record_columns(cfg), filter=f"sample_id IN ({', '.join(sql_literal(i) for i in chosen)})")
-    records = _records(rows)
+    records = rows.to_pylist()
     raw_ids: list[str] = []
     parts: dict[str, list[Tensor]] = {}
     for batch_ids, grads in _gradient_batches(cfg, loaded, records):

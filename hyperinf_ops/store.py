@@ -196,7 +196,7 @@ class _Guarded:
         names = set(batch.schema.names)
         for col, val in self.key.items():
             if col not in names:
-                batch = batch.append_column(col, pa.array([val] * batch.num_rows, pa.string()))
+                batch = batch.append_column(col, pa.repeat(pa.scalar(val, pa.string()), batch.num_rows))
             elif batch.num_rows and not pc.all(pc.equal(batch.column(col), val)).as_py():
                 raise DataError(f"rows with {col} != {val!r} in a write of {col} = {val!r}")
         want = self.schema.names
@@ -439,6 +439,20 @@ class LanceStore:
             if digest != expected.digest():
                 require_match(expected, known.get(digest), f"table {table!r}")
 
+    def _register_fingerprint(self, table: str, meta_key: str, fp: Fingerprint) -> None:
+        """Add the fingerprint JSON to the schema metadata unless there; concurrent registrations conflict
+        (Lance refuses two UpdateConfig commits at once), so re-check and retry."""
+        for attempt in range(_MAX_ATTEMPTS):
+            ds = self.open(table)
+            if meta_key.encode() in (ds.schema.metadata or {}):
+                return
+            try:
+                ds.update_schema_metadata({meta_key: fp.to_json()})
+                return
+            except OSError:  # CommitConflictError or "Incompatible transaction": another commit won
+                time.sleep(min(1.0, 0.01 * 2 ** min(attempt, 6)) * random.random())
+        raise CommitConflictError(f"could not register fingerprint {fp.digest()} in {table!r}")
+
     def _guarded_write(
         self,
         table: str,
@@ -456,10 +470,10 @@ class LanceStore:
         """
         if not overwrite and self.exists(table):
             self.check_fingerprint(table, fp)
-        ds = self._ensure_table(table, schema)
         meta_key = _FP_PREFIX + fp.digest()
-        if meta_key.encode() not in (ds.schema.metadata or {}):
-            ds.update_schema_metadata({meta_key: fp.to_json()})
+        # The first writer creates the table with the fingerprint in its schema metadata.
+        self._ensure_table(table, schema.with_metadata({meta_key: fp.to_json()}))
+        self._register_fingerprint(table, meta_key, fp)
         also = f"fingerprint != {sql_literal(fp.digest())}" if overwrite else None
         return self.replace_where(table, key, data, schema=schema, also_delete=also)
 
@@ -499,7 +513,7 @@ class LanceStore:
 
         def record_batches() -> Iterator[pa.RecordBatch]:
             for item in itertools.chain([first], items):
-                grad = _to_numpy(item.grad).astype(np.float32, copy=False)
+                grad = np.ascontiguousarray(_to_numpy(item.grad), dtype=np.float32)
                 sq = _to_numpy(item.sq_norms).astype(np.float32)
                 n = len(item.sample_ids)
                 if grad.shape != (n, dim) or sq.shape != (n, n_mat):
@@ -507,22 +521,26 @@ class LanceStore:
                         f"batch shapes grad {grad.shape}, sq_norms {sq.shape} for {n} ids; "
                         f"expected ({n}, {dim}) and ({n}, {n_mat})"
                     )
-                if not (np.isfinite(grad).all() and np.isfinite(sq).all()):
+                # max |x| per row without a temporary; NaN / inf propagate into it, so it doubles as the check.
+                absmax = np.maximum(grad.max(axis=1), -grad.min(axis=1)) if n else np.zeros(0, np.float32)
+                if not (np.isfinite(absmax).all() and np.isfinite(sq).all()):
                     raise NonFiniteGradientError(f"non-finite gradient rows in shard {shard!r}")
                 if dtype == "float16":
-                    scale = np.abs(grad).max(axis=1)
-                    scale[scale == 0] = 1.0
-                    stored = (grad / scale[:, None]).astype(np.float16)
+                    scale = np.where(absmax > 0, absmax, np.float32(1.0)).astype(np.float32)
+                    # torch converts to float16 ~5x faster than numpy here (vectorised, no float32 temporary).
+                    out = torch.empty((n, dim), dtype=torch.float16)
+                    torch.mul(torch.from_numpy(grad), torch.from_numpy(1 / scale)[:, None], out=out)
+                    stored = out.numpy()
                 else:
                     scale, stored = np.ones(n, np.float32), grad
                 yield pa.record_batch(
                     [
                         pa.array(list(map(str, item.sample_ids)), pa.string()),
-                        pa.array([shard] * n, pa.string()),
+                        pa.repeat(pa.scalar(shard, pa.string()), n),
                         _fixed_list(stored, schema.field("grad").type.value_type),
                         pa.array(scale, pa.float32()),
                         _fixed_list(sq, pa.float32()),
-                        pa.array([digest] * n, pa.string()),
+                        pa.repeat(pa.scalar(digest, pa.string()), n),
                     ],
                     schema=schema,
                 )

@@ -7,6 +7,7 @@ and seeded dropout, so the same seed gives the same adapter on CPU.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -51,8 +52,12 @@ def warmup_train(loaded: LoadedModel, records: Sequence[Mapping[str, Any]], trai
     model = loaded.model
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=train_cfg.lr, weight_decay=train_cfg.weight_decay)
-    order_rng = np.random.default_rng(train_cfg.seed)
     n = len(records)
+    total_steps = train_cfg.epochs * math.ceil(n / train_cfg.batch_size)
+    # Linear decay to 0 (the usual fine-tuning schedule): late steps refine instead of memorising noise.
+    decay = (lambda step: 1.0 - step / total_steps) if train_cfg.schedule == "linear" else (lambda step: 1.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, decay)
+    order_rng = np.random.default_rng(train_cfg.seed)
     losses: list[float] = []
     accuracies: list[float] = []
     steps = 0
@@ -70,6 +75,7 @@ def warmup_train(loaded: LoadedModel, records: Sequence[Mapping[str, Any]], trai
                 out.loss.backward()
                 torch.nn.utils.clip_grad_norm_(params, train_cfg.max_grad_norm)
                 optimizer.step()
+                scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
                 steps += 1
                 loss = float(out.loss.detach())

@@ -13,6 +13,7 @@ import os
 import signal
 import sys
 import time
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -20,13 +21,20 @@ from hyperinf_ops.errors import HyperinfError
 
 DEMO_WORKDIR = ".hyperinf_demo"
 EXIT_ERROR = 2
+_QUIET_ENV = {
+    "DAGSTER_DISABLE_TELEMETRY": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+    "TRANSFORMERS_VERBOSITY": "error",
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``hyperinf`` console script; returns the exit status."""
     args = _parser().parse_args(argv)
-    os.environ.setdefault("DAGSTER_DISABLE_TELEMETRY", "1")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    for key, value in _QUIET_ENV.items():
+        os.environ.setdefault(key, value)
+    warnings.filterwarnings("ignore", category=FutureWarning)  # transformers/peft deprecation chatter
     from pipelines.runner import PipelineRunError
 
     try:
@@ -117,6 +125,7 @@ def _run(args: argparse.Namespace) -> int:
 
 def _materialize(config_path: Path, dagster_home: Path | None) -> int:
     import dagster as dg
+    from transformers.utils import logging as hf_logging
 
     from hyperinf_ops.config import load_config
     from pipelines.definitions import build_definitions
@@ -125,6 +134,7 @@ def _materialize(config_path: Path, dagster_home: Path | None) -> int:
     from pipelines.summary import print_summary
 
     cfg = load_config(config_path)  # every config problem, before any work
+    hf_logging.disable_progress_bar()  # no "Loading weights" bar at every model load
     home = prepare_dagster_home(dagster_home_for(config_path, dagster_home))
     print(f"Dagster instance: {home}")
     with dg.DagsterInstance.get() as instance:

@@ -2,11 +2,13 @@
 
 A shell-backgrounded ``dagster dev`` starts with SIGINT ignored, and Dagster copies that handler onto
 SIGTERM, so it then ignores both. Here the child gets default handlers back and its own session (process
-group): ``stop`` sends SIGTERM to the leader, then to the whole group, and SIGKILL only as a last resort.
+group): ``stop_dagster_dev`` sends SIGTERM to the leader, then to the whole group, and SIGKILL only as a
+last resort.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -28,10 +30,13 @@ def free_port(host: str = "127.0.0.1") -> int:
         return sock.getsockname()[1]
 
 
-def _default_signals_new_session() -> None:  # runs in the child between fork and exec
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    os.setsid()
+# Exec'd by the child: default SIGINT/SIGTERM handlers (an ignored signal stays ignored across exec), then
+# the real command. No preexec_fn, so nothing runs between fork and exec in this (threaded) process.
+_EXEC_WITH_DEFAULT_SIGNALS = (
+    "import os, signal, sys; "
+    "[signal.signal(s, signal.SIG_DFL) for s in (signal.SIGINT, signal.SIGTERM)]; "
+    "os.execv(sys.executable, [sys.executable, *sys.argv[1:]])"
+)
 
 
 def start_dagster_dev(
@@ -44,10 +49,11 @@ def start_dagster_dev(
     output: IO | None = None,
 ) -> subprocess.Popen:
     """Launch ``dagster dev`` on ``host:port`` with the given instance and workspace; returns at once."""
-    cmd = [sys.executable, "-m", "dagster", "dev", "-w", str(workspace), "-h", host, "-p", str(port)]
+    cmd = [sys.executable, "-c", _EXEC_WITH_DEFAULT_SIGNALS,
+           "-m", "dagster", "dev", "-w", str(workspace), "-h", host, "-p", str(port)]
     full_env = {**os.environ, "DAGSTER_HOME": str(dagster_home), **(env or {})}
     stderr = subprocess.STDOUT if output is not None else None
-    return subprocess.Popen(cmd, env=full_env, preexec_fn=_default_signals_new_session, stdout=output, stderr=stderr)
+    return subprocess.Popen(cmd, env=full_env, start_new_session=True, stdout=output, stderr=stderr)
 
 
 def wait_until_ready(proc: subprocess.Popen, url: str, timeout: float = 120.0) -> dict:
@@ -66,13 +72,11 @@ def wait_until_ready(proc: subprocess.Popen, url: str, timeout: float = 120.0) -
 
 def stop_dagster_dev(proc: subprocess.Popen, timeout: float = 30.0) -> None:
     """SIGTERM the server, then its process group; SIGKILL whatever is left after ``timeout``."""
-    pgid = proc.pid  # setsid made the child its own group leader
+    pgid = proc.pid  # start_new_session made the child its own process group leader
     if proc.poll() is None:
         proc.send_signal(signal.SIGTERM)
-        try:
+        with contextlib.suppress(subprocess.TimeoutExpired):
             proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            pass
     for sig in (signal.SIGTERM, signal.SIGKILL):
         if not group_alive(pgid):
             break
@@ -96,7 +100,5 @@ def group_alive(pgid: int) -> bool:
 
 
 def _signal_group(pgid: int, sig: int) -> None:
-    try:
+    with contextlib.suppress(ProcessLookupError):
         os.killpg(pgid, sig)
-    except ProcessLookupError:
-        pass

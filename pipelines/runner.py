@@ -48,9 +48,12 @@ def materialize_all(
         results.append(_run(shard, instance, partition_key=key, assets=["pool_examples"]))
     log("LoRA adapter")
     results.append(_run(adapter, instance))
+    # A freshly trained adapter makes every stored gradient row stale: replace them, shard by shard.
+    trained = _metadata(results[-1], "lora_adapter").get("source") == "trained"
+    config = {"ops": {"lora_gradients": {"config": {"overwrite_stale": trained}}}}
     for key in shards:
         log(f"gradients of shard {key}")
-        results.append(_run(shard, instance, partition_key=key, assets=["lora_gradients"]))
+        results.append(_run(shard, instance, partition_key=key, assets=["lora_gradients"], config=config))
     log("refresh: target sets, curvature, queries, scores, curated subset, mislabel report")
     results.append(_run(refresh, instance))
     return results
@@ -62,9 +65,10 @@ def _run(
     *,
     partition_key: str | None = None,
     assets: Sequence[str] | None = None,
+    config: dict | None = None,
 ) -> dg.ExecuteInProcessResult:
     result = job.execute_in_process(
-        run_config=QUIET_RUN_CONFIG,
+        run_config={**QUIET_RUN_CONFIG, **(config or {})},
         instance=instance,
         partition_key=partition_key,
         asset_selection=[dg.AssetKey(a) for a in assets] if assets else None,
@@ -73,6 +77,11 @@ def _run(
     if not result.success:
         raise PipelineRunError(failure_message(result))
     return result
+
+
+def _metadata(result: dg.ExecuteInProcessResult, asset: str) -> dict:
+    events = result.asset_materializations_for_node(asset)
+    return {k: v.value for k, v in events[-1].metadata.items()} if events else {}
 
 
 def failure_message(result: dg.ExecuteInProcessResult) -> str:

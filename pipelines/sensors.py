@@ -11,8 +11,6 @@ Files whose partition already exists when the sensor first sees them (a ``hyperi
 recorded without a run. The cursor is JSON: ``{"files": {shard: signature}, "pending": [...], "after": id}``.
 """
 
-from __future__ import annotations
-
 import json
 import os
 from dataclasses import asdict, dataclass, field
@@ -34,7 +32,7 @@ class PoolCursor:
     after: int = 0
 
     @classmethod
-    def parse(cls, raw: str | None) -> PoolCursor:
+    def parse(cls, raw: str | None) -> "PoolCursor":
         return cls(**json.loads(raw)) if raw else cls()
 
     def dump(self) -> str:
@@ -61,7 +59,7 @@ def pool_folder_sensor(context: dg.SensorEvaluationContext, hyperinf: HyperinfCo
     known = set(instance.get_dynamic_partitions(POOL_SHARDS))
     changed = sorted(
         key for key, sig in signatures.items()
-        if key not in known or (key in cursor.files and cursor.files[key] != sig)
+        if (key in cursor.files and cursor.files[key] != sig) or (key not in cursor.files and key not in known)
     )
     cursor.files = signatures
     if changed:

@@ -1,0 +1,33 @@
+"""Thin Dagster assets and asset checks over the hyperinf core (`hyperinf_ops.steps`).
+
+    pool_examples[shard] -> target_sets
+    pool_examples[shard] -> lora_adapter -> lora_gradients[shard] -> curvature -> target_queries
+        -> influence_scores -> curated_subset, mislabel_report
+
+Assets return ``MaterializeResult`` with metadata only: tensors and tables stay in Lance, never in an IO
+manager. Partitioned assets use the dynamic ``pool_shards`` partitions (one per data file of the pool).
+"""
+
+from assets_defs.curation import curated_subset, curated_subset_size, mislabel_report
+from assets_defs.influence import (
+    agreement_with_exact,
+    curvature,
+    influence_scores,
+    scores_cover_pool,
+    target_queries,
+)
+from assets_defs.model import gradient_rows_match_pool, lora_adapter, lora_gradients
+from assets_defs.pool import pool_examples, target_sets
+
+ASSETS = [
+    pool_examples,
+    target_sets,
+    lora_adapter,
+    lora_gradients,
+    curvature,
+    target_queries,
+    influence_scores,
+    curated_subset,
+    mislabel_report,
+]
+ASSET_CHECKS = [gradient_rows_match_pool, scores_cover_pool, agreement_with_exact, curated_subset_size]

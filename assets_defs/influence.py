@@ -1,0 +1,136 @@
+"""Curvature (merged + inverted per LoRA matrix), target queries and influence scores, with their checks."""
+
+import dagster as dg
+import numpy as np
+
+from assets_defs.metadata import histogram_markdown, markdown_table, summary_metadata, timed
+from assets_defs.model import lora_adapter, lora_gradients
+from assets_defs.pool import target_sets
+from hyperinf_ops import steps
+from pipelines.resources import HyperinfConfigResource
+
+# An agreement check below this Spearman correlation fails: projection or solver error too large to trust.
+MIN_AGREEMENT_SPEARMAN = 0.9
+AGREEMENT_SAMPLE = 64
+_EXAMPLE_COLUMNS = ("rank", "score", "sample_id", "label", "text", "prompt", "response")
+
+
+def _short(matrix: str) -> str:
+    """``base_model.model.bert.encoder.layer.0.attention.self.query.lora_A.default.weight`` -> ``layer.0...``"""
+    name = matrix.removeprefix("base_model.model.").removesuffix(".default.weight").removesuffix(".weight")
+    return name.split("encoder.", 1)[-1].split("model.", 1)[-1]
+
+
+@dg.asset(
+    deps=[dg.AssetDep(lora_gradients, partition_mapping=dg.AllPartitionMapping())],
+    group_name="influence",
+    kinds={"pytorch"},
+    check_specs=[dg.AssetCheckSpec(
+        "inverses_converged", asset="curvature", blocking=True,
+        description="The Schulz inverse of every damped LoRA-matrix GFIM reached its residual tolerance."),
+    ],
+    description="GFIM per LoRA matrix merged exactly from the shards' partial sums, damped and inverted "
+                "(Schulz): solver health per matrix.",
+)
+def curvature(context: dg.AssetExecutionContext, hyperinf: HyperinfConfigResource) -> dg.MaterializeResult:
+    summary, wall = timed(steps.merge_curvature, hyperinf.config, hyperinf.store, log=context.log.info)
+    rows = [{"matrix": _short(name), **{k: d.get(k) for k in
+             ("iterations", "residual", "converged", "condition_estimate", "damping")}}
+            for name, d in sorted(summary.diagnostics.items())]
+    not_converged = [r["matrix"] for r in rows if not r["converged"]]
+    check = dg.AssetCheckResult(
+        check_name="inverses_converged",
+        passed=summary.all_converged,
+        metadata={"max_residual": summary.max_residual, "not_converged": dg.MetadataValue.json(not_converged)},
+    )
+    return dg.MaterializeResult(
+        metadata={**summary_metadata(summary, skip=("seconds", "diagnostics")),
+                  "solver_health": markdown_table(rows), "wall_time_s": wall},
+        check_results=[check],
+    )
+
+
+@dg.asset(
+    deps=[curvature, target_sets, lora_adapter],
+    group_name="influence",
+    kinds={"pytorch", "lance"},
+    description="One preconditioned, projected query vector per (target set, estimator) in `queries`.",
+)
+def target_queries(context: dg.AssetExecutionContext, hyperinf: HyperinfConfigResource) -> dg.MaterializeResult:
+    summary, wall = timed(steps.build_target_queries, hyperinf.config, hyperinf.store, log=context.log.info)
+    rows = [{"target/method": key, **health} for key, health in sorted(summary.diagnostics.items())]
+    return dg.MaterializeResult(metadata={
+        **summary_metadata(summary, skip=("seconds", "diagnostics")),
+        "solver_health": markdown_table(rows), "wall_time_s": wall,
+    })
+
+
+@dg.asset(
+    deps=[target_queries, dg.AssetDep(lora_gradients, partition_mapping=dg.AllPartitionMapping())],
+    group_name="influence",
+    kinds={"lance"},
+    description="score = -influence of every pool example on every target set, for every configured "
+                "estimator (higher = more helpful; most negative = most harmful), in `scores`.",
+)
+def influence_scores(context: dg.AssetExecutionContext, hyperinf: HyperinfConfigResource) -> dg.MaterializeResult:
+    cfg, store = hyperinf.config, hyperinf.store
+    summary, wall = timed(steps.score, cfg, store, log=context.log.info)
+    scores = store.open("scores").to_table(columns=["target_set", "method", "score"]).to_pandas()
+    histograms = {
+        f"histogram/{target}/{method}": histogram_markdown(group["score"].to_numpy(), title=f"{target} / {method}")
+        for (target, method), group in scores.groupby(["target_set", "method"])
+    }
+    stats = [{"target/method": key, **values} for key, values in sorted(summary.score_stats.items())]
+    return dg.MaterializeResult(metadata={
+        "dagster/row_count": summary.rows,
+        **summary_metadata(summary, skip=("seconds", "score_stats", "most_helpful", "most_harmful", "pairs")),
+        "pairs": dg.MetadataValue.json(summary.pairs),
+        "score_stats": markdown_table(stats),
+        **histograms,
+        "most_helpful (curation target/method)": _examples_table(summary.most_helpful),
+        "most_harmful (curation target/method)": _examples_table(summary.most_harmful),
+        "wall_time_s": wall,
+    })
+
+
+def _examples_table(rows: list[dict]) -> dg.MetadataValue:
+    columns = [c for c in _EXAMPLE_COLUMNS if rows and c in rows[0]]
+    return markdown_table(rows, columns)
+
+
+@dg.asset_check(
+    asset=influence_scores,
+    blocking=True,
+    description="Every pool example has one finite score per (target set, estimator).",
+)
+def scores_cover_pool(hyperinf: HyperinfConfigResource) -> dg.AssetCheckResult:
+    cfg, store = hyperinf.config, hyperinf.store
+    n_pool = store.open("examples").count_rows()
+    table = store.open("scores").to_table(columns=["target_set", "method", "score"]).to_pandas()
+    counts = table.groupby(["target_set", "method"]).size()
+    expected = {(t, m) for t in cfg.targets for m in cfg.estimators}
+    wrong = {f"{t}/{m}": int(counts.get((t, m), 0)) for t, m in sorted(expected) if counts.get((t, m), 0) != n_pool}
+    nonfinite = int((~np.isfinite(table["score"].to_numpy())).sum())
+    return dg.AssetCheckResult(
+        passed=not wrong and nonfinite == 0,
+        metadata={"pool_rows": n_pool, "score_rows": len(table), "pairs": len(expected),
+                  "pairs_with_wrong_count": dg.MetadataValue.json(wrong), "nonfinite_scores": nonfinite},
+    )
+
+
+@dg.asset_check(
+    asset=influence_scores,
+    description=f"Stored scores agree with exact scores (fp64 solve, raw gradients) on a random sample of "
+                f"{AGREEMENT_SAMPLE} examples: Spearman >= {MIN_AGREEMENT_SPEARMAN} for every target set.",
+)
+def agreement_with_exact(
+    context: dg.AssetCheckExecutionContext, hyperinf: HyperinfConfigResource
+) -> dg.AssetCheckResult:
+    summary = steps.agreement_check(hyperinf.config, hyperinf.store, sample_size=AGREEMENT_SAMPLE, seed=0,
+                                    log=context.log.info)
+    return dg.AssetCheckResult(
+        passed=bool(summary.min_spearman >= MIN_AGREEMENT_SPEARMAN),
+        description=f"min Spearman {summary.min_spearman:.4f} (threshold {MIN_AGREEMENT_SPEARMAN})",
+        metadata={**summary_metadata(summary, skip=("seconds",)), "threshold": MIN_AGREEMENT_SPEARMAN,
+                  "seconds": round(summary.seconds, 2)},
+    )

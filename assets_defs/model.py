@@ -1,0 +1,92 @@
+"""The LoRA adapter and the per-example gradient rows of each pool shard (with their checks)."""
+
+import dagster as dg
+import pyarrow.compute as pc
+
+from assets_defs.metadata import markdown_table, summary_metadata, timed
+from assets_defs.partitions import pool_shards
+from assets_defs.pool import pool_examples
+from hyperinf_ops import steps
+from hyperinf_ops.store import sql_literal
+from pipelines.resources import HyperinfConfigResource
+
+
+@dg.asset(
+    deps=[dg.AssetDep(pool_examples, partition_mapping=dg.AllPartitionMapping())],
+    group_name="model",
+    kinds={"pytorch"},
+    description="LoRA adapter: warm-up fine-tune on the pool, reused while model, labels and settings are "
+                "unchanged, or the configured `adapter.path`. Every gradient row is taken under it.",
+)
+def lora_adapter(context: dg.AssetExecutionContext, hyperinf: HyperinfConfigResource) -> dg.MaterializeResult:
+    summary, wall = timed(steps.train_or_load_adapter, hyperinf.config, hyperinf.store, log=context.log.info)
+    metadata = {**summary_metadata(summary, skip=("seconds", "path", "train")),
+                "path": dg.MetadataValue.path(summary.path), "wall_time_s": wall}
+    if summary.train:
+        train = summary.train
+        accuracy = train.get("accuracy_per_epoch") or [None] * len(train["loss_per_epoch"])
+        metadata["training"] = markdown_table([
+            {"epoch": i + 1, "loss": loss, "accuracy": acc}
+            for i, (loss, acc) in enumerate(zip(train["loss_per_epoch"], accuracy, strict=True))
+        ])
+        metadata["train_examples_per_s"] = dg.MetadataValue.float(round(train["examples_per_s"], 2))
+    return dg.MaterializeResult(metadata=metadata)
+
+
+class GradientConfig(dg.Config):
+    """``overwrite_stale``: replace rows made under another adapter/projection (set after retraining)."""
+
+    overwrite_stale: bool = False
+
+
+@dg.asset(
+    partitions_def=pool_shards,
+    deps=[pool_examples, lora_adapter],
+    group_name="model",
+    kinds={"pytorch", "lance"},
+    check_specs=[dg.AssetCheckSpec(
+        "gradients_finite", asset="lora_gradients", blocking=True,
+        description="Every example of the shard has a finite gradient (non-finite ones are left out)."),
+    ],
+    description="Per-example LoRA gradients of one shard: projected rows in `gradients`, exact curvature "
+                "partial sums in `curvature`. Refuses to mix with rows of another fingerprint.",
+)
+def lora_gradients(
+    context: dg.AssetExecutionContext, config: GradientConfig, hyperinf: HyperinfConfigResource
+) -> dg.MaterializeResult:
+    summary, wall = timed(steps.compute_gradient_shard, hyperinf.config, hyperinf.store, context.partition_key,
+                          log=context.log.info, overwrite=config.overwrite_stale)
+    finite = dg.AssetCheckResult(
+        check_name="gradients_finite",
+        passed=summary.nonfinite_rows == 0,
+        metadata={"nonfinite_rows": summary.nonfinite_rows,
+                  "nonfinite_ids": dg.MetadataValue.json(summary.nonfinite_ids)},
+    )
+    return dg.MaterializeResult(
+        metadata={"dagster/row_count": summary.rows,
+                  **summary_metadata(summary, skip=("seconds", "shard", "nonfinite_ids")), "wall_time_s": wall},
+        check_results=[finite],
+    )
+
+
+@dg.asset_check(
+    asset=lora_gradients,
+    blocking=True,
+    description="The shard's gradient rows are exactly its pool examples: same ids, no duplicates.",
+)
+def gradient_rows_match_pool(
+    context: dg.AssetCheckExecutionContext, hyperinf: HyperinfConfigResource
+) -> dg.AssetCheckResult:
+    store, shard = hyperinf.store, context.partition_key
+    where = f"shard = {sql_literal(shard)}"
+    examples = store.open("examples").to_table(columns=["sample_id"], filter=where)["sample_id"]
+    grads = store.open("gradients").to_table(columns=["sample_id"], filter=where)["sample_id"]
+    missing = sorted(set(examples.to_pylist()) - set(grads.to_pylist()))
+    extra = sorted(set(grads.to_pylist()) - set(examples.to_pylist()))
+    duplicates = len(grads) - len(pc.unique(grads))
+    return dg.AssetCheckResult(
+        passed=not (missing or extra or duplicates),
+        metadata={"shard": shard, "pool_rows": len(examples), "gradient_rows": len(grads),
+                  "missing": dg.MetadataValue.json(missing[:20]), "not_in_pool": dg.MetadataValue.json(extra[:20]),
+                  "duplicates": duplicates},
+    )

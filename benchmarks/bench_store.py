@@ -1,0 +1,224 @@
+"""Benchmark of the Lance store and the streaming scorer.
+
+Measures, each size in its own subprocess so that memory high-water marks do not mix:
+  - write throughput (MB/s of stored vectors) of `LanceStore.write_gradients`;
+  - streaming scorer rows/s (scan + matmul + ranks + score commits) vs a numpy matmul over the same rows
+    already in memory as float32 (goal: ratio >= 0.5);
+  - the scorer's peak RSS above its post-import baseline at each size (goal: flat in the row count);
+  - bytes per example on disk at several projection dims and dtypes.
+
+    .venv/bin/python benchmarks/bench_store.py                   # 20k and 200k rows x 8192 fp16
+    .venv/bin/python benchmarks/bench_store.py --rows 20000 --json /tmp/bench.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+CHUNK = 4096  # rows generated (once) and written per batch
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def _peak_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def _fingerprint(dim: int, dtype: str):
+    from hyperinf_ops.fingerprint import Fingerprint
+    from hyperinf_ops.projection import ProjectionSpec
+
+    return Fingerprint.create(
+        model_id="bench",
+        model_hash="-",
+        adapter_hash="-",
+        task="classification",
+        lora_modules=["q", "v"],
+        shapes={"q.lora_A": (8, 384)},
+        projection=ProjectionSpec(dim=dim, dtype=dtype),
+    )
+
+
+def _dir_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def child_write(root: str, rows: int, dim: int, dtype: str, shard_rows: int) -> dict:
+    """Write `rows` rows as shards of `shard_rows`; one random chunk reused (generation not timed)."""
+    from hyperinf_ops.store import GradientBatch, LanceStore
+
+    rng = np.random.default_rng(0)
+    chunk = rng.standard_normal((CHUNK, dim), dtype=np.float32)
+    sq = rng.random((CHUNK, 1), dtype=np.float32)
+    store, fp = LanceStore(root), _fingerprint(dim, dtype)
+    start = time.perf_counter()
+    for first in range(0, rows, shard_rows):
+        n = min(shard_rows, rows - first)
+
+        def batches(first=first, n=n):
+            for i in range(first, first + n, CHUNK):
+                m = min(CHUNK, first + n - i)
+                yield GradientBatch([f"ex{j:08d}" for j in range(i, i + m)], chunk[:m], sq[:m])
+
+        store.write_gradients(f"s{first // shard_rows:04d}", batches(), fp)
+    seconds = time.perf_counter() - start
+    vector_bytes = rows * dim * (2 if dtype == "float16" else 4)
+    disk = _dir_bytes(Path(store.uri("gradients")))
+    return {"seconds": seconds, "mb_per_s": vector_bytes / seconds / 1e6, "bytes_per_row": disk / rows}
+
+
+def child_score(root: str, queries: int, batch_rows: int) -> dict:
+    import torch
+
+    from hyperinf_ops.scorer import score_store
+    from hyperinf_ops.store import LanceStore, Query
+
+    store = LanceStore(root)
+    dim = store.open("gradients").schema.field("grad").type.list_size
+    digest = store.row_fingerprints("gradients")[0]
+    gen = torch.Generator().manual_seed(0)
+    qs = [Query("bench", f"m{i}", torch.randn(dim, generator=gen), digest) for i in range(queries)]
+    base_rss = _rss_mb()
+    summary = score_store(store, qs, batch_rows=batch_rows)
+    return {
+        "rows": summary.rows,
+        "seconds": summary.seconds,
+        "rows_per_s": summary.rows_per_second,
+        "device": summary.device,
+        "baseline_rss_mb": base_rss,
+        "peak_rss_mb": _peak_mb(),
+        "peak_above_baseline_mb": _peak_mb() - base_rss,
+    }
+
+
+def child_numpy(root: str, queries: int, batch_rows: int) -> dict:
+    """The same scores from rows already in memory as float32 (converted once, untimed): one BLAS matmul.
+
+    The strongest in-memory baseline: no decoding, no float16 conversion (numpy's own float16 -> float32
+    cast runs at ~30 M values/s here, so an in-memory float16 baseline would flatter the scorer).
+    """
+    import lance
+    import torch
+
+    ds = lance.dataset(f"{root}/lance/gradients.lance")
+    n, dim = ds.count_rows(), ds.schema.field("grad").type.list_size
+    x = np.empty((n, dim), dtype=np.float32)
+    scale = np.empty(n, dtype=np.float32)
+    row = 0
+    for batch in ds.to_batches(columns=["grad", "grad_scale"], batch_size=batch_rows):
+        grad = batch.column("grad")
+        values = grad.flatten().to_numpy(zero_copy_only=False).reshape(len(grad), dim)
+        torch.from_numpy(x[row : row + len(grad)]).copy_(torch.from_numpy(values.copy()))
+        scale[row : row + len(grad)] = batch.column("grad_scale").to_numpy()
+        row += len(grad)
+    q = np.random.default_rng(0).standard_normal((queries, dim), dtype=np.float32)
+    start = time.perf_counter()
+    out = (x @ q.T) * scale[:, None]
+    seconds = time.perf_counter() - start
+    assert out.shape == (n, queries)
+    return {"rows": n, "seconds": seconds, "rows_per_s": n / seconds, "peak_rss_mb": _peak_mb()}
+
+
+def _run_child(args: list[str]) -> dict:
+    proc = subprocess.run(
+        [sys.executable, str(Path(__file__).resolve()), "--child", *args],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(f"child {args} failed:\n{proc.stderr[-4000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, nargs="+", default=[20_000, 200_000])
+    parser.add_argument("--dim", type=int, default=8192)
+    parser.add_argument("--dtype", default="float16", choices=["float16", "float32"])
+    parser.add_argument("--queries", type=int, default=4)
+    parser.add_argument("--batch-rows", type=int, default=4096)
+    parser.add_argument("--shard-rows", type=int, default=20_000)
+    parser.add_argument("--storage-dims", type=int, nargs="*", default=[1024, 4096, 8192, 16384])
+    parser.add_argument("--storage-rows", type=int, default=5000)
+    parser.add_argument("--out", default="/tmp/hyperinf_bench")
+    parser.add_argument("--json", default=None, help="also write the results here")
+    parser.add_argument("--keep", action="store_true", help="keep the tables under --out")
+    parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+
+    if args.child:
+        kind, root, *rest = args.child
+        result = {
+            "write": lambda: child_write(root, int(rest[0]), int(rest[1]), rest[2], int(rest[3])),
+            "score": lambda: child_score(root, int(rest[0]), int(rest[1])),
+            "numpy": lambda: child_numpy(root, int(rest[0]), int(rest[1])),
+        }[kind]()
+        print(json.dumps(result))
+        return result
+
+    out = Path(args.out)
+    results: dict = {"scoring": [], "storage": []}
+    for rows in args.rows:
+        root = out / f"score_{rows}"
+        shutil.rmtree(root, ignore_errors=True)
+        write = _run_child(["write", str(root), str(rows), str(args.dim), args.dtype, str(args.shard_rows)])
+        score = _run_child(["score", str(root), str(args.queries), str(args.batch_rows)])
+        numpy_ = _run_child(["numpy", str(root), str(args.queries), str(args.batch_rows)])
+        entry = {
+            "rows": rows,
+            "dim": args.dim,
+            "dtype": args.dtype,
+            "queries": args.queries,
+            "write": write,
+            "scorer": score,
+            "numpy_in_memory": numpy_,
+            "ratio": score["rows_per_s"] / numpy_["rows_per_s"],
+        }
+        results["scoring"].append(entry)
+        print(
+            f"{rows:>8} rows x {args.dim} {args.dtype}: write {write['mb_per_s']:.0f} MB/s | scorer "
+            f"{score['rows_per_s']:.0f} rows/s ({score['device']}) vs numpy in memory {numpy_['rows_per_s']:.0f} "
+            f"rows/s -> ratio {entry['ratio']:.2f} | scorer peak RSS {score['peak_rss_mb']:.0f} MB "
+            f"({score['peak_above_baseline_mb']:.0f} MB above post-import baseline), numpy peak "
+            f"{numpy_['peak_rss_mb']:.0f} MB",
+            flush=True,
+        )
+        if not args.keep:
+            shutil.rmtree(root, ignore_errors=True)
+    for dim in args.storage_dims:
+        for dtype in ("float16", "float32"):
+            root = out / f"storage_{dim}_{dtype}"
+            shutil.rmtree(root, ignore_errors=True)
+            w = _run_child(
+                ["write", str(root), str(args.storage_rows), str(dim), dtype, str(args.storage_rows)]
+            )
+            results["storage"].append({"dim": dim, "dtype": dtype, **w})
+            print(
+                f"storage dim {dim:>6} {dtype}: {w['bytes_per_row']:.0f} bytes/example on disk "
+                f"(vector alone {dim * (2 if dtype == 'float16' else 4)}), write {w['mb_per_s']:.0f} MB/s",
+                flush=True,
+            )
+            shutil.rmtree(root, ignore_errors=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,123 @@
+"""export_subset: Parquet + JSONL + manifest, atomic (a crash leaves nothing), and reproducible by Lance
+time travel after the tables moved on."""
+
+from __future__ import annotations
+
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from hyperinf_ops import export as export_mod
+from hyperinf_ops.export import Manifest, export_subset, reproduce
+from hyperinf_ops.fingerprint import Fingerprint
+from hyperinf_ops.projection import ProjectionSpec
+from hyperinf_ops.scorer import score_store
+from hyperinf_ops.store import GradientBatch, LanceStore, Query
+
+DIM = 16
+FP = Fingerprint.create(
+    model_id="tiny",
+    model_hash="h",
+    adapter_hash="a",
+    task="classification",
+    lora_modules=["q"],
+    shapes={"q.lora_A": (2, 8)},
+    projection=ProjectionSpec(dim=DIM),
+)
+
+
+def _add_shard(store: LanceStore, shard: str, n: int, seed: int) -> None:
+    ids = [f"{shard}-{i:02d}" for i in range(n)]
+    store.write_examples(
+        shard,
+        pa.table(
+            {"sample_id": ids, "text": [f"review {i} ✓" for i in ids], "label": [i % 2 for i in range(n)]}
+        ),
+    )
+    gen = torch.Generator().manual_seed(seed)
+    store.write_gradients(shard, GradientBatch(ids, torch.randn(n, DIM, generator=gen), torch.rand(n, 1)), FP)
+
+
+def _score(store: LanceStore) -> None:
+    gen = torch.Generator().manual_seed(7)
+    diag = {"q.lora_A": {"damping": 0.01, "iterations": 9, "residual": 1e-12, "converged": True}}
+    queries = [
+        Query("sst2", m, torch.randn(DIM, generator=gen), FP.digest(), diag) for m in ("hyperinf", "tracin")
+    ]
+    store.write_queries(queries)
+    score_store(store, queries)
+
+
+@pytest.fixture
+def store(tmp_path) -> LanceStore:
+    store = LanceStore(str(tmp_path / "store"))
+    _add_shard(store, "s0", 30, 0)
+    _score(store)
+    return store
+
+
+PARAMS = {"target_set": "sst2", "method": "hyperinf", "fraction": 0.2}
+
+
+def test_export_writes_parquet_jsonl_manifest(store, tmp_path):
+    m = export_subset(store, "top_fraction", PARAMS, tmp_path / "out")
+    out = tmp_path / "out"
+    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "subset.jsonl", "subset.parquet"]
+    table = pq.read_table(out / "subset.parquet")
+    lines = [json.loads(line) for line in (out / "subset.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert table.num_rows == m.row_count == 6 == len(lines)
+    assert [r["sample_id"] for r in lines] == table["sample_id"].to_pylist()
+    assert {"text", "label", "shard", "influence_score", "influence_rank", "selected_for"} <= set(lines[0])
+    assert lines[0]["text"].endswith("✓") and lines[0]["influence_rank"] == 1
+    scores = [r["influence_score"] for r in lines]
+    assert scores == sorted(scores, reverse=True)
+
+    loaded = Manifest.load(out)
+    assert loaded == m
+    assert loaded.table_versions == store.versions()
+    assert loaded.fingerprint == json.loads(FP.to_json())
+    assert loaded.estimator["queries"]["sst2/hyperinf"]["q.lora_A"]["iterations"] == 9
+    assert "$fraction" in loaded.sql and loaded.params == PARAMS and loaded.query_name == "top_fraction"
+    custom = export_subset(
+        store,
+        "top_fraction",
+        PARAMS,
+        tmp_path / "out2",
+        estimator_info={"method": "hyperinf", "damping": 0.01},
+    )
+    assert custom.estimator == {"method": "hyperinf", "damping": 0.01}
+
+
+def test_reproduce_uses_recorded_versions_after_new_rows(store, tmp_path):
+    m = export_subset(store, "top_fraction", PARAMS, tmp_path / "out")
+    exported = pq.read_table(tmp_path / "out" / "subset.parquet")
+    # The tables move on: a new shard of examples and gradients, and a rescoring.
+    _add_shard(store, "s1", 30, 1)
+    _score(store)
+    assert store.versions() != m.table_versions
+    fresh = export_subset(store, "top_fraction", PARAMS, tmp_path / "fresh")
+    assert fresh.row_count == 12
+    again = reproduce(tmp_path / "out" / "manifest.json")
+    assert again.equals(exported)
+
+
+def test_crash_leaves_no_half_export_and_existing_needs_overwrite(store, tmp_path, monkeypatch):
+    def broken(table, path):
+        path.write_text("partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(export_mod, "_write_jsonl", broken)
+    with pytest.raises(OSError, match="disk full"):
+        export_subset(store, "top_fraction", PARAMS, tmp_path / "out")
+    assert list(tmp_path.iterdir()) == [tmp_path / "store"]
+    monkeypatch.undo()
+
+    export_subset(store, "top_fraction", PARAMS, tmp_path / "out")
+    with pytest.raises(FileExistsError):
+        export_subset(store, "top_fraction", {**PARAMS, "fraction": 0.5}, tmp_path / "out")
+    m = export_subset(store, "top_fraction", {**PARAMS, "fraction": 0.5}, tmp_path / "out", overwrite=True)
+    assert m.row_count == 15 == pq.read_table(tmp_path / "out" / "subset.parquet").num_rows
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "store"]
