@@ -6,6 +6,7 @@ import base64
 import dataclasses
 import io
 import math
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -88,8 +89,6 @@ def _jsonable(value: Any) -> Any:
 
 def timed(fn: Any, *args: Any, **kwargs: Any) -> tuple[Any, dg.MetadataValue]:
     """Call ``fn`` and return its result with the wall time as metadata (seconds)."""
-    import time
-
     start = time.perf_counter()
     result = fn(*args, **kwargs)
     return result, dg.MetadataValue.float(round(time.perf_counter() - start, 3))

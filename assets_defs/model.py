@@ -14,7 +14,7 @@ from pipelines.resources import HyperinfConfigResource
 @dg.asset(
     deps=[dg.AssetDep(pool_examples, partition_mapping=dg.AllPartitionMapping())],
     group_name="model",
-    kinds={"pytorch"},
+    kinds={"pytorch", "huggingface"},
     description="LoRA adapter: warm-up fine-tune on the pool, reused while model, labels and settings are "
                 "unchanged, or the configured `adapter.path`. Every gradient row is taken under it.",
 )

@@ -134,7 +134,10 @@ class HyperinfConfig:
     damping_ratio: float = 0.1
     # Extra EstimatorOptions fields (schulz_order, schulz_tol, schulz_max_iter, lissa_iterations, ...).
     estimator_options: dict[str, Any] = field(default_factory=dict)
-    projection_dim: int = 8192  # 0 = store raw gradients, exact scores
+    # 0 = store raw gradients: exact scores. A JL projection (e.g. 8192) shrinks rows ~9x for MiniLM but a
+    # GFIM-preconditioned query is nearly orthogonal to the rows, so projected HyperINF scores are noisy
+    # (docs/tables.md); keep it for tracin / datainf or for pools too large to store raw.
+    projection_dim: int = 0
     projection_seed: int = 0
     projection_dtype: str = "float16"
     max_length: int = 128
@@ -145,12 +148,6 @@ class HyperinfConfig:
     def to_dict(self) -> dict[str, Any]:
         """Plain YAML-ready mapping (paths as strings); `load_config(cfg.to_dict()) == cfg`."""
         return _plain(self)
-
-    def dump(self, path: str | Path) -> Path:
-        """Write the config as YAML (absolute paths) and return the path."""
-        path = Path(path)
-        path.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
-        return path
 
 
 def load_config(source: str | Path | Mapping[str, Any], *, base_dir: str | Path | None = None) -> HyperinfConfig:

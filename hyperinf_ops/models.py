@@ -12,6 +12,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import importlib.util
+import json
 import os
 import shutil
 import tempfile
@@ -52,6 +53,7 @@ __all__ = [
     "collate",
     "load_lora_model",
     "model_hash",
+    "pooling_of",
     "resolve_device",
     "resolve_model",
     "save_tiny_model",
@@ -77,6 +79,57 @@ class LoadedModel:
     device: torch.device
     model_path: Path
     lora_modules: tuple[str, ...]
+    pooling: str = "model"  # what the classifier head reads: "mean" (masked token mean) or the model's own
+
+
+def pooling_of(path: str | Path) -> str:
+    """The sentence pooling a model folder was trained for: "mean" when it is a sentence-transformers
+    folder whose `1_Pooling/config.json` says mean tokens (all-MiniLM-L6-v2), else "model" (the model's
+    own pooler, e.g. BERT's CLS + dense + tanh)."""
+    file = Path(path) / "1_Pooling" / "config.json"
+    try:
+        pooling = json.loads(file.read_text()) if file.is_file() else {}
+    except (OSError, ValueError):
+        return "model"
+    return "mean" if pooling.get("pooling_mode_mean_tokens") and not pooling.get("pooling_mode_cls_token") else "model"
+
+
+class MaskedMeanPooler(nn.Module):
+    """Drop-in for a BERT pooler: the mean of the token states under the attention mask (padding excluded).
+
+    A pooler only sees the hidden states, so the encoder's forward pre-hook (`use_mean_pooling`) hands it
+    the batch's attention mask. No parameters: adapters and hashes are unchanged by it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.mask: Tensor | None = None
+
+    def forward(self, hidden_states: Tensor) -> Tensor:
+        mask = self.mask
+        self.mask = None
+        if mask is None or mask.shape != hidden_states.shape[:2]:
+            return hidden_states.mean(1)
+        weights = mask.to(hidden_states.dtype).unsqueeze(-1)
+        return (hidden_states * weights).sum(1) / weights.sum(1).clamp(min=1.0)
+
+
+def use_mean_pooling(model: nn.Module) -> bool:
+    """Replace a sequence classifier's encoder pooler with `MaskedMeanPooler`; False when it has none.
+
+    A sentence-transformers encoder was trained for mean pooling: its CLS token and pretrained pooler are
+    untrained for sentence meaning, so a head on them learns slowly and memorises label noise instead."""
+    encoder = getattr(model, getattr(model, "base_model_prefix", ""), None)
+    if encoder is None or getattr(encoder, "pooler", None) is None:
+        return False
+    pooler = MaskedMeanPooler()
+    encoder.pooler = pooler
+
+    def hand_over_mask(_module: nn.Module, args: tuple, kwargs: dict) -> None:
+        mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
+        pooler.mask = mask
+
+    encoder.register_forward_pre_hook(hand_over_mask, with_kwargs=True)
+    return True
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -195,6 +248,7 @@ def _load_lora_model(
         if not label_names or len(label_names) < 2:
             raise DataError(f"classification needs at least 2 labels, the pool has {list(label_names or [])}")
         label2id = {str(name): i for i, name in enumerate(label_names)}
+    pooling = "model"
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.train.seed)  # the fresh head and LoRA A are seeded, without touching global RNG
         try:
@@ -203,6 +257,7 @@ def _load_lora_model(
                     path, num_labels=len(label2id), label2id=label2id, id2label={i: n for n, i in label2id.items()},
                     dtype=torch.float32)
                 base.config.pad_token_id = tokenizer.pad_token_id
+                pooling = "mean" if pooling_of(path) == "mean" and use_mean_pooling(base) else "model"
             else:
                 base = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
         except (OSError, ValueError, KeyError) as err:
@@ -223,7 +278,7 @@ def _load_lora_model(
                               task_type="SEQ_CLS" if cfg.task == "classification" else "CAUSAL_LM")
             model = get_peft_model(base, lora)
     return LoadedModel(model=model.to(device), tokenizer=tokenizer, label2id=label2id, task=cfg.task,
-                       device=device, model_path=path, lora_modules=tuple(modules))
+                       device=device, model_path=path, lora_modules=tuple(modules), pooling=pooling)
 
 
 def _linear_names(model: nn.Module) -> list[str]:
@@ -380,6 +435,7 @@ def describe(loaded: LoadedModel) -> dict[str, Any]:
         "alpha": cfg.lora_alpha,
         "trainable_parameters": sum(p.numel() for p in adapter_parameters(loaded.model).values()),
         "base_model_class": type(loaded.model.get_base_model()).__name__,
+        "pooling": loaded.pooling,
     }
 
 

@@ -31,17 +31,32 @@ from hyperinf_ops.errors import (
     DataError,
     FingerprintMismatchError,
     GradientMismatchError,
+    InverseNotConvergedError,
     NonFiniteGradientError,
 )
 from hyperinf_ops.estimators import EstimatorOptions, precondition
 from hyperinf_ops.fingerprint import Fingerprint, require_match
+from hyperinf_ops.inverse import schulz_inverse
 from hyperinf_ops.projection import BlockProjector
 from hyperinf_ops.store import LanceStore, Query, scores_schema
 
-__all__ = ["ScoreSummary", "build_queries", "datainf_projected_query", "score_store", "default_device"]
+__all__ = [
+    "SELF_INFLUENCE_METHODS",
+    "ScoreSummary",
+    "build_queries",
+    "datainf_projected_query",
+    "default_device",
+    "score_store",
+    "self_influence_store",
+]
 
-# Rows per scanned batch: 4096 x 8192 fp16 = 64 MB, large enough for a full-speed matmul.
-BATCH_ROWS = 4096
+# Estimators self_influence_store supports: the GFIM inverse by Schulz (hyperinf) or an fp64 solve (exact),
+# and tracin (no curvature: the squared gradient norm).
+SELF_INFLUENCE_METHODS = ("hyperinf", "exact", "tracin")
+
+# Rows per scanned batch: Lance's row-group size. Measured on 100k x 8192 fp16 rows (2 loaded CPU cores):
+# 13.3k rows/s at 1024, 12.4k at 2048, 8.9k at 4096 (larger batches decode slower and fault in more pages).
+BATCH_ROWS = 1024
 # Batches Lance decodes ahead of the consumer; bounds the scan's memory independently of table size.
 _READAHEAD = 2
 
@@ -330,3 +345,84 @@ def build_queries(
             vector, diagnostics = projector.project_vector(pre.vectors).cpu(), pre.diagnostics
         out.append(Query(target_set, method, vector, fingerprint.digest(), diagnostics))
     return out
+
+
+def _self_influence_inverses(curvature: Mapping[str, CurvaturePartial], options: EstimatorOptions,
+                             device: torch.device) -> dict[str, Tensor | None]:
+    """(G_l + lambda_l I)^-1 per matrix, float64 on `device`, computed once for the whole scan.
+
+    Same damping and solver as `estimators.precondition` (hyperinf: Schulz with the options' settings, exact:
+    fp64 inverse; tracin: None = identity). A matrix with zero damping has only zero gradients: None too."""
+    out: dict[str, Tensor | None] = {}
+    for name in sorted(curvature):
+        part = curvature[name]
+        lam = part.damping(options.damping_ratio)
+        if options.method == "tracin" or lam <= 0:
+            out[name] = None
+            continue
+        dtype = torch.float64 if options.method == "exact" else options.dtype
+        eye = torch.eye(part.gfim_sum.shape[0], dtype=dtype, device=device)
+        a = part.gfim().to(device=device, dtype=dtype) + lam * eye
+        if options.method == "exact":
+            out[name] = torch.linalg.inv(a)
+            continue
+        result = schulz_inverse(a, order=options.schulz_order, tol=options.schulz_tol,
+                                max_iter=options.schulz_max_iter, init=options.init,
+                                paper_alpha=options.paper_alpha, extra_damping=options.paper_extra_damping)
+        if not result.converged and not options.allow_unconverged:
+            raise InverseNotConvergedError(
+                f"Schulz inverse of {name!r} stopped at relative residual {float(result.residual):.3g} after "
+                f"{result.iterations} iterations; use dtype=torch.float64 or a larger damping_ratio")
+        out[name] = result.inverse.to(torch.float64)
+    return out
+
+
+def self_influence_store(
+    store: LanceStore,
+    curvature: Mapping[str, CurvaturePartial],
+    shapes: Mapping[str, tuple[int, int]],
+    options: EstimatorOptions,
+    *,
+    batch_rows: int = BATCH_ROWS,
+    device: torch.device | str | None = None,
+    version: int | None = None,
+) -> tuple[list[str], np.ndarray]:
+    """Self-influence `sum_l <g_{k,l} (G_l + lambda_l I)^-1, g_{k,l}>_F` of every stored gradient row.
+
+    The classic mislabel detector (no target set): an example the rest of the pool does not explain has a
+    large gradient in low-curvature directions. Equals `estimators.self_influence(grads, method)` on the same
+    gradients, with the pool's merged curvature. Needs raw rows (projection dim 0): a projected row cannot be
+    preconditioned by a d x d inverse; GradientMismatchError otherwise. Streams the table `batch_rows` at a
+    time; returns (sample_ids, (n,) float64 self-influence), higher = more suspicious.
+    """
+    if options.method not in SELF_INFLUENCE_METHODS:
+        raise ValueError(f"self-influence supports {SELF_INFLUENCE_METHODS}, not {options.method!r}")
+    names = sorted(shapes)
+    if sorted(curvature) != names:
+        raise GradientMismatchError(f"curvature matrices {sorted(curvature)} vs gradient matrices {names}")
+    widths = [shapes[n][0] * shapes[n][1] for n in names]
+    dev = default_device(device)
+    inverses = _self_influence_inverses(curvature, options, dev)
+    gradients_version = store.open("gradients", version).version
+    ids: list[str] = []
+    chunks: list[np.ndarray] = []
+    for batch in _scan(store, gradients_version, ["sample_id", "grad", "grad_scale"], batch_rows):
+        rows = _fixed_rows(batch, "grad")
+        if rows.shape[1] != sum(widths):
+            raise GradientMismatchError(
+                f"self-influence needs raw gradient rows ({sum(widths)} dims); the stored rows have "
+                f"{rows.shape[1]} (projected): set projection_dim 0")
+        x = rows.to(dev, torch.float64) * _column(batch, "grad_scale").to(dev, torch.float64)[:, None]
+        total = torch.zeros(x.shape[0], dtype=torch.float64, device=dev)
+        start = 0
+        for name, width in zip(names, widths, strict=True):
+            g = x[:, start: start + width].reshape(-1, *shapes[name])
+            start += width
+            inv = inverses[name]
+            total += (g * g).sum((1, 2)) if inv is None else ((g @ inv) * g).sum((1, 2))
+        chunks.append(total.cpu().numpy())
+        ids += batch.column("sample_id").to_pylist()
+    values = np.concatenate(chunks) if chunks else np.zeros(0)
+    if not np.isfinite(values).all():
+        raise NonFiniteGradientError("non-finite self-influence: a gradient row holds NaN/inf")
+    return ids, values

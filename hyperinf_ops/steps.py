@@ -32,7 +32,7 @@ import pyarrow.compute as pc
 import torch
 from torch import Tensor
 
-from hyperinf_ops.config import HyperinfConfig
+from hyperinf_ops.config import BUNDLED_MODELS, HyperinfConfig
 from hyperinf_ops.curvature import CurvaturePartial, curvature_partials
 from hyperinf_ops.data import discover_shards, prepare_examples, prepare_targets, read_table, text_columns
 from hyperinf_ops.errors import DataError, ModelLoadError
@@ -47,12 +47,13 @@ from hyperinf_ops.models import (
     describe,
     load_lora_model,
     model_hash,
+    pooling_of,
     resolve_model,
 )
 from hyperinf_ops.progress import ProgressMeter
 from hyperinf_ops.projection import BlockProjector, ProjectionSpec
 from hyperinf_ops.query import sync_duckdb
-from hyperinf_ops.scorer import build_queries, score_store
+from hyperinf_ops.scorer import build_queries, score_store, self_influence_store
 from hyperinf_ops.store import GradientBatch, LanceStore, sql_literal
 from hyperinf_ops.training import warmup_train
 
@@ -68,6 +69,7 @@ __all__ = [
     "RunSummary",
     "ScoreStepSummary",
     "TargetsSummary",
+    "adapter_dir",
     "agreement_check",
     "build_target_queries",
     "compute_gradient_shard",
@@ -80,6 +82,7 @@ __all__ = [
     "open_store",
     "run_all",
     "score",
+    "self_influence_scores",
     "train_or_load_adapter",
 ]
 
@@ -199,7 +202,9 @@ class MislabelReport(Summary):
     has_truth: bool  # the pool has a `flipped` column
     examples: int
     flipped: int
-    methods: dict[str, dict[str, float]]  # method -> auroc, detection_at_10, detection_at_20
+    # method -> auroc, detection_at_10, detection_at_20. The configured estimators (target-based, by name), and
+    # with raw gradient rows also "self_influence_hyperinf" and "self_influence_tracin" (no target set).
+    methods: dict[str, dict[str, float]]
     most_harmful: list[dict[str, Any]]
 
 
@@ -298,8 +303,14 @@ def adapter_dir(cfg: HyperinfConfig) -> Path:
 
 def _adapter_key(cfg: HyperinfConfig, labels: Sequence[str], base_hash: str) -> str:
     """What a trained adapter depends on besides the data: reuse it while this is unchanged."""
-    recipe = {"model_hash": base_hash, "task": cfg.task, "lora": dataclasses.asdict(cfg.lora),
-              "train": dataclasses.asdict(cfg.train), "max_length": cfg.max_length, "labels": list(labels)}
+    lora = dataclasses.asdict(cfg.lora)
+    del lora["gradient_modules"]  # which matrices enter influence does not change the adapter
+    train = dataclasses.asdict(cfg.train)
+    del train["log_every"]
+    # The pooling the classifier head reads (mean for sentence-transformers folders) changes what is trained.
+    pooling = pooling_of(resolve_model(cfg.model)) if cfg.task == "classification" else "model"
+    recipe = {"model_hash": base_hash, "task": cfg.task, "pooling": pooling, "lora": lora, "train": train,
+              "max_length": cfg.max_length, "labels": list(labels)}
     return hashlib.sha256(json.dumps(recipe, sort_keys=True, default=str).encode()).hexdigest()
 
 
@@ -349,7 +360,7 @@ def train_or_load_adapter(cfg: HyperinfConfig, store: LanceStore, log: Log = pri
     log(f"adapter saved to {path} (hash {info['adapter_hash'][:12]}), final loss {stats.loss_per_epoch[-1]:.4f}")
     return AdapterSummary(source="trained", path=str(path), adapter_hash=info["adapter_hash"],
                           model_hash=base_hash, labels=labels, trained_on=len(records), pool_examples=n_pool,
-                          train=json.loads(json.dumps(train)), seconds=time.perf_counter() - start)
+                          train=train, seconds=time.perf_counter() - start)
 
 
 def _save_adapter(loaded: LoadedModel, path: Path, info: Mapping[str, Any]) -> None:
@@ -408,7 +419,7 @@ def _load(cfg: HyperinfConfig, store: LanceStore) -> LoadedModel:
 
 
 def _fingerprint(cfg: HyperinfConfig, loaded: LoadedModel) -> Fingerprint:
-    model_id = cfg.model if cfg.model in ("minilm", "smollm2") else Path(cfg.model).name
+    model_id = cfg.model if cfg.model in BUNDLED_MODELS else Path(cfg.model).name
     return Fingerprint.create(
         model_id=model_id, model_hash=model_hash(loaded.model_path), adapter_hash=adapter_hash(loaded.model),
         task=cfg.task, lora_modules=loaded.lora_modules,
@@ -487,9 +498,7 @@ def compute_gradient_shard(cfg: HyperinfConfig, store: LanceStore, shard_key: st
             meter.update(len(ids))
             yield GradientBatch.from_grads(projector, ids, grads)
 
-    grad_version = store.write_gradients(shard_key, rows(), fp, overwrite=overwrite)
-    if not curvature:
-        raise DataError(f"shard {shard_key!r}: every example has a non-finite gradient")
+    grad_version = store.write_gradients(shard_key, rows(), fp, overwrite=overwrite)  # no rows: DataError
     curv_version = store.write_curvature(shard_key, curvature, fp, overwrite=overwrite)
     done = meter.finish()
     n_rows = len(records) - len(bad_ids)
@@ -728,10 +737,41 @@ def _auroc(harm: np.ndarray, positive: np.ndarray) -> float:
     return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
+SELF_INFLUENCE_PREFIX = "self_influence_"
+# Self-influence detectors the mislabel report adds with raw gradient rows: the GFIM inverse (HyperINF's
+# curvature, Schulz) and the plain squared gradient norm (tracin: no curvature).
+SELF_INFLUENCE_REPORTED = ("hyperinf", "tracin")
+
+
+def _detection(harm: np.ndarray, flipped: np.ndarray) -> dict[str, float]:
+    """AUROC of `harm` vs flipped, and the share of all flips among the 10% / 20% most harmful."""
+    order = np.argsort(-harm, kind="stable")
+    found = {f"detection_at_{p}": float(flipped[order[: math.ceil(len(harm) * p / 100)]].sum()
+                                        / max(flipped.sum(), 1)) for p in (10, 20)}
+    return {"auroc": _auroc(harm, flipped), **found}
+
+
+def self_influence_scores(cfg: HyperinfConfig, store: LanceStore, method: str = "hyperinf") -> pd.Series:
+    """Self-influence of every stored (raw) gradient row under the pool's merged curvature, indexed by
+    sample_id: higher = less explained by the rest of the pool (likely mislabeled). No target set needed.
+    GradientMismatchError when the rows are projected (projection_dim > 0)."""
+    fp = store.fingerprint("gradients")
+    if fp is None:
+        raise DataError("the gradients table is empty: compute the gradient shards first")
+    curvature = store.read_curvature(fp)
+    shapes = {name: (part.numel // part.gfim_sum.shape[0], part.gfim_sum.shape[0]) for name, part in curvature.items()}
+    ids, values = self_influence_store(store, curvature, shapes, _options(cfg, method), device=_score_device(cfg))
+    return pd.Series(values, index=pd.Index(ids, name="sample_id"), name=f"{SELF_INFLUENCE_PREFIX}{method}")
+
+
 def mislabel_report(cfg: HyperinfConfig, store: LanceStore, target_set: str | None = None) -> MislabelReport:
     """How well each estimator's most harmful examples find planted label flips (pool column `flipped`):
     AUROC of -score vs flipped, and the share of all flips found in the 10% / 20% most harmful.
-    Without a `flipped` column, only the most harmful examples are listed."""
+
+    With raw gradient rows (projection_dim 0) the report also ranks by self-influence (`self_influence_hyperinf`:
+    g_k (G + lambda I)^-1 g_k with the pool's GFIM; `self_influence_tracin`: |g_k|^2), the classic
+    target-free mislabel detector, higher = more suspicious. Without a `flipped` column, only the most
+    harmful examples are listed."""
     target = target_set or _curation_pair(cfg)[0]
     examples = _require_table(store, "examples", "ingest the pool first")
     has_truth = "flipped" in examples.schema.names
@@ -745,11 +785,12 @@ def mislabel_report(cfg: HyperinfConfig, store: LanceStore, target_set: str | No
         if truth is None:
             continue
         flipped = truth.reindex(s["sample_id"], fill_value=False).to_numpy(dtype=bool)
-        harm = -s["score"].to_numpy()
-        order = np.argsort(-harm, kind="stable")
-        found = {f"detection_at_{p}": float(flipped[order[: math.ceil(len(s) * p / 100)]].sum()
-                                            / max(flipped.sum(), 1)) for p in (10, 20)}
-        methods[method] = {"auroc": _auroc(harm, flipped), **found}
+        methods[method] = _detection(-s["score"].to_numpy(), flipped)
+    if truth is not None and cfg.projection_dim == 0:
+        for method in SELF_INFLUENCE_REPORTED:
+            si = self_influence_scores(cfg, store, method)
+            flipped = truth.reindex(si.index, fill_value=False).to_numpy(dtype=bool)
+            methods[str(si.name)] = _detection(si.to_numpy(), flipped)
     n_flipped = int(truth.sum()) if truth is not None else 0
     return MislabelReport(target_set=target, has_truth=has_truth, examples=examples.count_rows(), flipped=n_flipped,
                           methods=methods, most_harmful=_extremes(cfg, store, target, _curation_pair(cfg)[1],

@@ -343,7 +343,7 @@ class LanceStore:
             raise
         key_pred = _key_predicate(predicate)
         delete_pred = key_pred if also_delete is None else f"({key_pred}) OR ({also_delete})"
-        version = self._commit_replace(table, delete_pred, frags)
+        version = self._commit_update(table, delete_pred, frags, only=None)
         self._drop_concurrent_duplicates(table, key_pred, frags, version, guarded.rows)
         return version
 
@@ -382,9 +382,6 @@ class LanceStore:
         raise CommitConflictError(
             f"gave up replacing rows of {table!r} after {_MAX_ATTEMPTS} commit conflicts"
         )
-
-    def _commit_replace(self, table: str, predicate: str, new: list[FragmentMetadata]) -> int:
-        return self._commit_update(table, predicate, new, only=None)
 
     def _drop_concurrent_duplicates(
         self, table: str, key_pred: str, mine: list[FragmentMetadata], version: int, rows: int

@@ -2,7 +2,8 @@
 
 Every command reads one YAML config (validated before any work) and one Dagster instance
 (``--dagster-home``, else ``$DAGSTER_HOME``, else ``<config folder>/.dagster_home``), so runs made here
-show up in ``hyperinf ui``. Problems with the input end in one ``hyperinf: error: ...`` line and exit 2.
+show up in ``hyperinf ui``. Problems with the input end in one ``hyperinf: error: ...`` line and exit 2;
+runs that succeed with a failed asset check exit 1 after listing the checks.
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ from pathlib import Path
 from hyperinf_ops.errors import HyperinfError
 
 DEMO_WORKDIR = ".hyperinf_demo"
-EXIT_ERROR = 2
+EXIT_CHECK_FAILED = 1  # every run succeeded, but an asset check did not pass (listed on stderr)
+EXIT_ERROR = 2  # bad input or a failed run: one `hyperinf: error: ...` line
 _QUIET_ENV = {
     "DAGSTER_DISABLE_TELEMETRY": "1",
     "TOKENIZERS_PARALLELISM": "false",
@@ -50,6 +52,7 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="hyperinf",
         description="Influence-based data curation: LoRA gradients -> HyperINF scores -> SQL-curated subsets.",
+        epilog="exit status: 0 done; 1 done, but an asset check failed (listed); 2 bad input or a failed run",
     )
     sub = parser.add_subparsers(required=True, metavar="COMMAND")
 
@@ -124,26 +127,25 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _materialize(config_path: Path, dagster_home: Path | None) -> int:
-    import dagster as dg
     from transformers.utils import logging as hf_logging
 
     from hyperinf_ops.config import load_config
     from pipelines.definitions import build_definitions
-    from pipelines.instance import dagster_home_for, prepare_dagster_home
+    from pipelines.instance import dagster_home_for, open_instance
     from pipelines.runner import failed_checks, materialize_all
     from pipelines.summary import print_summary
 
     cfg = load_config(config_path)  # every config problem, before any work
     hf_logging.disable_progress_bar()  # no "Loading weights" bar at every model load
-    home = prepare_dagster_home(dagster_home_for(config_path, dagster_home))
+    home = dagster_home_for(config_path, dagster_home)
     print(f"Dagster instance: {home}")
-    with dg.DagsterInstance.get() as instance:
+    with open_instance(home) as instance:
         results = materialize_all(build_definitions(str(config_path)), instance, cfg)
         print_summary(instance, cfg, config_path, home)
     failed = failed_checks(results)
     for line in failed:
         print(f"WARNING: asset check failed: {line}", file=sys.stderr)
-    return 1 if failed else 0
+    return EXIT_CHECK_FAILED if failed else 0
 
 
 # ---------------------------------------------------------------------------------------------- sql
@@ -219,18 +221,21 @@ def _ui(args: argparse.Namespace) -> int:
     load_config(config_path)
     home = prepare_dagster_home(dagster_home_for(config_path, args.dagster_home))
     url = f"http://127.0.0.1:{args.port}"
-    proc = start_dagster_dev(dagster_home=home, workspace=WORKSPACE_YAML, port=args.port,
-                             env={CONFIG_ENV_VAR: str(config_path)})
 
-    def _stop(signum, frame):  # Ctrl-C or `kill`: stop the whole dagster dev process group
+    def _interrupt(signum, frame):  # Ctrl-C or `kill <pid>` of this process: stop dagster dev with it
         raise KeyboardInterrupt
 
-    signal.signal(signal.SIGTERM, _stop)
-    signal.signal(signal.SIGINT, _stop)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, _interrupt)
+    print(f"starting dagster dev (instance {home}, config {config_path}) ...")
+    proc = start_dagster_dev(dagster_home=home, workspace=WORKSPACE_YAML, port=args.port,
+                             env={CONFIG_ENV_VAR: str(config_path)})
     try:
         wait_until_ready(proc, url)
-        print(f"Dagster UI: {url}  (instance {home}, config {config_path}); Ctrl-C stops it")
+        print(f"Dagster UI: {url}   (Ctrl-C stops it)")
         return proc.wait()
+    except (RuntimeError, TimeoutError) as err:
+        raise HyperinfError(str(err)) from err
     except KeyboardInterrupt:
         print("stopping dagster dev ...", file=sys.stderr)
         return 0

@@ -6,6 +6,8 @@ import os
 import shutil
 from pathlib import Path
 
+import dagster as dg
+
 DAGSTER_YAML_TEMPLATE = Path(__file__).with_name("dagster.yaml")
 WORKSPACE_YAML = Path(__file__).with_name("workspace.yaml")
 LOCATION_NAME = "hyperinf"
@@ -19,10 +21,14 @@ def dagster_home_for(config_path: Path, explicit: str | os.PathLike | None = Non
 
 
 def prepare_dagster_home(home: Path) -> Path:
-    """Create ``home`` with the project's dagster.yaml (kept if present) and point ``DAGSTER_HOME`` at it."""
+    """Create ``home`` with the project's dagster.yaml (an existing one is kept) and return it."""
     home.mkdir(parents=True, exist_ok=True)
     target = home / "dagster.yaml"
     if not target.exists():
         shutil.copyfile(DAGSTER_YAML_TEMPLATE, target)
-    os.environ["DAGSTER_HOME"] = str(home)
     return home
+
+
+def open_instance(home: Path) -> dg.DagsterInstance:
+    """The persistent instance in ``home`` (what ``DAGSTER_HOME=home`` gives the UI and ``dagster`` CLI)."""
+    return dg.DagsterInstance.from_config(str(prepare_dagster_home(home)))

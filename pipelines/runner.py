@@ -85,9 +85,9 @@ def _metadata(result: dg.ExecuteInProcessResult, asset: str) -> dict:
 
 
 def failure_message(result: dg.ExecuteInProcessResult) -> str:
-    """``<step>[<partition>] failed: <ErrorClass>: <message>`` of the first failed step of a run."""
-    where = f"[{result.dagster_run.tags.get('dagster/partition')}]" if result.dagster_run.tags.get(
-        "dagster/partition") else ""
+    """``<step>[<partition>] failed: <message of the error the step raised>`` for the first failed step."""
+    partition = result.dagster_run.tags.get("dagster/partition")
+    where = f"[{partition}]" if partition else ""
     for event in result.all_events:
         if event.is_step_failure and event.step_failure_data is not None:
             error = event.step_failure_data.error

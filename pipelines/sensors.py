@@ -8,7 +8,8 @@ Each tick compares the files ``discover_shards`` finds with the cursor (file -> 
    recorded after the request, one ``refresh_job`` run re-merges curvature and re-scores everything.
 
 Files whose partition already exists when the sensor first sees them (a ``hyperinf run`` built them) are
-recorded without a run. The cursor is JSON: ``{"files": {shard: signature}, "pending": [...], "after": id}``.
+recorded without a run; before the first full build (no LoRA adapter yet) new files only become
+partitions. The cursor is JSON: ``{"files": {shard: signature}, "pending": [...], "after": id}``.
 """
 
 import json
@@ -62,8 +63,16 @@ def pool_folder_sensor(context: dg.SensorEvaluationContext, hyperinf: HyperinfCo
         if (key in cursor.files and cursor.files[key] != sig) or (key not in cursor.files and key not in known)
     )
     cursor.files = signatures
+    new = [key for key in changed if key not in known]
+    partitions = [dg.AddDynamicPartitionsRequest(POOL_SHARDS, new)] if new else []
+    if changed and instance.get_latest_materialization_event(dg.AssetKey("lora_adapter")) is None:
+        return dg.SensorResult(  # gradients need the adapter: the first full build covers these shards
+            skip_reason=f"new shards {changed} but no LoRA adapter yet: materialize every asset once "
+                        "(`hyperinf run`, or Materialize all in the UI)",
+            dynamic_partitions_requests=partitions,
+            cursor=cursor.dump(),
+        )
     if changed:
-        new = [key for key in changed if key not in known]
         cursor.pending = sorted(set(cursor.pending) | set(changed))
         cursor.after = instance.event_log_storage.get_maximum_record_id() or 0
         context.log.info(f"pool files changed: {changed} (new partitions: {new})")
@@ -72,7 +81,7 @@ def pool_folder_sensor(context: dg.SensorEvaluationContext, hyperinf: HyperinfCo
                 dg.RunRequest(run_key=f"{key}@{signatures[key]}", job_name=shard_job.name, partition_key=key)
                 for key in changed
             ],
-            dynamic_partitions_requests=[dg.AddDynamicPartitionsRequest(POOL_SHARDS, new)] if new else [],
+            dynamic_partitions_requests=partitions,
             cursor=cursor.dump(),
         )
     if not cursor.pending:

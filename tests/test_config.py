@@ -42,7 +42,7 @@ def test_defaults_and_relative_paths(project: Path, monkeypatch: pytest.MonkeyPa
     assert cfg.model == "minilm" and cfg.task == "classification"
     assert cfg.lora.rank == 8 and cfg.lora.alpha == 16 and cfg.train.epochs == 2
     assert cfg.estimators == ("hyperinf", "datainf", "tracin")
-    assert cfg.projection_dim == 8192 and cfg.damping_ratio == 0.1
+    assert cfg.projection_dim == 0 and cfg.damping_ratio == 0.1
     assert cfg.curation.query == "top_fraction"
     # the query's target set and method default to the first target set and estimator
     assert cfg.curation.params == {"target_set": "clean_val", "method": "hyperinf", "fraction": 0.8}

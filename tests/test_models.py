@@ -11,8 +11,10 @@ from hyperinf_ops.gradients import IGNORE_INDEX
 from hyperinf_ops.models import (
     adapter_hash,
     collate,
+    describe,
     load_lora_model,
     model_hash,
+    pooling_of,
     resolve_model,
     save_tiny_model,
 )
@@ -132,3 +134,27 @@ def test_bad_modules_and_labels(tmp_path: Path, tiny_bert: Path):
         load_lora_model(cfg_for(tiny_bert, tmp_path, modules=["qurey", "value"]), ["neg", "pos"])
     with pytest.raises(DataError, match="at least 2 labels"):
         load_lora_model(cfg_for(tiny_bert, tmp_path), ["pos"])
+
+
+def test_mean_pooling_for_sentence_transformers_folders(tmp_path: Path):
+    assert pooling_of(resolve_model("minilm")) == "mean"
+    folder = save_tiny_model(tmp_path / "st")
+    assert pooling_of(folder) == "model"
+    cfg = cfg_for(folder, tmp_path)
+    assert load_lora_model(cfg, ["neg", "pos"]).pooling == "model"
+    (folder / "1_Pooling").mkdir()
+    (folder / "1_Pooling" / "config.json").write_text('{"pooling_mode_mean_tokens": true}')
+    loaded = load_lora_model(cfg, ["neg", "pos"])
+    assert loaded.pooling == "mean" and describe(loaded)["pooling"] == "mean"
+    model = loaded.model.eval()
+    records = [{"sample_id": "a", "text": "a good film", "label": "pos"},
+               {"sample_id": "b", "text": "bad", "label": "neg"}]
+    batch = collate(loaded.tokenizer, records, "classification", loaded.label2id, max_length=16)
+    alone = collate(loaded.tokenizer, records[1:], "classification", loaded.label2id, max_length=16)
+    with torch.no_grad():
+        both, single = model(**batch).logits, model(**alone).logits
+        bert = model.get_base_model().bert
+        hidden = bert(**{k: v for k, v in alone.items() if k != "labels"}).last_hidden_state
+        expected = model.get_base_model().classifier(hidden.mean(1))
+    torch.testing.assert_close(both[1], single[0])  # padding never leaks into the pooled vector
+    torch.testing.assert_close(single, expected)

@@ -8,11 +8,17 @@ import pytest
 import torch
 
 from hyperinf_ops.curvature import curvature_partials
-from hyperinf_ops.errors import FingerprintMismatchError, NonFiniteGradientError
-from hyperinf_ops.estimators import EstimatorOptions, mean_target_gradient, precondition, score_gradients
+from hyperinf_ops.errors import FingerprintMismatchError, GradientMismatchError, NonFiniteGradientError
+from hyperinf_ops.estimators import (
+    EstimatorOptions,
+    mean_target_gradient,
+    precondition,
+    score_gradients,
+    self_influence,
+)
 from hyperinf_ops.fingerprint import Fingerprint
 from hyperinf_ops.projection import BlockProjector, ProjectionSpec
-from hyperinf_ops.scorer import build_queries, datainf_projected_query, score_store
+from hyperinf_ops.scorer import build_queries, datainf_projected_query, score_store, self_influence_store
 from hyperinf_ops.store import GradientBatch, LanceStore, Query
 
 SHAPES = {"l0.lora_A": (4, 24), "l0.lora_B": (4, 16), "l1.lora_A": (4, 24)}
@@ -180,3 +186,25 @@ def test_build_queries_precondition_raw_then_project(tmp_path):
         build_queries(
             v, curvature, ["datainf"], projector, EstimatorOptions(), target_set="t", fingerprint=_fp(spec)
         )
+
+
+@pytest.mark.parametrize("method", ["hyperinf", "exact", "tracin"])
+def test_self_influence_stream_equals_estimators_self_influence(tmp_path, method):
+    grads = _grads(90, 3)
+    store, _, ids = _store(tmp_path, ProjectionSpec(dim=0), grads)
+    curvature = store.read_curvature(_fp(ProjectionSpec(dim=0)))
+    got_ids, got = self_influence_store(store, curvature, SHAPES, EstimatorOptions(method=method),
+                                        batch_rows=16)
+    want = self_influence(grads, method=method, damping_ratio=0.1).numpy()
+    order = [ids.index(i) for i in got_ids]
+    assert sorted(got_ids) == ids
+    np.testing.assert_allclose(got, want[order], rtol=1e-5)
+
+
+def test_self_influence_needs_raw_rows(tmp_path):
+    spec = ProjectionSpec(dim=48)
+    store, _, _ = _store(tmp_path, spec, _grads(30, 4))
+    with pytest.raises(GradientMismatchError, match="raw gradient rows"):
+        self_influence_store(store, store.read_curvature(_fp(spec)), SHAPES, EstimatorOptions())
+    with pytest.raises(ValueError, match="self-influence supports"):
+        self_influence_store(store, store.read_curvature(_fp(spec)), SHAPES, EstimatorOptions(method="datainf"))

@@ -69,19 +69,26 @@ def test_new_file_adds_only_its_partition_and_refresh_equals_a_run_from_scratch(
     assert incremental["score"].to_numpy() == pytest.approx(reference["score"].to_numpy(), rel=1e-5, abs=1e-9)
 
 
-def test_changed_file_requests_its_partition_again(tmp_path):
-    model = save_tiny_model(tmp_path / "model")
-    cfg_path = make_project(tmp_path / "project", model, n_pool=20, n_shards=2, n_target=4)
+def test_before_the_first_build_files_only_become_partitions(tmp_path):
+    cfg_path = make_project(tmp_path / "project", save_tiny_model(tmp_path / "model"), n_pool=20, n_target=4)
     with dg.DagsterInstance.ephemeral() as instance:
-        first = _tick(instance, cfg_path, None)  # a fresh instance: every file is new
-        assert sorted(r.partition_key for r in first.run_requests) == ["shard-0", "shard-1"]
-        assert first.dynamic_partitions_requests[0].partition_keys == ["shard-0", "shard-1"]
-        instance.add_dynamic_partitions("pool_shards", ["shard-0", "shard-1"])
-        write_shard(tmp_path / "project" / "pool", "shard-1", 12, seed=3)
+        first = _tick(instance, cfg_path, None)
+        assert not first.run_requests and "no LoRA adapter yet" in first.skip_reason.skip_message
+        assert first.dynamic_partitions_requests == [
+            dg.AddDynamicPartitionsRequest("pool_shards", ["shard-0", "shard-1"])]
+
+
+def test_changed_file_requests_its_partition_again(tmp_path):
+    cfg_path = make_project(tmp_path / "project", save_tiny_model(tmp_path / "model"), n_pool=20, n_target=4)
+    with dg.DagsterInstance.ephemeral() as instance:
+        instance.add_dynamic_partitions("pool_shards", ["shard-0", "shard-1"])  # as after a first build
+        instance.report_runless_asset_event(dg.AssetMaterialization("lora_adapter"))
+        first = _tick(instance, cfg_path, None)
+        assert not first.run_requests
+        write_shard(cfg_path.parent / "pool", "shard-1", 12, seed=3)
         again = _tick(instance, cfg_path, first.cursor)
-        assert [r.partition_key for r in again.run_requests] == ["shard-1"]
-        assert not again.dynamic_partitions_requests
-        assert again.run_requests[0].run_key != first.run_requests[1].run_key
+        assert [(r.job_name, r.partition_key) for r in again.run_requests] == [("shard_job", "shard-1")]
+        assert not again.dynamic_partitions_requests  # the partition exists: only its rows are redone
 
 
 def test_nightly_schedule_requests_a_refresh():

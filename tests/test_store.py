@@ -244,3 +244,12 @@ def test_concurrent_threads_gradient_shards_register_fingerprint_and_overwrite(t
     assert table.num_rows == 40 and len(set(table["sample_id"].to_pylist())) == 40  # stale "old" rows gone
     assert store.fingerprint("gradients") == _fp()
     assert set(store.fingerprints("gradients")) == {_fp().digest(), _fp(adapter="old").digest()}
+
+
+def test_replace_with_no_rows_deletes_the_key_in_one_commit(tmp_path):
+    store = LanceStore(str(tmp_path))
+    store.write_examples("s0", _rows("s0", 3))
+    store.write_examples("s1", _rows("s1", 2))
+    v = store.versions()["examples"]
+    assert store.replace_where("examples", {"shard": "s0"}, [], unique=None) == v + 1
+    assert store.open("examples").to_table()["shard"].to_pylist() == ["s1", "s1"]
