@@ -8,7 +8,6 @@ import pyarrow.parquet as pq
 
 from assets_defs.influence import influence_scores
 from assets_defs.metadata import markdown_table, summary_metadata, timed
-from hyperinf_ops import steps
 from pipelines.resources import HyperinfConfigResource
 
 _PREVIEW_ROWS = 10
@@ -22,6 +21,8 @@ _PREVIEW_ROWS = 10
                 "manifest.json (query text, parameters, Lance versions); the DuckDB file is re-synced.",
 )
 def curated_subset(context: dg.AssetExecutionContext, hyperinf: HyperinfConfigResource) -> dg.MaterializeResult:
+    from hyperinf_ops import steps
+
     summary, wall = timed(steps.curate, hyperinf.config, hyperinf.store, log=context.log.info)
     parquet = summary.files["parquet"]
     preview = pq.read_table(parquet).slice(0, _PREVIEW_ROWS).to_pylist()
@@ -73,6 +74,8 @@ def curated_subset_size(hyperinf: HyperinfConfigResource) -> dg.AssetCheckResult
                 "most harmful examples with text and label.",
 )
 def mislabel_report(context: dg.AssetExecutionContext, hyperinf: HyperinfConfigResource) -> dg.MaterializeResult:
+    from hyperinf_ops import steps
+
     report, wall = timed(steps.mislabel_report, hyperinf.config, hyperinf.store)
     methods = [{"estimator": m, **r} for m, r in report.methods.items()]
     if report.has_truth:

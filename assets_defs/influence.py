@@ -6,7 +6,6 @@ import numpy as np
 from assets_defs.metadata import histogram_markdown, markdown_table, summary_metadata, timed
 from assets_defs.model import lora_adapter, lora_gradients
 from assets_defs.pool import target_sets
-from hyperinf_ops import steps
 from pipelines.resources import HyperinfConfigResource
 
 # An agreement check below this Spearman correlation fails: projection or solver error too large to trust.
@@ -33,6 +32,8 @@ def _short(matrix: str) -> str:
                 "(Schulz): solver health per matrix.",
 )
 def curvature(context: dg.AssetExecutionContext, hyperinf: HyperinfConfigResource) -> dg.MaterializeResult:
+    from hyperinf_ops import steps
+
     summary, wall = timed(steps.merge_curvature, hyperinf.config, hyperinf.store, log=context.log.info)
     rows = [{"matrix": _short(name), **{k: d.get(k) for k in
              ("iterations", "residual", "converged", "condition_estimate", "damping")}}
@@ -57,6 +58,8 @@ def curvature(context: dg.AssetExecutionContext, hyperinf: HyperinfConfigResourc
     description="One preconditioned, projected query vector per (target set, estimator) in `queries`.",
 )
 def target_queries(context: dg.AssetExecutionContext, hyperinf: HyperinfConfigResource) -> dg.MaterializeResult:
+    from hyperinf_ops import steps
+
     summary, wall = timed(steps.build_target_queries, hyperinf.config, hyperinf.store, log=context.log.info)
     rows = [{"target/method": key, **health} for key, health in sorted(summary.diagnostics.items())]
     return dg.MaterializeResult(metadata={
@@ -73,6 +76,8 @@ def target_queries(context: dg.AssetExecutionContext, hyperinf: HyperinfConfigRe
                 "estimator (higher = more helpful; most negative = most harmful), in `scores`.",
 )
 def influence_scores(context: dg.AssetExecutionContext, hyperinf: HyperinfConfigResource) -> dg.MaterializeResult:
+    from hyperinf_ops import steps
+
     cfg, store = hyperinf.config, hyperinf.store
     summary, wall = timed(steps.score, cfg, store, log=context.log.info)
     scores = store.open("scores").to_table(columns=["target_set", "method", "score"]).to_pandas()
@@ -126,6 +131,8 @@ def scores_cover_pool(hyperinf: HyperinfConfigResource) -> dg.AssetCheckResult:
 def agreement_with_exact(
     context: dg.AssetCheckExecutionContext, hyperinf: HyperinfConfigResource
 ) -> dg.AssetCheckResult:
+    from hyperinf_ops import steps
+
     summary = steps.agreement_check(hyperinf.config, hyperinf.store, sample_size=AGREEMENT_SAMPLE, seed=0,
                                     log=context.log.info)
     return dg.AssetCheckResult(

@@ -6,7 +6,6 @@ import pyarrow.compute as pc
 from assets_defs.metadata import markdown_table, summary_metadata, timed
 from assets_defs.partitions import pool_shards
 from assets_defs.pool import pool_examples
-from hyperinf_ops import steps
 from hyperinf_ops.store import sql_literal
 from pipelines.resources import HyperinfConfigResource
 
@@ -19,6 +18,8 @@ from pipelines.resources import HyperinfConfigResource
                 "unchanged, or the configured `adapter.path`. Every gradient row is taken under it.",
 )
 def lora_adapter(context: dg.AssetExecutionContext, hyperinf: HyperinfConfigResource) -> dg.MaterializeResult:
+    from hyperinf_ops import steps
+
     summary, wall = timed(steps.train_or_load_adapter, hyperinf.config, hyperinf.store, log=context.log.info)
     metadata = {**summary_metadata(summary, skip=("seconds", "path", "train")),
                 "path": dg.MetadataValue.path(summary.path), "wall_time_s": wall}
@@ -54,6 +55,8 @@ class GradientConfig(dg.Config):
 def lora_gradients(
     context: dg.AssetExecutionContext, config: GradientConfig, hyperinf: HyperinfConfigResource
 ) -> dg.MaterializeResult:
+    from hyperinf_ops import steps
+
     summary, wall = timed(steps.compute_gradient_shard, hyperinf.config, hyperinf.store, context.partition_key,
                           log=context.log.info, overwrite=config.overwrite_stale)
     finite = dg.AssetCheckResult(

@@ -4,7 +4,6 @@ import dagster as dg
 
 from assets_defs.metadata import markdown_table, summary_metadata, timed
 from assets_defs.partitions import pool_shards
-from hyperinf_ops import steps
 from hyperinf_ops.data import discover_shards
 from hyperinf_ops.errors import DataError
 from pipelines.resources import HyperinfConfigResource
@@ -17,6 +16,8 @@ from pipelines.resources import HyperinfConfigResource
     description="One data file of the candidate pool, validated and id'd, as its shard of the `examples` table.",
 )
 def pool_examples(context: dg.AssetExecutionContext, hyperinf: HyperinfConfigResource) -> dg.MaterializeResult:
+    from hyperinf_ops import steps
+
     cfg, shard = hyperinf.config, context.partition_key
     files = discover_shards(cfg.data)
     if shard not in files:
@@ -37,6 +38,8 @@ def pool_examples(context: dg.AssetExecutionContext, hyperinf: HyperinfConfigRes
     description="Every configured target set (a file, or a SQL predicate over the pool) in the `targets` table.",
 )
 def target_sets(context: dg.AssetExecutionContext, hyperinf: HyperinfConfigResource) -> dg.MaterializeResult:
+    from hyperinf_ops import steps
+
     summary, wall = timed(steps.ingest_targets, hyperinf.config, hyperinf.store, log=context.log.info)
     return dg.MaterializeResult(metadata={
         "dagster/row_count": sum(summary.rows.values()),

@@ -23,7 +23,7 @@ _PUBLIC = {
     "schulz_inverse": "hyperinf_ops.inverse",
 }
 
-__all__ = sorted(_PUBLIC)
+__all__ = ["influence_scores", "per_example_lora_gradients", "schulz_inverse"]
 
 
 def __getattr__(name: str) -> Any:

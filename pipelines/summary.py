@@ -24,8 +24,9 @@ def print_summary(instance: dg.DagsterInstance, cfg: HyperinfConfig, config_path
     if aurocs:
         print(f"\nMislabel detection on target set {report.get('target_set')!r} "
               f"({report.get('flipped')} of {report.get('examples')} labels flipped), AUROC:")
+        width = max(map(len, aurocs))
         for method, auroc in sorted(aurocs.items(), key=lambda kv: -kv[1]):
-            print(f"  {method:<10} {auroc:.3f}")
+            print(f"  {method:<{width}}  {auroc:.3f}")
     subset = latest_metadata(instance, "curated_subset")
     if subset:
         print(f"\nCurated subset ({subset.get('query')}): {subset.get('dagster/row_count')} examples")

@@ -36,9 +36,10 @@ def _aurocs(out: str) -> dict[str, float]:
 @pytest.mark.real_weights
 def test_demo_runs_every_asset_into_the_instance(demo):
     workdir, status, out, err = demo
-    assert status in (0, 1), err[-3000:]  # 1: the runs succeeded but an asset check failed (listed)
-    assert (status == 1) == ("WARNING: asset check failed" in err)
-    assert set(_aurocs(out)) == {"hyperinf", "datainf", "tracin", "lissa"}
+    assert status == 0, err[-3000:]  # 1 would mean: every run succeeded but an asset check failed
+    aurocs = _aurocs(out)
+    assert {"hyperinf", "datainf", "tracin", "lissa"} <= set(aurocs)
+    assert aurocs["hyperinf"] > 0.55, out  # clearly above chance even at this size (0.7: the xfail below)
     subset = workdir / "store" / "exports" / "top_fraction" / "subset.parquet"
     assert str(subset) in out and pq.read_metadata(subset).num_rows == 240  # top 80% of 300
     assert "hyperinf ui --config" in out and "hyperinf.duckdb" in out
@@ -52,18 +53,10 @@ def test_demo_runs_every_asset_into_the_instance(demo):
 
 @pytest.mark.slow
 @pytest.mark.real_weights
-@pytest.mark.xfail(strict=False, reason="at 300 examples the bundled demo settings reach hyperinf AUROC ~0.52 "
-                   "(projection_dim 8192) / ~0.62 (raw): see the pipeline report")
+@pytest.mark.xfail(strict=False, reason="at 300 examples the bundled demo settings reach hyperinf AUROC "
+                   "0.62-0.66 (0.73 at the full 4,000): see the pipeline report")
 def test_demo_ranks_flipped_labels_as_harmful(demo):
     assert _aurocs(demo[2])["hyperinf"] > 0.7
-
-
-@pytest.mark.slow
-@pytest.mark.real_weights
-@pytest.mark.xfail(strict=False, reason="with projection_dim 8192 the stored hyperinf scores do not agree with "
-                   "exact ones on MiniLM (Spearman ~ -0.1): see the pipeline report")
-def test_demo_passes_every_asset_check(demo):
-    assert demo[1] == 0, demo[3][-2000:]
 
 
 @pytest.mark.slow

@@ -82,7 +82,14 @@ def test_run_all_end_to_end_and_rerun(tmp_path: Path, demo):
     # raw (unprojected) rows: the stored Schulz scores are the exact scores
     assert summary.agreement.min_spearman > 0.999
     planted = sum(int(pd.read_parquet(p)["flipped"].sum()) for p in demo[0].shards[:2])
-    assert set(summary.mislabel.methods) == set(ESTIMATORS) and summary.mislabel.flipped == planted
+    self_names = {"self_influence_hyperinf", "self_influence_tracin"}  # raw rows: target-free detectors too
+    assert set(summary.mislabel.methods) == set(ESTIMATORS) | self_names and summary.mislabel.flipped == planted
+    assert all(0 <= summary.mislabel.methods[m]["auroc"] <= 1 for m in self_names)
+    # the streamed self-influence is the squared gradient norm for tracin
+    sq = store.open("gradients").to_table(columns=["sample_id", "sq_norms"]).to_pandas().set_index("sample_id")
+    tracin_self = steps.self_influence_scores(cfg, store, "tracin")
+    np.testing.assert_allclose(tracin_self.to_numpy(), sq.loc[tracin_self.index, "sq_norms"].map(sum).to_numpy(),
+                               rtol=1e-4)
     assert any("warm-up epoch 2/2" in line and "examples/s" in line for line in lines)
     assert any("gradients of shard shard-00" in line and "ETA" in line for line in lines)
 
