@@ -38,7 +38,7 @@ from hyperinf_ops.errors import (
     NonFiniteGradientError,
     NotPositiveDefiniteError,
 )
-from hyperinf_ops.inverse import default_tol, schulz_inverse, spectral_upper_bound
+from hyperinf_ops.inverse import InverseResult, default_tol, schulz_inverse, spectral_upper_bound
 
 __all__ = [
     "METHODS",
@@ -314,8 +314,9 @@ def _apply_inverse(
     return {name: out[name] for name in names}, {name: diag[name] for name in names}
 
 
-def _hyperinf(vecs: list[Tensor], a: Tensor, options: EstimatorOptions) -> list[tuple]:
-    result = schulz_inverse(
+def schulz_with_options(a: Tensor, options: EstimatorOptions) -> InverseResult:
+    """`schulz_inverse` of (..., d, d) damped GFIMs with the estimator options' solver settings."""
+    return schulz_inverse(
         a,
         order=options.schulz_order,
         tol=options.schulz_tol,
@@ -324,6 +325,10 @@ def _hyperinf(vecs: list[Tensor], a: Tensor, options: EstimatorOptions) -> list[
         paper_alpha=options.paper_alpha,
         extra_damping=options.paper_extra_damping,
     )
+
+
+def _hyperinf(vecs: list[Tensor], a: Tensor, options: EstimatorOptions) -> list[tuple]:
+    result = schulz_with_options(a, options)
     residual = result.residual.tolist()
     return [
         (vec.to(a.dtype) @ result.inverse[i], result.iterations, residual[i], residual[i] <= result.tol)

@@ -34,9 +34,8 @@ from hyperinf_ops.errors import (
     InverseNotConvergedError,
     NonFiniteGradientError,
 )
-from hyperinf_ops.estimators import EstimatorOptions, precondition
+from hyperinf_ops.estimators import EstimatorOptions, precondition, schulz_with_options
 from hyperinf_ops.fingerprint import Fingerprint, require_match
-from hyperinf_ops.inverse import schulz_inverse
 from hyperinf_ops.projection import BlockProjector
 from hyperinf_ops.store import LanceStore, Query, scores_schema
 
@@ -366,9 +365,7 @@ def _self_influence_inverses(curvature: Mapping[str, CurvaturePartial], options:
         if options.method == "exact":
             out[name] = torch.linalg.inv(a)
             continue
-        result = schulz_inverse(a, order=options.schulz_order, tol=options.schulz_tol,
-                                max_iter=options.schulz_max_iter, init=options.init,
-                                paper_alpha=options.paper_alpha, extra_damping=options.paper_extra_damping)
+        result = schulz_with_options(a, options)
         if not result.converged and not options.allow_unconverged:
             raise InverseNotConvergedError(
                 f"Schulz inverse of {name!r} stopped at relative residual {float(result.residual):.3g} after "
