@@ -276,8 +276,10 @@ class LanceStore:
                     mode="create",
                     storage_options=self.storage_options,
                 )
-            except OSError as err:  # another writer created it first: fine, use theirs
-                if "already exists" not in str(err):
+            except OSError:
+                # Another writer created it first ("already exists", or a retryable commit conflict when
+                # both creations reached the commit together): fine, use theirs. Anything else re-raises.
+                if not self.exists(table):
                     raise
         ds = self.open(table)
         if not _same_fields(ds.schema, schema):
