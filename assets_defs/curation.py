@@ -6,9 +6,10 @@ from pathlib import Path
 import dagster as dg
 import pyarrow.parquet as pq
 
-from assets_defs.influence import influence_scores
+from assets_defs.automation import ON_NEW_DATA
+from assets_defs.influence import curation_pair, examples_table, influence_scores
 from assets_defs.metadata import markdown_table, summary_metadata, timed
-from pipelines.resources import HyperinfConfigResource
+from assets_defs.resources import HyperinfResource
 
 _PREVIEW_ROWS = 10
 
@@ -17,13 +18,16 @@ _PREVIEW_ROWS = 10
     deps=[influence_scores],
     group_name="curation",
     kinds={"duckdb", "parquet"},
+    code_version="2",
+    automation_condition=ON_NEW_DATA,
     description="The configured `sql/` curation query over the scores, exported as Parquet + JSONL + "
                 "manifest.json (query text, parameters, Lance versions); the DuckDB file is re-synced.",
 )
-def curated_subset(context: dg.AssetExecutionContext, hyperinf: HyperinfConfigResource) -> dg.MaterializeResult:
-    from hyperinf_ops import steps
+def curated_subset(context: dg.AssetExecutionContext, hyperinf: HyperinfResource) -> dg.MaterializeResult:
+    from hyperinf_ops.stages.curation import curate
 
-    summary, wall = timed(steps.curate, hyperinf.config, hyperinf.store, log=context.log.info)
+    cfg = hyperinf.config
+    summary, wall = timed(curate, hyperinf.store, cfg.curation.query, cfg.curation.params, log=context.log.info)
     parquet = summary.files["parquet"]
     preview = pq.read_table(parquet).slice(0, _PREVIEW_ROWS).to_pylist()
     return dg.MaterializeResult(metadata={
@@ -42,9 +46,11 @@ def curated_subset(context: dg.AssetExecutionContext, hyperinf: HyperinfConfigRe
     description="The exported subset is non-empty, no larger than the pool, free of duplicate ids, and "
                 "(for a `fraction` parameter) holds ceil(fraction x pool) examples.",
 )
-def curated_subset_size(hyperinf: HyperinfConfigResource) -> dg.AssetCheckResult:
+def curated_subset_size(hyperinf: HyperinfResource) -> dg.AssetCheckResult:
+    from hyperinf_ops.stages.curation import export_dir
+
     cfg, store = hyperinf.config, hyperinf.store
-    path = cfg.storage_root / "exports" / cfg.curation.query / "subset.parquet"
+    path = export_dir(cfg.storage_root, cfg.curation.query) / "subset.parquet"
     n_pool = store.open("examples").count_rows()
     ids = pq.read_table(path, columns=["sample_id"])["sample_id"].to_pylist()
     fraction = cfg.curation.params.get("fraction")
@@ -69,23 +75,27 @@ def curated_subset_size(hyperinf: HyperinfConfigResource) -> dg.AssetCheckResult
 @dg.asset(
     deps=[influence_scores],
     group_name="curation",
+    code_version="2",
+    automation_condition=ON_NEW_DATA,
     description="How well each estimator's most harmful examples find mislabeled ones: AUROC and share of "
                 "flips found in the 10% / 20% most harmful (needs a boolean `flipped` pool column), plus the "
                 "most harmful examples with text and label.",
 )
-def mislabel_report(context: dg.AssetExecutionContext, hyperinf: HyperinfConfigResource) -> dg.MaterializeResult:
-    from hyperinf_ops import steps
+def mislabel_report(context: dg.AssetExecutionContext, hyperinf: HyperinfResource) -> dg.MaterializeResult:
+    from hyperinf_ops.stages.reports import mislabel_report as report_of
 
-    report, wall = timed(steps.mislabel_report, hyperinf.config, hyperinf.store)
-    methods = [{"estimator": m, **r} for m, r in report.methods.items()]
+    cfg = hyperinf.config
+    target, method = curation_pair(hyperinf)
+    methods = [cfg.estimator(method)] + [cfg.estimator(m) for m in cfg.estimators if m != method]
+    report, wall = timed(report_of, hyperinf.store, cfg.gradient_settings, methods, target_set=target,
+                         task=cfg.task, device=None if cfg.device == "auto" else cfg.device)
+    rows = [{"ranking": m, **r} for m, r in report.methods.items()]
     if report.has_truth:
         context.log.info("mislabel AUROC: " + ", ".join(f"{m} {r['auroc']:.3f}" for m, r in report.methods.items()))
     return dg.MaterializeResult(metadata={
         **summary_metadata(report, skip=("methods", "most_harmful")),
         **{f"auroc/{m}": dg.MetadataValue.float(r["auroc"]) for m, r in report.methods.items()},
-        "detection": markdown_table(methods),
-        "most_harmful": markdown_table(report.most_harmful,
-                                       [c for c in ("rank", "score", "sample_id", "label", "text")
-                                        if report.most_harmful and c in report.most_harmful[0]]),
+        "detection": markdown_table(rows),
+        "most_harmful": examples_table(report.most_harmful),
         "wall_time_s": wall,
     })

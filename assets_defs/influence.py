@@ -1,17 +1,19 @@
-"""Curvature (merged + inverted per LoRA matrix), target queries and influence scores, with their checks."""
+"""Prepared preconditioners (merged curvature, inverted once), target queries and influence scores, with
+their checks."""
 
 import dagster as dg
 import numpy as np
 
+from assets_defs.automation import ON_NEW_DATA
 from assets_defs.metadata import histogram_markdown, markdown_table, summary_metadata, timed
 from assets_defs.model import lora_adapter, lora_gradients
 from assets_defs.pool import target_sets
-from pipelines.resources import HyperinfConfigResource
+from assets_defs.resources import HyperinfResource
 
 # An agreement check below this Spearman correlation fails: projection or solver error too large to trust.
 MIN_AGREEMENT_SPEARMAN = 0.9
 AGREEMENT_SAMPLE = 64
-_EXAMPLE_COLUMNS = ("rank", "score", "sample_id", "label", "text", "prompt", "response")
+_EXAMPLE_COLUMNS = ("rank", "score", "sample_id", "label", "flipped", "text", "prompt", "response")
 
 
 def _short(matrix: str) -> str:
@@ -23,82 +25,109 @@ def _short(matrix: str) -> str:
 @dg.asset(
     deps=[dg.AssetDep(lora_gradients, partition_mapping=dg.AllPartitionMapping())],
     group_name="influence",
-    kinds={"pytorch"},
+    kinds={"pytorch", "lance"},
+    code_version="1",
+    automation_condition=ON_NEW_DATA,
     check_specs=[dg.AssetCheckSpec(
-        "inverses_converged", asset="curvature", blocking=True,
+        "inverses_converged", asset="preconditioners", blocking=True,
         description="The Schulz inverse of every damped LoRA-matrix GFIM reached its residual tolerance."),
     ],
-    description="GFIM per LoRA matrix merged exactly from the shards' partial sums, damped and inverted "
-                "(Schulz): solver health per matrix.",
+    description="GFIM per LoRA matrix merged exactly from the shards' partial sums, damped, and prepared once per "
+                "method (Schulz inverse for hyperinf, Cholesky for exact, ...), stored in `preconditioners` and "
+                "reused downstream: solver health per matrix.",
 )
-def curvature(context: dg.AssetExecutionContext, hyperinf: HyperinfConfigResource) -> dg.MaterializeResult:
-    from hyperinf_ops import steps
+def preconditioners(context: dg.AssetExecutionContext, hyperinf: HyperinfResource) -> dg.MaterializeResult:
+    from hyperinf_ops.stages.preconditioners import prepare_preconditioners
 
-    summary, wall = timed(steps.merge_curvature, hyperinf.config, hyperinf.store, log=context.log.info)
+    cfg = hyperinf.config
+    summary, wall = timed(prepare_preconditioners, hyperinf.store, cfg.gradient_settings,
+                          [cfg.estimator(m) for m in cfg.estimators], log=context.log.info)
     rows = [{"matrix": _short(name), **{k: d.get(k) for k in
              ("iterations", "residual", "converged", "condition_estimate", "damping")}}
             for name, d in sorted(summary.diagnostics.items())]
-    not_converged = [r["matrix"] for r in rows if not r["converged"]]
     check = dg.AssetCheckResult(
         check_name="inverses_converged",
         passed=summary.all_converged,
-        metadata={"max_residual": summary.max_residual, "not_converged": dg.MetadataValue.json(not_converged)},
+        metadata={"max_residual": summary.max_residual,
+                  "not_converged": dg.MetadataValue.json([r["matrix"] for r in rows if not r["converged"]])},
     )
     return dg.MaterializeResult(
-        metadata={**summary_metadata(summary, skip=("seconds", "diagnostics")),
+        data_version=dg.DataVersion(summary.data_version),
+        metadata={**summary_metadata(summary, skip=("seconds", "diagnostics", "data_version")),
                   "solver_health": markdown_table(rows), "wall_time_s": wall},
         check_results=[check],
     )
 
 
 @dg.asset(
-    deps=[curvature, target_sets, lora_adapter],
+    deps=[preconditioners, target_sets, lora_adapter],
     group_name="influence",
     kinds={"pytorch", "lance"},
-    description="One preconditioned, projected query vector per (target set, estimator) in `queries`.",
+    code_version="2",
+    automation_condition=ON_NEW_DATA,
+    description="One preconditioned, projected query vector per (target set, estimator) in `queries`, from the "
+                "stored mean target gradients and the stored preconditioners.",
 )
-def target_queries(context: dg.AssetExecutionContext, hyperinf: HyperinfConfigResource) -> dg.MaterializeResult:
-    from hyperinf_ops import steps
+def target_queries(context: dg.AssetExecutionContext, hyperinf: HyperinfResource) -> dg.MaterializeResult:
+    from hyperinf_ops.stages.queries import build_target_queries
 
-    summary, wall = timed(steps.build_target_queries, hyperinf.config, hyperinf.store, log=context.log.info)
+    cfg = hyperinf.config
+    summary, wall = timed(build_target_queries, hyperinf.store, list(cfg.targets), cfg.model_spec,
+                          cfg.gradient_settings, [cfg.estimator(m) for m in cfg.estimators], log=context.log.info)
     rows = [{"target/method": key, **health} for key, health in sorted(summary.diagnostics.items())]
-    return dg.MaterializeResult(metadata={
-        **summary_metadata(summary, skip=("seconds", "diagnostics")),
-        "solver_health": markdown_table(rows), "wall_time_s": wall,
-    })
+    return dg.MaterializeResult(
+        data_version=dg.DataVersion(summary.digest),
+        metadata={**summary_metadata(summary, skip=("seconds", "diagnostics", "digest")),
+                  "solver_health": markdown_table(rows), "wall_time_s": wall})
 
 
 @dg.asset(
     deps=[target_queries, dg.AssetDep(lora_gradients, partition_mapping=dg.AllPartitionMapping())],
     group_name="influence",
     kinds={"lance"},
+    code_version="2",
+    automation_condition=ON_NEW_DATA,
     description="score = -influence of every pool example on every target set, for every configured "
                 "estimator (higher = more helpful; most negative = most harmful), in `scores`.",
 )
-def influence_scores(context: dg.AssetExecutionContext, hyperinf: HyperinfConfigResource) -> dg.MaterializeResult:
-    from hyperinf_ops import steps
+def influence_scores(context: dg.AssetExecutionContext, hyperinf: HyperinfResource) -> dg.MaterializeResult:
+    from hyperinf_ops.stages.scores import score
 
     cfg, store = hyperinf.config, hyperinf.store
-    summary, wall = timed(steps.score, cfg, store, log=context.log.info)
+    pairs = [(t, m) for t in cfg.targets for m in cfg.estimators]
+    summary, wall = timed(score, store, cfg.gradient_settings, pairs, task=cfg.task,
+                          shown=curation_pair(hyperinf), device=None if cfg.device == "auto" else cfg.device,
+                          log=context.log.info)
     scores = store.open("scores").to_table(columns=["target_set", "method", "score"]).to_pandas()
     histograms = {
         f"histogram/{target}/{method}": histogram_markdown(group["score"].to_numpy(), title=f"{target} / {method}")
         for (target, method), group in scores.groupby(["target_set", "method"])
     }
     stats = [{"target/method": key, **values} for key, values in sorted(summary.score_stats.items())]
-    return dg.MaterializeResult(metadata={
-        "dagster/row_count": summary.rows,
-        **summary_metadata(summary, skip=("seconds", "score_stats", "most_helpful", "most_harmful", "pairs")),
-        "pairs": dg.MetadataValue.json(summary.pairs),
-        "score_stats": markdown_table(stats),
-        **histograms,
-        "most_helpful (curation target/method)": _examples_table(summary.most_helpful),
-        "most_harmful (curation target/method)": _examples_table(summary.most_harmful),
-        "wall_time_s": wall,
-    })
+    return dg.MaterializeResult(
+        data_version=dg.DataVersion(summary.digest),
+        metadata={
+            "dagster/row_count": summary.rows,
+            **summary_metadata(summary, skip=("seconds", "score_stats", "most_helpful", "most_harmful", "pairs",
+                                              "digest")),
+            "pairs": dg.MetadataValue.json(summary.pairs),
+            "score_stats": markdown_table(stats),
+            **histograms,
+            "most_helpful (curation target/method)": examples_table(summary.most_helpful),
+            "most_harmful (curation target/method)": examples_table(summary.most_harmful),
+            "wall_time_s": wall,
+        })
 
 
-def _examples_table(rows: list[dict]) -> dg.MetadataValue:
+def curation_pair(hyperinf: HyperinfResource) -> tuple[str, str]:
+    """The (target set, method) the curation query reads: what the summaries show examples of."""
+    cfg = hyperinf.config
+    params = cfg.curation.params
+    return (str(params.get("target_set", params.get("set_a", next(iter(cfg.targets))))),
+            str(params.get("method", cfg.estimators[0])))
+
+
+def examples_table(rows: list[dict]) -> dg.MetadataValue:
     columns = [c for c in _EXAMPLE_COLUMNS if rows and c in rows[0]]
     return markdown_table(rows, columns)
 
@@ -108,7 +137,7 @@ def _examples_table(rows: list[dict]) -> dg.MetadataValue:
     blocking=True,
     description="Every pool example has one finite score per (target set, estimator).",
 )
-def scores_cover_pool(hyperinf: HyperinfConfigResource) -> dg.AssetCheckResult:
+def scores_cover_pool(hyperinf: HyperinfResource) -> dg.AssetCheckResult:
     cfg, store = hyperinf.config, hyperinf.store
     n_pool = store.open("examples").count_rows()
     table = store.open("scores").to_table(columns=["target_set", "method", "score"]).to_pandas()
@@ -125,16 +154,17 @@ def scores_cover_pool(hyperinf: HyperinfConfigResource) -> dg.AssetCheckResult:
 
 @dg.asset_check(
     asset=influence_scores,
-    description=f"Stored scores agree with exact scores (fp64 solve, raw gradients) on a random sample of "
-                f"{AGREEMENT_SAMPLE} examples: Spearman >= {MIN_AGREEMENT_SPEARMAN} for every target set.",
+    description=f"Stored scores agree with exact scores (the stored fp64 Cholesky inverse, raw gradients) on a "
+                f"random sample of {AGREEMENT_SAMPLE} examples: Spearman >= {MIN_AGREEMENT_SPEARMAN} for every "
+                "target set.",
 )
-def agreement_with_exact(
-    context: dg.AssetCheckExecutionContext, hyperinf: HyperinfConfigResource
-) -> dg.AssetCheckResult:
-    from hyperinf_ops import steps
+def agreement_with_exact(context: dg.AssetCheckExecutionContext, hyperinf: HyperinfResource) -> dg.AssetCheckResult:
+    from hyperinf_ops.stages.reports import agreement_check
 
-    summary = steps.agreement_check(hyperinf.config, hyperinf.store, sample_size=AGREEMENT_SAMPLE, seed=0,
-                                    log=context.log.info)
+    cfg = hyperinf.config
+    method = "hyperinf" if "hyperinf" in cfg.estimators else cfg.estimators[0]
+    summary = agreement_check(hyperinf.store, cfg.model_spec, cfg.gradient_settings, cfg.estimator(method),
+                              list(cfg.targets), sample_size=AGREEMENT_SAMPLE, seed=0, log=context.log.info)
     return dg.AssetCheckResult(
         passed=bool(summary.min_spearman >= MIN_AGREEMENT_SPEARMAN),
         description=f"min Spearman {summary.min_spearman:.4f} (threshold {MIN_AGREEMENT_SPEARMAN})",

@@ -3,24 +3,30 @@
 import dagster as dg
 import pyarrow.compute as pc
 
+from assets_defs.automation import ON_NEW_DATA, ONCE
 from assets_defs.metadata import markdown_table, summary_metadata, timed
 from assets_defs.partitions import pool_shards
 from assets_defs.pool import pool_examples
+from assets_defs.resources import HyperinfResource
 from hyperinf_ops.store import sql_literal
-from pipelines.resources import HyperinfConfigResource
 
 
 @dg.asset(
     deps=[dg.AssetDep(pool_examples, partition_mapping=dg.AllPartitionMapping())],
     group_name="model",
     kinds={"pytorch", "huggingface"},
-    description="LoRA adapter: warm-up fine-tune on the pool, reused while model, labels and settings are "
-                "unchanged, or the configured `adapter.path`. Every gradient row is taken under it.",
+    code_version="2",
+    automation_condition=ONCE,
+    description="LoRA adapter every gradient row is taken under: a warm-up fine-tune on the pool (reused while "
+                "model, labels and settings are unchanged) or the configured `adapter.path`, stored by hash. "
+                "Data version: the adapter's hash.",
 )
-def lora_adapter(context: dg.AssetExecutionContext, hyperinf: HyperinfConfigResource) -> dg.MaterializeResult:
-    from hyperinf_ops import steps
+def lora_adapter(context: dg.AssetExecutionContext, hyperinf: HyperinfResource) -> dg.MaterializeResult:
+    from hyperinf_ops.stages.adapter import train_or_load_adapter
 
-    summary, wall = timed(steps.train_or_load_adapter, hyperinf.config, hyperinf.store, log=context.log.info)
+    cfg = hyperinf.config
+    summary, wall = timed(train_or_load_adapter, hyperinf.store, cfg.model_spec, cfg.lora, cfg.train,
+                          given=cfg.adapter.path, log=context.log.info)
     metadata = {**summary_metadata(summary, skip=("seconds", "path", "train")),
                 "path": dg.MetadataValue.path(summary.path), "wall_time_s": wall}
     if summary.train:
@@ -31,13 +37,7 @@ def lora_adapter(context: dg.AssetExecutionContext, hyperinf: HyperinfConfigReso
             for i, (loss, acc) in enumerate(zip(train["loss_per_epoch"], accuracy, strict=True))
         ])
         metadata["train_examples_per_s"] = dg.MetadataValue.float(round(train["examples_per_s"], 2))
-    return dg.MaterializeResult(metadata=metadata)
-
-
-class GradientConfig(dg.Config):
-    """``overwrite_stale``: replace rows made under another adapter/projection (set after retraining)."""
-
-    overwrite_stale: bool = False
+    return dg.MaterializeResult(data_version=dg.DataVersion(summary.adapter_hash), metadata=metadata)
 
 
 @dg.asset(
@@ -45,20 +45,22 @@ class GradientConfig(dg.Config):
     deps=[pool_examples, lora_adapter],
     group_name="model",
     kinds={"pytorch", "lance"},
+    code_version="2",
+    automation_condition=ON_NEW_DATA,
     check_specs=[dg.AssetCheckSpec(
         "gradients_finite", asset="lora_gradients", blocking=True,
         description="Every example of the shard has a finite gradient (non-finite ones are left out)."),
     ],
-    description="Per-example LoRA gradients of one shard: projected rows in `gradients`, exact curvature "
-                "partial sums in `curvature`. Refuses to mix with rows of another fingerprint.",
+    description="Per-example LoRA gradients of one shard under the current adapter: rows in `gradients`, exact "
+                "curvature partial sums in `curvature`. Skipped when the shard's rows are current (same "
+                "fingerprint and examples). Data version: fingerprint + the shard's examples digest.",
 )
-def lora_gradients(
-    context: dg.AssetExecutionContext, config: GradientConfig, hyperinf: HyperinfConfigResource
-) -> dg.MaterializeResult:
-    from hyperinf_ops import steps
+def lora_gradients(context: dg.AssetExecutionContext, hyperinf: HyperinfResource) -> dg.MaterializeResult:
+    from hyperinf_ops.stages.gradients import compute_gradient_shard
 
-    summary, wall = timed(steps.compute_gradient_shard, hyperinf.config, hyperinf.store, context.partition_key,
-                          log=context.log.info, overwrite=config.overwrite_stale)
+    cfg = hyperinf.config
+    summary, wall = timed(compute_gradient_shard, hyperinf.store, context.partition_key, cfg.model_spec,
+                          cfg.gradient_settings, log=context.log.info)
     finite = dg.AssetCheckResult(
         check_name="gradients_finite",
         passed=summary.nonfinite_rows == 0,
@@ -66,8 +68,10 @@ def lora_gradients(
                   "nonfinite_ids": dg.MetadataValue.json(summary.nonfinite_ids)},
     )
     return dg.MaterializeResult(
+        data_version=dg.DataVersion(summary.data_version),
         metadata={"dagster/row_count": summary.rows,
-                  **summary_metadata(summary, skip=("seconds", "shard", "nonfinite_ids")), "wall_time_s": wall},
+                  **summary_metadata(summary, skip=("seconds", "shard", "nonfinite_ids", "data_version")),
+                  "wall_time_s": wall},
         check_results=[finite],
     )
 
@@ -77,9 +81,7 @@ def lora_gradients(
     blocking=True,
     description="The shard's gradient rows are exactly its pool examples: same ids, no duplicates.",
 )
-def gradient_rows_match_pool(
-    context: dg.AssetCheckExecutionContext, hyperinf: HyperinfConfigResource
-) -> dg.AssetCheckResult:
+def gradient_rows_match_pool(context: dg.AssetCheckExecutionContext, hyperinf: HyperinfResource) -> dg.AssetCheckResult:
     store, shard = hyperinf.store, context.partition_key
     where = f"shard = {sql_literal(shard)}"
     examples = store.open("examples").to_table(columns=["sample_id"], filter=where)["sample_id"]

@@ -1,49 +1,67 @@
-"""Candidate pool (one partition per data file) and target sets."""
+"""The candidate pool (its files, one partition each, and their validated rows) and the target sets."""
 
 import dagster as dg
 
+from assets_defs.automation import ON_NEW_DATA
 from assets_defs.metadata import markdown_table, summary_metadata, timed
 from assets_defs.partitions import pool_shards
-from hyperinf_ops.data import discover_shards
+from assets_defs.resources import HyperinfResource
+from hyperinf_ops.data.io import discover_shards, file_digest
 from hyperinf_ops.errors import DataError
-from pipelines.resources import HyperinfConfigResource
+
+
+@dg.observable_source_asset(
+    partitions_def=pool_shards,
+    group_name="pool",
+    description="The pool's data files, one partition per file; data version = sha256 of the file's bytes "
+                "(observed by the pool-folder sensor, or from the UI).",
+)
+def pool_files(context: dg.AssetExecutionContext, hyperinf: HyperinfResource) -> dg.DataVersionsByPartition:
+    files = discover_shards(hyperinf.config.data.path)
+    known = context.instance.get_dynamic_partitions(pool_shards.name)
+    return dg.DataVersionsByPartition({key: dg.DataVersion(file_digest(files[key])) for key in known if key in files})
 
 
 @dg.asset(
     partitions_def=pool_shards,
+    deps=[pool_files],
     group_name="pool",
     kinds={"lance"},
-    description="One data file of the candidate pool, validated and id'd, as its shard of the `examples` table.",
+    code_version="2",
+    automation_condition=ON_NEW_DATA,
+    description="One data file of the candidate pool, validated and id'd, as its shard of the `examples` table "
+                "(written only when its content changed). Data version: digest of the shard's rows.",
 )
-def pool_examples(context: dg.AssetExecutionContext, hyperinf: HyperinfConfigResource) -> dg.MaterializeResult:
-    from hyperinf_ops import steps
+def pool_examples(context: dg.AssetExecutionContext, hyperinf: HyperinfResource) -> dg.MaterializeResult:
+    from hyperinf_ops.stages.pool import ingest_shard
 
     cfg, shard = hyperinf.config, context.partition_key
-    files = discover_shards(cfg.data)
+    files = discover_shards(cfg.data.path)
     if shard not in files:
         raise DataError(f"shard {shard!r} has no data file in {cfg.data.path} (files: {sorted(files)})")
-    summary, wall = timed(steps.ingest_shard, cfg, hyperinf.store, shard, files[shard], log=context.log.info)
-    return dg.MaterializeResult(metadata={
-        "dagster/row_count": summary.rows,
-        "source_file": dg.MetadataValue.path(str(files[shard])),
-        **summary_metadata(summary, skip=("seconds", "shard")),
-        "wall_time_s": wall,
-    })
+    summary, wall = timed(ingest_shard, hyperinf.store, shard, files[shard], cfg.data, cfg.task,
+                          log=context.log.info)
+    return dg.MaterializeResult(
+        data_version=dg.DataVersion(summary.digest),
+        metadata={"dagster/row_count": summary.rows, "source_file": dg.MetadataValue.path(str(files[shard])),
+                  **summary_metadata(summary, skip=("seconds", "shard", "digest")), "wall_time_s": wall})
 
 
 @dg.asset(
     deps=[dg.AssetDep(pool_examples, partition_mapping=dg.AllPartitionMapping())],
     group_name="pool",
     kinds={"lance"},
+    code_version="2",
+    automation_condition=ON_NEW_DATA,
     description="Every configured target set (a file, or a SQL predicate over the pool) in the `targets` table.",
 )
-def target_sets(context: dg.AssetExecutionContext, hyperinf: HyperinfConfigResource) -> dg.MaterializeResult:
-    from hyperinf_ops import steps
+def target_sets(context: dg.AssetExecutionContext, hyperinf: HyperinfResource) -> dg.MaterializeResult:
+    from hyperinf_ops.stages.pool import ingest_targets
 
-    summary, wall = timed(steps.ingest_targets, hyperinf.config, hyperinf.store, log=context.log.info)
-    return dg.MaterializeResult(metadata={
-        "dagster/row_count": sum(summary.rows.values()),
-        "target_sets": markdown_table([{"target set": k, "examples": v} for k, v in summary.rows.items()]),
-        **summary_metadata(summary, skip=("seconds", "rows")),
-        "wall_time_s": wall,
-    })
+    cfg = hyperinf.config
+    summary, wall = timed(ingest_targets, hyperinf.store, cfg.targets, cfg.data, cfg.task, log=context.log.info)
+    return dg.MaterializeResult(
+        data_version=dg.DataVersion(summary.digest),
+        metadata={"dagster/row_count": sum(summary.rows.values()),
+                  "target_sets": markdown_table([{"target set": k, "examples": v} for k, v in summary.rows.items()]),
+                  **summary_metadata(summary, skip=("seconds", "rows", "digest")), "wall_time_s": wall})

@@ -6,6 +6,9 @@ HyperINF's curvature for a LoRA matrix l with per-example gradients g_k of shape
     lambda_l = ratio * mean over k and entries of g_k^2
 
 Both are ratios of plain sums, so a shard keeps only the sums and a count; merging shards adds them.
+Every estimator inverts the damped GFIM G_l + lambda_l I, built by `damped_gfim` (and the exact_full
+reference F_l + lambda_l I by `damped_full_fisher`, with the same lambda_l): the only places damping is
+added, with `CurvaturePartial.damping` the only damping formula.
 This is what makes incremental refresh and distributed curvature exact. For tiny models the exact
 full Fisher (1/n) sum_k vec(g_k) vec(g_k)^T of shape (r*d, r*d) is kept the same way; `vec` is the
 row-major flatten of (r, d), index i*d + j, as `Tensor.reshape` gives.
@@ -23,7 +26,7 @@ from torch import Tensor
 
 from hyperinf_ops.errors import EmptyTargetSetError, GradientMismatchError, NonFiniteGradientError
 
-__all__ = ["CurvaturePartial", "curvature_partials", "merge_curvature"]
+__all__ = ["CurvaturePartial", "curvature_partials", "damped_full_fisher", "damped_gfim", "merge_curvature"]
 
 
 @dataclass
@@ -84,6 +87,34 @@ class CurvaturePartial:
     def _check_count(self) -> None:
         if self.count <= 0:
             raise EmptyTargetSetError("curvature was summed over no examples")
+
+
+def damped_gfim(
+    part: CurvaturePartial,
+    damping_ratio: float,
+    *,
+    dtype: torch.dtype = torch.float64,
+    device: torch.device | str | None = None,
+) -> Tensor:
+    """G + lambda I, (d, d) in `dtype` on `device` (default: the sums' device), lambda = part.damping(ratio)."""
+    return _add_damping(part.gfim(), part.damping(damping_ratio), dtype, device)
+
+
+def damped_full_fisher(
+    part: CurvaturePartial,
+    damping_ratio: float,
+    *,
+    dtype: torch.dtype = torch.float64,
+    device: torch.device | str | None = None,
+) -> Tensor:
+    """F + lambda I, (r*d, r*d), with the same lambda as `damped_gfim`; needs full=True curvature."""
+    return _add_damping(part.full(), part.damping(damping_ratio), dtype, device)
+
+
+def _add_damping(matrix: Tensor, lam: float, dtype: torch.dtype, device: torch.device | str | None) -> Tensor:
+    # Cast first, then add lambda in the working dtype: in float32 this rounds exactly as the solvers always did.
+    m = matrix.to(device=device, dtype=dtype)
+    return m + lam * torch.eye(m.shape[0], dtype=dtype, device=m.device)
 
 
 def curvature_partials(grads: Mapping[str, Tensor], *, full: bool = False) -> dict[str, CurvaturePartial]:

@@ -27,6 +27,10 @@ class InverseNotConvergedError(HyperinfError, RuntimeError):
     """An iterative inverse stopped above its tolerance; its result must not be used silently."""
 
 
+class UnsupportedMethodError(HyperinfError, ValueError):
+    """The chosen influence method cannot do what was asked (e.g. self-influence from a prepared LiSSA)."""
+
+
 class FingerprintMismatchError(HyperinfError):
     """Stored rows were made under a different model / adapter / projection / module set."""
 

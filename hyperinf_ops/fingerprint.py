@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from hyperinf_ops.errors import FingerprintMismatchError
-from hyperinf_ops.projection import ProjectionSpec
+from hyperinf_ops.settings import ProjectionSpec
 
 __all__ = ["Fingerprint", "tensor_hash", "shapes_hash", "model_hashes", "require_match"]
 

@@ -21,18 +21,15 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from peft.tuners.lora import LoraLayer
 from torch import Tensor, nn
 
 from hyperinf_ops.errors import DataError, GradientMismatchError
+from hyperinf_ops.tasks import Task, task_for_model
 
 GradDict = dict[str, Tensor]
-Task = Literal["classification", "causal_lm"]
-IGNORE_INDEX = -100
 
 
 @dataclass(frozen=True)
@@ -66,14 +63,8 @@ def _lora_matrices(model: nn.Module, modules: Sequence[str] | str | None) -> lis
             f"{type(model).__name__} has no LoRA matrices (lora_A / lora_B of an active adapter); "
             "wrap it with peft LoRA first"
         )
-    selected = found
-    if modules is not None:
-        patterns = [modules] if isinstance(modules, str) else list(modules)  # a bare str is one pattern
-        selected = [m for m in found if any(p in m.name for p in patterns)]
-        if not selected:
-            raise GradientMismatchError(
-                f"modules={patterns} selects none of the {len(found)} LoRA matrices (e.g. {found[0].name!r})"
-            )
+    chosen = set(select_matrices([m.name for m in found], modules))
+    selected = [m for m in found if m.name in chosen]
     for m in selected:
         if m.name in variants:
             raise GradientMismatchError(
@@ -84,6 +75,22 @@ def _lora_matrices(model: nn.Module, modules: Sequence[str] | str | None) -> lis
                 f"{m.name}: only nn.Linear LoRA matrices are supported, got {type(m.module).__name__}"
             )
     return sorted(selected, key=lambda m: m.name)
+
+
+def select_matrices(names: Sequence[str], modules: Sequence[str] | str | None) -> list[str]:
+    """The LoRA parameter names that contain one of the `modules` substrings (None = all), sorted.
+
+    GradientMismatchError when nothing is selected. The same rule picks matrices from a live model and from
+    an adapter manifest's recorded shapes.
+    """
+    if modules is None:
+        return sorted(names)
+    patterns = [modules] if isinstance(modules, str) else list(modules)  # a bare str is one pattern
+    selected = sorted(n for n in names if any(p in n for p in patterns))
+    if not selected:
+        example = f" (e.g. {sorted(names)[0]!r})" if names else ""
+        raise GradientMismatchError(f"modules={patterns} selects none of the {len(names)} LoRA matrices{example}")
+    return selected
 
 
 def lora_matrix_shapes(
@@ -99,37 +106,6 @@ def _base_model(model: nn.Module) -> nn.Module:
     return get_base() if callable(get_base) else model
 
 
-def _task(base: nn.Module) -> Task:
-    """The loss, decided by the head's class name (labels alone cannot tell causal LM from token tagging)."""
-    name = type(base).__name__
-    if name.endswith(("ForCausalLM", "LMHeadModel")):
-        return "causal_lm"
-    if name.endswith("ForSequenceClassification"):
-        problem = getattr(base.config, "problem_type", None)
-        if problem not in (None, "single_label_classification") or base.config.num_labels < 2:
-            raise DataError(
-                f"{name}: only single-label classification is supported (problem_type={problem!r}, "
-                f"num_labels={base.config.num_labels})"
-            )
-        return "classification"
-    raise GradientMismatchError(
-        f"unsupported model head {name}: expected *ForSequenceClassification, *ForCausalLM or *LMHeadModel"
-    )
-
-
-def _targets(labels: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
-    """Shifted next-token targets (B, T) and their validity (B, T) for a causal LM, aligned with the logits.
-
-    Position t predicts token t + 1 (as HF shifts). A target counts only when its label is not -100 and both
-    it and the predicting position are real tokens, so padding never becomes a target or a predictor,
-    whatever the collator wrote into ``labels`` there.
-    """
-    real = mask.bool()
-    shifted = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
-    valid = (shifted != IGNORE_INDEX) & F.pad(real[:, 1:] & real[:, :-1], (0, 1), value=False)
-    return shifted.masked_fill(~valid, IGNORE_INDEX), valid
-
-
 def _padding_aware_positions(base: nn.Module) -> bool:
     """True for RoBERTa-style models: a position table with a padding row means the model derives
     padding-aware, offset positions from ``input_ids`` itself, so 0-based ``position_ids`` would be wrong."""
@@ -142,8 +118,8 @@ def _padding_aware_positions(base: nn.Module) -> bool:
 def _prepare(
     base: nn.Module, batch: Mapping[str, Tensor], task: Task, device: torch.device
 ) -> tuple[dict[str, Tensor | bool], Tensor, Tensor]:
-    """Validate ``batch``; return the forward kwargs, the targets (class ids or shifted tokens) and the
-    token mask (B, T), all on ``device``."""
+    """Validate ``batch``; return the forward kwargs, the loss targets (the task's: class ids or shifted
+    tokens) and the token mask (B, T), all on ``device``."""
     if batch.get("input_ids") is None:
         raise DataError("batch has no 'input_ids'")
     if batch.get("labels") is None:
@@ -153,30 +129,7 @@ def _prepare(
         raise DataError(f"input_ids must be (B, T), got shape {tuple(ids.shape)}")
     mask = batch.get("attention_mask")
     mask = torch.ones_like(ids) if mask is None else mask.to(device)
-    labels = batch["labels"].to(device)
-    n = ids.shape[0]
-    if task == "classification":
-        num_labels = base.config.num_labels
-        if labels.shape != (n,) or labels.is_floating_point():
-            raise DataError(
-                f"classification labels must be integer class ids of shape ({n},), got {labels.dtype} "
-                f"{tuple(labels.shape)}"
-            )
-        bad = ((labels < 0) | (labels >= num_labels)).nonzero().flatten().tolist()
-        if bad:
-            raise DataError(f"examples {bad} have labels outside [0, {num_labels})")
-    else:
-        if labels.shape != ids.shape:
-            raise DataError(
-                f"causal LM labels must have the shape of input_ids {tuple(ids.shape)}, "
-                f"got {tuple(labels.shape)}"
-            )
-        labels, valid = _targets(labels, mask)
-        empty = (valid.sum(1) == 0).nonzero().flatten().tolist()
-        if empty:
-            raise DataError(
-                f"examples {empty} have no target tokens (all labels -100 or padding after the shift)"
-            )
+    labels = task.loss_targets(base, batch["labels"].to(device), mask)
 
     kwargs: dict[str, Tensor | bool] = {"input_ids": ids, "attention_mask": mask}
     accepted = inspect.signature(base.forward).parameters
@@ -190,19 +143,6 @@ def _prepare(
     if "use_cache" in accepted:
         kwargs["use_cache"] = False  # a KV cache is pure overhead for a single scoring pass
     return kwargs, labels, mask
-
-
-def _per_example_losses(task: Task, logits: Tensor, labels: Tensor) -> Tensor:
-    """(B,) losses: cross-entropy on the class id, or the mean over an example's valid next-token targets."""
-    if logits.dtype in (torch.float16, torch.bfloat16):
-        logits = logits.float()  # as HF does: a half-precision softmax over a vocabulary is too coarse
-    if task == "classification":
-        return F.cross_entropy(logits, labels, reduction="none")
-    b, t, v = logits.shape
-    per_token = F.cross_entropy(
-        logits.reshape(b * t, v), labels.reshape(-1), reduction="none", ignore_index=IGNORE_INDEX
-    ).view(b, t)
-    return per_token.sum(1) / (labels != IGNORE_INDEX).sum(1)
 
 
 def _capture(store: list[tuple[Tensor, Tensor]]) -> Callable[[nn.Module, tuple, Tensor], None]:
@@ -262,7 +202,7 @@ def per_example_lora_gradients(
     """
     matrices = _lora_matrices(model, modules)
     base = _base_model(model)
-    task = _task(base)
+    task = task_for_model(base)
     inputs, labels, mask = _prepare(base, batch, task, matrices[0].module.weight.device)
 
     captures: dict[str, list[tuple[Tensor, Tensor]]] = {m.name: [] for m in matrices}
@@ -275,7 +215,7 @@ def per_example_lora_gradients(
         for w in frozen:
             w.requires_grad_(True)
         with torch.enable_grad():
-            losses = _per_example_losses(task, model(**inputs).logits, labels)
+            losses = task.per_example_losses(model(**inputs).logits, labels)
             unused = [name for name, calls in captures.items() if not calls]
             if unused:
                 raise GradientMismatchError(

@@ -16,47 +16,14 @@ from __future__ import annotations
 import hashlib
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from hyperinf_ops.errors import GradientMismatchError
+from hyperinf_ops.settings import ProjectionSpec
 
 __all__ = ["ProjectionSpec", "BlockProjector", "allocate_slots"]
-
-_DTYPES = ("float16", "float32")
-
-
-@dataclass(frozen=True)
-class ProjectionSpec:
-    """What a stored gradient row is: `dim` output floats (0 = raw), generator `seed`, storage `dtype`.
-
-    Raw mode stores the exact gradients, always as float32 (`dtype` is ignored there).
-    """
-
-    dim: int = 8192
-    seed: int = 0
-    dtype: str = "float16"
-
-    def __post_init__(self) -> None:
-        if self.dim < 0:
-            raise ValueError(f"projection dim must be >= 0 (0 = raw), got {self.dim}")
-        if self.dtype not in _DTYPES:
-            raise ValueError(f"projection dtype must be one of {_DTYPES}, got {self.dtype!r}")
-
-    @property
-    def raw(self) -> bool:
-        return self.dim == 0
-
-    @property
-    def kind(self) -> str:
-        return "raw" if self.raw else "block_gaussian"
-
-    @property
-    def storage_dtype(self) -> str:
-        return "float32" if self.raw else self.dtype
-
 
 def allocate_slots(sizes: list[int], dim: int) -> list[int]:
     """Split `dim` output slots over blocks of `sizes` entries: proportional, each >= 1, summing to `dim`.

@@ -47,7 +47,9 @@ _SYNC_COLUMNS: dict[str, list[str] | None] = {
     "targets": None,
     "scores": None,
     "queries": ["target_set", "method", "fingerprint", "diagnostics"],
-    "curvature": ["shard", "matrix", "sq_sum", "count", "numel", "d", "fingerprint"],
+    "curvature": ["shard", "matrix", "sq_sum", "count", "numel", "d", "examples_digest", "fingerprint"],
+    "preconditioners": ["key", "method", "matrix", "r", "d", "damping", "diagnostics", "options", "fingerprint"],
+    "target_gradients": ["target_set", "count", "content_digest", "fingerprint"],
     "gradients": ["sample_id", "shard", "grad_scale", "fingerprint"],
 }
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")

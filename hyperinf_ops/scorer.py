@@ -10,7 +10,6 @@ memory. Ranks and percentiles need the whole column, so they are computed after 
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import time
 import uuid
@@ -26,45 +25,32 @@ import pyarrow.compute as pc
 import torch
 from torch import Tensor
 
-from hyperinf_ops.curvature import CurvaturePartial
+from hyperinf_ops.devices import resolve_device
 from hyperinf_ops.errors import (
     DataError,
     FingerprintMismatchError,
     GradientMismatchError,
-    InverseNotConvergedError,
     NonFiniteGradientError,
 )
-from hyperinf_ops.estimators import EstimatorOptions, precondition, schulz_with_options
 from hyperinf_ops.fingerprint import Fingerprint, require_match
+from hyperinf_ops.preconditioners import Prepared
 from hyperinf_ops.projection import BlockProjector
 from hyperinf_ops.store import LanceStore, Query, scores_schema
 
 __all__ = [
-    "SELF_INFLUENCE_METHODS",
     "ScoreSummary",
-    "build_queries",
     "datainf_projected_query",
-    "default_device",
+    "raw_gradient_batches",
     "score_store",
     "self_influence_store",
 ]
 
-# Estimators self_influence_store supports: the GFIM inverse by Schulz (hyperinf) or an fp64 solve (exact),
-# and tracin (no curvature: the squared gradient norm).
-SELF_INFLUENCE_METHODS = ("hyperinf", "exact", "tracin")
 
 # Rows per scanned batch: Lance's row-group size. Measured on 100k x 8192 fp16 rows (2 loaded CPU cores):
 # 13.3k rows/s at 1024, 12.4k at 2048, 8.9k at 4096 (larger batches decode slower and fault in more pages).
 BATCH_ROWS = 1024
 # Batches Lance decodes ahead of the consumer; bounds the scan's memory independently of table size.
 _READAHEAD = 2
-
-
-def default_device(device: torch.device | str | None = None) -> torch.device:
-    """`device` if given, else CUDA when available, else CPU."""
-    if device is not None:
-        return torch.device(device)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 @dataclass
@@ -161,7 +147,7 @@ def score_store(
     if len(set(keys)) != len(keys):
         raise DataError(f"duplicate (target_set, method) among queries: {keys}")
     start = time.perf_counter()
-    dev = default_device(device)
+    dev = resolve_device(device)
     gradients_version = store.open("gradients", version).version
     digest = _rows_fingerprint(store, gradients_version)
     _check_query_fingerprints(store, queries, digest)
@@ -247,7 +233,7 @@ def datainf_projected_query(
     damping: lambda_l per matrix (e.g. from the curvature table); None computes DataInf's own rule
     damping_ratio * mean(g_l^2) from `sq_norms` in a first pass. Returns ((dim,) float32, diagnostics).
     """
-    dev = default_device(device)
+    dev = resolve_device(device)
     gradients_version = store.open("gradients", version).version
     store.check_fingerprint("gradients", fingerprint, gradients_version)
     pv = projector.project_vector(v).to(dev, torch.float64)
@@ -298,127 +284,61 @@ def datainf_projected_query(
     return out.float().cpu(), diagnostics
 
 
-def build_queries(
-    target_mean_grads: Mapping[str, Tensor],
-    curvature: Mapping[str, CurvaturePartial] | None,
-    methods: Sequence[str],
-    projector: BlockProjector,
-    options: EstimatorOptions,
+def raw_gradient_batches(
+    store: LanceStore,
+    shapes: Mapping[str, tuple[int, int]],
     *,
-    target_set: str,
-    fingerprint: Fingerprint,
-    train_grads: Mapping[str, Tensor] | None = None,
-    store: LanceStore | None = None,
-) -> list[Query]:
-    """One query per method: precondition v exactly in raw space (estimators.precondition), then project.
+    batch_rows: int = BATCH_ROWS,
+    device: torch.device | str | None = None,
+    version: int | None = None,
+    filter: str | None = None,
+) -> Iterator[tuple[list[str], dict[str, Tensor]]]:
+    """Stored raw rows as per-example gradients: (sample_ids, name -> (b, r, d) float64), `batch_rows` at a time.
 
-    target_mean_grads: name -> (r, d). `options` supplies everything but the method. DataInf needs the
-    training gradients: `train_grads` (raw, small pools), or `store` for the projected two-pass over the
-    stored rows (damping from `curvature`, so every method uses the same lambda).
+    shapes: name -> (r, d) of every stored matrix (sorted names give the row layout). GradientMismatchError
+    when the rows are projected (projection_dim > 0): a projected row is no longer a per-matrix gradient.
     """
-    out = []
-    for method in methods:
-        if method == "datainf" and train_grads is None:
-            if store is None:
-                raise ValueError("datainf needs train_grads or a store to run its projected two-pass")
-            damp = (
-                None
-                if curvature is None
-                else {k: p.damping(options.damping_ratio) for k, p in curvature.items()}
-            )
-            vector, diagnostics = datainf_projected_query(
-                store,
-                target_mean_grads,
-                projector,
-                fingerprint=fingerprint,
-                damping=damp,
-                damping_ratio=options.damping_ratio,
-            )
-        else:
-            pre = precondition(
-                target_mean_grads,
-                curvature,
-                dataclasses.replace(options, method=method),
-                train_grads=train_grads,
-            )
-            vector, diagnostics = projector.project_vector(pre.vectors).cpu(), pre.diagnostics
-        out.append(Query(target_set, method, vector, fingerprint.digest(), diagnostics))
-    return out
-
-
-def _self_influence_inverses(curvature: Mapping[str, CurvaturePartial], options: EstimatorOptions,
-                             device: torch.device) -> dict[str, Tensor | None]:
-    """(G_l + lambda_l I)^-1 per matrix, float64 on `device`, computed once for the whole scan.
-
-    Same damping and solver as `estimators.precondition` (hyperinf: Schulz with the options' settings, exact:
-    fp64 inverse; tracin: None = identity). A matrix with zero damping has only zero gradients: None too."""
-    out: dict[str, Tensor | None] = {}
-    for name in sorted(curvature):
-        part = curvature[name]
-        lam = part.damping(options.damping_ratio)
-        if options.method == "tracin" or lam <= 0:
-            out[name] = None
-            continue
-        dtype = torch.float64 if options.method == "exact" else options.dtype
-        eye = torch.eye(part.gfim_sum.shape[0], dtype=dtype, device=device)
-        a = part.gfim().to(device=device, dtype=dtype) + lam * eye
-        if options.method == "exact":
-            out[name] = torch.linalg.inv(a)
-            continue
-        result = schulz_with_options(a, options)
-        if not result.converged and not options.allow_unconverged:
-            raise InverseNotConvergedError(
-                f"Schulz inverse of {name!r} stopped at relative residual {float(result.residual):.3g} after "
-                f"{result.iterations} iterations; use dtype=torch.float64 or a larger damping_ratio")
-        out[name] = result.inverse.to(torch.float64)
-    return out
+    names = sorted(shapes)
+    widths = [shapes[n][0] * shapes[n][1] for n in names]
+    dev = resolve_device(device)
+    ds = store.open("gradients", version)
+    for batch in ds.to_batches(columns=["sample_id", "grad", "grad_scale"], batch_size=batch_rows, filter=filter,
+                               batch_readahead=_READAHEAD, fragment_readahead=1):
+        rows = _fixed_rows(batch, "grad")
+        if rows.shape[1] != sum(widths):
+            raise GradientMismatchError(
+                f"this needs raw gradient rows ({sum(widths)} dims); the stored rows have {rows.shape[1]} "
+                "(projected): set projection_dim 0")
+        x = rows.to(dev, torch.float64) * _column(batch, "grad_scale").to(dev, torch.float64)[:, None]
+        out, start = {}, 0
+        for name, width in zip(names, widths, strict=True):
+            out[name] = x[:, start: start + width].reshape(-1, *shapes[name])
+            start += width
+        yield batch.column("sample_id").to_pylist(), out
 
 
 def self_influence_store(
     store: LanceStore,
-    curvature: Mapping[str, CurvaturePartial],
-    shapes: Mapping[str, tuple[int, int]],
-    options: EstimatorOptions,
+    prepared: Prepared,
     *,
     batch_rows: int = BATCH_ROWS,
     device: torch.device | str | None = None,
     version: int | None = None,
 ) -> tuple[list[str], np.ndarray]:
-    """Self-influence `sum_l <g_{k,l} (G_l + lambda_l I)^-1, g_{k,l}>_F` of every stored gradient row.
+    """Self-influence `sum_l <g_{k,l} M_l, g_{k,l}>_F` of every stored raw gradient row, M_l the stored inverse
+    (`Prepared.self_influence`: hyperinf, exact; the identity for tracin). No solve happens here.
 
     The classic mislabel detector (no target set): an example the rest of the pool does not explain has a
-    large gradient in low-curvature directions. Equals `estimators.self_influence(grads, method)` on the same
-    gradients, with the pool's merged curvature. Needs raw rows (projection dim 0): a projected row cannot be
-    preconditioned by a d x d inverse; GradientMismatchError otherwise. Streams the table `batch_rows` at a
-    time; returns (sample_ids, (n,) float64 self-influence), higher = more suspicious.
+    large gradient in low-curvature directions. Returns (sample_ids, (n,) float64), higher = more suspicious.
     """
-    if options.method not in SELF_INFLUENCE_METHODS:
-        raise ValueError(f"self-influence supports {SELF_INFLUENCE_METHODS}, not {options.method!r}")
-    names = sorted(shapes)
-    if sorted(curvature) != names:
-        raise GradientMismatchError(f"curvature matrices {sorted(curvature)} vs gradient matrices {names}")
-    widths = [shapes[n][0] * shapes[n][1] for n in names]
-    dev = default_device(device)
-    inverses = _self_influence_inverses(curvature, options, dev)
-    gradients_version = store.open("gradients", version).version
+    dev = resolve_device(device)
+    on_device = prepared.to(dev)
     ids: list[str] = []
     chunks: list[np.ndarray] = []
-    for batch in _scan(store, gradients_version, ["sample_id", "grad", "grad_scale"], batch_rows):
-        rows = _fixed_rows(batch, "grad")
-        if rows.shape[1] != sum(widths):
-            raise GradientMismatchError(
-                f"self-influence needs raw gradient rows ({sum(widths)} dims); the stored rows have "
-                f"{rows.shape[1]} (projected): set projection_dim 0")
-        x = rows.to(dev, torch.float64) * _column(batch, "grad_scale").to(dev, torch.float64)[:, None]
-        total = torch.zeros(x.shape[0], dtype=torch.float64, device=dev)
-        start = 0
-        for name, width in zip(names, widths, strict=True):
-            g = x[:, start: start + width].reshape(-1, *shapes[name])
-            start += width
-            inv = inverses[name]
-            total += (g * g).sum((1, 2)) if inv is None else ((g @ inv) * g).sum((1, 2))
-        chunks.append(total.cpu().numpy())
-        ids += batch.column("sample_id").to_pylist()
+    for batch_ids, grads in raw_gradient_batches(store, prepared.shapes, batch_rows=batch_rows, device=dev,
+                                                 version=version):
+        chunks.append(on_device.self_influence(grads).cpu().numpy())
+        ids += batch_ids
     values = np.concatenate(chunks) if chunks else np.zeros(0)
     if not np.isfinite(values).all():
         raise NonFiniteGradientError("non-finite self-influence: a gradient row holds NaN/inf")

@@ -16,10 +16,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from hyperinf_ops.config import TrainConfig
 from hyperinf_ops.errors import DataError
-from hyperinf_ops.models import LoadedModel, batches
+from hyperinf_ops.models.lora import LoadedModel, batches
 from hyperinf_ops.progress import ProgressCallback, ProgressMeter
+from hyperinf_ops.settings import TrainSettings
 
 __all__ = ["TrainStats", "warmup_train"]
 
@@ -32,7 +32,7 @@ class TrainStats:
     steps: int
     examples: int
     loss_per_epoch: tuple[float, ...]
-    accuracy_per_epoch: tuple[float, ...] | None  # classification only
+    accuracy_per_epoch: tuple[float, ...] | None  # tasks with classes only
     seconds: float
 
     @property
@@ -40,7 +40,7 @@ class TrainStats:
         return self.epochs * self.examples / self.seconds if self.seconds > 0 else float("nan")
 
 
-def warmup_train(loaded: LoadedModel, records: Sequence[Mapping[str, Any]], train_cfg: TrainConfig, *,
+def warmup_train(loaded: LoadedModel, records: Sequence[Mapping[str, Any]], train_cfg: TrainSettings, *,
                  max_length: int = 128, progress: ProgressCallback | None = None) -> TrainStats:
     """Train `loaded.model`'s trainable parameters in place; leaves the model in eval mode.
 
@@ -80,11 +80,11 @@ def warmup_train(loaded: LoadedModel, records: Sequence[Mapping[str, Any]], trai
                 steps += 1
                 loss = float(out.loss.detach())
                 loss_sum += loss * len(chunk)
-                if loaded.task == "classification":
+                if loaded.task.has_classes:
                     correct += int((out.logits.argmax(-1) == batch["labels"]).sum())
                 meter.update(len(chunk), loss=loss)
             losses.append(loss_sum / n)
-            if loaded.task == "classification":
+            if loaded.task.has_classes:
                 accuracies.append(correct / n)
             meter.finish(loss=losses[-1], **({"accuracy": accuracies[-1]} if accuracies else {}))
         model.eval()

@@ -37,7 +37,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for key, value in _QUIET_ENV.items():
         os.environ.setdefault(key, value)
     warnings.filterwarnings("ignore", category=FutureWarning)  # transformers/peft deprecation chatter
-    from pipelines.runner import PipelineRunError
+    from pipelines.launcher import PipelineRunError
 
     try:
         return args.command(args)
@@ -106,7 +106,7 @@ def _config_path(arg: Path | None) -> Path:
 # ---------------------------------------------------------------------------------------------- demo / run
 
 def _demo(args: argparse.Namespace) -> int:
-    from hyperinf_ops.data import build_demo_dataset, write_demo_config
+    from hyperinf_ops.data.demo import build_demo_dataset, write_demo_config
 
     started = time.perf_counter()
     workdir = args.workdir.resolve()
@@ -130,7 +130,6 @@ def _materialize(config_path: Path, dagster_home: Path | None) -> int:
     from transformers.utils import logging as hf_logging
 
     from hyperinf_ops.config import load_config
-    from pipelines.definitions import build_definitions
     from pipelines.instance import dagster_home_for, open_instance
     from pipelines.runner import failed_checks, materialize_all
     from pipelines.summary import print_summary
@@ -140,9 +139,9 @@ def _materialize(config_path: Path, dagster_home: Path | None) -> int:
     home = dagster_home_for(config_path, dagster_home)
     print(f"Dagster instance: {home}")
     with open_instance(home) as instance:
-        results = materialize_all(build_definitions(str(config_path)), instance, cfg)
+        report = materialize_all(instance, config_path, cfg)
         print_summary(instance, cfg, config_path, home)
-    failed = failed_checks(results)
+        failed = failed_checks(instance, report.runs)
     for line in failed:
         print(f"WARNING: asset check failed: {line}", file=sys.stderr)
     return EXIT_CHECK_FAILED if failed else 0
@@ -212,10 +211,10 @@ def _print_table(table, fmt: str) -> None:
 # ---------------------------------------------------------------------------------------------- ui
 
 def _ui(args: argparse.Namespace) -> int:
+    from assets_defs.resources import CONFIG_ENV_VAR
     from hyperinf_ops.config import load_config
     from pipelines.devserver import start_dagster_dev, stop_dagster_dev, wait_until_ready
     from pipelines.instance import WORKSPACE_YAML, dagster_home_for, prepare_dagster_home
-    from pipelines.resources import CONFIG_ENV_VAR
 
     config_path = _config_path(args.config)
     load_config(config_path)

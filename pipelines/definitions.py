@@ -1,7 +1,7 @@
-"""The hyperinf code location: assets, asset checks, jobs, the pool sensor, the nightly schedule.
+"""The hyperinf code location: assets, asset checks, jobs, the pool sensor, automation, the nightly schedule.
 
-Load it with ``dagster dev -w workspace.yaml`` (or ``hyperinf ui``). The YAML config reaches every run
-through the ``hyperinf`` resource; in this module its path is ``$HYPERINF_CONFIG``, read when a run starts.
+Load it with ``dagster dev -w workspace.yaml`` (or ``hyperinf ui``). The YAML config reaches every run through
+the ``hyperinf`` resource; in this module its path is ``$HYPERINF_CONFIG``, read when a run starts.
 
 Executor: in-process. Steps are torch-heavy and the target machines have few cores; one process per run
 avoids re-importing torch/transformers per step (~350 MB and ~3 s each) and the instance's run queue
@@ -13,20 +13,20 @@ from __future__ import annotations
 import dagster as dg
 
 from assets_defs import ASSET_CHECKS, ASSETS
+from assets_defs.resources import CONFIG_ENV_VAR, HyperinfResource
 from pipelines.jobs import adapter_job, refresh_job, shard_job
-from pipelines.resources import HyperinfConfigResource, config_resource_from_env
 from pipelines.schedules import nightly_refresh
-from pipelines.sensors import pool_folder_sensor
+from pipelines.sensors import automation_sensor, pool_folder_sensor
 
 
 def build_definitions(config_path: str | None = None) -> dg.Definitions:
     """The Definitions, on ``config_path`` when given, else on ``$HYPERINF_CONFIG`` at run time."""
-    resource = HyperinfConfigResource(config_path=config_path) if config_path else config_resource_from_env()
+    resource = HyperinfResource(config_path=config_path or dg.EnvVar(CONFIG_ENV_VAR))
     return dg.Definitions(
         assets=ASSETS,
         asset_checks=ASSET_CHECKS,
         jobs=[shard_job, adapter_job, refresh_job],
-        sensors=[pool_folder_sensor],
+        sensors=[pool_folder_sensor, automation_sensor],
         schedules=[nightly_refresh],
         resources={"hyperinf": resource},
         executor=dg.in_process_executor,

@@ -1,109 +1,108 @@
-"""Materialize the whole asset graph in-process, in dependency order, into a Dagster instance.
+"""``hyperinf run`` / ``hyperinf demo`` as Dagster runs: decide what is needed with the core's own rules, then
+launch exactly that through the code location (runs the UI shows on its timeline and job pages).
 
-Used by ``hyperinf demo`` / ``hyperinf run`` (and the tests). Every run is recorded in the instance, so
-``hyperinf ui`` shows them with their logs, metadata and check results afterwards.
+    pool shards whose file changed       shard_job [pool_examples]    stages.pool.ingest_pending
+    the adapter, if not the asked one    adapter_job                  stages.adapter.adapter_pending
+    shards whose gradients are stale     shard_job [lora_gradients]   stages.freshness.gradient_shard_current
+    always                               refresh_job                  (its assets reuse what did not change)
+
+The assets apply the same rules when launched from the UI or by automation, so a current shard is never
+recomputed whoever asks.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import dagster as dg
 
-from assets_defs.partitions import POOL_SHARDS
+from assets_defs.partitions import POOL_SHARDS, missing_partitions
 from hyperinf_ops.config import HyperinfConfig
-from hyperinf_ops.data import discover_shards
+from hyperinf_ops.data.io import discover_shards
+from hyperinf_ops.store import LanceStore
 from pipelines.jobs import adapter_job, refresh_job, shard_job
+from pipelines.launcher import Launcher
+from pipelines.sensors import pool_file_observation
 
-# Only user log lines (progress, warnings) reach the console; Dagster's own events stay in the instance.
-QUIET_RUN_CONFIG = {"loggers": {"console": {"config": {"log_level": "INFO"}}}}
+__all__ = ["INVOCATION_TAG", "RunReport", "failed_checks", "materialize_all"]
+
+# Every run of one `hyperinf run` carries the same value: filter the UI's runs by it.
+INVOCATION_TAG = "hyperinf/invocation"
 
 
-class PipelineRunError(Exception):
-    """A run failed; the message names the step and the error that stopped it."""
+@dataclass
+class RunReport:
+    """The runs one `materialize_all` launched and what they were for."""
+
+    runs: list[dg.DagsterRun] = field(default_factory=list)
+    ingested: list[str] = field(default_factory=list)  # shards whose rows changed
+    adapter: bool = False  # the adapter step ran (train, copy, or switch to a stored one)
+    gradients: list[str] = field(default_factory=list)  # shards whose gradients were computed
 
 
-def register_shards(instance: dg.DagsterInstance, cfg: HyperinfConfig) -> list[str]:
-    """Add a ``pool_shards`` partition for every data file of the pool; returns all shard keys."""
-    shards = sorted(discover_shards(cfg.data))
-    new = [s for s in shards if not instance.has_dynamic_partition(POOL_SHARDS, s)]
+def materialize_all(instance: dg.DagsterInstance, config_path: str | Path, cfg: HyperinfConfig, *,
+                    log: Callable[[str], None] = print) -> RunReport:
+    """Everything the config asks for, as the fewest runs the rules of the module docstring allow."""
+    from hyperinf_ops.stages.adapter import adapter_pending
+    from hyperinf_ops.stages.freshness import gradient_shard_current
+    from hyperinf_ops.stages.loading import current_adapter
+    from hyperinf_ops.stages.pool import ingest_pending
+
+    files = discover_shards(cfg.data.path)
+    new = missing_partitions(instance, files)
     if new:
         instance.add_dynamic_partitions(POOL_SHARDS, new)
-    return shards
+    _observe_changed(instance, files)
+    store = LanceStore(str(cfg.storage_root))
+    report = RunReport()
+    tags = {INVOCATION_TAG: uuid.uuid4().hex[:12]}
+    with Launcher.open(instance, config_path) as launcher:
+        report.ingested = [s for s, path in files.items() if ingest_pending(store, s, path, cfg.data, cfg.task)]
+        for shard in report.ingested:
+            log(f"ingest shard {shard}")
+            report.runs.append(launcher.run(shard_job.name, partition_key=shard, assets=["pool_examples"], tags=tags))
+        if adapter_pending(store, cfg.model_spec, cfg.lora, cfg.train, cfg.adapter.path):
+            log("LoRA adapter")
+            report.adapter = True
+            report.runs.append(launcher.run(adapter_job.name, tags=tags))
+        settings = cfg.gradient_settings
+        fingerprint = current_adapter(store.root).fingerprint(settings.modules, settings.projection)
+        report.gradients = [s for s in files if not gradient_shard_current(store, s, fingerprint)]
+        for shard in report.gradients:
+            log(f"gradients of shard {shard}")
+            report.runs.append(launcher.run(shard_job.name, partition_key=shard, assets=["lora_gradients"],
+                                            tags=tags))
+        skipped = sorted(set(files) - set(report.gradients))
+        log("refresh: target sets, preconditioners, queries, scores, curated subset, mislabel report"
+            + (f" (gradients of {len(skipped)} shards were current: {skipped})" if skipped else ""))
+        report.runs.append(launcher.run(refresh_job.name, tags=tags))
+    return report
 
 
-def materialize_all(
-    defs: dg.Definitions,
-    instance: dg.DagsterInstance,
-    cfg: HyperinfConfig,
-    *,
-    log: Callable[[str], None] = print,
-) -> list[dg.ExecuteInProcessResult]:
-    """Pool shards -> adapter -> gradient shards -> refresh (curvature ... curated subset, mislabel report)."""
-    shards = register_shards(instance, cfg)
-    shard, adapter, refresh = (defs.resolve_job_def(j.name) for j in (shard_job, adapter_job, refresh_job))
-    results = []
-    for key in shards:
-        log(f"ingest shard {key}")
-        results.append(_run(shard, instance, partition_key=key, assets=["pool_examples"]))
-    log("LoRA adapter")
-    results.append(_run(adapter, instance))
-    # A freshly trained adapter makes every stored gradient row stale: replace them, shard by shard.
-    trained = _metadata(results[-1], "lora_adapter").get("source") == "trained"
-    config = {"ops": {"lora_gradients": {"config": {"overwrite_stale": trained}}}}
-    for key in shards:
-        log(f"gradients of shard {key}")
-        results.append(_run(shard, instance, partition_key=key, assets=["lora_gradients"], config=config))
-    log("refresh: target sets, curvature, queries, scores, curated subset, mislabel report")
-    results.append(_run(refresh, instance))
-    return results
+def _observe_changed(instance: dg.DagsterInstance, files: dict[str, Path]) -> None:
+    """Record the files this run reads as ``pool_files`` observations (where their content is new to the
+    instance), so the UI's staleness and the automation sensor see what the run saw."""
+    for shard, path in files.items():
+        observation = pool_file_observation(shard, path)
+        latest = instance.get_latest_data_version_record(dg.AssetKey("pool_files"), is_source=True,
+                                                         partition_key=shard)
+        seen = latest.asset_observation.data_version if latest and latest.asset_observation else None
+        if seen != observation.data_version:
+            instance.report_runless_asset_event(observation)
 
 
-def _run(
-    job: dg.JobDefinition,
-    instance: dg.DagsterInstance,
-    *,
-    partition_key: str | None = None,
-    assets: Sequence[str] | None = None,
-    config: dict | None = None,
-) -> dg.ExecuteInProcessResult:
-    result = job.execute_in_process(
-        run_config={**QUIET_RUN_CONFIG, **(config or {})},
-        instance=instance,
-        partition_key=partition_key,
-        asset_selection=[dg.AssetKey(a) for a in assets] if assets else None,
-        raise_on_error=False,
-    )
-    if not result.success:
-        raise PipelineRunError(failure_message(result))
-    return result
-
-
-def _metadata(result: dg.ExecuteInProcessResult, asset: str) -> dict:
-    events = result.asset_materializations_for_node(asset)
-    return {k: v.value for k, v in events[-1].metadata.items()} if events else {}
-
-
-def failure_message(result: dg.ExecuteInProcessResult) -> str:
-    """``<step>[<partition>] failed: <message of the error the step raised>`` for the first failed step."""
-    partition = result.dagster_run.tags.get("dagster/partition")
-    where = f"[{partition}]" if partition else ""
-    for event in result.all_events:
-        if event.is_step_failure and event.step_failure_data is not None:
-            error = event.step_failure_data.error
-            while error is not None and error.cause is not None and error.cls_name.startswith("Dagster"):
-                error = error.cause
-            text = error.message.strip() if error is not None else "unknown error"
-            return f"{event.step_key}{where} failed: {text}"
-    return f"run {result.run_id} of {result.job_def.name}{where} failed"
-
-
-def failed_checks(results: Sequence[dg.ExecuteInProcessResult]) -> list[str]:
+def failed_checks(instance: dg.DagsterInstance, runs: list[dg.DagsterRun]) -> list[str]:
     """``asset:check: description`` of every asset check that did not pass in these runs."""
     out = []
-    for result in results:
-        for ev in result.get_asset_check_evaluations():
-            if not ev.passed:
-                desc = ev.description or ""
-                out.append(f"{ev.asset_key.to_user_string()}:{ev.check_name}{': ' + desc if desc else ''}")
+    for run in runs:
+        records = instance.get_records_for_run(run.run_id, of_type=dg.DagsterEventType.ASSET_CHECK_EVALUATION).records
+        for record in records:
+            evaluation = record.event_log_entry.dagster_event.event_specific_data
+            if not evaluation.passed:
+                desc = evaluation.description or ""
+                out.append(f"{evaluation.asset_key.to_user_string()}:{evaluation.check_name}"
+                           f"{': ' + desc if desc else ''}")
     return out

@@ -1,5 +1,5 @@
-"""Nightly refresh: re-ingest the target sets, re-merge curvature from the stored shard partials, re-score
-and re-curate, so edited target files (and ``where:`` target sets over a grown pool) reach the subset."""
+"""Nightly refresh: re-ingest the target sets, re-prepare the preconditioners when the curvature changed,
+re-score and re-curate, so edited target files (and ``where:`` target sets over a grown pool) reach the subset."""
 
 import dagster as dg
 
@@ -10,5 +10,5 @@ nightly_refresh = dg.ScheduleDefinition(
     job=refresh_job,
     cron_schedule="0 3 * * *",
     execution_timezone="UTC",
-    description="Every night at 03:00 UTC: target sets -> curvature -> queries -> scores -> curated subset.",
+    description="Every night at 03:00 UTC: target sets -> preconditioners -> queries -> scores -> curated subset.",
 )

@@ -1,108 +1,60 @@
-"""Sensor watching the pool folder: new or changed data files become shard partitions.
+"""Sensors: the pool folder becomes partitions and observations; Dagster's automation does the rest.
 
-Each tick compares the files ``discover_shards`` finds with the cursor (file -> size and mtime):
-
-1. New or changed files: ``AddDynamicPartitionsRequest`` for the new shard keys and one ``shard_job``
-   run per changed shard (ingest + gradients for that shard only). The shards become *pending*.
-2. No file changes, shards pending: once every pending shard has a ``lora_gradients`` materialization
-   recorded after the request, one ``refresh_job`` run re-merges curvature and re-scores everything.
-
-Files whose partition already exists when the sensor first sees them (a ``hyperinf run`` built them) are
-recorded without a run; before the first full build (no LoRA adapter yet) new files only become
-partitions. The cursor is JSON: ``{"files": {shard: signature}, "pending": [...], "after": id}``.
+``pool_folder_sensor`` keeps the ``pool_shards`` partitions equal to the pool's data files (a new file adds its
+partition) and reports a ``pool_files`` observation whose data version is the file's sha256 whenever a file's
+size or mtime changed (the cursor holds the signatures). It launches nothing itself: ``hyperinf_automation``
+(declarative automation, assets_defs/automation.py) materializes what a new data version makes stale: the
+shard's rows, its gradients, then the preconditioners, queries, scores and curated subset once no shard is
+still running. Both start switched off, as Dagster's sensors do; turn them on in the UI.
 """
 
 import json
 import os
-from dataclasses import asdict, dataclass, field
 
 import dagster as dg
+from dagster._core.definitions.data_version import DATA_VERSION_TAG
 
-from assets_defs.partitions import POOL_SHARDS
-from hyperinf_ops.data import discover_shards
-from pipelines.jobs import refresh_job, shard_job
-from pipelines.resources import HyperinfConfigResource
+from assets_defs.partitions import missing_partitions, pool_shards
+from assets_defs.resources import HyperinfResource
+from hyperinf_ops.data.io import discover_shards, file_digest
 
 
-@dataclass
-class PoolCursor:
-    """What the sensor has seen: file signatures, shards waiting for gradients, event-log watermark."""
-
-    files: dict[str, str] = field(default_factory=dict)
-    pending: list[str] = field(default_factory=list)
-    after: int = 0
-
-    @classmethod
-    def parse(cls, raw: str | None) -> "PoolCursor":
-        return cls(**json.loads(raw)) if raw else cls()
-
-    def dump(self) -> str:
-        return json.dumps(asdict(self), sort_keys=True)
+def pool_file_observation(shard: str, path: os.PathLike | str) -> dg.AssetObservation:
+    """A ``pool_files`` observation of one file: data version = the sha256 of its bytes."""
+    return dg.AssetObservation("pool_files", partition=shard, tags={DATA_VERSION_TAG: file_digest(path)})
 
 
 def file_signature(path: os.PathLike | str) -> str:
-    """Size and modification time: a changed file gets a new signature (and a new run key)."""
+    """Size and modification time: a changed file gets a new signature (and a new observation)."""
     st = os.stat(path)
     return f"{st.st_size}-{st.st_mtime_ns}"
 
 
 @dg.sensor(
     name="pool_folder_sensor",
-    jobs=[shard_job, refresh_job],
     minimum_interval_seconds=60,
-    description="New data files in the pool folder -> new shard partitions, their gradients, then a refresh.",
+    description="Pool files -> shard partitions and `pool_files` observations (data version: the file's sha256).",
 )
-def pool_folder_sensor(context: dg.SensorEvaluationContext, hyperinf: HyperinfConfigResource):
-    cursor = PoolCursor.parse(context.cursor)
-    instance = context.instance
-    shards = discover_shards(hyperinf.config.data)
-    signatures = {key: file_signature(path) for key, path in shards.items()}
-    known = set(instance.get_dynamic_partitions(POOL_SHARDS))
-    changed = sorted(
-        key for key, sig in signatures.items()
-        if (key in cursor.files and cursor.files[key] != sig) or (key not in cursor.files and key not in known)
-    )
-    cursor.files = signatures
-    new = [key for key in changed if key not in known]
-    partitions = [dg.AddDynamicPartitionsRequest(POOL_SHARDS, new)] if new else []
-    if changed and instance.get_latest_materialization_event(dg.AssetKey("lora_adapter")) is None:
-        return dg.SensorResult(  # gradients need the adapter: the first full build covers these shards
-            skip_reason=f"new shards {changed} but no LoRA adapter yet: materialize every asset once "
-                        "(`hyperinf run`, or Materialize all in the UI)",
-            dynamic_partitions_requests=partitions,
-            cursor=cursor.dump(),
-        )
+def pool_folder_sensor(context: dg.SensorEvaluationContext, hyperinf: HyperinfResource) -> dg.SensorResult:
+    seen = json.loads(context.cursor) if context.cursor else {}
+    files = discover_shards(hyperinf.config.data.path)
+    signatures = {key: file_signature(path) for key, path in files.items()}
+    changed = sorted(key for key, sig in signatures.items() if seen.get(key) != sig)
+    new = missing_partitions(context.instance, changed)
+    observations = [pool_file_observation(key, files[key]) for key in changed]
     if changed:
-        cursor.pending = sorted(set(cursor.pending) | set(changed))
-        cursor.after = instance.event_log_storage.get_maximum_record_id() or 0
-        context.log.info(f"pool files changed: {changed} (new partitions: {new})")
-        return dg.SensorResult(
-            run_requests=[
-                dg.RunRequest(run_key=f"{key}@{signatures[key]}", job_name=shard_job.name, partition_key=key)
-                for key in changed
-            ],
-            dynamic_partitions_requests=partitions,
-            cursor=cursor.dump(),
-        )
-    if not cursor.pending:
-        return dg.SensorResult(skip_reason="no new or changed pool files", cursor=cursor.dump())
-    done = _gradients_materialized_since(instance, cursor.pending, cursor.after)
-    waiting = sorted(set(cursor.pending) - done)
-    if waiting:
-        return dg.SensorResult(skip_reason=f"waiting for the gradients of {waiting}", cursor=cursor.dump())
-    run_key = f"refresh@{cursor.after}:{','.join(cursor.pending)}"
-    cursor.pending = []
+        context.log.info(f"pool files new or changed: {changed} (new partitions: {new})")
     return dg.SensorResult(
-        run_requests=[dg.RunRequest(run_key=run_key, job_name=refresh_job.name)], cursor=cursor.dump()
+        dynamic_partitions_requests=[pool_shards.build_add_request(new)] if new else [],
+        asset_events=observations,
+        cursor=json.dumps(signatures, sort_keys=True),
+        skip_reason=None if changed else "no new or changed pool files",
     )
 
 
-def _gradients_materialized_since(instance: dg.DagsterInstance, shards: list[str], after: int) -> set[str]:
-    """Shard keys whose ``lora_gradients`` partition was materialized after event-log record ``after``."""
-    key = dg.AssetKey("lora_gradients")
-    return {
-        shard for shard in shards
-        if instance.fetch_materializations(
-            dg.AssetRecordsFilter(asset_key=key, asset_partitions=[shard], after_storage_id=after), limit=1
-        ).records
-    }
+automation_sensor = dg.AutomationConditionSensorDefinition(
+    "hyperinf_automation",
+    target=dg.AssetSelection.all(),
+    minimum_interval_seconds=30,
+    description="Materializes what new pool data makes stale (assets_defs/automation.py); off until turned on.",
+)

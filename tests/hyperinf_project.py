@@ -9,8 +9,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import yaml
-
-from hyperinf_ops.models import save_tiny_model
+from tiny_models import save_tiny_model
 
 POSITIVE = ("good", "great", "fine", "fun", "love", "best", "funny", "fresh")
 NEGATIVE = ("bad", "awful", "boring", "hate", "worst", "dull", "rotten")

@@ -1,12 +1,20 @@
 """GFIM partial sums: definitions, exact merging across shards, the full-Fisher relationship, bad input."""
 
 import math
+from unittest.mock import patch
 
 import pytest
 import torch
 
-from hyperinf_ops.curvature import CurvaturePartial, curvature_partials, merge_curvature
+from hyperinf_ops.curvature import (
+    CurvaturePartial,
+    curvature_partials,
+    damped_full_fisher,
+    damped_gfim,
+    merge_curvature,
+)
 from hyperinf_ops.errors import EmptyTargetSetError, GradientMismatchError, NonFiniteGradientError
+from hyperinf_ops.preconditioners import EstimatorOptions, prepare
 
 
 def _grads(n: int, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -104,3 +112,34 @@ def test_bad_gradients_are_named_errors():
         curvature_partials({**grads, name: grads[name][0]})
     with pytest.raises(GradientMismatchError, match="empty"):
         curvature_partials({})
+
+
+def test_damped_gfim_is_gfim_plus_lambda_and_what_every_preconditioner_inverts():
+    parts = curvature_partials(_grads(9), full=True)
+    for part in parts.values():
+        lam, d = part.damping(0.3), part.gfim_sum.shape[0]
+        eye = torch.eye(d, dtype=torch.float64)
+        assert torch.equal(damped_gfim(part, 0.3), part.gfim() + lam * eye)
+        assert torch.equal(
+            damped_gfim(part, 0.3, dtype=torch.float32), part.gfim().float() + lam * eye.float()
+        )
+        full_eye = torch.eye(part.numel, dtype=torch.float64)
+        assert torch.equal(damped_full_fisher(part, 0.3), part.full() + lam * full_eye)
+    exact = prepare(parts, EstimatorOptions("exact", 0.3))
+    lissa = prepare(parts, EstimatorOptions("lissa", 0.3))
+    exact_full = prepare(parts, EstimatorOptions("exact_full", 0.3))
+    for name, part in parts.items():
+        assert exact.damping[name] == part.damping(0.3)
+        torch.testing.assert_close(
+            exact.operators[name], torch.linalg.inv(damped_gfim(part, 0.3)), rtol=1e-10, atol=0
+        )
+        assert torch.equal(lissa.operators[name], damped_gfim(part, 0.3))
+        torch.testing.assert_close(
+            exact_full.operators[name], torch.linalg.inv(damped_full_fisher(part, 0.3)), rtol=1e-9, atol=0
+        )
+    # The GFIM methods build their matrices through damped_gfim, one call per matrix.
+    for method in ("hyperinf", "exact", "lissa", "datainf"):
+        with patch("hyperinf_ops.preconditioners.shared.damped_gfim", wraps=damped_gfim) as spy:
+            prepare(parts, EstimatorOptions(method, 0.3))
+        assert spy.call_count == len(parts)
+        assert {id(c.args[0]) for c in spy.call_args_list} == {id(p) for p in parts.values()}

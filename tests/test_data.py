@@ -6,14 +6,9 @@ import pandas as pd
 import pytest
 
 from hyperinf_ops.config import load_config
-from hyperinf_ops.data import (
-    build_demo_dataset,
-    discover_shards,
-    prepare_examples,
-    prepare_targets,
-    read_table,
-    write_demo_config,
-)
+from hyperinf_ops.data.demo import build_demo_dataset, write_demo_config
+from hyperinf_ops.data.io import discover_shards, read_table
+from hyperinf_ops.data.prepare import content_digest, prepare_examples, prepare_targets, table_digest
 from hyperinf_ops.errors import DataError
 
 
@@ -40,32 +35,40 @@ def config(project: Path, **overrides):
     return load_config(doc, base_dir=project)
 
 
+def prep(df: pd.DataFrame, cfg, shard: str = "s0"):
+    return prepare_examples(df, cfg.data, cfg.task, shard)
+
+
+def targets_of(cfg, pool):
+    return prepare_targets(cfg.targets, cfg.data, cfg.task, pool)
+
+
 def test_ids_are_stable_and_extras_kept(project: Path):
     cfg = config(project)
-    table = prepare_examples(pool_df(), cfg, "s0")
+    table = prepare_examples(pool_df(), cfg.data, cfg.task, "s0")
     assert table.column_names == ["sample_id", "content_hash", "text", "label", "shard", "genre", "year"]
     assert table["year"].to_pylist() == [2001, 2002, 2003, 2004, 2005, 2006]  # types kept
-    again = prepare_examples(pool_df(), cfg, "s0")
+    again = prepare_examples(pool_df(), cfg.data, cfg.task, "s0")
     assert again["sample_id"].to_pylist() == table["sample_id"].to_pylist()
-    shuffled = prepare_examples(pool_df().sample(frac=1, random_state=3), cfg, "s0").to_pandas()
+    shuffled = prepare_examples(pool_df().sample(frac=1, random_state=3), cfg.data, cfg.task, "s0").to_pandas()
     by_text = dict(zip(table["text"].to_pylist(), table["sample_id"].to_pylist(), strict=True))
     assert all(by_text[t] == i for t, i in zip(shuffled["text"], shuffled["sample_id"], strict=True))
     assert all(len(i) == 16 for i in by_text.values()) and len(set(by_text.values())) == 6
     # the same text with another label is another example
     other = pool_df().assign(label=["neg", "pos", "neg", "pos", "neg", "pos"])
-    assert set(prepare_examples(other, cfg, "s0")["sample_id"].to_pylist()).isdisjoint(by_text.values())
+    assert set(prepare_examples(other, cfg.data, cfg.task, "s0")["sample_id"].to_pylist()).isdisjoint(by_text.values())
 
 
 def test_id_column_and_duplicates(project: Path):
     df = pool_df().assign(id=[10, 11, 12, 13, 14, 15])
-    table = prepare_examples(df, config(project, data={"id_column": "id"}), "s0")
+    table = prep(df, config(project, data={"id_column": "id"}))
     assert table["sample_id"].to_pylist() == ["10", "11", "12", "13", "14", "15"]
     assert "id" not in table.column_names and len(table["content_hash"][0].as_py()) == 64
     with pytest.raises(DataError, match=r"duplicated id\(s\) in column 'id': \['11'\]"):
-        prepare_examples(df.assign(id=[10, 11, 11, 13, 14, 15]), config(project, data={"id_column": "id"}), "s0")
+        prep(df.assign(id=[10, 11, 11, 13, 14, 15]), config(project, data={"id_column": "id"}))
     # without an id column, an exact duplicate row is the same example: dropped, counted by the caller
     doubled = pd.concat([pool_df(), pool_df().iloc[:2]])
-    assert prepare_examples(doubled, config(project), "s0").num_rows == 6
+    assert prep(doubled, config(project)).num_rows == 6
 
 
 @pytest.mark.parametrize(
@@ -81,28 +84,43 @@ def test_id_column_and_duplicates(project: Path):
 )
 def test_bad_pool_named(project: Path, mutate, message: str):
     with pytest.raises(DataError, match=message):
-        prepare_examples(mutate(pool_df()), config(project), "s0")
+        prep(mutate(pool_df()), config(project))
 
 
 def test_targets(project: Path):
     cfg = config(project, targets={"val": {"path": "val.csv"}, "drama": {"where": "genre = 'drama' AND year > 2001"}})
-    pool = prepare_examples(pool_df(), cfg, "s0")
-    targets = prepare_targets(cfg, pool)
+    pool = prepare_examples(pool_df(), cfg.data, cfg.task, "s0")
+    targets = prepare_targets(cfg.targets, cfg.data, cfg.task, pool)
     assert targets["val"].column_names == ["target_set", "sample_id", "content_hash", "text", "label"]
     # a target file's examples get the ids the same rows have in the pool
     assert targets["val"]["sample_id"].to_pylist() == pool["sample_id"].to_pylist()[:2]
     assert targets["drama"]["text"].to_pylist() == ["great acting", "awful music"]
 
     with pytest.raises(DataError, match="selects no pool rows"):
-        prepare_targets(config(project, targets={"none": {"where": "year > 3000"}}), pool)
+        targets_of(config(project, targets={"none": {"where": "year > 3000"}}), pool)
     with pytest.raises(DataError, match="failed over the pool"):
-        prepare_targets(config(project, targets={"bad": {"where": "genr = 'x'"}}), pool)
+        targets_of(config(project, targets={"bad": {"where": "genr = 'x'"}}), pool)
     pd.DataFrame({"text": ["x"], "label": ["maybe"]}).to_csv(project / "odd.csv", index=False)
     with pytest.raises(DataError, match=r"labels the pool does not have: \['maybe'\]"):
-        prepare_targets(config(project, targets={"odd": {"path": "odd.csv"}}), pool)
+        targets_of(config(project, targets={"odd": {"path": "odd.csv"}}), pool)
     pd.DataFrame({"text": [], "label": []}).to_csv(project / "empty.csv", index=False)
     with pytest.raises(DataError, match="is empty"):
-        prepare_targets(config(project, targets={"empty": {"path": "empty.csv"}}), pool)
+        targets_of(config(project, targets={"empty": {"path": "empty.csv"}}), pool)
+
+
+def test_digests_see_exactly_what_changed(project: Path):
+    """table_digest: every column, not the row order; content_digest: (id, text + label) pairs only."""
+    cfg = config(project)
+    table = prep(pool_df(), cfg)
+    assert table_digest(table) == table_digest(prep(pool_df().iloc[::-1], cfg))
+    assert table_digest(table) != table_digest(prep(pool_df().assign(genre="x"), cfg))
+    ids, hashes = table["sample_id"].to_pylist(), table["content_hash"].to_pylist()
+    assert content_digest(ids, hashes) == content_digest(ids[::-1], hashes[::-1])
+    relabelled = prep(pool_df().assign(label=["pos"] * 6), config(project, data={"id_column": "year"}))
+    original = prep(pool_df(), config(project, data={"id_column": "year"}))
+    assert relabelled["sample_id"].to_pylist() == original["sample_id"].to_pylist()  # same ids ...
+    assert content_digest(relabelled["sample_id"].to_pylist(), relabelled["content_hash"].to_pylist()) != \
+        content_digest(original["sample_id"].to_pylist(), original["content_hash"].to_pylist())  # ... new content
 
 
 def test_shards_and_formats(tmp_path: Path):
@@ -110,14 +128,14 @@ def test_shards_and_formats(tmp_path: Path):
     folder.mkdir()
     with pytest.raises(DataError, match="empty pool"):
         discover_shards(load_config({"data": {"path": "pool"}, "targets": {"t": {"where": "true"}}},
-                                    base_dir=tmp_path).data)
+                                    base_dir=tmp_path).data.path)
     df = pool_df()
     df.iloc[:2].to_parquet(folder / "b.parquet")
     df.iloc[2:4].to_csv(folder / "a.csv", index=False)
     df.iloc[4:].to_json(folder / "c.jsonl", orient="records", lines=True)
     (folder / "notes.txt").write_text("ignored")
     cfg = load_config({"data": {"path": "pool"}, "targets": {"t": {"where": "true"}}}, base_dir=tmp_path)
-    shards = discover_shards(cfg.data)
+    shards = discover_shards(cfg.data.path)
     assert list(shards) == ["a", "b", "c"]
     frames = [read_table(p) for p in shards.values()]
     assert sum(len(f) for f in frames) == 6 and frames[2]["year"].tolist() == [2005, 2006]
@@ -125,7 +143,7 @@ def test_shards_and_formats(tmp_path: Path):
     assert read_table(folder / "d.csv")["text"].tolist() == ["NA"]  # "NA" is a text, not a gap
     df.to_csv(folder / "a.jsonl")
     with pytest.raises(DataError, match="share the shard name 'a'"):
-        discover_shards(cfg.data)
+        discover_shards(cfg.data.path)
 
 
 def test_demo_dataset(tmp_path: Path):
@@ -142,4 +160,4 @@ def test_demo_dataset(tmp_path: Path):
     cfg = load_config(write_demo_config(paths))
     assert cfg.data.path == paths.pool_dir and cfg.targets["clean_val"].path == paths.target
     assert cfg.storage_root == paths.root / "store" and cfg.model == "minilm"
-    assert len(discover_shards(cfg.data)) == 3
+    assert len(discover_shards(cfg.data.path)) == 3

@@ -1,23 +1,15 @@
-"""models.py: model resolution errors, collation masks, causal-LM prompt masking, adapter round trips."""
+"""models/ and tasks.py: model resolution errors, collation masks, causal-LM prompt masking, adapter round trips."""
 
 from pathlib import Path
 
 import pytest
 import torch
+from tiny_models import save_tiny_model
 
 from hyperinf_ops.config import load_config
 from hyperinf_ops.errors import ConfigError, DataError, ModelLoadError
-from hyperinf_ops.gradients import IGNORE_INDEX
-from hyperinf_ops.models import (
-    adapter_hash,
-    collate,
-    describe,
-    load_lora_model,
-    model_hash,
-    pooling_of,
-    resolve_model,
-    save_tiny_model,
-)
+from hyperinf_ops.models import adapter_hash, load_lora_model, model_hash, pooling_of, resolve_model
+from hyperinf_ops.tasks import IGNORE_INDEX, get_task
 
 CHAT = ("{% for m in messages %}<s> {{ m['role'] }} {{ m['content'] }} </s> {% endfor %}"
         "{% if add_generation_prompt %}<s> assistant {% endif %}")
@@ -40,6 +32,16 @@ def cfg_for(folder: Path, tmp_path: Path, task: str = "classification", **extra)
                        base_dir=tmp_path)
 
 
+def load(cfg, labels, adapter_dir: Path | None = None):
+    """The config's model with a fresh adapter (its LoRA settings, seeded) or the saved one in adapter_dir."""
+    return load_lora_model(cfg.model_spec, labels or [], lora=None if adapter_dir else cfg.lora,
+                           adapter_dir=adapter_dir, seed=cfg.train.seed)
+
+
+def collate(tokenizer, records, task: str, label2id, max_length: int):
+    return get_task(task).collate(tokenizer, records, label2id, max_length)
+
+
 def test_resolve_model(tmp_path: Path, tiny_bert: Path):
     assert (resolve_model("minilm") / "config.json").is_file()
     assert resolve_model(str(tiny_bert)) == tiny_bert
@@ -54,7 +56,7 @@ def test_resolve_model(tmp_path: Path, tiny_bert: Path):
 
 
 def test_collate_classification(tmp_path: Path, tiny_bert: Path):
-    loaded = load_lora_model(cfg_for(tiny_bert, tmp_path), ["neg", "pos"])
+    loaded = load(cfg_for(tiny_bert, tmp_path), ["neg", "pos"])
     records = [{"sample_id": "a", "text": "a good film", "label": "pos"},
                {"sample_id": "b", "text": "bad", "label": "neg"}]
     batch = collate(loaded.tokenizer, records, "classification", loaded.label2id, max_length=16)
@@ -74,7 +76,7 @@ def test_collate_classification(tmp_path: Path, tiny_bert: Path):
 @pytest.mark.parametrize("template", [None, CHAT])
 def test_collate_causal_masks_the_prompt(tmp_path: Path, template: str | None):
     folder = save_tiny_model(tmp_path / "m", task="causal_lm", chat_template=template)
-    loaded = load_lora_model(cfg_for(folder, tmp_path, "causal_lm"), None)
+    loaded = load(cfg_for(folder, tmp_path, "causal_lm"), None)
     tok = loaded.tokenizer
     records = [{"sample_id": "a", "prompt": "what is good", "response": "fun"},
                {"sample_id": "b", "prompt": "hi", "response": "hello you"}]
@@ -102,7 +104,7 @@ def test_collate_causal_masks_the_prompt(tmp_path: Path, template: str | None):
 
 def test_adapter_round_trip(tmp_path: Path, tiny_bert: Path):
     cfg = cfg_for(tiny_bert, tmp_path)
-    loaded = load_lora_model(cfg, ["neg", "pos"])
+    loaded = load(cfg, ["neg", "pos"])
     assert loaded.lora_modules == ("query", "value")  # the default for BERT
     with torch.no_grad():  # stand-in for training: every adapter tensor moves
         for p in loaded.model.parameters():
@@ -113,27 +115,27 @@ def test_adapter_round_trip(tmp_path: Path, tiny_bert: Path):
     loaded.model.eval()
     logits = loaded.model(**batch).logits
     loaded.model.save_pretrained(tmp_path / "adapter")
-    again = load_lora_model(cfg, ["neg", "pos"], adapter_dir=tmp_path / "adapter")
+    again = load(cfg, ["neg", "pos"], adapter_dir=tmp_path / "adapter")
     again.model.eval()
     assert torch.equal(again.model(**batch).logits, logits)
     assert adapter_hash(again.model) == adapter_hash(loaded.model)
     # the head is part of the adapter: a fresh head (same seed) differs from the trained one
-    assert adapter_hash(load_lora_model(cfg, ["neg", "pos"]).model) != adapter_hash(loaded.model)
+    assert adapter_hash(load(cfg, ["neg", "pos"]).model) != adapter_hash(loaded.model)
     trainable = [n for n, p in again.model.named_parameters() if p.requires_grad]
     assert any("lora_A" in n for n in trainable) and any("modules_to_save" in n for n in trainable)
 
 
 def test_fresh_adapters_are_seeded(tmp_path: Path, tiny_bert: Path):
     cfg = cfg_for(tiny_bert, tmp_path)
-    assert adapter_hash(load_lora_model(cfg, ["neg", "pos"]).model) == \
-        adapter_hash(load_lora_model(cfg, ["neg", "pos"]).model)
+    assert adapter_hash(load(cfg, ["neg", "pos"]).model) == \
+        adapter_hash(load(cfg, ["neg", "pos"]).model)
 
 
 def test_bad_modules_and_labels(tmp_path: Path, tiny_bert: Path):
     with pytest.raises(ConfigError, match=r"'qurey' \(did you mean 'query'\?\) match no linear layer"):
-        load_lora_model(cfg_for(tiny_bert, tmp_path, modules=["qurey", "value"]), ["neg", "pos"])
+        load(cfg_for(tiny_bert, tmp_path, modules=["qurey", "value"]), ["neg", "pos"])
     with pytest.raises(DataError, match="at least 2 labels"):
-        load_lora_model(cfg_for(tiny_bert, tmp_path), ["pos"])
+        load(cfg_for(tiny_bert, tmp_path), ["pos"])
 
 
 def test_mean_pooling_for_sentence_transformers_folders(tmp_path: Path):
@@ -141,11 +143,11 @@ def test_mean_pooling_for_sentence_transformers_folders(tmp_path: Path):
     folder = save_tiny_model(tmp_path / "st")
     assert pooling_of(folder) == "model"
     cfg = cfg_for(folder, tmp_path)
-    assert load_lora_model(cfg, ["neg", "pos"]).pooling == "model"
+    assert load(cfg, ["neg", "pos"]).pooling == "model"
     (folder / "1_Pooling").mkdir()
     (folder / "1_Pooling" / "config.json").write_text('{"pooling_mode_mean_tokens": true}')
-    loaded = load_lora_model(cfg, ["neg", "pos"])
-    assert loaded.pooling == "mean" and describe(loaded)["pooling"] == "mean"
+    loaded = load(cfg, ["neg", "pos"])
+    assert loaded.pooling == "mean"
     model = loaded.model.eval()
     records = [{"sample_id": "a", "text": "a good film", "label": "pos"},
                {"sample_id": "b", "text": "bad", "label": "neg"}]

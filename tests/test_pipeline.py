@@ -1,22 +1,29 @@
-"""The Dagster graph end to end on a tiny random BERT: every asset, every check, the curated subset,
-idempotent re-runs, and bad input that fails the right asset with a clear error and overwrites nothing."""
+"""The Dagster graph end to end on a tiny random BERT, launched as `hyperinf run` launches it: every asset,
+every check, runs that carry the code location's origin, the curated subset, re-runs that compute nothing
+twice, one batched solve per refresh, and bad input that fails the right asset and overwrites nothing."""
 
+import shutil
 from pathlib import Path
+from unittest import mock
 
 import dagster as dg
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
+import torch
 import yaml
-from hyperinf_project import make_project
+from hyperinf_project import make_project, write_shard
+from tiny_models import save_tiny_model
 
 from assets_defs import ASSET_CHECKS, ASSETS
 from hyperinf_ops.config import load_config
-from hyperinf_ops.models import save_tiny_model
+from hyperinf_ops.preconditioners import exact as exact_module
+from hyperinf_ops.preconditioners import hyperinf as hyperinf_module
 from hyperinf_ops.query import connect, run_query
 from hyperinf_ops.store import LanceStore
 from pipelines.definitions import build_definitions
-from pipelines.runner import failure_message, materialize_all, register_shards
+from pipelines.launcher import failure_message
+from pipelines.runner import failed_checks, materialize_all
 
 ROW_TABLES = ("examples", "targets", "gradients", "curvature", "queries", "scores")
 
@@ -28,56 +35,76 @@ def tiny_model(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory, tiny_model):
-    """A 200-example project materialized once; yields (config path, instance, run results)."""
+    """A 200-example project materialized once; yields (config path, instance, run report)."""
     cfg_path = make_project(tmp_path_factory.mktemp("project"), tiny_model)
     with dg.instance_for_test() as instance:
-        results = materialize_all(build_definitions(str(cfg_path)), instance, load_config(cfg_path), log=lambda _: None)
-        yield cfg_path, instance, results
+        report = materialize_all(instance, cfg_path, load_config(cfg_path), log=lambda _: None)
+        yield cfg_path, instance, report
 
 
 def _row_counts(store: LanceStore) -> dict[str, int]:
     return {t: store.open(t).count_rows() for t in ROW_TABLES}
 
 
+def _meta(instance: dg.DagsterInstance, asset: str, partition: str | None = None) -> dict:
+    """Metadata of the asset's (partition's) latest materialization."""
+    records = instance.fetch_materializations(
+        dg.AssetRecordsFilter(asset_key=dg.AssetKey(asset), asset_partitions=[partition] if partition else None),
+        limit=1).records
+    return {k: v.value for k, v in records[0].asset_materialization.metadata.items()}
+
+
 def test_definitions_load():
     defs = build_definitions("unused.yaml")
     dg.Definitions.validate_loadable(defs)
     keys = {a.key.to_user_string() for a in ASSETS}
-    assert keys == {"pool_examples", "target_sets", "lora_adapter", "lora_gradients", "curvature", "target_queries",
-                    "influence_scores", "curated_subset", "mislabel_report"}
+    assert keys == {"pool_files", "pool_examples", "target_sets", "lora_adapter", "lora_gradients", "preconditioners",
+                    "target_queries", "influence_scores", "curated_subset", "mislabel_report"}
     assert len(ASSET_CHECKS) == 4
     assert {j for j in ("shard_job", "adapter_job", "refresh_job") if defs.resolve_job_def(j)} == {
         "shard_job", "adapter_job", "refresh_job"}
+    # every computed asset says what its code is, so a changed step marks its output stale in the UI
+    assert all(a.code_versions_by_key[a.key] for a in ASSETS if a.is_executable and a.key.path != ["pool_files"])
 
 
-def test_whole_graph_and_every_check_passes(built):
-    _, _, results = built
-    assert all(r.success for r in results)
-    evaluations = [e for r in results for e in r.get_asset_check_evaluations()]
+def test_whole_graph_runs_as_code_location_runs_and_every_check_passes(built):
+    _, instance, report = built
+    # 2 ingest, 1 adapter, 2 gradient shards, 1 refresh: all of them runs of the hyperinf code location, the
+    # kind the UI lists on its Overview timeline and on each job's Runs tab (execute_in_process runs are not)
+    assert [r.job_name for r in report.runs] == ["shard_job"] * 2 + ["adapter_job"] + ["shard_job"] * 2 + ["refresh_job"]
+    assert report.ingested == report.gradients == ["shard-0", "shard-1"] and report.adapter
+    assert all(r.is_success for r in report.runs)
+    for run in report.runs:
+        assert run.remote_job_origin.repository_origin.get_label() == "__repository__@hyperinf"
+        assert run.tags_for_storage()[".dagster/repository"] == "__repository__@hyperinf"
+    assert failed_checks(instance, report.runs) == []
+    evaluations = [r.event_log_entry.dagster_event.event_specific_data for run in report.runs
+                   for r in instance.get_records_for_run(run.run_id,
+                                                         of_type=dg.DagsterEventType.ASSET_CHECK_EVALUATION).records]
     assert {e.check_name for e in evaluations} == {
         "gradients_finite", "gradient_rows_match_pool", "inverses_converged", "scores_cover_pool",
         "agreement_with_exact", "curated_subset_size"}
-    assert all(e.passed for e in evaluations), [e.check_name for e in evaluations if not e.passed]
     assert len([e for e in evaluations if e.check_name == "gradients_finite"]) == 2  # one per shard
 
 
-def test_metadata_a_person_wants(built):
-    _, instance, _ = built
-
-    def meta(asset: str) -> dict:
-        event = instance.get_latest_materialization_event(dg.AssetKey(asset))
-        return {k: v.value for k, v in event.asset_materialization.metadata.items()}
-
-    assert meta("curvature")["all_converged"] is True
-    assert "| matrix | iterations | residual |" in meta("curvature")["solver_health"]
-    scores = meta("influence_scores")
+def test_metadata_and_data_versions(built):
+    cfg_path, instance, _ = built
+    assert _meta(instance, "preconditioners")["all_converged"] is True
+    assert "| matrix | iterations | residual |" in _meta(instance, "preconditioners")["solver_health"]
+    scores = _meta(instance, "influence_scores")
     assert scores["histogram/clean/hyperinf"].startswith("![clean / hyperinf](data:image/png;base64,")
     assert scores["most_harmful (curation target/method)"].count("\n") == 11  # header + rule + 10 rows
+    assert "flipped" in scores["most_harmful (curation target/method)"].splitlines()[0]
     assert scores["dagster/row_count"] == 200
-    report = meta("mislabel_report")
+    report = _meta(instance, "mislabel_report")
     assert set(report) >= {"auroc/hyperinf", "auroc/datainf", "auroc/tracin", "detection", "most_harmful"}
-    assert meta("lora_adapter")["source"] == "trained"
-    assert meta("pool_examples")["examples_version"] >= 1
+    assert _meta(instance, "lora_adapter")["source"] == "trained"
+    assert _meta(instance, "pool_examples", "shard-0")["written"] is True
+    # data versions: the adapter's is its hash, a gradient shard's is what it was computed under and from
+    adapter = instance.get_latest_data_version_record(dg.AssetKey("lora_adapter"))
+    assert adapter.asset_materialization.tags["dagster/data_version"] == _meta(instance, "lora_adapter")["adapter_hash"]
+    shard = instance.get_latest_data_version_record(dg.AssetKey("lora_gradients"), partition_key="shard-0")
+    assert len(shard.asset_materialization.tags["dagster/data_version"]) == 32
 
 
 def test_curated_subset_matches_sql_on_scores(built):
@@ -92,16 +119,49 @@ def test_curated_subset_matches_sql_on_scores(built):
     assert subset["influence_score"].tolist() == pytest.approx(expected["score"].tolist())
 
 
-def test_rerun_duplicates_nothing(built):
+def test_rerun_launches_one_refresh_and_duplicates_nothing(built):
     cfg_path, instance, _ = built
     cfg = load_config(cfg_path)
     store = LanceStore(str(cfg.storage_root))
     before = _row_counts(store)
     scores_before = store.open("scores").to_table().to_pandas().sort_values(["method", "sample_id"])
-    materialize_all(build_definitions(str(cfg_path)), instance, cfg, log=lambda _: None)
+    report = materialize_all(instance, cfg_path, cfg, log=lambda _: None)
+    assert [r.job_name for r in report.runs] == ["refresh_job"]  # nothing changed: no ingest, adapter, gradients
+    assert not (report.ingested or report.adapter or report.gradients)
     assert _row_counts(store) == before
     after = store.open("scores").to_table().to_pandas().sort_values(["method", "sample_id"])
     assert after["score"].to_numpy() == pytest.approx(scores_before["score"].to_numpy(), rel=1e-6)
+    assert _meta(instance, "preconditioners")["prepared"] == []  # the stored inverses still fit
+
+
+def test_added_shard_computes_only_that_shard_and_one_solve_per_refresh(tmp_path, tiny_model):
+    """`hyperinf run` twice, with a pool file added in between: the second run computes the new shard's
+    gradients only (through Dagster runs), and each refresh inverts the curvature once (one batched Schulz
+    call for the tiny BERT's equal-width matrices, one batched Cholesky) although two target sets, four
+    methods, self-influence and the agreement check all use the inverse."""
+    cfg_path = make_project(tmp_path, tiny_model, n_pool=80, n_target=10,
+                            estimators=["hyperinf", "datainf", "tracin", "exact"])
+    doc = yaml.safe_load(cfg_path.read_text())
+    doc["targets"]["positive"] = {"where": "label = 'pos'"}
+    cfg_path.write_text(yaml.safe_dump(doc))
+    cfg = load_config(cfg_path)
+    schulz = mock.patch.object(hyperinf_module, "schulz_inverse", wraps=hyperinf_module.schulz_inverse)
+    cholesky = mock.patch.object(exact_module, "cholesky_inverses", wraps=exact_module.cholesky_inverses)
+    with dg.instance_for_test() as instance, schulz as schulz_calls, cholesky as cholesky_calls:
+        first = materialize_all(instance, cfg_path, cfg, log=lambda _: None)
+        assert first.gradients == ["shard-0", "shard-1"]
+        assert (schulz_calls.call_count, cholesky_calls.call_count) == (1, 1)
+        write_shard(tmp_path / "pool", "shard-2", 30, seed=5)
+        second = materialize_all(instance, cfg_path, cfg, log=lambda _: None)
+        assert second.ingested == ["shard-2"] and not second.adapter and second.gradients == ["shard-2"]
+        assert [r.tags.get("dagster/partition") for r in second.runs] == ["shard-2", "shard-2", None]
+        assert (schulz_calls.call_count, cholesky_calls.call_count) == (2, 2)  # the curvature changed: once more
+        assert [_meta(instance, "lora_gradients", s)["computed"] for s in ("shard-0", "shard-1", "shard-2")] == \
+            [True, True, True]  # every shard was computed exactly once: shard-0/1 in the first run only
+        materializations = instance.fetch_materializations(dg.AssetKey("lora_gradients"), limit=100).records
+        assert sorted(r.partition_key for r in materializations) == ["shard-0", "shard-1", "shard-2"]
+    store = LanceStore(str(cfg.storage_root))
+    assert store.open("scores").count_rows() == 110 * 4 * 2
 
 
 # ------------------------------------------------------------------------------------------------ bad input
@@ -111,18 +171,18 @@ def _fail(defs: dg.Definitions, instance, job: str, *, partition: str | None = N
         instance=instance, partition_key=partition, raise_on_error=False,
         asset_selection=[dg.AssetKey(a) for a in assets] if assets else None)
     assert not result.success
-    return failure_message(result)
+    return failure_message(instance, result.dagster_run)
 
 
 def _ingested(tmp_path: Path, tiny_model: Path, instance, **overrides):
     """A fresh project with both pool shards ingested; returns (config path, defs, store, versions)."""
     cfg_path = make_project(tmp_path, tiny_model, n_pool=60, n_target=10, **overrides)
     defs = build_definitions(str(cfg_path))
-    cfg = load_config(cfg_path)
-    for key in register_shards(instance, cfg):
+    instance.add_dynamic_partitions("pool_shards", ["shard-0", "shard-1"])
+    for key in ("shard-0", "shard-1"):
         assert defs.resolve_job_def("shard_job").execute_in_process(
             instance=instance, partition_key=key, asset_selection=[dg.AssetKey("pool_examples")]).success
-    store = LanceStore(str(cfg.storage_root))
+    store = LanceStore(str(load_config(cfg_path).storage_root))
     return cfg_path, defs, store, store.versions()
 
 
@@ -143,6 +203,14 @@ def test_bad_pool_file_fails_ingest_and_keeps_tables(tmp_path, tiny_model, edit,
         error = _fail(defs, instance, "shard_job", partition="shard-0", assets=["pool_examples"])
         assert "pool_examples[shard-0] failed" in error and message in error
         assert store.versions() == versions
+
+
+def test_unchanged_pool_file_writes_nothing(tmp_path, tiny_model):
+    with dg.DagsterInstance.ephemeral() as instance:
+        _, defs, store, versions = _ingested(tmp_path, tiny_model, instance)
+        assert defs.resolve_job_def("shard_job").execute_in_process(
+            instance=instance, partition_key="shard-0", asset_selection=[dg.AssetKey("pool_examples")]).success
+        assert store.versions() == versions and _meta(instance, "pool_examples", "shard-0")["written"] is False
 
 
 @pytest.mark.parametrize(("target", "message"), [
@@ -169,7 +237,7 @@ def test_texts_that_tokenize_to_nothing(tmp_path, tiny_model):
         error = _fail(defs, instance, "adapter_job")
         assert "lora_adapter failed" in error and "shard-0-0000" in error and "tokenizes to nothing" in error
         assert store.versions() == versions
-        assert not (cfg_path.parent / "store" / "adapter").exists()
+        assert not (cfg_path.parent / "store" / "adapters").exists()
 
 
 def test_model_folder_that_is_not_a_hf_model(tmp_path, tiny_model):
@@ -198,16 +266,38 @@ def test_bad_config_fails_before_any_work(tmp_path, tiny_model, change, messages
     assert not (tmp_path / "store").exists()
 
 
-def test_changed_adapter_with_old_gradient_rows(tmp_path, tiny_model):
+def test_retrained_adapter_replaces_stale_rows_and_scoring_waits_for_every_shard(tmp_path, tiny_model):
+    """After a retrain every stored gradient row is stale: computing one shard replaces the stale rows in the
+    same commit, and nothing downstream scores until every shard is computed under the new adapter."""
     with dg.DagsterInstance.ephemeral() as instance:
         cfg_path, defs, store, _ = _ingested(tmp_path, tiny_model, instance)
         assert defs.resolve_job_def("adapter_job").execute_in_process(instance=instance).success
-        assert defs.resolve_job_def("shard_job").execute_in_process(
-            instance=instance, partition_key="shard-0", asset_selection=[dg.AssetKey("lora_gradients")]).success
+        for shard in ("shard-0", "shard-1"):
+            assert defs.resolve_job_def("shard_job").execute_in_process(
+                instance=instance, partition_key=shard, asset_selection=[dg.AssetKey("lora_gradients")]).success
+        first = store.row_fingerprints("gradients")
         doc = yaml.safe_load(cfg_path.read_text())
         cfg_path.write_text(yaml.safe_dump({**doc, "train": {**doc["train"], "seed": 1}}))  # retrains
         assert defs.resolve_job_def("adapter_job").execute_in_process(instance=instance).success
-        versions = store.versions()
-        error = _fail(defs, instance, "shard_job", partition="shard-1", assets=["lora_gradients"])
-        assert "lora_gradients[shard-1] failed" in error and "adapter_hash" in error
-        assert store.versions() == versions
+        assert _meta(instance, "lora_adapter")["source"] == "trained"
+        assert defs.resolve_job_def("shard_job").execute_in_process(
+            instance=instance, partition_key="shard-1", asset_selection=[dg.AssetKey("lora_gradients")]).success
+        second = store.row_fingerprints("gradients")
+        assert len(second) == 1 and second != first  # shard-0's stale rows went with shard-1's commit
+        error = _fail(defs, instance, "refresh_job", assets=["preconditioners"])
+        assert "preconditioners failed" in error and "missing ['shard-0']" in error
+        # the first adapter is still on disk (its folder is kept by hash): switching back needs no training
+        assert len(list((cfg_path.parent / "store" / "adapters").glob("*/manifest.json"))) == 2
+
+
+def test_adapter_folder_changed_after_saving_is_refused(tmp_path, tiny_model):
+    with dg.DagsterInstance.ephemeral() as instance:
+        cfg_path, defs, store, _ = _ingested(tmp_path, tiny_model, instance)
+        assert defs.resolve_job_def("adapter_job").execute_in_process(instance=instance).success
+        folder = next((cfg_path.parent / "store" / "adapters").glob("*/adapter_model.safetensors")).parent
+        from safetensors.torch import load_file, save_file
+        tensors = load_file(folder / "adapter_model.safetensors")
+        save_file({k: torch.zeros_like(v) for k, v in tensors.items()}, folder / "adapter_model.safetensors")
+        error = _fail(defs, instance, "shard_job", partition="shard-0", assets=["lora_gradients"])
+        assert "does not hold the tensors its manifest names" in error
+        shutil.rmtree(folder)

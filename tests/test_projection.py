@@ -45,7 +45,7 @@ def test_projector_reproducible_sorted_blocks_and_slices():
     for name in p1.names:
         torch.testing.assert_close(p1.phi(name), p2.phi(name), rtol=0, atol=0)
     assert not torch.equal(
-        p1.phi("a.lora_A"), BlockProjector(SHAPES, ProjectionSpec(64, seed=4)).phi("a.lora_A")
+        p1.phi("a.lora_A"), BlockProjector(SHAPES, ProjectionSpec(dim=64, seed=4)).phi("a.lora_A")
     )
     # Slots follow sorted order (a, b, c), proportional to r*d (128, 192, 32 entries).
     widths = [p1.slices[n].stop - p1.slices[n].start for n in p1.names]
@@ -185,8 +185,10 @@ def _pipeline_scores(root, train, target, dim: int, methods: tuple[str, ...]):
     """Gradients -> Lance (2 shards) -> curvature -> queries -> streaming scorer -> scores, per method."""
     from hyperinf_ops.curvature import curvature_partials
     from hyperinf_ops.estimators import EstimatorOptions, mean_target_gradient
-    from hyperinf_ops.scorer import build_queries, score_store
-    from hyperinf_ops.store import GradientBatch, LanceStore
+    from hyperinf_ops.preconditioners import prepare
+    from hyperinf_ops.scorer import score_store
+    from hyperinf_ops.stages.queries import query_vector
+    from hyperinf_ops.store import GradientBatch, LanceStore, Query
 
     shapes = {k: tuple(v.shape[1:]) for k, v in train.items()}
     spec = ProjectionSpec(dim=dim)
@@ -204,19 +206,12 @@ def _pipeline_scores(root, train, target, dim: int, methods: tuple[str, ...]):
     ids = [f"ex{i:03d}" for i in range(160)]
     for s, sl in enumerate((slice(0, 80), slice(80, 160))):
         part = {k: v[sl] for k, v in train.items()}
-        store.write_gradients(f"s{s}", GradientBatch.from_grads(projector, ids[sl], part), fp)
-        store.write_curvature(f"s{s}", curvature_partials(part), fp)
+        store.write_gradients(f"s{s}", GradientBatch(ids[sl], projector.project(part), projector.sq_norms(part)), fp)
+        store.write_curvature(f"s{s}", curvature_partials(part), fp, examples_digest=f"s{s}")
     curvature = store.read_curvature(fp)
-    queries = build_queries(
-        mean_target_gradient(target),
-        curvature,
-        methods,
-        projector,
-        EstimatorOptions(),
-        target_set="t",
-        fingerprint=fp,
-        store=store,
-    )
+    v = mean_target_gradient(target)
+    queries = [Query("t", m, query_vector(store, v, prepare(curvature, EstimatorOptions(method=m)), projector, fp)[0],
+                     fp.digest()) for m in methods]
     score_store(store, queries)
     table = store.open("scores").to_table().to_pandas()
     scores = {

@@ -1,5 +1,6 @@
 """Streaming scorer vs an in-memory matmul; ranks, percentiles, atomic per-query commits; fingerprint
-refusal; DataInf's projected two-pass vs exact DataInf (exact at dim 0); build_queries."""
+refusal; DataInf's projected two-pass vs exact DataInf (exact at dim 0); raw rows read back as gradients;
+self-influence from a stored (prepared) inverse."""
 
 from __future__ import annotations
 
@@ -8,7 +9,12 @@ import pytest
 import torch
 
 from hyperinf_ops.curvature import curvature_partials
-from hyperinf_ops.errors import FingerprintMismatchError, GradientMismatchError, NonFiniteGradientError
+from hyperinf_ops.errors import (
+    FingerprintMismatchError,
+    GradientMismatchError,
+    NonFiniteGradientError,
+    UnsupportedMethodError,
+)
 from hyperinf_ops.estimators import (
     EstimatorOptions,
     mean_target_gradient,
@@ -17,8 +23,14 @@ from hyperinf_ops.estimators import (
     self_influence,
 )
 from hyperinf_ops.fingerprint import Fingerprint
+from hyperinf_ops.preconditioners import prepare
 from hyperinf_ops.projection import BlockProjector, ProjectionSpec
-from hyperinf_ops.scorer import build_queries, datainf_projected_query, score_store, self_influence_store
+from hyperinf_ops.scorer import (
+    datainf_projected_query,
+    raw_gradient_batches,
+    score_store,
+    self_influence_store,
+)
 from hyperinf_ops.store import GradientBatch, LanceStore, Query
 
 SHAPES = {"l0.lora_A": (4, 24), "l0.lora_B": (4, 16), "l1.lora_A": (4, 24)}
@@ -58,8 +70,9 @@ def _store(tmp_path, spec: ProjectionSpec, grads, shards: int = 3):
     for s in range(shards):
         sl = slice(bounds[s], bounds[s + 1])
         part = {k: v[sl] for k, v in grads.items()}
-        store.write_gradients(f"s{s}", GradientBatch.from_grads(projector, ids[sl], part), _fp(spec))
-        store.write_curvature(f"s{s}", curvature_partials(part), _fp(spec))
+        store.write_gradients(f"s{s}", GradientBatch(ids[sl], projector.project(part), projector.sq_norms(part)),
+                              _fp(spec))
+        store.write_curvature(f"s{s}", curvature_partials(part), _fp(spec), examples_digest=f"digest-{s}")
     return store, projector, ids
 
 
@@ -157,35 +170,24 @@ def test_datainf_projected_two_pass_matches_exact_datainf(tmp_path, dim):
         assert np.corrcoef(got, ref)[0, 1] > 0.95
 
 
-def test_build_queries_precondition_raw_then_project(tmp_path):
-    spec = ProjectionSpec(dim=32)
-    train, target = _grads(30, 3), _grads(5, 4)
-    store, projector, _ = _store(tmp_path, spec, train, shards=1)
-    curvature = store.read_curvature(_fp(spec))
+def test_raw_rows_read_back_as_the_gradients_and_feed_datainf(tmp_path):
+    train, target = _grads(40, 3), _grads(5, 4)
+    store, _, ids = _store(tmp_path, ProjectionSpec(dim=0), train)
+    batches = list(raw_gradient_batches(store, SHAPES, batch_rows=16))
+    got_ids = [i for batch_ids, _ in batches for i in batch_ids]
+    order = [ids.index(i) for i in got_ids]
+    for name in SHAPES:  # float32 storage of the exact gradients
+        torch.testing.assert_close(torch.cat([g[name] for _, g in batches]), train[name][order].double())
+    # DataInf's preconditioner streamed over the stored rows = its projected two-pass at dim 0 = in memory
     v = mean_target_gradient(target)
-    queries = build_queries(
-        v,
-        curvature,
-        ["tracin", "exact", "datainf"],
-        projector,
-        EstimatorOptions(),
-        target_set="t",
-        fingerprint=_fp(spec),
-        store=store,
-    )
-    assert [(q.target_set, q.method, q.fingerprint) for q in queries] == [
-        ("t", m, _fp(spec).digest()) for m in ("tracin", "exact", "datainf")
-    ]
-    torch.testing.assert_close(queries[0].vector, projector.project_vector(v))
-    exact = precondition(v, curvature, EstimatorOptions(method="exact"))
-    torch.testing.assert_close(queries[1].vector, projector.project_vector(exact.vectors))
-    assert queries[1].diagnostics["l0.lora_A"]["damping"] == pytest.approx(
-        curvature["l0.lora_A"].damping(0.1)
-    )
-    with pytest.raises(ValueError, match="datainf needs"):
-        build_queries(
-            v, curvature, ["datainf"], projector, EstimatorOptions(), target_set="t", fingerprint=_fp(spec)
-        )
+    prepared = prepare(store.read_curvature(_fp(ProjectionSpec(dim=0))), EstimatorOptions(method="datainf"))
+    streamed = prepared.apply_one(v, train_batches=(g for _, g in raw_gradient_batches(store, SHAPES, batch_rows=7)))
+    in_memory = precondition(v, store.read_curvature(_fp(ProjectionSpec(dim=0))), EstimatorOptions(method="datainf"),
+                             train_grads=train).vectors
+    for name in SHAPES:
+        torch.testing.assert_close(streamed[name], in_memory[name], rtol=1e-6, atol=0)
+    with pytest.raises(GradientMismatchError, match="raw gradient rows"):
+        next(raw_gradient_batches(_store(tmp_path / "p", ProjectionSpec(dim=48), train)[0], SHAPES))
 
 
 @pytest.mark.parametrize("method", ["hyperinf", "exact", "tracin"])
@@ -193,8 +195,7 @@ def test_self_influence_stream_equals_estimators_self_influence(tmp_path, method
     grads = _grads(90, 3)
     store, _, ids = _store(tmp_path, ProjectionSpec(dim=0), grads)
     curvature = store.read_curvature(_fp(ProjectionSpec(dim=0)))
-    got_ids, got = self_influence_store(store, curvature, SHAPES, EstimatorOptions(method=method),
-                                        batch_rows=16)
+    got_ids, got = self_influence_store(store, prepare(curvature, EstimatorOptions(method=method)), batch_rows=16)
     want = self_influence(grads, method=method, damping_ratio=0.1).numpy()
     order = [ids.index(i) for i in got_ids]
     assert sorted(got_ids) == ids
@@ -204,7 +205,9 @@ def test_self_influence_stream_equals_estimators_self_influence(tmp_path, method
 def test_self_influence_needs_raw_rows(tmp_path):
     spec = ProjectionSpec(dim=48)
     store, _, _ = _store(tmp_path, spec, _grads(30, 4))
+    curvature = store.read_curvature(_fp(spec))
     with pytest.raises(GradientMismatchError, match="raw gradient rows"):
-        self_influence_store(store, store.read_curvature(_fp(spec)), SHAPES, EstimatorOptions())
-    with pytest.raises(ValueError, match="self-influence supports"):
-        self_influence_store(store, store.read_curvature(_fp(spec)), SHAPES, EstimatorOptions(method="datainf"))
+        self_influence_store(store, prepare(curvature, EstimatorOptions()))
+    raw, _, _ = _store(tmp_path / "raw", ProjectionSpec(dim=0), _grads(30, 4))
+    with pytest.raises(UnsupportedMethodError, match="self-influence from a prepared 'datainf'"):
+        self_influence_store(raw, prepare(curvature, EstimatorOptions(method="datainf")))

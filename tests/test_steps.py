@@ -1,23 +1,29 @@
-"""steps.py end to end on a tiny random BERT and ~200 Rotten Tomatoes snippets in 2 shards."""
+"""The stages end to end on a tiny random BERT and ~200 Rotten Tomatoes snippets in 2-3 shards, launched as
+`hyperinf run` launches them, then checked stage by stage against the tables they wrote."""
 
 import collections
 import re
 import shutil
-from dataclasses import replace
 from pathlib import Path
 
+import dagster as dg
 import duckdb
 import numpy as np
 import pandas as pd
 import pytest
+from tiny_models import save_tiny_model
 
-from hyperinf_ops import steps
+from hyperinf_ops.adapters import AdapterStore
 from hyperinf_ops.config import load_config
-from hyperinf_ops.data import build_demo_dataset, write_demo_config
+from hyperinf_ops.data.demo import build_demo_dataset, write_demo_config
 from hyperinf_ops.errors import DataError, FingerprintMismatchError
-from hyperinf_ops.models import save_tiny_model
 from hyperinf_ops.query import load_sql
-from hyperinf_ops.store import TABLES
+from hyperinf_ops.stages.adapter import train_or_load_adapter
+from hyperinf_ops.stages.pool import ingest_shard
+from hyperinf_ops.stages.reports import agreement_check, mislabel_report, self_influence_scores
+from hyperinf_ops.stages.scores import score
+from hyperinf_ops.store import LanceStore
+from pipelines.runner import materialize_all
 
 ESTIMATORS = ["hyperinf", "datainf", "tracin", "lissa", "exact"]
 
@@ -37,8 +43,8 @@ def demo(tmp_path_factory):
     return paths, model
 
 
-def make_config(folder: Path, demo, shards: list[int], **overrides):
-    """A config over a pool folder holding the given demo shards (copied), storage under `folder`."""
+def make_config(folder: Path, demo, shards: list[int], **overrides) -> Path:
+    """A config file over a pool folder holding the given demo shards (copied), storage under `folder`."""
     paths, model = demo
     pool = folder / "pool"
     pool.mkdir(parents=True, exist_ok=True)
@@ -46,70 +52,76 @@ def make_config(folder: Path, demo, shards: list[int], **overrides):
         shutil.copy(paths.shards[i], pool / paths.shards[i].name)
     doc = {
         "model": str(model), "train": {"epochs": 2, "lr": 1e-2, "batch_size": 16},
-        "projection_dim": 0, "max_length": 32, "estimators": ESTIMATORS,
+        "projection_dim": 0, "max_length": 32, "estimators": ESTIMATORS, "data": {"path": str(pool)},
         "curation": {"query": "top_fraction", "params": {"fraction": 0.5}}, **overrides,
     }
-    cfg = load_config(write_demo_config(paths, folder / "hyperinf.yaml", overrides=doc))
-    return replace(cfg, data=replace(cfg.data, path=pool))
+    return write_demo_config(paths, folder / "hyperinf.yaml", overrides=doc)
 
 
-def counts(store) -> dict[str, int]:
-    return {t: store.open(t).count_rows() for t in TABLES}
+def run(cfg_path: Path):
+    with dg.DagsterInstance.ephemeral() as instance:
+        return materialize_all(instance, cfg_path, load_config(cfg_path), log=quiet)
 
 
-def scores_df(store) -> pd.DataFrame:
+def counts(store: LanceStore) -> dict[str, int]:
+    return {t: store.open(t).count_rows() for t in ("examples", "targets", "gradients", "curvature", "queries",
+                                                    "scores")}
+
+
+def scores_df(store: LanceStore) -> pd.DataFrame:
     cols = ["sample_id", "target_set", "method", "score"]
     return store.open("scores").to_table(columns=cols).to_pandas().set_index(["target_set", "method", "sample_id"])
 
 
-def test_run_all_end_to_end_and_rerun(tmp_path: Path, demo):
-    cfg = make_config(tmp_path, demo, [0, 1])
-    lines: list[str] = []
-    summary = steps.run_all(cfg, log=lines.append)
-    store = steps.open_store(cfg)
+def test_every_stage_end_to_end_and_rerun(tmp_path: Path, demo):
+    cfg_path = make_config(tmp_path, demo, [0, 1])
+    cfg = load_config(cfg_path)
+    report = run(cfg_path)
+    store = LanceStore(str(cfg.storage_root))
     n = 140
     assert counts(store) == {"examples": n, "targets": 40, "gradients": n, "curvature": 2 * 8,
                              "queries": len(ESTIMATORS), "scores": n * len(ESTIMATORS)}
+    assert report.gradients == ["shard-00", "shard-01"] and report.adapter
     scores = store.open("scores").to_table().to_pandas()
     assert set(scores["method"]) == set(ESTIMATORS) and set(scores["target_set"]) == {"clean_val"}
     assert (scores.groupby("method")["sample_id"].nunique() == n).all() and np.isfinite(scores["score"]).all()
     # the stored examples keep the pool's extra columns
     assert {"movie_name", "flipped"} <= set(store.open("examples").schema.names)
+    assert AdapterStore(cfg.storage_root).current().source == "trained"
 
-    assert summary.adapter.source == "trained" and summary.curvature.all_converged
-    assert [g.shard for g in summary.gradients] == ["shard-00", "shard-01"]
-    assert summary.scores.rows == n and len(summary.scores.most_harmful) == 10
+    settings = cfg.gradient_settings
+    methods = [cfg.estimator(m) for m in ESTIMATORS]
     # raw (unprojected) rows: the stored Schulz scores are the exact scores
-    assert summary.agreement.min_spearman > 0.999
+    agreement = agreement_check(store, cfg.model_spec, settings, cfg.estimator("hyperinf"), ["clean_val"],
+                                sample_size=32, log=quiet)
+    assert agreement.min_spearman > 0.999 and agreement.sample_size == 32
+    mislabel = mislabel_report(store, settings, methods, target_set="clean_val", task=cfg.task)
     planted = sum(int(pd.read_parquet(p)["flipped"].sum()) for p in demo[0].shards[:2])
     self_names = {"self_influence_hyperinf", "self_influence_tracin"}  # raw rows: target-free detectors too
-    assert set(summary.mislabel.methods) == set(ESTIMATORS) | self_names and summary.mislabel.flipped == planted
-    assert all(0 <= summary.mislabel.methods[m]["auroc"] <= 1 for m in self_names)
+    assert set(mislabel.methods) == set(ESTIMATORS) | self_names and mislabel.flipped == planted
+    assert all(0 <= mislabel.methods[m]["auroc"] <= 1 for m in self_names)
+    assert len(mislabel.most_harmful) == 10 and "flipped" in mislabel.most_harmful[0]
     # the streamed self-influence is the squared gradient norm for tracin
     sq = store.open("gradients").to_table(columns=["sample_id", "sq_norms"]).to_pandas().set_index("sample_id")
-    tracin_self = steps.self_influence_scores(cfg, store, "tracin")
+    tracin_self = self_influence_scores(store, settings, cfg.estimator("tracin"))
     np.testing.assert_allclose(tracin_self.to_numpy(), sq.loc[tracin_self.index, "sq_norms"].map(sum).to_numpy(),
                                rtol=1e-4)
-    assert any("warm-up epoch 2/2" in line and "examples/s" in line for line in lines)
-    assert any("gradients of shard shard-00" in line and "ETA" in line for line in lines)
 
     # the curated subset is the configured SQL applied to the score table
-    subset = pd.read_parquet(summary.curated.files["parquet"])
+    export = cfg.storage_root / "exports" / "top_fraction"
+    subset = pd.read_parquet(export / "subset.parquet")
     con = duckdb.connect()
     con.register("scores", store.open("scores").to_table())
     expected = con.sql(load_sql("top_fraction"), params=cfg.curation.params).df()
-    assert len(subset) == summary.curated.rows == 70
+    assert len(subset) == 70
     assert set(subset["sample_id"]) == set(expected["sample_id"])
-    assert Path(summary.curated.out_dir, "manifest.json").is_file()
-    assert Path(summary.curated.out_dir, "subset.jsonl").read_text().count("\n") == 70
+    assert (export / "manifest.json").is_file() and (export / "subset.jsonl").read_text().count("\n") == 70
 
-    before = counts(store)
-    again = steps.run_all(cfg, log=quiet)
+    before, scores_before = counts(store), scores_df(store)
+    again = run(cfg_path)
     assert counts(store) == before  # nothing duplicated
-    assert again.adapter.source == "reused" and again.gradients == []
-    assert again.skipped_shards == ["shard-00", "shard-01"]
-    pd.testing.assert_frame_equal(scores_df(store), scores_df(store))
-    assert again.to_dict()["scores"]["rows"] == n  # summaries are plain data
+    assert not again.adapter and again.gradients == [] and [r.job_name for r in again.runs] == ["refresh_job"]
+    pd.testing.assert_frame_equal(scores_df(store).sort_index(), scores_before.sort_index())
 
 
 def test_new_shard_equals_from_scratch(tmp_path: Path, demo):
@@ -117,40 +129,42 @@ def test_new_shard_equals_from_scratch(tmp_path: Path, demo):
     # projected rows this time: the projection is seeded, so shard-wise and union rows are the same
     projected = {"projection_dim": 256, "projection_dtype": "float32"}
     incremental = make_config(tmp_path / "inc", demo, [0, 1], **projected)
-    steps.run_all(incremental, log=quiet, agreement_sample=8)
-    shutil.copy(paths.shards[2], incremental.data.path / paths.shards[2].name)  # a new data file arrives
-    summary = steps.run_all(incremental, log=quiet, agreement_sample=8)
-    assert [g.shard for g in summary.gradients] == ["shard-02"]  # only the new shard is computed
-    assert summary.adapter.source == "reused"
+    run(incremental)
+    shutil.copy(paths.shards[2], tmp_path / "inc" / "pool" / paths.shards[2].name)  # a new data file arrives
+    report = run(incremental)
+    assert report.gradients == ["shard-02"] and not report.adapter  # only the new shard is computed
 
     # from scratch on the union, under the same adapter (gradients are only comparable under one adapter)
-    scratch = make_config(tmp_path / "scratch", demo, [0, 1, 2], **projected)
-    scratch = replace(scratch, adapter=replace(scratch.adapter, path=steps.adapter_dir(incremental)))
-    fresh = steps.run_all(scratch, log=quiet, agreement_sample=8)
-    assert fresh.adapter.source == "given" and len(fresh.gradients) == 3
-    a, b = scores_df(steps.open_store(incremental)), scores_df(steps.open_store(scratch))
+    adapters = AdapterStore(load_config(incremental).storage_root)
+    scratch = make_config(tmp_path / "scratch", demo, [0, 1, 2], adapter={"path": str(adapters.path(adapters.current()))},
+                          **projected)
+    fresh = run(scratch)
+    assert fresh.adapter and len(fresh.gradients) == 3
+    assert AdapterStore(load_config(scratch).storage_root).current().source == "given"
+    a = scores_df(LanceStore(str(load_config(incremental).storage_root)))
+    b = scores_df(LanceStore(str(load_config(scratch).storage_root)))
     assert len(a) == 210 * len(ESTIMATORS) and a.index.sort_values().equals(b.index.sort_values())
     np.testing.assert_allclose(a["score"], b.loc[a.index, "score"], rtol=1e-6, atol=1e-9)
 
 
 def test_bad_input_writes_nothing(tmp_path: Path, demo):
-    cfg = make_config(tmp_path, demo, [0])
-    store = steps.open_store(cfg)
-    steps.run_all(cfg, log=quiet, agreement_sample=8)
+    cfg_path = make_config(tmp_path, demo, [0])
+    run(cfg_path)
+    cfg = load_config(cfg_path)
+    store = LanceStore(str(cfg.storage_root))
     versions = store.versions()
 
     bad = tmp_path / "bad.parquet"
     pd.read_parquet(demo[0].shards[1]).rename(columns={"text": "txt"}).to_parquet(bad)
     with pytest.raises(DataError, match=r"column 'text' not found \(did you mean 'txt'\?\)"):
-        steps.ingest_shard(cfg, store, "bad", bad, log=quiet)
+        ingest_shard(store, "bad", bad, cfg.data, cfg.task, log=quiet)
 
-    # a retrained adapter (other seed) no longer matches the stored gradient rows
-    other = replace(cfg, train=replace(cfg.train, seed=7))
-    assert steps.train_or_load_adapter(other, store, log=quiet).source == "trained"
+    # a retrained adapter (other seed) no longer matches the stored gradient rows: nothing scores them
+    other = cfg.train.model_copy(update={"seed": 7})
+    assert train_or_load_adapter(store, cfg.model_spec, cfg.lora, other, log=quiet).source == "trained"
     with pytest.raises(FingerprintMismatchError, match="adapter_hash"):
-        steps.compute_gradient_shard(other, store, "shard-00", log=quiet)
-    with pytest.raises(FingerprintMismatchError, match="adapter_hash"):
-        steps.score(other, store, log=quiet)
+        score(store, cfg.gradient_settings, [("clean_val", "hyperinf")], task=cfg.task, shown=("clean_val", "hyperinf"),
+              log=quiet)
     assert store.versions() == versions
 
 
@@ -169,15 +183,22 @@ def test_causal_lm_with_where_target(tmp_path: Path):
     pool.mkdir()
     pd.DataFrame(rows[:20]).to_json(pool / "a.jsonl", orient="records", lines=True)
     pd.DataFrame(rows[20:]).to_csv(pool / "b.csv", index=False)
-    cfg = load_config({
+    doc = {
         "model": str(model), "task": "causal_lm", "data": {"path": "pool", "label_column": "label"},
         "targets": {"greetings": {"where": "label = 'greeting' AND n < 10"}},
         "train": {"epochs": 1, "lr": 1e-2, "batch_size": 8}, "projection_dim": 0, "max_length": 24,
         "estimators": ["hyperinf", "tracin"], "curation": {"query": "top_k", "params": {"k": 5}},
-    }, base_dir=tmp_path)
-    summary = steps.run_all(cfg, log=quiet, agreement_sample=16)
-    store = steps.open_store(cfg)
-    assert summary.targets.rows == {"greetings": 5} and summary.adapter.source == "trained"
-    assert counts(store)["scores"] == 40 * 2 and summary.curated.rows == 5
-    assert summary.agreement.min_spearman > 0.999 and not summary.mislabel.has_truth
+    }
+    cfg_path = tmp_path / "hyperinf.yaml"
+    cfg_path.write_text(load_config(doc, base_dir=tmp_path).model_dump_json())  # JSON is YAML
+    report = run(cfg_path)
+    cfg = load_config(cfg_path)
+    store = LanceStore(str(cfg.storage_root))
+    assert report.gradients == ["a", "b"] and AdapterStore(cfg.storage_root).current().source == "trained"
+    assert store.open("targets").count_rows() == 5 and counts(store)["scores"] == 40 * 2
+    assert pd.read_parquet(cfg.storage_root / "exports" / "top_k" / "subset.parquet").shape[0] == 5
+    agreement = agreement_check(store, cfg.model_spec, cfg.gradient_settings, cfg.estimator("hyperinf"),
+                                ["greetings"], sample_size=16, log=quiet)
+    assert agreement.min_spearman > 0.999
+    assert "flipped" not in store.open("examples").schema.names  # no truth: the report lists, never scores
     assert store.open("examples").schema.field("n").type == "int64"  # extra column kept with its type

@@ -1,14 +1,15 @@
 """training.py: the warm-up learns a separable toy problem, deterministically, and reports progress."""
 
 import random
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from tiny_models import save_tiny_model
 
-from hyperinf_ops.config import TrainConfig, load_config
-from hyperinf_ops.models import adapter_hash, load_lora_model, save_tiny_model
+from hyperinf_ops.config import load_config
+from hyperinf_ops.models import adapter_hash, load_lora_model
 from hyperinf_ops.progress import ProgressEvent
+from hyperinf_ops.settings import TrainSettings
 from hyperinf_ops.training import warmup_train
 
 
@@ -34,10 +35,10 @@ def cfg(tmp_path_factory):
 
 
 def test_loss_decreases_and_progress(cfg, tmp_path: Path):
-    loaded = load_lora_model(cfg, ["neg", "pos"])
+    loaded = load_lora_model(cfg.model_spec, ["neg", "pos"], lora=cfg.lora)
     events: list[ProgressEvent] = []
     # a random tiny BERT needs ~10 epochs before the LoRA matrices route the sentiment word to [CLS]
-    train_cfg = TrainConfig(epochs=12, lr=3e-2, batch_size=8, seed=0, log_every=4)
+    train_cfg = TrainSettings(epochs=12, lr=3e-2, batch_size=8, seed=0, log_every=4)
     stats = warmup_train(loaded, toy_records(), train_cfg, max_length=16, progress=events.append)
     assert stats.steps == 12 * 8 and stats.examples == 64 and len(stats.loss_per_epoch) == 12
     assert stats.loss_per_epoch[-1] < 0.3 * stats.loss_per_epoch[0]
@@ -49,10 +50,11 @@ def test_loss_decreases_and_progress(cfg, tmp_path: Path):
 
 
 def test_deterministic(cfg):
-    train_cfg = TrainConfig(epochs=1, lr=1e-3, batch_size=16, seed=3)
+    train_cfg = TrainSettings(epochs=1, lr=1e-3, batch_size=16, seed=3)
     runs = []
     for _ in range(2):
-        loaded = load_lora_model(replace(cfg, lora=replace(cfg.lora, dropout=0.1)), ["neg", "pos"])  # seeded dropout
+        lora = cfg.lora.model_copy(update={"dropout": 0.1})  # seeded dropout
+        loaded = load_lora_model(cfg.model_spec, ["neg", "pos"], lora=lora)
         stats = warmup_train(loaded, toy_records(32), train_cfg, max_length=16)
         runs.append((stats.loss_per_epoch, adapter_hash(loaded.model)))
     assert runs[0] == runs[1]

@@ -1,5 +1,6 @@
-"""The UI for real: `dagster dev` on 127.0.0.1 with a tmp instance, the asset graph over GraphQL, a
-materialization launched through GraphQL (as the UI's Materialize button does), then a clean stop."""
+"""The UI for real: `dagster dev` on 127.0.0.1 with a tmp instance, the asset graph over GraphQL, the runs a
+`hyperinf run` made beforehand on the timeline and their job's page, a materialization launched through
+GraphQL (as the UI's Materialize button does), then a clean stop."""
 
 import json
 import os
@@ -9,11 +10,13 @@ from pathlib import Path
 
 import pytest
 from hyperinf_project import make_project
+from tiny_models import save_tiny_model
 
-from hyperinf_ops.models import save_tiny_model
+from assets_defs.resources import CONFIG_ENV_VAR
+from hyperinf_ops.config import load_config
 from pipelines.devserver import free_port, group_alive, start_dagster_dev, stop_dagster_dev, wait_until_ready
-from pipelines.instance import LOCATION_NAME, WORKSPACE_YAML, prepare_dagster_home
-from pipelines.resources import CONFIG_ENV_VAR
+from pipelines.instance import LOCATION_NAME, WORKSPACE_YAML, open_instance, prepare_dagster_home
+from pipelines.runner import materialize_all
 
 REPO = {"repositoryLocationName": LOCATION_NAME, "repositoryName": "__repository__"}
 
@@ -59,6 +62,8 @@ def _processes_with_home(home: Path) -> list[int]:
 def test_dagster_dev_graph_launch_and_clean_stop(tmp_path):
     cfg_path = make_project(tmp_path / "project", save_tiny_model(tmp_path / "model"), n_pool=40, n_target=8)
     home = prepare_dagster_home(tmp_path / "dagster_home")
+    with open_instance(home) as instance:  # what `hyperinf run` does before anyone opens the UI
+        cli_runs = materialize_all(instance, cfg_path, load_config(cfg_path), log=lambda _: None).runs
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     with (tmp_path / "dagster_dev.log").open("w") as log:
@@ -72,15 +77,29 @@ def test_dagster_dev_graph_launch_and_clean_stop(tmp_path):
         nodes = _graphql(url, "{ assetNodes { assetKey { path } isPartitioned groupName dependencyKeys { path } "
                               "assetChecksOrError { ... on AssetChecks { checks { name } } } } }")["assetNodes"]
         graph = {n["assetKey"]["path"][0]: n for n in nodes}
-        assert set(graph) == {"pool_examples", "target_sets", "lora_adapter", "lora_gradients", "curvature",
-                              "target_queries", "influence_scores", "curated_subset", "mislabel_report"}
-        assert graph["lora_gradients"]["isPartitioned"] and not graph["curvature"]["isPartitioned"]
+        assert set(graph) == {"pool_files", "pool_examples", "target_sets", "lora_adapter", "lora_gradients",
+                              "preconditioners", "target_queries", "influence_scores", "curated_subset",
+                              "mislabel_report"}
+        assert graph["lora_gradients"]["isPartitioned"] and not graph["preconditioners"]["isPartitioned"]
         assert {d["path"][0] for d in graph["lora_gradients"]["dependencyKeys"]} == {"pool_examples", "lora_adapter"}
         checks = {c["name"] for n in nodes for c in n["assetChecksOrError"].get("checks", [])}
         assert {"gradients_finite", "inverses_converged", "agreement_with_exact", "curated_subset_size"} <= checks
 
+        # The CLI's runs carry the location's origin: the Overview timeline lists only such runs
+        # (useRunsForTimeline skips a run without repositoryOrigin), and each job's Runs tab filters by the
+        # repository tag.
+        runs = _graphql(url, "{ runsOrError { ... on Runs { results { runId pipelineName "
+                             "repositoryOrigin { repositoryLocationName repositoryName } } } } }")["runsOrError"]
+        by_id = {r["runId"]: r for r in runs["results"]}
+        assert {r.run_id for r in cli_runs} <= set(by_id)
+        assert all(by_id[r.run_id]["repositoryOrigin"] == REPO for r in cli_runs)
+        job_page = _graphql(url, "query($f: RunsFilter) { runsOrError(filter: $f) { ... on Runs { results { runId } } } }",
+                            {"f": {"pipelineName": "refresh_job", "tags": [
+                                {"key": ".dagster/repository", "value": "__repository__@hyperinf"}]}})
+        assert [r["runId"] for r in job_page["runsOrError"]["results"]] == [cli_runs[-1].run_id]
+
         added = _graphql(url, "mutation($s: RepositorySelector!) { addDynamicPartition(partitionsDefName: "
-                              "\"pool_shards\", partitionKey: \"shard-0\", repositorySelector: $s) { __typename } }",
+                              "\"pool_shards\", partitionKey: \"shard-9\", repositorySelector: $s) { __typename } }",
                          {"s": REPO})
         assert added["addDynamicPartition"]["__typename"] == "AddDynamicPartitionSuccess"
 

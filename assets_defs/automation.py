@@ -1,0 +1,20 @@
+"""When Dagster's automation (the `hyperinf_automation` sensor) materializes an asset by itself.
+
+ON_NEW_DATA is `eager()` with one change: a dependency counts as updated only when its *data version* changed
+(or it is requested on the same tick, so a chain runs in one go). Every asset returns a data version that says
+what its output is a function of (a shard's content, the adapter's hash, the gradient fingerprint, ...), so a
+re-run that found nothing to do (an unchanged shard, a reused adapter) does not cascade into recomputing
+everything downstream. As in `eager()`, a change made by a run that also materialized this asset is not a
+reason to run it again.
+"""
+
+import dagster as dg
+
+AC = dg.AutomationCondition
+
+_DEP_CHANGED = ((AC.data_version_changed() & ~AC.executed_with_root_target()).with_label("new_data_version")
+                | AC.will_be_requested())
+ON_NEW_DATA = AC.eager().replace("any_deps_updated", AC.any_deps_match(_DEP_CHANGED).with_label("any_deps_changed"))
+# The adapter is trained once and then kept: gradients are only comparable under one adapter, so new data
+# must not silently retrain it (re-materialize it from the UI or `hyperinf run` after a settings change).
+ONCE = AC.on_missing()

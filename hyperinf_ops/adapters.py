@@ -1,0 +1,147 @@
+"""Adapters as versioned artifacts: every adapter the store ever used, by hash, and which one is current.
+
+    <root>/adapters/<hash[:16]>/     peft files + manifest.json (AdapterManifest)
+    <root>/adapters/current.json     the manifest of the adapter every stored gradient row is taken under
+
+A new adapter is written into a temporary folder and renamed into place whole; `current.json` is replaced
+atomically only after that, so a crash never leaves half an adapter, and the adapter that made the stored
+rows stays on disk until it is no longer current. The manifest records everything the gradient fingerprint
+needs (model identity, adapter hash, LoRA matrices and their shapes), so steps that only read stored rows
+(curvature, scoring, SQL) never load a model to know what made them.
+
+Reuse: an adapter is identified by its recipe key (for a trained adapter: base model hash, task, pooling,
+LoRA and training settings, max length and labels; for a given one: the bytes of its folder), so the same
+settings reuse the stored adapter even when the pool grew (gradients are only comparable under one adapter).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import uuid
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict
+
+from hyperinf_ops.fingerprint import Fingerprint
+from hyperinf_ops.settings import BUNDLED_MODELS, ProjectionSpec
+
+__all__ = ["AdapterManifest", "AdapterStore", "folder_digest", "recipe_key"]
+
+MANIFEST = "manifest.json"
+CURRENT = "current.json"
+
+
+class AdapterManifest(BaseModel):
+    """What an adapter is and what it was made from. `matrix_shapes`: every LoRA matrix's parameter name ->
+    (r, d), the per-example gradient shape (lora_B transposed)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    adapter_hash: str
+    recipe_key: str
+    source: str  # "trained" or "given"
+    model: str  # the config's model: a bundled name or a folder path
+    model_hash: str
+    task: str
+    labels: tuple[str, ...]
+    lora_modules: tuple[str, ...]
+    rank: int
+    alpha: float
+    matrix_shapes: dict[str, tuple[int, int]]
+    pooling: str
+    trained_on: int  # pool examples the warm-up saw (0 for a given adapter)
+    train: dict[str, Any] | None = None  # the warm-up's TrainStats
+    given_path: str | None = None
+
+    @property
+    def short_hash(self) -> str:
+        return self.adapter_hash[:16]
+
+    def selected_shapes(self, modules: tuple[str, ...] | None) -> dict[str, tuple[int, int]]:
+        """(r, d) of the LoRA matrices that `modules` selects (gradients.select_matrices), sorted by name."""
+        from hyperinf_ops.gradients import select_matrices
+
+        return {n: tuple(self.matrix_shapes[n]) for n in select_matrices(list(self.matrix_shapes), modules)}
+
+    def fingerprint(self, modules: tuple[str, ...] | None, projection: ProjectionSpec) -> Fingerprint:
+        """The fingerprint of gradient rows taken under this adapter for the selected matrices and projection."""
+        from hyperinf_ops.tasks import get_task
+
+        model_id = self.model if self.model in BUNDLED_MODELS else Path(self.model).name
+        return Fingerprint.create(
+            model_id=model_id, model_hash=self.model_hash, adapter_hash=self.adapter_hash, task=self.task,
+            lora_modules=self.lora_modules, shapes=self.selected_shapes(modules), projection=projection,
+            loss_reduction=get_task(self.task).loss_reduction)
+
+
+def recipe_key(recipe: Mapping[str, Any]) -> str:
+    """sha256 of a recipe (JSON, sorted keys): equal recipes reuse one adapter."""
+    return hashlib.sha256(json.dumps(recipe, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def folder_digest(folder: Path) -> str:
+    """sha256 over a folder's top-level files (names and bytes): the identity of a given adapter folder."""
+    h = hashlib.sha256()
+    for f in sorted(p for p in Path(folder).iterdir() if p.is_file()):
+        h.update(f"{f.name}|{f.stat().st_size}|".encode())
+        h.update(f.read_bytes())
+    return h.hexdigest()
+
+
+class AdapterStore:
+    """The adapters folder of a storage root."""
+
+    def __init__(self, storage_root: str | os.PathLike) -> None:
+        self.dir = Path(storage_root) / "adapters"
+
+    def path(self, manifest: AdapterManifest) -> Path:
+        """The folder holding this adapter's peft files."""
+        return self.dir / manifest.short_hash
+
+    def current(self) -> AdapterManifest | None:
+        """The adapter stored gradient rows are taken under, or None before the first one."""
+        file = self.dir / CURRENT
+        return AdapterManifest.model_validate_json(file.read_text()) if file.is_file() else None
+
+    def find(self, key: str) -> AdapterManifest | None:
+        """A stored adapter made by the recipe `key`, if any (the newest such folder)."""
+        found = []
+        for file in self.dir.glob(f"*/{MANIFEST}"):
+            manifest = AdapterManifest.model_validate_json(file.read_text())
+            if manifest.recipe_key == key and (file.parent / "adapter_config.json").is_file():
+                found.append((file.stat().st_mtime_ns, manifest))
+        return max(found, key=lambda item: item[0])[1] if found else None
+
+    def save(self, model: Any, manifest: AdapterManifest) -> Path:
+        """Write the peft adapter of `model` (a PeftModel) and its manifest, whole or not at all.
+
+        An adapter with this hash already on disk is kept as it is (same tensors, same folder)."""
+        target = self.path(manifest)
+        if (target / MANIFEST).is_file():
+            return target
+        self.dir.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=self.dir))
+        try:
+            model.save_pretrained(tmp)
+            (tmp / MANIFEST).write_text(manifest.model_dump_json(indent=2))
+            tmp.rename(target)
+        except OSError:
+            if not (target / MANIFEST).is_file():  # a concurrent writer of the same adapter won: fine
+                raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return target
+
+    def set_current(self, manifest: AdapterManifest) -> None:
+        """Make a saved adapter the current one (atomic replace of current.json)."""
+        if not (self.path(manifest) / MANIFEST).is_file():
+            raise FileNotFoundError(f"adapter {manifest.short_hash} is not saved under {self.dir}")
+        tmp = self.dir / f".{CURRENT}.{uuid.uuid4().hex}"
+        tmp.write_text(manifest.model_dump_json(indent=2))
+        os.replace(tmp, self.dir / CURRENT)

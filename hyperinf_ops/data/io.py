@@ -1,0 +1,62 @@
+"""Pool files: which files are the shards, and reading one as written (no type guessing on ids or texts)."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pandas as pd
+import pyarrow as pa
+
+from hyperinf_ops.errors import DataError
+
+__all__ = ["SUPPORTED_SUFFIXES", "discover_shards", "file_digest", "read_table"]
+
+SUPPORTED_SUFFIXES = (".parquet", ".csv", ".jsonl")
+
+
+def discover_shards(pool_path: Path) -> dict[str, Path]:
+    """Shard key -> file. A file is one shard keyed by its stem; a folder gives one shard per supported
+    file in it (not recursive), sorted by name."""
+    path = Path(pool_path)
+    if path.is_file():
+        files = [path]
+        if path.suffix not in SUPPORTED_SUFFIXES:
+            raise DataError(f"pool file {path} has an unsupported type; use one of {list(SUPPORTED_SUFFIXES)}")
+    elif path.is_dir():
+        files = sorted(f for f in path.iterdir() if f.is_file() and f.suffix in SUPPORTED_SUFFIXES)
+        if not files:
+            raise DataError(f"empty pool: folder {path} holds no {'/'.join(SUPPORTED_SUFFIXES)} files")
+    else:
+        raise DataError(f"pool path {path} does not exist")
+    shards: dict[str, Path] = {}
+    for f in files:
+        if f.stem in shards:
+            raise DataError(f"two pool files share the shard name {f.stem!r}: {shards[f.stem].name}, {f.name}")
+        shards[f.stem] = f
+    return shards
+
+
+def read_table(path: str | Path) -> pd.DataFrame:
+    """Read one .parquet / .csv / .jsonl file as written (no type guessing on ids or texts)."""
+    path = Path(path)
+    try:
+        if path.suffix == ".parquet":
+            return pd.read_parquet(path)
+        if path.suffix == ".csv":
+            # Only empty fields are missing: a text "NA" or "null" is text.
+            return pd.read_csv(path, keep_default_na=False, na_values=[""])
+        if path.suffix == ".jsonl":
+            return pd.read_json(path, lines=True, dtype=False)
+    except (OSError, ValueError, pa.ArrowException) as err:
+        raise DataError(f"cannot read {path}: {err}") from err
+    raise DataError(f"{path}: unsupported file type; use one of {list(SUPPORTED_SUFFIXES)}")
+
+
+def file_digest(path: str | Path) -> str:
+    """sha256 of a file's bytes, read in 1 MiB blocks: the identity of a pool file's content."""
+    h = hashlib.sha256()
+    with Path(path).open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()

@@ -1,0 +1,194 @@
+"""The small settings objects core functions take, and every set of choices, defined once.
+
+The YAML config (`config.py`) is composed of these; a core function receives only the ones it needs (the
+warm-up takes `TrainSettings`, the model loader a `ModelSpec` and `LoraSettings`, the solvers
+`EstimatorOptions`), never the whole configuration. All are frozen pydantic models validated strictly:
+a string is never silently read as a number, NaN and inf are refused, unknown keys are errors.
+
+This module imports neither torch nor transformers, so light entry points (`hyperinf sql`, config checks)
+stay light.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any, Literal, get_args
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
+
+__all__ = [
+    "BUNDLED_MODELS",
+    "METHODS",
+    "PIPELINE_METHODS",
+    "TASKS",
+    "EstimatorOptions",
+    "GradientSettings",
+    "LoraSettings",
+    "Method",
+    "ModelSpec",
+    "PipelineMethod",
+    "ProjectionSpec",
+    "SolverOptions",
+    "TaskName",
+    "TrainSettings",
+]
+
+TaskName = Literal["classification", "causal_lm"]
+# Every influence method the library implements; `exact_full` needs the (rd x rd) full Fisher, which the
+# shard pipeline does not accumulate, so the pipeline offers the others.
+Method = Literal["hyperinf", "datainf", "lissa", "tracin", "exact", "exact_full"]
+PipelineMethod = Literal["hyperinf", "datainf", "lissa", "tracin", "exact"]
+SolverDtype = Literal["float64", "float32"]
+StorageDtype = Literal["float16", "float32"]
+Schedule = Literal["linear", "constant"]
+InverseInit = Literal["scaled", "paper"]
+
+TASKS: tuple[str, ...] = get_args(TaskName)
+METHODS: tuple[str, ...] = get_args(Method)
+PIPELINE_METHODS: tuple[str, ...] = get_args(PipelineMethod)
+BUNDLED_MODELS = ("minilm", "smollm2")
+DEVICE_PATTERN = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+
+
+def _known_device(value: str) -> str:
+    if not DEVICE_PATTERN.match(value):
+        raise ValueError(f"{value!r} is not one of auto, cpu, cuda, cuda:N, mps")
+    return value
+
+
+# `auto` = CUDA when available, else CPU; or a torch device name.
+Device = Annotated[str, AfterValidator(_known_device)]
+
+
+class Settings(BaseModel):
+    """Base of every settings model: frozen, strict types, no unknown keys, finite numbers."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
+
+
+class ModelSpec(Settings):
+    """Which model, for which loss, how texts are cut, where it runs.
+
+    name: a bundled model (`minilm`, `smollm2`) or an absolute path to a local Hugging Face folder.
+    device: `auto` = CUDA when available, else CPU.
+    """
+
+    name: str = "minilm"
+    task: TaskName = "classification"
+    max_length: int = Field(128, ge=4)
+    device: Device = "auto"
+
+
+def _no_empty_list(value: tuple[str, ...] | None) -> tuple[str, ...] | None:
+    if value == ():
+        raise ValueError("empty list; leave it out (or null) for the default")
+    return value
+
+
+class LoraSettings(Settings):
+    """The LoRA adapter's shape. `modules=None` picks the model's attention query/value projections;
+    `gradient_modules` (substrings of parameter names, e.g. ["layer.5."]) selects which LoRA matrices enter
+    influence, None = all."""
+
+    rank: int = Field(8, ge=1)
+    alpha: float = Field(16.0, gt=0)
+    modules: tuple[str, ...] | None = Field(None, strict=False)
+    dropout: float = Field(0.05, ge=0, lt=1)
+    gradient_modules: tuple[str, ...] | None = Field(None, strict=False)
+
+    _check_lists = field_validator("modules", "gradient_modules")(_no_empty_list)
+
+
+class TrainSettings(Settings):
+    """Warm-up fine-tune of the LoRA adapter (and classifier head). `schedule`: linear decay to 0, or constant;
+    a progress line every `log_every` optimizer steps."""
+
+    epochs: int = Field(2, ge=1)
+    lr: float = Field(3.0e-4, gt=0)
+    batch_size: int = Field(32, ge=1)
+    seed: int = Field(0, ge=0)
+    weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: float = Field(1.0, gt=0)
+    schedule: Schedule = "linear"
+    log_every: int = Field(20, ge=1)
+
+
+class ProjectionSpec(Settings):
+    """What a stored gradient row is: `dim` output floats (0 = raw, the exact gradients), the generator `seed`
+    of the block JL projection, and the storage `dtype` (raw rows are always float32)."""
+
+    dim: int = Field(8192, ge=0)
+    seed: int = Field(0, ge=0)
+    dtype: StorageDtype = "float16"
+
+    @property
+    def raw(self) -> bool:
+        return self.dim == 0
+
+    @property
+    def kind(self) -> str:
+        return "raw" if self.raw else "block_gaussian"
+
+    @property
+    def storage_dtype(self) -> str:
+        return "float32" if self.raw else self.dtype
+
+
+class GradientSettings(Settings):
+    """The gradient pass: which LoRA matrices enter influence (substrings of parameter names, None = all),
+    examples per forward/backward, and how rows are stored."""
+
+    modules: tuple[str, ...] | None = Field(None, strict=False)
+    batch_size: int = Field(32, ge=1)
+    projection: ProjectionSpec = Field(default_factory=lambda: ProjectionSpec(dim=0))
+
+
+class SolverOptions(Settings):
+    """How the preconditioners solve (the YAML `estimator_options`).
+
+    schulz_*: order (2 = Schulz), residual tolerance and step cap of the hyperpower inverse (None = per-dtype
+    defaults); init="paper" is reference-code parity (X_0 = paper_alpha I, fixed steps, paper_extra_damping
+    added) and usually does not converge. allow_unconverged: keep a non-converged inverse instead of failing
+    (paper-parity comparisons only). lissa_iterations: Neumann terms; lissa_scale: s for every matrix (None =
+    per matrix ||G + lambda I||_F, which always exceeds lambda_max).
+    """
+
+    schulz_order: int = Field(2, ge=2)
+    schulz_tol: float | None = Field(None, gt=0)
+    schulz_max_iter: int | None = Field(None, ge=1)
+    init: InverseInit = "scaled"
+    paper_alpha: float = Field(5e-5, gt=0)
+    paper_extra_damping: float = Field(0.0, ge=0)
+    allow_unconverged: bool = False
+    lissa_iterations: int = Field(1000, ge=1)
+    lissa_scale: float | None = Field(None, gt=0)
+
+
+class EstimatorOptions(SolverOptions):
+    """One method's complete solver settings: the method, the damping rule and the working dtype.
+
+    damping_ratio: lambda_l = damping_ratio * mean(g_l^2), the one damping rule of every method.
+    dtype: working dtype of the hyperinf, lissa and datainf solves (exact and exact_full are always fp64);
+    a torch dtype is accepted too.
+    """
+
+    method: Method = "hyperinf"
+    damping_ratio: float = Field(0.1, gt=0)
+    dtype: SolverDtype = "float64"
+
+    def __init__(self, method: str = "hyperinf", damping_ratio: float = 0.1, **options: Any) -> None:
+        # The library's positional form EstimatorOptions("exact", 0.1) beside pydantic's keywords.
+        super().__init__(method=method, damping_ratio=damping_ratio, **options)
+
+    @field_validator("dtype", mode="before")
+    @classmethod
+    def _dtype_name(cls, value: Any) -> Any:
+        # torch.float64 -> "float64" without importing torch here.
+        return str(value).removeprefix("torch.") if type(value).__name__ == "dtype" else value
+
+    @property
+    def torch_dtype(self):
+        """The working dtype as a torch dtype."""
+        import torch
+
+        return getattr(torch, self.dtype)

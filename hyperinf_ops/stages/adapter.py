@@ -1,0 +1,127 @@
+"""Stage: the LoRA adapter every gradient row is taken under.
+
+`adapter.path` given: copy it into the store as an adapter artifact. Else warm up a fresh adapter on the
+whole pool, unless the store already holds one made by the same recipe (model, labels, LoRA and training
+settings): then it is reused even if shards were added since, because gradients are only comparable under
+one adapter and new data must not silently invalidate every stored row (pass `retrain=True` to train
+again). The new adapter becomes current only once it is saved whole (adapters.py).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pyarrow.compute as pc
+
+from hyperinf_ops.adapters import AdapterManifest, AdapterStore, folder_digest, recipe_key
+from hyperinf_ops.data.prepare import record_columns
+from hyperinf_ops.gradients import lora_matrix_shapes
+from hyperinf_ops.models import adapter_hash, load_lora_model, model_hash, pooling_of, resolve_model
+from hyperinf_ops.models.lora import LoadedModel
+from hyperinf_ops.settings import LoraSettings, ModelSpec, TrainSettings
+from hyperinf_ops.stages.common import Log, Summary, require_table
+from hyperinf_ops.store import LanceStore
+from hyperinf_ops.tasks import get_task
+from hyperinf_ops.training import TrainStats, warmup_train
+
+__all__ = ["AdapterSummary", "adapter_pending", "adapter_recipe", "pool_labels", "train_or_load_adapter"]
+
+
+@dataclass
+class AdapterSummary(Summary):
+    source: str  # "trained", "given" or "reused"
+    changed: bool  # the current adapter is another one than before this step
+    path: str
+    adapter_hash: str
+    model_hash: str
+    labels: list[str]
+    trained_on: int  # pool examples the warm-up saw (0 for a given adapter)
+    pool_examples: int
+    train: dict[str, Any] | None  # TrainStats of the warm-up that made it
+    seconds: float
+
+
+def pool_labels(store: LanceStore, task: str) -> list[str]:
+    """The pool's label set, sorted (it fixes the class ids); empty for tasks without classes."""
+    if not get_task(task).has_classes:
+        return []
+    labels = require_table(store, "examples", "ingest the pool first").to_table(columns=["label"])["label"]
+    return sorted(pc.unique(labels).to_pylist())
+
+
+def adapter_recipe(labels: list[str], spec: ModelSpec, lora: LoraSettings, train: TrainSettings,
+                   given: Path | None) -> str:
+    """The recipe key of the adapter these settings ask for (see adapters.py)."""
+    if given is not None:
+        return recipe_key({"given": folder_digest(given)})
+    path = resolve_model(spec.name)
+    return recipe_key({
+        "model_hash": model_hash(path), "task": spec.task, "max_length": spec.max_length, "labels": labels,
+        # The pooling the classifier head reads (mean for sentence-transformers folders) changes what is trained.
+        "pooling": pooling_of(path) if get_task(spec.task).has_classes else "model",
+        "lora": lora.model_dump(exclude={"gradient_modules"}),  # which matrices enter influence: not the adapter
+        "train": train.model_dump(exclude={"log_every"}),
+    })
+
+
+def adapter_pending(store: LanceStore, spec: ModelSpec, lora: LoraSettings, train: TrainSettings,
+                    given: Path | None) -> bool:
+    """Whether the current adapter is not the one these settings ask for (so the adapter step has work)."""
+    current = AdapterStore(store.root).current()
+    key = adapter_recipe(pool_labels(store, spec.task), spec, lora, train, given)
+    return current is None or current.recipe_key != key
+
+
+def train_or_load_adapter(store: LanceStore, spec: ModelSpec, lora: LoraSettings, train: TrainSettings, *,
+                          given: Path | None = None, retrain: bool = False, log: Log = print) -> AdapterSummary:
+    """Make the adapter these settings ask for current: reused, copied from `given`, or trained."""
+    start = time.perf_counter()
+    adapters = AdapterStore(store.root)
+    examples = require_table(store, "examples", "ingest the pool first")
+    labels = pool_labels(store, spec.task)
+    key = adapter_recipe(labels, spec, lora, train, given)
+    before = adapters.current()
+    manifest = None if retrain else adapters.find(key)
+    if manifest is not None:
+        log(f"reusing adapter {manifest.short_hash} ({manifest.source})"
+            + (f"; the pool grew by {examples.count_rows() - manifest.trained_on} examples since it was trained"
+               if manifest.source == "trained" and examples.count_rows() > manifest.trained_on else ""))
+        source = "reused"
+    elif given is not None:
+        loaded = load_lora_model(spec, labels, adapter_dir=given)
+        manifest = _manifest(loaded, key, "given", spec.name, trained_on=0, stats=None, given=given)
+        log(f"using the given adapter {given} (hash {manifest.short_hash})")
+        source = "given"
+    else:
+        loaded = load_lora_model(spec, labels, lora=lora, seed=train.seed)
+        records = examples.to_table(columns=record_columns(spec.task)).to_pylist()
+        log(f"warm-up training on {len(records)} examples: {train.epochs} epochs, batch {train.batch_size}, "
+            f"lr {train.lr}, device {loaded.device}")
+        stats = warmup_train(loaded, records, train, max_length=spec.max_length, progress=lambda e: log(str(e)))
+        manifest = _manifest(loaded, key, "trained", spec.name, trained_on=len(records), stats=stats)
+        log(f"adapter {manifest.short_hash} trained, final loss {stats.loss_per_epoch[-1]:.4f}")
+        source = "trained"
+    if source != "reused":
+        adapters.save(loaded.model, manifest)
+    adapters.set_current(manifest)
+    return AdapterSummary(source=source, changed=before is None or before.adapter_hash != manifest.adapter_hash,
+                          path=str(adapters.path(manifest)), adapter_hash=manifest.adapter_hash,
+                          model_hash=manifest.model_hash, labels=list(manifest.labels),
+                          trained_on=manifest.trained_on, pool_examples=examples.count_rows(), train=manifest.train,
+                          seconds=time.perf_counter() - start)
+
+
+def _manifest(loaded: LoadedModel, key: str, source: str, model: str, *, trained_on: int, stats: TrainStats | None,
+              given: Path | None = None) -> AdapterManifest:
+    peft = loaded.model.peft_config["default"]
+    train = None if stats is None else {**dataclasses.asdict(stats), "examples_per_s": stats.examples_per_s}
+    return AdapterManifest(
+        adapter_hash=adapter_hash(loaded.model), recipe_key=key, source=source, model=model,
+        model_hash=model_hash(loaded.model_path), task=loaded.task.name, labels=tuple(loaded.label2id),
+        lora_modules=loaded.lora_modules, rank=int(peft.r), alpha=float(peft.lora_alpha),
+        matrix_shapes=lora_matrix_shapes(loaded.model), pooling=loaded.pooling, trained_on=trained_on,
+        train=train, given_path=None if given is None else str(given))

@@ -1,0 +1,50 @@
+"""What every pipeline stage shares: its log callable, its summary base, and table helpers."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import lance
+
+from hyperinf_ops.errors import DataError
+from hyperinf_ops.store import LanceStore, sql_literal
+
+__all__ = ["Log", "Summary", "drop_stale", "require_table", "shard_filter"]
+
+# `print`, a logger's `info`, Dagster's `context.log.info`: the core never prints by itself.
+Log = Callable[[str], Any]
+
+
+@dataclass
+class Summary:
+    """Base of every stage summary: plain data a person wants to see (counts, versions, timings), never
+    tensors; JSON-ready through `to_dict()`."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return json.loads(json.dumps(dataclasses.asdict(self), default=str))
+
+
+def require_table(store: LanceStore, table: str, hint: str) -> lance.LanceDataset:
+    """The table, or a DataError saying which step makes it."""
+    if not store.exists(table):
+        raise DataError(f"table {table!r} does not exist yet: {hint}")
+    return store.open(table)
+
+
+def shard_filter(shard: str) -> str:
+    return f"shard = {sql_literal(shard)}"
+
+
+def drop_stale(store: LanceStore, table: str, columns: list[str], keep: set[tuple[str, ...]]) -> list[str]:
+    """Remove rows whose key (values of `columns`) is not in `keep`, one commit per key; returns the keys."""
+    if not store.exists(table):
+        return []
+    present = store.open(table).to_table(columns=columns).to_pandas().drop_duplicates()
+    stale = [tuple(map(str, row)) for row in present.itertuples(index=False) if tuple(map(str, row)) not in keep]
+    for key in stale:
+        store.replace_where(table, dict(zip(columns, key, strict=True)), [], unique=None)
+    return ["/".join(key) for key in stale]

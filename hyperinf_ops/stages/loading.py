@@ -1,0 +1,57 @@
+"""The model under the current adapter, loaded once per process, and per-example gradients of records."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from hyperinf_ops.adapters import AdapterManifest, AdapterStore
+from hyperinf_ops.errors import ModelLoadError
+from hyperinf_ops.gradients import per_example_lora_gradients
+from hyperinf_ops.models.lora import LoadedModel, adapter_hash, batches, load_lora_model
+from hyperinf_ops.settings import GradientSettings, ModelSpec
+
+__all__ = ["current_adapter", "finite_rows", "gradient_batches", "load_current_model"]
+
+# The last model loaded in this process, keyed by (model spec, adapter hash): the steps of one run share it.
+_LOADED: dict[tuple, LoadedModel] = {}
+
+
+def current_adapter(storage_root: str | Path) -> AdapterManifest:
+    """The current adapter's manifest; ModelLoadError before the first one."""
+    manifest = AdapterStore(storage_root).current()
+    if manifest is None:
+        raise ModelLoadError(f"no adapter under {storage_root} yet: materialize lora_adapter first")
+    return manifest
+
+
+def load_current_model(storage_root: str | Path, spec: ModelSpec) -> tuple[LoadedModel, AdapterManifest]:
+    """The model with the current adapter (labels as it was trained with), checked against its manifest."""
+    adapters = AdapterStore(storage_root)
+    manifest = current_adapter(storage_root)
+    key = (spec, manifest.adapter_hash)
+    if key not in _LOADED:
+        _LOADED.clear()
+        loaded = load_lora_model(spec, manifest.labels, adapter_dir=adapters.path(manifest))
+        if adapter_hash(loaded.model) != manifest.adapter_hash:
+            raise ModelLoadError(f"adapter folder {adapters.path(manifest)} does not hold the tensors its manifest "
+                                 f"names ({manifest.short_hash}); it was changed after it was saved")
+        _LOADED[key] = loaded
+    return _LOADED[key], manifest
+
+
+def gradient_batches(loaded: LoadedModel, records: Sequence[Mapping[str, Any]], settings: GradientSettings,
+                     max_length: int) -> Iterator[tuple[list[str], dict[str, Tensor]]]:
+    """(sample_ids, per-example LoRA gradients name -> (b, r, d)) batch by batch."""
+    for chunk, batch in batches(loaded, records, settings.batch_size, max_length):
+        grads = per_example_lora_gradients(loaded.model, batch, modules=settings.modules)
+        yield [str(r["sample_id"]) for r in chunk], grads
+
+
+def finite_rows(grads: Mapping[str, Tensor]) -> Tensor:
+    """(n,) bool: the examples whose gradient is finite in every matrix."""
+    return torch.stack([torch.isfinite(g).flatten(1).all(1) for g in grads.values()]).all(0)

@@ -1,0 +1,149 @@
+"""Stage: what a person checks after scoring.
+
+    mislabel_report   how well each ranking's most harmful examples find planted label flips (a boolean
+                      `flipped` pool column): AUROC and the share of flips among the 10% / 20% most harmful; with
+                      raw rows also the target-free self-influence rankings, from the stored inverses
+    agreement_check   Spearman between stored scores and exact scores (the stored fp64 Cholesky inverse, raw
+                      gradients) on a seeded sample: projection and solver error together
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from hyperinf_ops.data.prepare import record_columns
+from hyperinf_ops.errors import DataError
+from hyperinf_ops.estimators import score_gradients
+from hyperinf_ops.scorer import raw_gradient_batches, self_influence_store
+from hyperinf_ops.settings import EstimatorOptions, GradientSettings, ModelSpec
+from hyperinf_ops.stages.common import Log, Summary, require_table
+from hyperinf_ops.stages.loading import gradient_batches, load_current_model
+from hyperinf_ops.stages.preconditioners import checked_fingerprint, load_preconditioner
+from hyperinf_ops.stages.queries import target_gradient
+from hyperinf_ops.stages.scores import extremes, read_scores
+from hyperinf_ops.store import LanceStore, sql_literal
+
+__all__ = ["SELF_INFLUENCE_PREFIX", "SELF_INFLUENCE_REPORTED", "AgreementSummary", "MislabelReport", "agreement_check",
+           "mislabel_report", "self_influence_scores"]
+
+SELF_INFLUENCE_PREFIX = "self_influence_"
+# Self-influence rankings the report adds with raw rows: the GFIM inverse (HyperINF's curvature) and the plain
+# squared gradient norm (tracin: no curvature).
+SELF_INFLUENCE_REPORTED = ("hyperinf", "tracin")
+
+
+@dataclass
+class MislabelReport(Summary):
+    target_set: str
+    has_truth: bool  # the pool has a `flipped` column
+    examples: int
+    flipped: int
+    # ranking -> auroc, detection_at_10, detection_at_20: the configured methods (by name) and, with raw rows,
+    # "self_influence_hyperinf" and "self_influence_tracin" (no target set)
+    methods: dict[str, dict[str, float]]
+    most_harmful: list[dict[str, Any]]
+
+
+@dataclass
+class AgreementSummary(Summary):
+    method: str
+    reference: str
+    sample_size: int
+    spearman: dict[str, float]  # target set -> Spearman of stored vs exact raw scores
+    min_spearman: float
+    seconds: float
+
+
+def _auroc(harm: np.ndarray, positive: np.ndarray) -> float:
+    """P(a random positive has higher `harm` than a random negative), ties counted half (Mann-Whitney)."""
+    n_pos, n_neg = int(positive.sum()), int((~positive).sum())
+    if n_pos == 0 or n_neg == 0:
+        return math.nan
+    ranks = pd.Series(harm).rank(method="average").to_numpy()
+    return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def _detection(harm: np.ndarray, flipped: np.ndarray) -> dict[str, float]:
+    """AUROC of `harm` vs flipped, and the share of all flips among the 10% / 20% most harmful."""
+    order = np.argsort(-harm, kind="stable")
+    found = {f"detection_at_{p}": float(flipped[order[: math.ceil(len(harm) * p / 100)]].sum()
+                                        / max(flipped.sum(), 1)) for p in (10, 20)}
+    return {"auroc": _auroc(harm, flipped), **found}
+
+
+def self_influence_scores(store: LanceStore, settings: GradientSettings, options: EstimatorOptions, *,
+                          device: str | None = None) -> pd.Series:
+    """Self-influence of every stored raw row from the stored preconditioner of `options` (hyperinf, exact,
+    tracin), indexed by sample_id: higher = less explained by the rest of the pool (likely mislabeled)."""
+    prepared = load_preconditioner(store, checked_fingerprint(store, settings), options)
+    ids, values = self_influence_store(store, prepared, device=device)
+    return pd.Series(values, index=pd.Index(ids, name="sample_id"), name=f"{SELF_INFLUENCE_PREFIX}{options.method}")
+
+
+def mislabel_report(store: LanceStore, settings: GradientSettings, methods: Sequence[EstimatorOptions], *,
+                    target_set: str, task: str, device: str | None = None) -> MislabelReport:
+    """The report of the module docstring for one target set; without a `flipped` column only the most harmful
+    examples (of the first method) are listed."""
+    examples = require_table(store, "examples", "ingest the pool first")
+    has_truth = "flipped" in examples.schema.names
+    truth = (examples.to_table(columns=["sample_id", "flipped"]).to_pandas().set_index("sample_id")["flipped"]
+             .astype(bool) if has_truth else None)
+    rankings = {}
+    for options in methods:
+        s = read_scores(store, target_set, options.method)
+        if s.empty:
+            raise DataError(f"no scores for {target_set}/{options.method}: materialize influence_scores first")
+        if truth is not None:
+            flipped = truth.reindex(s["sample_id"], fill_value=False).to_numpy(dtype=bool)
+            rankings[options.method] = _detection(-s["score"].to_numpy(), flipped)
+    if truth is not None and settings.projection.raw:
+        for method in SELF_INFLUENCE_REPORTED:
+            si = self_influence_scores(store, settings, methods[0].model_copy(update={"method": method}),
+                                       device=device)
+            flipped = truth.reindex(si.index, fill_value=False).to_numpy(dtype=bool)
+            rankings[str(si.name)] = _detection(si.to_numpy(), flipped)
+    return MislabelReport(target_set=target_set, has_truth=has_truth, examples=examples.count_rows(),
+                          flipped=int(truth.sum()) if truth is not None else 0, methods=rankings,
+                          most_harmful=extremes(store, task, target_set, methods[0].method, helpful=False))
+
+
+def agreement_check(store: LanceStore, spec: ModelSpec, settings: GradientSettings, options: EstimatorOptions,
+                    targets: Sequence[str], *, sample_size: int = 64, seed: int = 0,
+                    log: Log = print) -> AgreementSummary:
+    """Spearman between the stored scores of `options.method` and exact scores on a seeded sample of the pool:
+    the stored exact inverse applied to the stored mean target gradients, and raw gradients of the sample
+    (the stored rows when raw, recomputed with the model when projected)."""
+    start = time.perf_counter()
+    fp = checked_fingerprint(store, settings)
+    exact = load_preconditioner(store, fp, options.model_copy(update={"method": "exact"}))
+    ids = sorted(store.open("gradients").to_table(columns=["sample_id"])["sample_id"].to_pylist())
+    chosen = sorted(np.random.default_rng(seed).choice(ids, size=min(sample_size, len(ids)), replace=False))
+    where = f"sample_id IN ({', '.join(sql_literal(i) for i in chosen)})"
+    if settings.projection.raw:
+        batches = list(raw_gradient_batches(store, exact.shapes, filter=where))
+    else:
+        loaded, _ = load_current_model(store.root, spec)
+        records = store.open("examples").to_table(columns=record_columns(spec.task), filter=where).to_pylist()
+        batches = list(gradient_batches(loaded, records, settings, spec.max_length))
+    sample_ids = [i for batch_ids, _ in batches for i in batch_ids]
+    sample = {name: torch.cat([g[name].cpu() for _, g in batches]) for name in exact.shapes}
+    spearman = {}
+    for name in targets:
+        v, _, _ = target_gradient(store, name, spec, settings, fp, log=log)
+        reference = score_gradients(exact.apply_one(v), sample).numpy()
+        stored = read_scores(store, name, options.method).set_index("sample_id")["score"].reindex(sample_ids)
+        spearman[name] = float(pd.Series(reference).corr(pd.Series(stored.to_numpy()), method="spearman"))
+    summary = AgreementSummary(method=options.method, reference="exact", sample_size=len(sample_ids),
+                               spearman=spearman, min_spearman=min(spearman.values()),
+                               seconds=time.perf_counter() - start)
+    log(f"agreement of stored {options.method} scores with exact raw scores on {len(sample_ids)} examples: "
+        + ", ".join(f"{k} Spearman {v:.4f}" for k, v in spearman.items()))
+    return summary

@@ -1,0 +1,100 @@
+"""Stage: every stored gradient row scored against every configured (target set, method) query in one scan
+(`scorer.score_store`), with the numbers a person checks first: score distribution and the extremes."""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from hyperinf_ops.data.prepare import record_columns
+from hyperinf_ops.errors import DataError
+from hyperinf_ops.scorer import score_store
+from hyperinf_ops.settings import GradientSettings
+from hyperinf_ops.stages.common import Log, Summary, drop_stale
+from hyperinf_ops.stages.preconditioners import checked_fingerprint
+from hyperinf_ops.store import LanceStore, sql_literal
+
+__all__ = ["ScoreStepSummary", "extremes", "read_scores", "score"]
+
+SHOWN = 10  # rows in "most helpful / most harmful" lists
+
+
+@dataclass
+class ScoreStepSummary(Summary):
+    rows: int
+    examples: int  # pool size; rows < examples means some examples have no gradient row
+    pairs: list[str]  # "target_set/method"
+    digest: str  # over every (target set, method, sample, score): equal scores, equal digest
+    scores_version: int
+    gradients_version: int
+    run_id: str
+    device: str
+    seconds: float
+    rows_per_second: float
+    score_stats: dict[str, dict[str, float]]  # "target/method" -> min, p10, median, p90, max, negative share
+    most_helpful: list[dict[str, Any]]  # for the curation target set and method
+    most_harmful: list[dict[str, Any]]
+
+
+def read_scores(store: LanceStore, target: str, method: str) -> pd.DataFrame:
+    """sample_id, score, rank of one (target set, method)."""
+    return store.open("scores").to_table(
+        columns=["sample_id", "score", "rank"],
+        filter=f"target_set = {sql_literal(target)} AND method = {sql_literal(method)}").to_pandas()
+
+
+def extremes(store: LanceStore, task: str, target: str, method: str, *, helpful: bool,
+             k: int = SHOWN) -> list[dict[str, Any]]:
+    """The k most helpful (or harmful) examples with their text and label, most extreme first."""
+    ranked = read_scores(store, target, method).sort_values("rank", ascending=helpful).head(k)
+    if ranked.empty:
+        return []
+    ids = ", ".join(sql_literal(i) for i in ranked["sample_id"])
+    extra = [c for c in ("flipped",) if c in store.open("examples").schema.names]
+    rows = store.open("examples").to_table(columns=record_columns(task) + extra, filter=f"sample_id IN ({ids})")
+    info = {r["sample_id"]: r for r in rows.to_pylist()}
+    return [{**{col: (v[:200] if isinstance(v, str) else v) for col, v in info[sid].items()},
+             "score": float(s), "rank": int(rk)}
+            for sid, s, rk in zip(ranked["sample_id"], ranked["score"], ranked["rank"], strict=True)]
+
+
+def score(store: LanceStore, settings: GradientSettings, pairs: Sequence[tuple[str, str]], *, task: str,
+          shown: tuple[str, str], device: str | None = None, log: Log = print) -> ScoreStepSummary:
+    """Score every gradient row against the stored query of every (target set, method) in `pairs`; `shown` is
+    the pair whose most helpful / harmful examples the summary lists."""
+    start = time.perf_counter()
+    fp = checked_fingerprint(store, settings)
+    wanted = set(pairs)
+    queries = [q for q in store.read_queries(fp) if (q.target_set, q.method) in wanted]
+    missing = sorted(wanted - {(q.target_set, q.method) for q in queries})
+    if missing:
+        raise DataError(f"no stored queries for {missing}: materialize target_queries first")
+    result = score_store(store, queries, device=device)
+    drop_stale(store, "scores", ["target_set", "method"], wanted)
+    n_examples = store.open("examples").count_rows()
+    if result.rows < n_examples:
+        log(f"warning: {n_examples - result.rows} pool examples have no gradient row (non-finite gradients)")
+    stats, digest = {}, hashlib.sha256()
+    for target, method in sorted(wanted):
+        scored = read_scores(store, target, method).sort_values("sample_id")
+        digest.update(f"{target}|{method}|{'|'.join(scored['sample_id'])}|".encode() + scored["score"].to_numpy().tobytes())
+        s = scored["score"].to_numpy()
+        stats[f"{target}/{method}"] = {"min": float(s.min()), "p10": float(np.quantile(s, 0.1)),
+                                      "median": float(np.median(s)), "p90": float(np.quantile(s, 0.9)),
+                                      "max": float(s.max()), "negative_share": float((s < 0).mean())}
+    summary = ScoreStepSummary(
+        rows=result.rows, examples=n_examples, pairs=[f"{t}/{m}" for t, m in sorted(wanted)],
+        digest=digest.hexdigest()[:32], scores_version=store.open("scores").version, gradients_version=result.gradients_version,
+        run_id=result.run_id, device=result.device, seconds=time.perf_counter() - start,
+        rows_per_second=result.rows_per_second, score_stats=stats,
+        most_helpful=extremes(store, task, *shown, helpful=True),
+        most_harmful=extremes(store, task, *shown, helpful=False))
+    log(f"scored {result.rows} rows x {len(queries)} queries in {result.seconds:.1f}s on {result.device}, "
+        f"scores v{summary.scores_version}")
+    return summary

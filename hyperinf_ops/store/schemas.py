@@ -1,0 +1,111 @@
+"""Schemas of hyperinf's Lance tables, and how values are encoded in rows and filters.
+
+Table layouts and meanings are documented in docs/tables.md.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import pyarrow as pa
+
+__all__ = ["TABLES", "curvature_schema", "gradients_schema", "json_safe", "queries_schema", "scores_schema",
+           "sql_literal", "target_gradients_schema"]
+
+TABLES = ("examples", "targets", "gradients", "curvature", "preconditioners", "target_gradients", "queries", "scores")
+
+
+def sql_literal(value: str) -> str:
+    """A string as a SQL literal for Lance filters (quotes doubled). Only for keys this module writes."""
+    return "'" + str(value).replace("'", "''") + "'"
+
+
+def json_safe(value: Any) -> Any:
+    """NaN / inf -> None, recursively (JSON has no NaN; DuckDB and fine-tuning scripts reject it)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_safe(v) for v in value]
+    return value
+
+
+def gradients_schema(dim: int, n_matrices: int, dtype: str) -> pa.Schema:
+    """grad: fixed_size_list<dtype>[dim] (stored / grad_scale), sq_norms: float32[L] exact per matrix."""
+    value_type = pa.float16() if dtype == "float16" else pa.float32()
+    return pa.schema(
+        [
+            pa.field("sample_id", pa.string(), nullable=False),
+            pa.field("shard", pa.string(), nullable=False),
+            pa.field("grad", pa.list_(value_type, dim), nullable=False),
+            pa.field("grad_scale", pa.float32(), nullable=False),
+            pa.field("sq_norms", pa.list_(pa.float32(), n_matrices), nullable=False),
+            pa.field("fingerprint", pa.string(), nullable=False),
+        ]
+    )
+
+
+def curvature_schema() -> pa.Schema:
+    """One row per (shard, LoRA matrix): the mergeable GFIM sums of curvature.CurvaturePartial, and the
+    `content_digest` of the shard's examples they were summed over (what makes the shard current)."""
+    return pa.schema(
+        [
+            pa.field("shard", pa.string(), nullable=False),
+            pa.field("matrix", pa.string(), nullable=False),
+            pa.field("gfim_sum", pa.list_(pa.float64()), nullable=False),
+            pa.field("sq_sum", pa.float64(), nullable=False),
+            pa.field("count", pa.int64(), nullable=False),
+            pa.field("numel", pa.int64(), nullable=False),
+            pa.field("d", pa.int32(), nullable=False),
+            pa.field("full_sum", pa.list_(pa.float64()), nullable=True),
+            pa.field("examples_digest", pa.string(), nullable=False),
+            pa.field("fingerprint", pa.string(), nullable=False),
+        ]
+    )
+
+
+def target_gradients_schema() -> pa.Schema:
+    """One row per target set: its mean raw gradient v (float64, the matrices' (r, d) blocks flattened in
+    sorted name order), the examples averaged, and the `content_digest` of the target rows it was taken over."""
+    return pa.schema(
+        [
+            pa.field("target_set", pa.string(), nullable=False),
+            pa.field("vector", pa.list_(pa.float64()), nullable=False),
+            pa.field("count", pa.int64(), nullable=False),
+            pa.field("content_digest", pa.string(), nullable=False),
+            pa.field("fingerprint", pa.string(), nullable=False),
+        ]
+    )
+
+
+def queries_schema(dim: int) -> pa.Schema:
+    """Preconditioned, projected target vectors: one per (target_set, method)."""
+    return pa.schema(
+        [
+            pa.field("target_set", pa.string(), nullable=False),
+            pa.field("method", pa.string(), nullable=False),
+            pa.field("vector", pa.list_(pa.float32(), dim), nullable=False),
+            pa.field("fingerprint", pa.string(), nullable=False),
+            pa.field("diagnostics", pa.string(), nullable=False),
+        ]
+    )
+
+
+def scores_schema() -> pa.Schema:
+    """score = -I(k): higher = more helpful; rank 1 and percentile 1.0 = most helpful."""
+    return pa.schema(
+        [
+            pa.field("sample_id", pa.string(), nullable=False),
+            pa.field("target_set", pa.string(), nullable=False),
+            pa.field("method", pa.string(), nullable=False),
+            pa.field("score", pa.float64(), nullable=False),
+            pa.field("rank", pa.int64(), nullable=False),
+            pa.field("percentile", pa.float64(), nullable=False),
+            pa.field("fingerprint", pa.string(), nullable=False),
+            pa.field("gradients_version", pa.int64(), nullable=False),
+            pa.field("run_id", pa.string(), nullable=False),
+            pa.field("created_at", pa.timestamp("us", tz="UTC"), nullable=False),
+        ]
+    )

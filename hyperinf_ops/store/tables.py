@@ -1,0 +1,289 @@
+"""Typed readers and writers of hyperinf's tables: examples, targets, gradient rows, curvature sums,
+prepared preconditioners, queries (scores are written by the scorer through `replace_where`)."""
+
+from __future__ import annotations
+
+import itertools
+import json
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import torch
+from torch import Tensor
+
+from hyperinf_ops.curvature import CurvaturePartial, merge_curvature
+from hyperinf_ops.errors import DataError, NonFiniteGradientError
+from hyperinf_ops.fingerprint import Fingerprint, require_match
+from hyperinf_ops.store.fingerprints import FingerprintedTables
+from hyperinf_ops.store.schemas import (
+    curvature_schema,
+    gradients_schema,
+    json_safe,
+    queries_schema,
+    sql_literal,
+    target_gradients_schema,
+)
+from hyperinf_ops.store.transactions import Data
+
+__all__ = ["GradientBatch", "LanceStore", "Query"]
+
+
+@dataclass
+class GradientBatch:
+    """Rows for the gradients table. grad: (n, dim) projected (or raw) gradients; sq_norms: (n, L) exact."""
+
+    sample_ids: Sequence[str]
+    grad: Tensor | np.ndarray
+    sq_norms: Tensor | np.ndarray
+
+
+@dataclass
+class Query:
+    """A preconditioned, projected target vector. vector: (dim,); fingerprint: digest of the gradients it fits."""
+
+    target_set: str
+    method: str
+    vector: Tensor
+    fingerprint: str
+    diagnostics: dict[str, Any] = field(default_factory=dict)
+
+
+def _to_numpy(x: Tensor | np.ndarray) -> np.ndarray:
+    return x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+
+
+def _fixed_list(values: np.ndarray, value_type: pa.DataType) -> pa.FixedSizeListArray:
+    n, width = values.shape
+    return pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1), type=value_type), width)
+
+
+class LanceStore(FingerprintedTables):
+    """hyperinf's tables under `<root>/lance/<name>.lance` (root: local path or object-store URI)."""
+
+    def write_examples(self, shard: str, data: Data) -> int:
+        """Pool examples of one shard: sample_id, text (or prompt/response), label, content_hash, extras."""
+        return self.replace_shard("examples", shard, data)
+
+    def write_targets(self, target_set: str, data: Data) -> int:
+        """Examples of one target set (replaces that set's rows): sample_id, text columns, label."""
+        return self.replace_where("targets", {"target_set": target_set}, data)
+
+    def write_gradients(
+        self,
+        shard: str,
+        batches: GradientBatch | Iterable[GradientBatch],
+        fingerprint: Fingerprint,
+        *,
+        overwrite: bool = False,
+    ) -> int:
+        """Replace one shard's gradient rows (streamed batch by batch) in one commit. Returns the version.
+
+        float16 rows are stored divided by their max |value| (`grad_scale`): projected LoRA gradients with
+        norms below ~1e-4 would otherwise underflow float16 (measured: 0.3% score error at norm 1e-4, 25% at
+        1e-6, vs 0.02% scaled at any norm). Refuses rows of another fingerprint unless overwrite=True.
+        """
+        items = iter([batches] if isinstance(batches, GradientBatch) else batches)
+        first = next(items, None)
+        if first is None:
+            raise DataError(f"no gradient rows for shard {shard!r}")
+        dim, n_mat = _to_numpy(first.grad).shape[1], _to_numpy(first.sq_norms).shape[1]
+        if fingerprint.projection_dim not in (0, dim):
+            raise DataError(f"gradient rows have {dim} dims, fingerprint says {fingerprint.projection_dim}")
+        dtype = fingerprint.projection_dtype
+        schema = gradients_schema(dim, n_mat, dtype)
+        digest = fingerprint.digest()
+
+        def record_batches() -> Iterator[pa.RecordBatch]:
+            for item in itertools.chain([first], items):
+                grad = np.ascontiguousarray(_to_numpy(item.grad), dtype=np.float32)
+                sq = _to_numpy(item.sq_norms).astype(np.float32)
+                n = len(item.sample_ids)
+                if grad.shape != (n, dim) or sq.shape != (n, n_mat):
+                    raise DataError(
+                        f"batch shapes grad {grad.shape}, sq_norms {sq.shape} for {n} ids; "
+                        f"expected ({n}, {dim}) and ({n}, {n_mat})"
+                    )
+                # max |x| per row without a temporary; NaN / inf propagate into it, so it doubles as the check.
+                absmax = np.maximum(grad.max(axis=1), -grad.min(axis=1)) if n else np.zeros(0, np.float32)
+                if not (np.isfinite(absmax).all() and np.isfinite(sq).all()):
+                    raise NonFiniteGradientError(f"non-finite gradient rows in shard {shard!r}")
+                if dtype == "float16":
+                    scale = np.where(absmax > 0, absmax, np.float32(1.0)).astype(np.float32)
+                    # torch converts to float16 ~5x faster than numpy here (vectorised, no float32 temporary).
+                    out = torch.empty((n, dim), dtype=torch.float16)
+                    torch.mul(torch.from_numpy(grad), torch.from_numpy(1 / scale)[:, None], out=out)
+                    stored = out.numpy()
+                else:
+                    scale, stored = np.ones(n, np.float32), grad
+                yield pa.record_batch(
+                    [
+                        pa.array(list(map(str, item.sample_ids)), pa.string()),
+                        pa.repeat(pa.scalar(shard, pa.string()), n),
+                        _fixed_list(stored, schema.field("grad").type.value_type),
+                        pa.array(scale, pa.float32()),
+                        _fixed_list(sq, pa.float32()),
+                        pa.repeat(pa.scalar(digest, pa.string()), n),
+                    ],
+                    schema=schema,
+                )
+
+        return self._guarded_write(
+            "gradients", {"shard": shard}, record_batches(), schema, fingerprint, overwrite
+        )
+
+    def write_curvature(
+        self,
+        shard: str,
+        partials: Mapping[str, CurvaturePartial],
+        fingerprint: Fingerprint,
+        *,
+        examples_digest: str,
+        overwrite: bool = False,
+    ) -> int:
+        """Replace one shard's curvature sums (one row per LoRA matrix) in one commit; `examples_digest` is the
+        `content_digest` of the examples the pass covered (non-finite ones included)."""
+        schema = curvature_schema()
+        digest = fingerprint.digest()
+
+        def record_batches() -> Iterator[pa.RecordBatch]:
+            for name in sorted(partials):
+                p = partials[name]
+                full = (
+                    None if p.full_sum is None else [p.full_sum.detach().cpu().double().reshape(-1).numpy()]
+                )
+                yield pa.record_batch(
+                    {
+                        "shard": [shard],
+                        "matrix": [name],
+                        "gfim_sum": [p.gfim_sum.detach().cpu().double().reshape(-1).numpy()],
+                        "sq_sum": [float(p.sq_sum)],
+                        "count": [int(p.count)],
+                        "numel": [int(p.numel)],
+                        "d": [int(p.gfim_sum.shape[0])],
+                        "full_sum": full if full is not None else pa.nulls(1, pa.list_(pa.float64())),
+                        "examples_digest": [examples_digest],
+                        "fingerprint": [digest],
+                    },
+                    schema=schema,
+                )
+
+        return self._guarded_write(
+            "curvature", {"shard": shard}, record_batches(), schema, fingerprint, overwrite
+        )
+
+    def read_curvature(
+        self, fingerprint: Fingerprint, version: int | None = None
+    ) -> dict[str, CurvaturePartial]:
+        """Curvature merged over every shard: name -> CurvaturePartial. Refuses rows of other fingerprints."""
+        self.check_fingerprint("curvature", fingerprint, version)
+        rows = self.open("curvature", version).to_table()
+        if rows.num_rows == 0:
+            raise DataError("the curvature table has no rows")
+
+        def square(values: pa.ListScalar, side: int) -> Tensor | None:
+            if not values.is_valid:
+                return None
+            return torch.from_numpy(values.values.to_numpy(zero_copy_only=False).copy()).reshape(side, side)
+
+        by_shard: dict[str, dict[str, CurvaturePartial]] = {}
+        for i in range(rows.num_rows):
+            d, numel = rows["d"][i].as_py(), rows["numel"][i].as_py()
+            by_shard.setdefault(rows["shard"][i].as_py(), {})[rows["matrix"][i].as_py()] = CurvaturePartial(
+                gfim_sum=square(rows["gfim_sum"][i], d),
+                sq_sum=rows["sq_sum"][i].as_py(),
+                count=rows["count"][i].as_py(),
+                numel=numel,
+                full_sum=square(rows["full_sum"][i], numel),
+            )
+        return merge_curvature(by_shard[s] for s in sorted(by_shard))
+
+    def write_queries(self, queries: Sequence[Query]) -> int:
+        """Store each query, replacing the row of its (target_set, method); one commit per query."""
+        version = -1
+        for q in queries:
+            vec = _to_numpy(q.vector).astype(np.float32).reshape(1, -1)
+            schema = queries_schema(vec.shape[1])
+            batch = pa.record_batch(
+                [
+                    pa.array([q.target_set]),
+                    pa.array([q.method]),
+                    _fixed_list(vec, pa.float32()),
+                    pa.array([q.fingerprint]),
+                    pa.array([json.dumps(json_safe(q.diagnostics), sort_keys=True, default=float)]),
+                ],
+                schema=schema,
+            )
+            version = self.replace_where(
+                "queries", {"target_set": q.target_set, "method": q.method}, batch, schema=schema, unique=None
+            )
+        return version
+
+    def read_queries(
+        self,
+        fingerprint: Fingerprint | None = None,
+        *,
+        target_set: str | None = None,
+        method: str | None = None,
+    ) -> list[Query]:
+        """Stored queries, optionally one target set / method; refuses ones made under another fingerprint."""
+        ds = self.open("queries")
+        preds = [f"{c} = {sql_literal(v)}" for c, v in (("target_set", target_set), ("method", method)) if v]
+        rows = ds.to_table(filter=" AND ".join(preds) or None)
+        out = []
+        known = self.fingerprints()
+        for row in rows.to_pylist():
+            if fingerprint is not None and row["fingerprint"] != fingerprint.digest():
+                require_match(
+                    fingerprint, known.get(row["fingerprint"]), f"query {row['target_set']}/{row['method']}"
+                )
+            out.append(
+                Query(
+                    target_set=row["target_set"],
+                    method=row["method"],
+                    vector=torch.tensor(row["vector"], dtype=torch.float32),
+                    fingerprint=row["fingerprint"],
+                    diagnostics=json.loads(row["diagnostics"]),
+                )
+            )
+        return out
+
+    def write_preconditioner(self, prepared_rows: pa.Table, fingerprint: Fingerprint) -> int:
+        """Store one method's prepared preconditioner (`preconditioners.prepared_to_table` rows of one key),
+        replacing that method's earlier artifact in one commit; rows of another fingerprint are stale and go."""
+        methods = set(prepared_rows.column("method").to_pylist())
+        if len(methods) != 1:
+            raise DataError(f"one method per preconditioner write, got {sorted(methods)}")
+        rows = prepared_rows.append_column(
+            "fingerprint", pa.repeat(pa.scalar(fingerprint.digest(), pa.string()), prepared_rows.num_rows))
+        return self._guarded_write("preconditioners", {"method": methods.pop()}, rows, rows.schema, fingerprint,
+                                   overwrite=True)
+
+    def read_preconditioner(self, key: str) -> pa.Table | None:
+        """The stored rows of the prepared preconditioner `key` (without the fingerprint), None if absent."""
+        if not self.exists("preconditioners"):
+            return None
+        rows = self.open("preconditioners").to_table(filter=f"key = {sql_literal(key)}")
+        return rows.drop_columns(["fingerprint"]) if rows.num_rows else None
+
+    def write_target_gradient(self, target_set: str, vector: Tensor, count: int, content_digest: str,
+                              fingerprint: Fingerprint) -> int:
+        """Store a target set's mean raw gradient (flattened float64) in one commit."""
+        schema = target_gradients_schema()
+        batch = pa.record_batch([
+            pa.array([target_set]), pa.array([_to_numpy(vector).astype(np.float64).reshape(-1)], pa.list_(pa.float64())),
+            pa.array([int(count)], pa.int64()), pa.array([content_digest]), pa.array([fingerprint.digest()]),
+        ], schema=schema)
+        return self._guarded_write("target_gradients", {"target_set": target_set}, batch, schema, fingerprint,
+                                   overwrite=True)
+
+    def read_target_gradient(self, target_set: str) -> dict[str, Any] | None:
+        """{vector (float64 numpy), count, content_digest, fingerprint} of a target set, None if absent."""
+        if not self.exists("target_gradients"):
+            return None
+        rows = self.open("target_gradients").to_table(filter=f"target_set = {sql_literal(target_set)}").to_pylist()
+        if not rows:
+            return None
+        return {**rows[0], "vector": np.asarray(rows[0]["vector"], dtype=np.float64)}

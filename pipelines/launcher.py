@@ -1,0 +1,109 @@
+"""Launch the code location's jobs from this process, as the UI would, and execute them right here.
+
+A run made by ``execute_in_process`` has no code-location origin, so the UI leaves it off the Overview timeline
+and off its job's Runs tab. Here every run is created from the *remote* job of the ``hyperinf`` code location
+(an in-process location of ``pipelines.definitions``, named like the one ``workspace.yaml`` loads), exactly as
+``dagster job launch`` or a UI launch creates it (origin, repository tag, partition tag, asset selection), and
+is then executed synchronously in this process with Dagster's own ``execute_run``: the steps of one
+``hyperinf run`` share one Python process (torch imported once, the model loaded once).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+import dagster as dg
+from dagster._core.definitions.selector import JobSubsetSelector
+from dagster._core.execution.api import execute_run
+from dagster._core.remote_origin import InProcessCodeLocationOrigin
+from dagster._core.remote_representation.code_location import CodeLocation
+from dagster._core.storage.tags import PARTITION_NAME_TAG
+from dagster._core.types.loadable_target_origin import LoadableTargetOrigin
+from dagster._utils.hosted_user_process import recon_job_from_origin
+
+from assets_defs.resources import CONFIG_ENV_VAR
+
+__all__ = ["CODE_LOCATION", "Launcher", "PipelineRunError", "failure_message"]
+
+CODE_LOCATION = "hyperinf"
+DEFINITIONS_MODULE = "pipelines.definitions"
+# Only user log lines (progress, warnings) reach the console; Dagster's own events stay in the instance.
+QUIET_RUN_CONFIG = {"loggers": {"console": {"config": {"log_level": "INFO"}}}}
+
+
+class PipelineRunError(Exception):
+    """A run failed; the message names the step and the error that stopped it."""
+
+
+class Launcher:
+    """Creates and executes runs of the ``hyperinf`` code location in one Dagster instance."""
+
+    def __init__(self, instance: dg.DagsterInstance, location: CodeLocation) -> None:
+        self.instance, self.location = instance, location
+        self.repository = location.get_repository("__repository__")
+
+    @classmethod
+    @contextmanager
+    def open(cls, instance: dg.DagsterInstance, config_path: str | Path) -> Iterator[Launcher]:
+        """A launcher whose runs read the config at `config_path` (through ``$HYPERINF_CONFIG``, as the code
+        location's resource does in every process), restored afterwards."""
+        origin = InProcessCodeLocationOrigin(
+            LoadableTargetOrigin(executable_path=sys.executable, module_name=DEFINITIONS_MODULE,
+                                 working_directory=str(Path(__file__).resolve().parents[1])),
+            location_name=CODE_LOCATION)
+        previous = os.environ.get(CONFIG_ENV_VAR)
+        os.environ[CONFIG_ENV_VAR] = str(config_path)
+        try:
+            with origin.create_location(instance) as location:
+                yield cls(instance, location)
+        finally:
+            if previous is None:
+                os.environ.pop(CONFIG_ENV_VAR, None)
+            else:
+                os.environ[CONFIG_ENV_VAR] = previous
+
+    def run(self, job_name: str, *, partition_key: str | None = None, assets: Sequence[str] | None = None,
+            tags: Mapping[str, str] | None = None) -> dg.DagsterRun:
+        """Create the run as a UI launch would and execute it here; PipelineRunError if it fails."""
+        selector = JobSubsetSelector(
+            location_name=self.location.name, repository_name=self.repository.name, job_name=job_name,
+            op_selection=None, asset_selection=[dg.AssetKey(a) for a in assets] if assets else None)
+        remote_job = self.location.get_job(selector)
+        plan = self.location.get_execution_plan(remote_job, QUIET_RUN_CONFIG, step_keys_to_execute=None,
+                                                known_state=None, instance=self.instance)
+        run_tags = {**remote_job.tags, **(tags or {})}
+        if partition_key is not None:
+            run_tags[PARTITION_NAME_TAG] = partition_key
+        run = self.instance.create_run(
+            job_name=job_name, run_id=None, run_config=QUIET_RUN_CONFIG,
+            resolved_op_selection=remote_job.resolved_op_selection,
+            step_keys_to_execute=plan.execution_plan_snapshot.step_keys_to_execute, op_selection=None,
+            status=None, root_run_id=None, parent_run_id=None, tags=run_tags, job_snapshot=remote_job.job_snapshot,
+            execution_plan_snapshot=plan.execution_plan_snapshot, parent_job_snapshot=remote_job.parent_job_snapshot,
+            remote_job_origin=remote_job.get_remote_origin(), job_code_origin=remote_job.get_python_origin(),
+            asset_selection=frozenset(selector.asset_selection) if assets else None, asset_check_selection=None,
+            asset_graph=self.repository.asset_graph)
+        execute_run(recon_job_from_origin(run.job_code_origin), run, self.instance)
+        finished = self.instance.get_run_by_id(run.run_id)
+        if not finished.is_success:
+            raise PipelineRunError(failure_message(self.instance, finished))
+        return finished
+
+
+def failure_message(instance: dg.DagsterInstance, run: dg.DagsterRun) -> str:
+    """``<step>[<partition>] failed: <message of the error the step raised>`` for the first failed step."""
+    partition = run.tags.get(PARTITION_NAME_TAG)
+    where = f"[{partition}]" if partition else ""
+    records = instance.get_records_for_run(run.run_id, of_type=dg.DagsterEventType.STEP_FAILURE).records
+    for record in records:
+        event = record.event_log_entry.dagster_event
+        error = event.step_failure_data.error if event is not None and event.step_failure_data else None
+        while error is not None and error.cause is not None and error.cls_name.startswith("Dagster"):
+            error = error.cause
+        if error is not None:
+            return f"{event.step_key}{where} failed: {error.message.strip()}"
+    return f"run {run.run_id} of {run.job_name}{where} failed"
