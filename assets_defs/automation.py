@@ -18,3 +18,19 @@ ON_NEW_DATA = AC.eager().replace("any_deps_updated", AC.any_deps_match(_DEP_CHAN
 # The adapter is trained once and then kept: gradients are only comparable under one adapter, so new data
 # must not silently retrain it (re-materialize it from the UI or `hyperinf run` after a settings change).
 ONCE = AC.on_missing()
+
+
+def step_asset(*, group: str, code_version: str, description: str, kinds: set[str], deps=(), partitions_def=None,
+               checks: dict[str, str] | None = None, automation: dg.AutomationCondition = ON_NEW_DATA):
+    """``dg.asset`` with the project's conventions: an explicit code version (a changed step marks its output
+    stale in the UI), declarative automation (ON_NEW_DATA unless said), and ``checks`` (name -> description)
+    as blocking checks the asset evaluates itself."""
+
+    def decorate(fn):
+        specs = [dg.AssetCheckSpec(name, asset=fn.__name__, blocking=True, description=text)
+                 for name, text in (checks or {}).items()]
+        return dg.asset(deps=list(deps), partitions_def=partitions_def, group_name=group, kinds=kinds,
+                        code_version=code_version, automation_condition=automation, check_specs=specs,
+                        description=description)(fn)
+
+    return decorate

@@ -6,7 +6,7 @@ from pathlib import Path
 import dagster as dg
 import pyarrow.parquet as pq
 
-from assets_defs.automation import ON_NEW_DATA
+from assets_defs.automation import step_asset
 from assets_defs.influence import curation_pair, examples_table, influence_scores
 from assets_defs.metadata import markdown_table, summary_metadata, timed
 from assets_defs.resources import HyperinfResource
@@ -14,12 +14,9 @@ from assets_defs.resources import HyperinfResource
 _PREVIEW_ROWS = 10
 
 
-@dg.asset(
+@step_asset(
+    group="curation", kinds={"duckdb", "parquet"}, code_version="2",
     deps=[influence_scores],
-    group_name="curation",
-    kinds={"duckdb", "parquet"},
-    code_version="2",
-    automation_condition=ON_NEW_DATA,
     description="The configured `sql/` curation query over the scores, exported as Parquet + JSONL + "
                 "manifest.json (query text, parameters, Lance versions); the DuckDB file is re-synced.",
 )
@@ -72,11 +69,9 @@ def curated_subset_size(hyperinf: HyperinfResource) -> dg.AssetCheckResult:
     )
 
 
-@dg.asset(
+@step_asset(
+    group="curation", kinds=set(), code_version="2",
     deps=[influence_scores],
-    group_name="curation",
-    code_version="2",
-    automation_condition=ON_NEW_DATA,
     description="How well each estimator's most harmful examples find mislabeled ones: AUROC and share of "
                 "flips found in the 10% / 20% most harmful (needs a boolean `flipped` pool column), plus the "
                 "most harmful examples with text and label.",

@@ -4,7 +4,7 @@ their checks."""
 import dagster as dg
 import numpy as np
 
-from assets_defs.automation import ON_NEW_DATA
+from assets_defs.automation import step_asset
 from assets_defs.metadata import histogram_markdown, markdown_table, summary_metadata, timed
 from assets_defs.model import lora_adapter, lora_gradients
 from assets_defs.pool import target_sets
@@ -22,16 +22,11 @@ def _short(matrix: str) -> str:
     return name.split("encoder.", 1)[-1].split("model.", 1)[-1]
 
 
-@dg.asset(
+@step_asset(
+    group="influence", kinds={"pytorch", "lance"}, code_version="1",
     deps=[dg.AssetDep(lora_gradients, partition_mapping=dg.AllPartitionMapping())],
-    group_name="influence",
-    kinds={"pytorch", "lance"},
-    code_version="1",
-    automation_condition=ON_NEW_DATA,
-    check_specs=[dg.AssetCheckSpec(
-        "inverses_converged", asset="preconditioners", blocking=True,
-        description="The Schulz inverse of every damped LoRA-matrix GFIM reached its residual tolerance."),
-    ],
+    checks={"inverses_converged": "The Schulz inverse of every damped LoRA-matrix GFIM reached its residual "
+                                  "tolerance."},
     description="GFIM per LoRA matrix merged exactly from the shards' partial sums, damped, and prepared once per "
                 "method (Schulz inverse for hyperinf, Cholesky for exact, ...), stored in `preconditioners` and "
                 "reused downstream: solver health per matrix.",
@@ -59,12 +54,9 @@ def preconditioners(context: dg.AssetExecutionContext, hyperinf: HyperinfResourc
     )
 
 
-@dg.asset(
+@step_asset(
+    group="influence", kinds={"pytorch", "lance"}, code_version="2",
     deps=[preconditioners, target_sets, lora_adapter],
-    group_name="influence",
-    kinds={"pytorch", "lance"},
-    code_version="2",
-    automation_condition=ON_NEW_DATA,
     description="One preconditioned, projected query vector per (target set, estimator) in `queries`, from the "
                 "stored mean target gradients and the stored preconditioners.",
 )
@@ -81,12 +73,9 @@ def target_queries(context: dg.AssetExecutionContext, hyperinf: HyperinfResource
                   "solver_health": markdown_table(rows), "wall_time_s": wall})
 
 
-@dg.asset(
+@step_asset(
+    group="influence", kinds={"lance"}, code_version="2",
     deps=[target_queries, dg.AssetDep(lora_gradients, partition_mapping=dg.AllPartitionMapping())],
-    group_name="influence",
-    kinds={"lance"},
-    code_version="2",
-    automation_condition=ON_NEW_DATA,
     description="score = -influence of every pool example on every target set, for every configured "
                 "estimator (higher = more helpful; most negative = most harmful), in `scores`.",
 )

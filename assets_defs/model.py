@@ -3,7 +3,7 @@
 import dagster as dg
 import pyarrow.compute as pc
 
-from assets_defs.automation import ON_NEW_DATA, ONCE
+from assets_defs.automation import ONCE, step_asset
 from assets_defs.metadata import markdown_table, summary_metadata, timed
 from assets_defs.partitions import pool_shards
 from assets_defs.pool import pool_examples
@@ -11,12 +11,10 @@ from assets_defs.resources import HyperinfResource
 from hyperinf_ops.store import sql_literal
 
 
-@dg.asset(
+@step_asset(
+    group="model", kinds={"pytorch", "huggingface"}, code_version="2",
     deps=[dg.AssetDep(pool_examples, partition_mapping=dg.AllPartitionMapping())],
-    group_name="model",
-    kinds={"pytorch", "huggingface"},
-    code_version="2",
-    automation_condition=ONCE,
+    automation=ONCE,
     description="LoRA adapter every gradient row is taken under: a warm-up fine-tune on the pool (reused while "
                 "model, labels and settings are unchanged) or the configured `adapter.path`, stored by hash. "
                 "Data version: the adapter's hash.",
@@ -40,17 +38,11 @@ def lora_adapter(context: dg.AssetExecutionContext, hyperinf: HyperinfResource) 
     return dg.MaterializeResult(data_version=dg.DataVersion(summary.adapter_hash), metadata=metadata)
 
 
-@dg.asset(
+@step_asset(
+    group="model", kinds={"pytorch", "lance"}, code_version="2",
     partitions_def=pool_shards,
     deps=[pool_examples, lora_adapter],
-    group_name="model",
-    kinds={"pytorch", "lance"},
-    code_version="2",
-    automation_condition=ON_NEW_DATA,
-    check_specs=[dg.AssetCheckSpec(
-        "gradients_finite", asset="lora_gradients", blocking=True,
-        description="Every example of the shard has a finite gradient (non-finite ones are left out)."),
-    ],
+    checks={"gradients_finite": "Every example of the shard has a finite gradient (non-finite ones are left out)."},
     description="Per-example LoRA gradients of one shard under the current adapter: rows in `gradients`, exact "
                 "curvature partial sums in `curvature`. Skipped when the shard's rows are current (same "
                 "fingerprint and examples). Data version: fingerprint + the shard's examples digest.",

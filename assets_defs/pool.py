@@ -2,7 +2,7 @@
 
 import dagster as dg
 
-from assets_defs.automation import ON_NEW_DATA
+from assets_defs.automation import step_asset
 from assets_defs.metadata import markdown_table, summary_metadata, timed
 from assets_defs.partitions import pool_shards
 from assets_defs.resources import HyperinfResource
@@ -22,13 +22,10 @@ def pool_files(context: dg.AssetExecutionContext, hyperinf: HyperinfResource) ->
     return dg.DataVersionsByPartition({key: dg.DataVersion(file_digest(files[key])) for key in known if key in files})
 
 
-@dg.asset(
+@step_asset(
+    group="pool", kinds={"lance"}, code_version="2",
     partitions_def=pool_shards,
     deps=[pool_files],
-    group_name="pool",
-    kinds={"lance"},
-    code_version="2",
-    automation_condition=ON_NEW_DATA,
     description="One data file of the candidate pool, validated and id'd, as its shard of the `examples` table "
                 "(written only when its content changed). Data version: digest of the shard's rows.",
 )
@@ -47,12 +44,9 @@ def pool_examples(context: dg.AssetExecutionContext, hyperinf: HyperinfResource)
                   **summary_metadata(summary, skip=("seconds", "shard", "digest")), "wall_time_s": wall})
 
 
-@dg.asset(
+@step_asset(
+    group="pool", kinds={"lance"}, code_version="2",
     deps=[dg.AssetDep(pool_examples, partition_mapping=dg.AllPartitionMapping())],
-    group_name="pool",
-    kinds={"lance"},
-    code_version="2",
-    automation_condition=ON_NEW_DATA,
     description="Every configured target set (a file, or a SQL predicate over the pool) in the `targets` table.",
 )
 def target_sets(context: dg.AssetExecutionContext, hyperinf: HyperinfResource) -> dg.MaterializeResult:

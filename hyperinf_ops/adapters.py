@@ -28,8 +28,10 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
+from hyperinf_ops.errors import ModelLoadError
 from hyperinf_ops.fingerprint import Fingerprint
 from hyperinf_ops.settings import BUNDLED_MODELS, ProjectionSpec
+from hyperinf_ops.stacks import select_matrices
 
 __all__ = ["AdapterManifest", "AdapterStore", "folder_digest", "recipe_key"]
 
@@ -65,8 +67,6 @@ class AdapterManifest(BaseModel):
 
     def selected_shapes(self, modules: tuple[str, ...] | None) -> dict[str, tuple[int, int]]:
         """(r, d) of the LoRA matrices that `modules` selects (gradients.select_matrices), sorted by name."""
-        from hyperinf_ops.gradients import select_matrices
-
         return {n: tuple(self.matrix_shapes[n]) for n in select_matrices(list(self.matrix_shapes), modules)}
 
     def fingerprint(self, modules: tuple[str, ...] | None, projection: ProjectionSpec) -> Fingerprint:
@@ -108,6 +108,13 @@ class AdapterStore:
         """The adapter stored gradient rows are taken under, or None before the first one."""
         file = self.dir / CURRENT
         return AdapterManifest.model_validate_json(file.read_text()) if file.is_file() else None
+
+    def require_current(self) -> AdapterManifest:
+        """The current adapter; ModelLoadError before the first one."""
+        manifest = self.current()
+        if manifest is None:
+            raise ModelLoadError(f"no adapter under {self.dir.parent} yet: materialize lora_adapter first")
+        return manifest
 
     def find(self, key: str) -> AdapterManifest | None:
         """A stored adapter made by the recipe `key`, if any (the newest such folder)."""

@@ -6,12 +6,12 @@ HyperINF's curvature for a LoRA matrix l with per-example gradients g_k of shape
     lambda_l = ratio * mean over k and entries of g_k^2
 
 Both are ratios of plain sums, so a shard keeps only the sums and a count; merging shards adds them.
-Every estimator inverts the damped GFIM G_l + lambda_l I, built by `damped_gfim` (and the exact_full
-reference F_l + lambda_l I by `damped_full_fisher`, with the same lambda_l): the only places damping is
-added, with `CurvaturePartial.damping` the only damping formula.
 This is what makes incremental refresh and distributed curvature exact. For tiny models the exact
 full Fisher (1/n) sum_k vec(g_k) vec(g_k)^T of shape (r*d, r*d) is kept the same way; `vec` is the
 row-major flatten of (r, d), index i*d + j, as `Tensor.reshape` gives.
+
+Every estimator inverts the damped GFIM G_l + lambda_l I built by `damped_gfim` (exact_full: the damped full
+Fisher, `full=True`, same lambda_l): the one place damping is added, `CurvaturePartial.damping` the one formula.
 
 Everything is accumulated in float64 on the gradients' device, whatever the gradients' dtype.
 """
@@ -24,9 +24,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from hyperinf_ops.errors import EmptyTargetSetError, GradientMismatchError, NonFiniteGradientError
+from hyperinf_ops.errors import EmptyTargetSetError, GradientMismatchError
+from hyperinf_ops.stacks import check_stack
 
-__all__ = ["CurvaturePartial", "curvature_partials", "damped_full_fisher", "damped_gfim", "merge_curvature"]
+__all__ = ["CurvaturePartial", "curvature_partials", "damped_gfim", "merge_curvature"]
 
 
 @dataclass
@@ -93,28 +94,18 @@ def damped_gfim(
     part: CurvaturePartial,
     damping_ratio: float,
     *,
+    full: bool = False,
     dtype: torch.dtype = torch.float64,
     device: torch.device | str | None = None,
 ) -> Tensor:
-    """G + lambda I, (d, d) in `dtype` on `device` (default: the sums' device), lambda = part.damping(ratio)."""
-    return _add_damping(part.gfim(), part.damping(damping_ratio), dtype, device)
+    """G + lambda I, (d, d) in `dtype` on `device` (default: the sums' device), lambda = part.damping(ratio).
 
-
-def damped_full_fisher(
-    part: CurvaturePartial,
-    damping_ratio: float,
-    *,
-    dtype: torch.dtype = torch.float64,
-    device: torch.device | str | None = None,
-) -> Tensor:
-    """F + lambda I, (r*d, r*d), with the same lambda as `damped_gfim`; needs full=True curvature."""
-    return _add_damping(part.full(), part.damping(damping_ratio), dtype, device)
-
-
-def _add_damping(matrix: Tensor, lam: float, dtype: torch.dtype, device: torch.device | str | None) -> Tensor:
-    # Cast first, then add lambda in the working dtype: in float32 this rounds exactly as the solvers always did.
-    m = matrix.to(device=device, dtype=dtype)
-    return m + lam * torch.eye(m.shape[0], dtype=dtype, device=m.device)
+    full=True: the damped exact full Fisher F + lambda I, (r*d, r*d), with the same lambda (needs full=True
+    curvature). Cast first, then add lambda in the working dtype: in float32 this rounds as the solvers
+    always did.
+    """
+    matrix = (part.full() if full else part.gfim()).to(device=device, dtype=dtype)
+    return matrix + part.damping(damping_ratio) * torch.eye(matrix.shape[0], dtype=dtype, device=matrix.device)
 
 
 def curvature_partials(grads: Mapping[str, Tensor], *, full: bool = False) -> dict[str, CurvaturePartial]:
@@ -124,20 +115,10 @@ def curvature_partials(grads: Mapping[str, Tensor], *, full: bool = False) -> di
     Raises NonFiniteGradientError naming the matrix, GradientMismatchError on malformed or
     inconsistent shapes (every matrix must hold the same n examples).
     """
-    if not grads:
-        raise GradientMismatchError("gradient dict is empty: no LoRA matrices")
-    n_examples = None
+    check_stack(grads, None, "gradient", examples=True)
     out: dict[str, CurvaturePartial] = {}
     for name in sorted(grads):
         g = grads[name]
-        if g.ndim != 3:
-            raise GradientMismatchError(f"gradient {name!r} has shape {tuple(g.shape)}, expected (n, r, d)")
-        if n_examples is None:
-            n_examples = g.shape[0]
-        elif g.shape[0] != n_examples:
-            raise GradientMismatchError(f"gradient {name!r} holds {g.shape[0]} examples, others {n_examples}")
-        if not bool(torch.isfinite(g).all()):
-            raise NonFiniteGradientError(f"gradient {name!r} holds NaN or inf")
         n, r, d = g.shape
         g64 = g.detach().to(torch.float64)
         rows = g64.reshape(n * r, d)

@@ -39,8 +39,8 @@ from hyperinf_ops.preconditioners import (
     prepare,
     schulz_with_options,
 )
-from hyperinf_ops.preconditioners.base import rowwise_inner
 from hyperinf_ops.preconditioners.tracin import TracIn
+from hyperinf_ops.stacks import check_stack, rowwise_inner
 
 __all__ = [
     "METHODS",
@@ -190,22 +190,7 @@ def _prepare(
 
 def _check_grads(grads: Mapping[str, Tensor], role: str) -> int:
     """Validate name -> (n, r, d) with one n and finite values; returns n."""
-    if not grads:
-        raise GradientMismatchError(f"{role} gradient dict is empty: no LoRA matrices")
-    n = None
-    for name in sorted(grads):
-        g = grads[name]
-        if g.ndim != 3:
-            raise GradientMismatchError(
-                f"{role} gradient {name!r} has shape {tuple(g.shape)}, expected (n, r, d)"
-            )
-        if n is None:
-            n = g.shape[0]
-        elif g.shape[0] != n:
-            raise GradientMismatchError(f"{role} gradient {name!r} holds {g.shape[0]} examples, others {n}")
-        if not bool(torch.isfinite(g).all()):
-            raise NonFiniteGradientError(f"{role} gradient {name!r} holds NaN or inf")
-    return n
+    return check_stack(grads, None, f"{role} gradient", examples=True)
 
 
 def _check_same_keys(a: Mapping, b: Mapping, a_role: str, b_role: str) -> None:

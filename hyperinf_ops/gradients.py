@@ -27,6 +27,7 @@ from peft.tuners.lora import LoraLayer
 from torch import Tensor, nn
 
 from hyperinf_ops.errors import DataError, GradientMismatchError
+from hyperinf_ops.stacks import select_matrices
 from hyperinf_ops.tasks import Task, task_for_model
 
 GradDict = dict[str, Tensor]
@@ -75,22 +76,6 @@ def _lora_matrices(model: nn.Module, modules: Sequence[str] | str | None) -> lis
                 f"{m.name}: only nn.Linear LoRA matrices are supported, got {type(m.module).__name__}"
             )
     return sorted(selected, key=lambda m: m.name)
-
-
-def select_matrices(names: Sequence[str], modules: Sequence[str] | str | None) -> list[str]:
-    """The LoRA parameter names that contain one of the `modules` substrings (None = all), sorted.
-
-    GradientMismatchError when nothing is selected. The same rule picks matrices from a live model and from
-    an adapter manifest's recorded shapes.
-    """
-    if modules is None:
-        return sorted(names)
-    patterns = [modules] if isinstance(modules, str) else list(modules)  # a bare str is one pattern
-    selected = sorted(n for n in names if any(p in n for p in patterns))
-    if not selected:
-        example = f" (e.g. {sorted(names)[0]!r})" if names else ""
-        raise GradientMismatchError(f"modules={patterns} selects none of the {len(names)} LoRA matrices{example}")
-    return selected
 
 
 def lora_matrix_shapes(

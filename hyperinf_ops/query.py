@@ -13,6 +13,7 @@ User values only ever reach SQL as DuckDB named parameters (`$name`), never thro
 
 from __future__ import annotations
 
+import importlib.resources
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -40,7 +41,9 @@ __all__ = [
 ]
 
 DUCKDB_FILE = "hyperinf.duckdb"
-SQL_DIR = Path(__file__).resolve().parent.parent / "sql"
+# sql/ ships inside the package as `hyperinf_ops.sql` (pyproject's package-dir): the same lookup finds the
+# installed copy and, in an editable install, the repository's sql/ folder.
+SQL_DIR = Path(str(importlib.resources.files("hyperinf_ops.sql")))
 # Columns copied by sync_duckdb (None = all): the vectors and d x d sums stay in Lance.
 _SYNC_COLUMNS: dict[str, list[str] | None] = {
     "examples": None,

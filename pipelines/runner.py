@@ -46,9 +46,9 @@ class RunReport:
 def materialize_all(instance: dg.DagsterInstance, config_path: str | Path, cfg: HyperinfConfig, *,
                     log: Callable[[str], None] = print) -> RunReport:
     """Everything the config asks for, as the fewest runs the rules of the module docstring allow."""
+    from hyperinf_ops.adapters import AdapterStore
     from hyperinf_ops.stages.adapter import adapter_pending
     from hyperinf_ops.stages.freshness import gradient_shard_current
-    from hyperinf_ops.stages.loading import current_adapter
     from hyperinf_ops.stages.pool import ingest_pending
 
     files = discover_shards(cfg.data.path)
@@ -69,7 +69,8 @@ def materialize_all(instance: dg.DagsterInstance, config_path: str | Path, cfg: 
             report.adapter = True
             report.runs.append(launcher.run(adapter_job.name, tags=tags))
         settings = cfg.gradient_settings
-        fingerprint = current_adapter(store.root).fingerprint(settings.modules, settings.projection)
+        manifest = AdapterStore(store.root).require_current()
+        fingerprint = manifest.fingerprint(settings.modules, settings.projection)
         report.gradients = [s for s in files if not gradient_shard_current(store, s, fingerprint)]
         for shard in report.gradients:
             log(f"gradients of shard {shard}")

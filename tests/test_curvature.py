@@ -9,7 +9,6 @@ import torch
 from hyperinf_ops.curvature import (
     CurvaturePartial,
     curvature_partials,
-    damped_full_fisher,
     damped_gfim,
     merge_curvature,
 )
@@ -124,7 +123,7 @@ def test_damped_gfim_is_gfim_plus_lambda_and_what_every_preconditioner_inverts()
             damped_gfim(part, 0.3, dtype=torch.float32), part.gfim().float() + lam * eye.float()
         )
         full_eye = torch.eye(part.numel, dtype=torch.float64)
-        assert torch.equal(damped_full_fisher(part, 0.3), part.full() + lam * full_eye)
+        assert torch.equal(damped_gfim(part, 0.3, full=True), part.full() + lam * full_eye)
     exact = prepare(parts, EstimatorOptions("exact", 0.3))
     lissa = prepare(parts, EstimatorOptions("lissa", 0.3))
     exact_full = prepare(parts, EstimatorOptions("exact_full", 0.3))
@@ -135,11 +134,11 @@ def test_damped_gfim_is_gfim_plus_lambda_and_what_every_preconditioner_inverts()
         )
         assert torch.equal(lissa.operators[name], damped_gfim(part, 0.3))
         torch.testing.assert_close(
-            exact_full.operators[name], torch.linalg.inv(damped_full_fisher(part, 0.3)), rtol=1e-9, atol=0
+            exact_full.operators[name], torch.linalg.inv(damped_gfim(part, 0.3, full=True)), rtol=1e-9, atol=0
         )
     # The GFIM methods build their matrices through damped_gfim, one call per matrix.
     for method in ("hyperinf", "exact", "lissa", "datainf"):
-        with patch("hyperinf_ops.preconditioners.shared.damped_gfim", wraps=damped_gfim) as spy:
+        with patch("hyperinf_ops.preconditioners.method.damped_gfim", wraps=damped_gfim) as spy:
             prepare(parts, EstimatorOptions(method, 0.3))
         assert spy.call_count == len(parts)
         assert {id(c.args[0]) for c in spy.call_args_list} == {id(p) for p in parts.values()}

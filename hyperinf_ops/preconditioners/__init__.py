@@ -4,8 +4,8 @@
     pv = prepared.apply_one(v)                                          # v (G + lambda I)^-1 per matrix
     pvs = prepared.apply(stacks)                                        # name -> (K, r, d), no solve
 
-One module per method (base.py has the artifact and the formulas); serialize.py stores a Prepared as an
-Arrow table, one row per LoRA matrix.
+One module per method; base.py has the artifact (`Prepared`) and the formulas, method.py the template every
+method's `prepare` follows; serialize.py stores a Prepared as an Arrow table, one row per LoRA matrix.
 """
 
 from __future__ import annotations
@@ -15,12 +15,13 @@ from collections.abc import Mapping
 import torch
 
 from hyperinf_ops.curvature import CurvaturePartial
-from hyperinf_ops.preconditioners.base import MatrixDiagnostics, Preconditioner, Prepared
+from hyperinf_ops.preconditioners.base import MatrixDiagnostics, Prepared
 from hyperinf_ops.preconditioners.datainf import DataInf
 from hyperinf_ops.preconditioners.exact import Exact
 from hyperinf_ops.preconditioners.exact_full import ExactFull
 from hyperinf_ops.preconditioners.hyperinf import HyperInf, schulz_with_options
 from hyperinf_ops.preconditioners.lissa import LiSSA
+from hyperinf_ops.preconditioners.method import Preconditioner
 from hyperinf_ops.preconditioners.options import METHODS, EstimatorOptions, Method
 from hyperinf_ops.preconditioners.serialize import options_key, prepared_from_table, prepared_to_table
 from hyperinf_ops.preconditioners.tracin import TracIn

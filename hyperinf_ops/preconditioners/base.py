@@ -19,19 +19,18 @@ inverse (and G_l + 0 I is singular): it has no operator and every method but tra
 from __future__ import annotations
 
 import dataclasses
-from abc import ABC, abstractmethod
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from hyperinf_ops.curvature import CurvaturePartial
-from hyperinf_ops.errors import GradientMismatchError, NonFiniteGradientError, UnsupportedMethodError
+from hyperinf_ops.errors import GradientMismatchError, UnsupportedMethodError
 from hyperinf_ops.preconditioners.options import EstimatorOptions
+from hyperinf_ops.stacks import check_stack, rowwise_inner
 
-__all__ = ["MatrixDiagnostics", "Preconditioner", "Prepared", "check_stack", "rowwise_inner"]
+__all__ = ["Batch", "MatrixDiagnostics", "Prepared"]
 
 Batch = Mapping[str, Tensor]
 
@@ -147,76 +146,7 @@ class Prepared:
         return rowwise_inner(self.apply(grads), grads)
 
 
-class Preconditioner(ABC):
-    """One influence method: `prepare` builds a Prepared, `apply` uses it. The state lives in the Prepared."""
-
-    method: ClassVar[str]
-    # The method divides by lambda: a matrix with lambda = 0 gets zeros (module docstring).
-    needs_damping: ClassVar[bool] = True
-    # Prepared.self_influence is one matmul per matrix (a stored inverse or the identity).
-    supports_self_influence: ClassVar[bool] = False
-
-    @classmethod
-    @abstractmethod
-    def prepare(
-        cls,
-        curvature: Mapping[str, CurvaturePartial],
-        options: EstimatorOptions,
-        *,
-        device: torch.device | str | None = None,
-    ) -> Prepared:
-        """Everything v-independent, on `device` (default: the curvature's). Keys sorted."""
-
-    @staticmethod
-    @abstractmethod
-    def apply(
-        prepared: Prepared, vecs: dict[str, Tensor], train_batches: Iterable[Batch] | None
-    ) -> dict[str, Tensor]:
-        """vecs: the validated (K, r, d) stacks of the matrices to solve; float64 (K, r, d) each."""
-
-    @staticmethod
-    def measure(
-        prepared: Prepared, vecs: Mapping[str, Tensor], out: Mapping[str, Tensor]
-    ) -> dict[str, MatrixDiagnostics]:
-        """Diagnostics of out = apply(vecs); the prepared ones unless the method can measure on vectors."""
-        return dict(prepared.diagnostics)
-
-
-def check_stack(vecs: Mapping[str, Tensor], shapes: Mapping[str, tuple[int, int]], role: str) -> int:
-    """Validate name -> (K, r, d) against shapes name -> (r, d): same names, one K, finite; returns K."""
-    if set(vecs) != set(shapes):
-        only_v, only_s = sorted(set(vecs) - set(shapes)), sorted(set(shapes) - set(vecs))
-        raise GradientMismatchError(
-            f"{role} and prepared inverse disagree on LoRA matrices: only in {role} {only_v}, "
-            f"only in the prepared inverse {only_s}"
-        )
-    k = None
-    for name in sorted(vecs):
-        x = vecs[name]
-        if x.ndim != 3 or tuple(x.shape[1:]) != tuple(shapes[name]):
-            raise GradientMismatchError(
-                f"{name!r}: {role} of shape {tuple(x.shape)} vs prepared (K, r, d) = (K, {shapes[name][0]}, "
-                f"{shapes[name][1]})"
-            )
-        if k is None:
-            k = x.shape[0]
-        elif x.shape[0] != k:
-            raise GradientMismatchError(f"{role} {name!r} holds {x.shape[0]} rows, others {k}")
-        if not bool(torch.isfinite(x).all()):
-            raise NonFiniteGradientError(f"{role} {name!r} holds NaN or inf")
-    return k
-
-
-def rowwise_inner(a: Mapping[str, Tensor], b: Mapping[str, Tensor]) -> Tensor:
-    """sum_l <a_l[k], b_l[k]>_F per row k of name -> (n, r, d) stacks with the same keys: (n,) float64."""
-    names = sorted(a)
-    out = torch.zeros(a[names[0]].shape[0], dtype=torch.float64, device=a[names[0]].device)
-    for name in names:
-        out = out + (a[name] * b[name].to(torch.float64)).sum((1, 2))
-    return out
-
-
-def _preconditioner(method: str) -> type[Preconditioner]:
+def _preconditioner(method: str):
     # Imported here: the registry imports every method module, and each of those imports this one.
     from hyperinf_ops.preconditioners import PRECONDITIONERS
 

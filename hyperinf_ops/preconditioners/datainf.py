@@ -11,17 +11,15 @@ batches, accumulating sum_i c_i g_i one batch at a time (memory: one batch), in 
 
 from __future__ import annotations
 
-import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 
 import torch
 from torch import Tensor
 
-from hyperinf_ops.curvature import CurvaturePartial
 from hyperinf_ops.errors import EmptyTargetSetError
-from hyperinf_ops.preconditioners.base import Batch, MatrixDiagnostics, Preconditioner, Prepared, check_stack
-from hyperinf_ops.preconditioners.options import EstimatorOptions
-from hyperinf_ops.preconditioners.shared import condition_estimates, damped_stack, finish, live_groups, start
+from hyperinf_ops.preconditioners.base import Batch, Prepared
+from hyperinf_ops.preconditioners.method import Preconditioner
+from hyperinf_ops.stacks import check_stack
 
 __all__ = ["DataInf"]
 
@@ -29,23 +27,7 @@ __all__ = ["DataInf"]
 class DataInf(Preconditioner):
     method = "datainf"
 
-    @classmethod
-    def prepare(
-        cls,
-        curvature: Mapping[str, CurvaturePartial],
-        options: EstimatorOptions,
-        *,
-        device: torch.device | str | None = None,
-    ) -> Prepared:
-        prepared = start(curvature, options)
-        for names in live_groups(prepared):
-            a = damped_stack(curvature, names, options, torch.float64, device)
-            cond = condition_estimates(a, [prepared.damping[n] for n in names])
-            for i, name in enumerate(names):
-                prepared.diagnostics[name] = MatrixDiagnostics(
-                    prepared.damping[name], 0, math.nan, True, cond[i]
-                )
-        return finish(prepared)
+    always_fp64 = True  # the condition estimate; apply runs in options.dtype
 
     @staticmethod
     def apply(

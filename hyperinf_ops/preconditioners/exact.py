@@ -10,24 +10,17 @@ Diagnostics per matrix: residual ||I - A M||_F / sqrt(d), converged when within 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
+from typing import ClassVar
 
 import torch
 from torch import Tensor
 
-from hyperinf_ops.curvature import CurvaturePartial
 from hyperinf_ops.errors import NotPositiveDefiniteError
 from hyperinf_ops.inverse import default_tol
-from hyperinf_ops.preconditioners.base import Batch, MatrixDiagnostics, Preconditioner, Prepared
+from hyperinf_ops.preconditioners.base import Batch, Prepared
+from hyperinf_ops.preconditioners.method import Factor, Preconditioner, times_operator
 from hyperinf_ops.preconditioners.options import EstimatorOptions
-from hyperinf_ops.preconditioners.shared import (
-    condition_estimates,
-    damped_stack,
-    finish,
-    live_groups,
-    start,
-    times_operator,
-)
 
 __all__ = ["Exact", "cholesky_inverses"]
 
@@ -54,26 +47,14 @@ class Exact(Preconditioner):
     method = "exact"
     supports_self_influence = True
 
+    always_fp64 = True
+    what: ClassVar[str] = "damped GFIM"
+
     @classmethod
-    def prepare(
-        cls,
-        curvature: Mapping[str, CurvaturePartial],
-        options: EstimatorOptions,
-        *,
-        device: torch.device | str | None = None,
-    ) -> Prepared:
-        prepared = start(curvature, options)
+    def factor(cls, a: Tensor, names: list[str], options: EstimatorOptions) -> list[Factor]:
+        inverse, residual = cholesky_inverses(a, names, cls.what)  # one batched factorisation per width
         tol = default_tol(torch.float64)
-        for names in live_groups(prepared):
-            a = damped_stack(curvature, names, options, torch.float64, device)
-            inverse, residual = cholesky_inverses(a, names, "damped GFIM")
-            cond = condition_estimates(a, [prepared.damping[n] for n in names])
-            for i, name in enumerate(names):
-                prepared.operators[name] = inverse[i]
-                prepared.diagnostics[name] = MatrixDiagnostics(
-                    prepared.damping[name], 0, residual[i], residual[i] <= tol, cond[i]
-                )
-        return finish(prepared)
+        return [Factor(inv, 0, res, res <= tol) for inv, res in zip(inverse, residual, strict=True)]
 
     @staticmethod
     def apply(

@@ -14,43 +14,37 @@ from collections.abc import Iterable, Mapping
 import torch
 from torch import Tensor
 
-from hyperinf_ops.curvature import CurvaturePartial, damped_full_fisher
-from hyperinf_ops.inverse import default_tol
-from hyperinf_ops.preconditioners.base import Batch, MatrixDiagnostics, Preconditioner, Prepared
-from hyperinf_ops.preconditioners.exact import cholesky_inverses
+from hyperinf_ops.curvature import CurvaturePartial, damped_gfim
+from hyperinf_ops.preconditioners.base import Batch, Prepared
+from hyperinf_ops.preconditioners.exact import Exact
 from hyperinf_ops.preconditioners.options import EstimatorOptions
-from hyperinf_ops.preconditioners.shared import condition_estimates, finish, start
 
 __all__ = ["ExactFull"]
 
 
-class ExactFull(Preconditioner):
+class ExactFull(Exact):
+    """Exact's Cholesky inverse, of the damped full Fisher instead of the GFIM."""
+
     method = "exact_full"
-    supports_self_influence = True
+    what = "damped full Fisher"
 
     @classmethod
-    def prepare(
-        cls,
-        curvature: Mapping[str, CurvaturePartial],
-        options: EstimatorOptions,
-        *,
-        device: torch.device | str | None = None,
-    ) -> Prepared:
+    def prepare(cls, curvature: Mapping[str, CurvaturePartial], options: EstimatorOptions, *,
+                device: torch.device | str | None = None) -> Prepared:
         missing = sorted(name for name, part in curvature.items() if part.full_sum is None)
         if missing:
             raise ValueError(f"exact_full needs the full Fisher: curvature of {missing} has no full_sum")
-        prepared = start(curvature, options)
-        tol = default_tol(torch.float64)
-        # Widths r*d differ between matrices and each is quadratic in memory: one matrix at a time.
-        for name, lam in prepared.damping.items():
-            if lam > 0:
-                a = damped_full_fisher(curvature[name], options.damping_ratio, device=device)[None]
-                inverse, residual = cholesky_inverses(a, [name], "damped full Fisher")
-                prepared.operators[name] = inverse[0]
-                prepared.diagnostics[name] = MatrixDiagnostics(
-                    lam, 0, residual[0], residual[0] <= tol, condition_estimates(a, [lam])[0]
-                )
-        return finish(prepared)
+        return super().prepare(curvature, options, device=device)
+
+    @staticmethod
+    def width(shape: tuple[int, int]) -> int:
+        return shape[0] * shape[1]
+
+    @classmethod
+    def damped(cls, curvature: Mapping[str, CurvaturePartial], names: list[str], options: EstimatorOptions,
+               device: torch.device | str | None) -> Tensor:
+        """(len(names), r*d, r*d) damped full Fishers of one r*d."""
+        return torch.stack([damped_gfim(curvature[n], options.damping_ratio, full=True, device=device) for n in names])
 
     @staticmethod
     def apply(

@@ -11,24 +11,16 @@ unless options.allow_unconverged.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 
 import torch
 from torch import Tensor
 
-from hyperinf_ops.curvature import CurvaturePartial
 from hyperinf_ops.errors import InverseNotConvergedError
 from hyperinf_ops.inverse import InverseResult, schulz_inverse
-from hyperinf_ops.preconditioners.base import Batch, MatrixDiagnostics, Preconditioner, Prepared
+from hyperinf_ops.preconditioners.base import Batch, Prepared
+from hyperinf_ops.preconditioners.method import Factor, Preconditioner, times_operator
 from hyperinf_ops.preconditioners.options import EstimatorOptions
-from hyperinf_ops.preconditioners.shared import (
-    condition_estimates,
-    damped_stack,
-    finish,
-    live_groups,
-    start,
-    times_operator,
-)
 
 __all__ = ["HyperInf", "schulz_with_options"]
 
@@ -51,26 +43,14 @@ class HyperInf(Preconditioner):
     supports_self_influence = True
 
     @classmethod
-    def prepare(
-        cls,
-        curvature: Mapping[str, CurvaturePartial],
-        options: EstimatorOptions,
-        *,
-        device: torch.device | str | None = None,
-    ) -> Prepared:
-        prepared = start(curvature, options)
-        for names in live_groups(prepared):
-            a = damped_stack(curvature, names, options, options.torch_dtype, device)
-            result = schulz_with_options(a, options)
-            residual = result.residual.tolist()
-            cond = condition_estimates(a, [prepared.damping[n] for n in names])
-            for i, name in enumerate(names):
-                prepared.operators[name] = result.inverse[i].to(torch.float64)
-                prepared.diagnostics[name] = MatrixDiagnostics(
-                    prepared.damping[name], result.iterations, residual[i], residual[i] <= result.tol, cond[i]
-                )
-        finish(prepared)
-        if not options.allow_unconverged:
+    def factor(cls, a: Tensor, names: list[str], options: EstimatorOptions) -> list[Factor]:
+        result = schulz_with_options(a, options)  # one batched call for the whole width group
+        return [Factor(inv.to(torch.float64), result.iterations, res, res <= result.tol)
+                for inv, res in zip(result.inverse, result.residual.tolist(), strict=True)]
+
+    @classmethod
+    def check(cls, prepared: Prepared) -> Prepared:
+        if not prepared.options.allow_unconverged:
             _raise_unconverged(prepared)
         return prepared
 

@@ -14,17 +14,15 @@ within the working dtype's tolerance (estimators.precondition reports these, as 
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Iterable, Mapping
 
 import torch
 from torch import Tensor
 
-from hyperinf_ops.curvature import CurvaturePartial
 from hyperinf_ops.inverse import default_tol
-from hyperinf_ops.preconditioners.base import Batch, MatrixDiagnostics, Preconditioner, Prepared
+from hyperinf_ops.preconditioners.base import Batch, MatrixDiagnostics, Prepared
+from hyperinf_ops.preconditioners.method import Factor, Preconditioner
 from hyperinf_ops.preconditioners.options import EstimatorOptions
-from hyperinf_ops.preconditioners.shared import condition_estimates, damped_stack, finish, live_groups, start
 
 __all__ = ["LiSSA"]
 
@@ -33,28 +31,10 @@ class LiSSA(Preconditioner):
     method = "lissa"
 
     @classmethod
-    def prepare(
-        cls,
-        curvature: Mapping[str, CurvaturePartial],
-        options: EstimatorOptions,
-        *,
-        device: torch.device | str | None = None,
-    ) -> Prepared:
-        prepared = start(curvature, options)
-        for names in live_groups(prepared):
-            a = damped_stack(curvature, names, options, options.torch_dtype, device)
-            scales = (
-                torch.linalg.matrix_norm(a).tolist()
-                if options.lissa_scale is None
-                else [options.lissa_scale] * len(names)
-            )
-            cond = condition_estimates(a, [prepared.damping[n] for n in names])
-            for i, name in enumerate(names):
-                prepared.operators[name] = a[i].to(torch.float64)
-                prepared.diagnostics[name] = MatrixDiagnostics(
-                    prepared.damping[name], options.lissa_iterations, math.nan, True, cond[i], scales[i]
-                )
-        return finish(prepared)
+    def factor(cls, a: Tensor, names: list[str], options: EstimatorOptions) -> list[Factor]:
+        scales = torch.linalg.matrix_norm(a).tolist() if options.lissa_scale is None else \
+            [options.lissa_scale] * len(names)
+        return [Factor(m.to(torch.float64), options.lissa_iterations, scale=s) for m, s in zip(a, scales, strict=True)]
 
     @staticmethod
     def apply(

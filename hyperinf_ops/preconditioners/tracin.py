@@ -13,9 +13,9 @@ import torch
 from torch import Tensor
 
 from hyperinf_ops.curvature import CurvaturePartial
-from hyperinf_ops.preconditioners.base import Batch, MatrixDiagnostics, Preconditioner, Prepared
+from hyperinf_ops.preconditioners.base import Batch, MatrixDiagnostics, Prepared
+from hyperinf_ops.preconditioners.method import Preconditioner, start
 from hyperinf_ops.preconditioners.options import EstimatorOptions
-from hyperinf_ops.preconditioners.shared import start
 
 __all__ = ["TracIn"]
 

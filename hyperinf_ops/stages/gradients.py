@@ -14,6 +14,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+from hyperinf_ops.adapters import AdapterStore
 from hyperinf_ops.curvature import CurvaturePartial, curvature_partials
 from hyperinf_ops.data.prepare import content_digest, record_columns
 from hyperinf_ops.errors import DataError, GradientMismatchError
@@ -23,7 +24,7 @@ from hyperinf_ops.projection import BlockProjector
 from hyperinf_ops.settings import GradientSettings, ModelSpec
 from hyperinf_ops.stages.common import Log, Summary, require_table, shard_filter
 from hyperinf_ops.stages.freshness import gradient_shard_current, gradient_version
-from hyperinf_ops.stages.loading import current_adapter, finite_rows, gradient_batches, load_current_model
+from hyperinf_ops.stages.loading import finite_rows, gradient_batches, load_current_model
 from hyperinf_ops.store import GradientBatch, LanceStore
 
 __all__ = ["GradientSummary", "compute_gradient_shard"]
@@ -48,7 +49,7 @@ def compute_gradient_shard(store: LanceStore, shard: str, spec: ModelSpec, setti
                            force: bool = False, log: Log = print) -> GradientSummary:
     """Gradient rows and curvature sums of one shard under the current adapter (see the module docstring)."""
     start = time.perf_counter()
-    manifest = current_adapter(store.root)
+    manifest = AdapterStore(store.root).require_current()
     fp = manifest.fingerprint(settings.modules, settings.projection)
     table = require_table(store, "examples", "ingest the pool first").to_table(
         columns=[*record_columns(spec.task), "content_hash"], filter=shard_filter(shard))

@@ -15,24 +15,16 @@ from hyperinf_ops.gradients import per_example_lora_gradients
 from hyperinf_ops.models.lora import LoadedModel, adapter_hash, batches, load_lora_model
 from hyperinf_ops.settings import GradientSettings, ModelSpec
 
-__all__ = ["current_adapter", "finite_rows", "gradient_batches", "load_current_model"]
+__all__ = ["finite_rows", "gradient_batches", "load_current_model"]
 
 # The last model loaded in this process, keyed by (model spec, adapter hash): the steps of one run share it.
 _LOADED: dict[tuple, LoadedModel] = {}
 
 
-def current_adapter(storage_root: str | Path) -> AdapterManifest:
-    """The current adapter's manifest; ModelLoadError before the first one."""
-    manifest = AdapterStore(storage_root).current()
-    if manifest is None:
-        raise ModelLoadError(f"no adapter under {storage_root} yet: materialize lora_adapter first")
-    return manifest
-
-
 def load_current_model(storage_root: str | Path, spec: ModelSpec) -> tuple[LoadedModel, AdapterManifest]:
     """The model with the current adapter (labels as it was trained with), checked against its manifest."""
     adapters = AdapterStore(storage_root)
-    manifest = current_adapter(storage_root)
+    manifest = adapters.require_current()
     key = (spec, manifest.adapter_hash)
     if key not in _LOADED:
         _LOADED.clear()

@@ -18,6 +18,7 @@ from typing import Any
 
 import pyarrow.compute as pc
 
+from hyperinf_ops.adapters import AdapterStore
 from hyperinf_ops.curvature import CurvaturePartial
 from hyperinf_ops.errors import DataError
 from hyperinf_ops.fingerprint import Fingerprint
@@ -30,7 +31,6 @@ from hyperinf_ops.preconditioners import (
 )
 from hyperinf_ops.settings import EstimatorOptions, GradientSettings
 from hyperinf_ops.stages.common import Log, Summary, require_table
-from hyperinf_ops.stages.loading import current_adapter
 from hyperinf_ops.store import LanceStore
 
 __all__ = ["ALWAYS_PREPARED", "PreconditionerSummary", "checked_fingerprint", "curvature_identity",
@@ -61,7 +61,7 @@ class PreconditionerSummary(Summary):
 def checked_fingerprint(store: LanceStore, settings: GradientSettings) -> Fingerprint:
     """The current adapter's fingerprint, after checking that every gradient / curvature row has it and that
     they cover every shard of the pool consistently (DataError naming the shards otherwise)."""
-    fp = current_adapter(store.root).fingerprint(settings.modules, settings.projection)
+    fp = AdapterStore(store.root).require_current().fingerprint(settings.modules, settings.projection)
     for table in ("gradients", "curvature"):
         require_table(store, table, "compute the gradient shards first")
         store.check_fingerprint(table, fp)

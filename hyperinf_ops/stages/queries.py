@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from hyperinf_ops.adapters import AdapterStore
 from hyperinf_ops.data.prepare import content_digest, record_columns
 from hyperinf_ops.errors import DataError
 from hyperinf_ops.fingerprint import Fingerprint
@@ -28,7 +29,6 @@ from hyperinf_ops.projection import BlockProjector
 from hyperinf_ops.scorer import datainf_projected_query, raw_gradient_batches
 from hyperinf_ops.settings import EstimatorOptions, GradientSettings, ModelSpec
 from hyperinf_ops.stages.common import Log, Summary, drop_stale, require_table
-from hyperinf_ops.stages.loading import current_adapter, finite_rows, gradient_batches, load_current_model
 from hyperinf_ops.stages.preconditioners import checked_fingerprint, load_preconditioner
 from hyperinf_ops.store import LanceStore, Query, sql_literal
 
@@ -72,10 +72,16 @@ def target_gradient(store: LanceStore, name: str, spec: ModelSpec, settings: Gra
     current adapter and stored."""
     rows = _target_rows(store, name, spec.task)
     digest = content_digest(rows["sample_id"].to_pylist(), rows["content_hash"].to_pylist())
-    shapes = current_adapter(store.root).selected_shapes(settings.modules)
+    shapes = AdapterStore(store.root).require_current().selected_shapes(settings.modules)
     stored = store.read_target_gradient(name)
     if stored is not None and stored["content_digest"] == digest and stored["fingerprint"] == fingerprint.digest():
         return _unflatten(stored["vector"], shapes), stored["count"], False
+    from hyperinf_ops.stages.loading import (  # the model: here only
+        finite_rows,
+        gradient_batches,
+        load_current_model,
+    )
+
     loaded, _ = load_current_model(store.root, spec)
     total: dict[str, Tensor] = {}
     n = 0
@@ -122,7 +128,8 @@ def build_target_queries(store: LanceStore, targets: Sequence[str], spec: ModelS
     """Every (target set, method) query from the stored preconditioners (see the module docstring)."""
     start = time.perf_counter()
     fp = checked_fingerprint(store, settings)
-    projector = BlockProjector(current_adapter(store.root).selected_shapes(settings.modules), settings.projection)
+    shapes = AdapterStore(store.root).require_current().selected_shapes(settings.modules)
+    projector = BlockProjector(shapes, settings.projection)
     queries, sizes, recomputed = [], {}, []
     for name in targets:
         v, sizes[name], fresh = target_gradient(store, name, spec, settings, fp, log=log)

@@ -25,7 +25,6 @@ from hyperinf_ops.estimators import score_gradients
 from hyperinf_ops.scorer import raw_gradient_batches, self_influence_store
 from hyperinf_ops.settings import EstimatorOptions, GradientSettings, ModelSpec
 from hyperinf_ops.stages.common import Log, Summary, require_table
-from hyperinf_ops.stages.loading import gradient_batches, load_current_model
 from hyperinf_ops.stages.preconditioners import checked_fingerprint, load_preconditioner
 from hyperinf_ops.stages.queries import target_gradient
 from hyperinf_ops.stages.scores import extremes, read_scores
@@ -129,7 +128,9 @@ def agreement_check(store: LanceStore, spec: ModelSpec, settings: GradientSettin
     where = f"sample_id IN ({', '.join(sql_literal(i) for i in chosen)})"
     if settings.projection.raw:
         batches = list(raw_gradient_batches(store, exact.shapes, filter=where))
-    else:
+    else:  # projected rows: the sample's raw gradients come from the model (the only model load here)
+        from hyperinf_ops.stages.loading import gradient_batches, load_current_model
+
         loaded, _ = load_current_model(store.root, spec)
         records = store.open("examples").to_table(columns=record_columns(spec.task), filter=where).to_pylist()
         batches = list(gradient_batches(loaded, records, settings, spec.max_length))

@@ -1,0 +1,1 @@
+"""The curation queries (DuckDB, named $parameters), shipped inside the package as `hyperinf_ops.sql`."""
