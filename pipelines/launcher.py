@@ -26,10 +26,10 @@ from dagster._core.types.loadable_target_origin import LoadableTargetOrigin
 from dagster._utils.hosted_user_process import recon_job_from_origin
 
 from assets_defs.resources import CONFIG_ENV_VAR
+from pipelines.instance import LOCATION_NAME
 
-__all__ = ["CODE_LOCATION", "Launcher", "PipelineRunError", "failure_message"]
+__all__ = ["Launcher", "PipelineRunError", "failure_message"]
 
-CODE_LOCATION = "hyperinf"
 DEFINITIONS_MODULE = "pipelines.definitions"
 # Only user log lines (progress, warnings) reach the console; Dagster's own events stay in the instance.
 QUIET_RUN_CONFIG = {"loggers": {"console": {"config": {"log_level": "INFO"}}}}
@@ -54,7 +54,7 @@ class Launcher:
         origin = InProcessCodeLocationOrigin(
             LoadableTargetOrigin(executable_path=sys.executable, module_name=DEFINITIONS_MODULE,
                                  working_directory=str(Path(__file__).resolve().parents[1])),
-            location_name=CODE_LOCATION)
+            location_name=LOCATION_NAME)
         previous = os.environ.get(CONFIG_ENV_VAR)
         os.environ[CONFIG_ENV_VAR] = str(config_path)
         try:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
-import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -22,10 +20,7 @@ Log = Callable[[str], Any]
 @dataclass
 class Summary:
     """Base of every stage summary: plain data a person wants to see (counts, versions, timings), never
-    tensors; JSON-ready through `to_dict()`."""
-
-    def to_dict(self) -> dict[str, Any]:
-        return json.loads(json.dumps(dataclasses.asdict(self), default=str))
+    tensors (the assets turn the fields into Dagster metadata)."""
 
 
 def require_table(store: LanceStore, table: str, hint: str) -> lance.LanceDataset:
