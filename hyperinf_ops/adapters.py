@@ -30,7 +30,7 @@ from pydantic import BaseModel, ConfigDict
 
 from hyperinf_ops.errors import ModelLoadError
 from hyperinf_ops.fingerprint import Fingerprint
-from hyperinf_ops.settings import BUNDLED_MODELS, ProjectionSpec
+from hyperinf_ops.settings import BUNDLED_MODELS, CompressionSpec
 from hyperinf_ops.stacks import select_matrices
 
 __all__ = ["AdapterManifest", "AdapterStore", "folder_digest", "recipe_key"]
@@ -69,14 +69,14 @@ class AdapterManifest(BaseModel):
         """(r, d) of the LoRA matrices that `modules` selects (gradients.select_matrices), sorted by name."""
         return {n: tuple(self.matrix_shapes[n]) for n in select_matrices(list(self.matrix_shapes), modules)}
 
-    def fingerprint(self, modules: tuple[str, ...] | None, projection: ProjectionSpec) -> Fingerprint:
-        """The fingerprint of gradient rows taken under this adapter for the selected matrices and projection."""
+    def fingerprint(self, modules: tuple[str, ...] | None, compression: CompressionSpec) -> Fingerprint:
+        """The fingerprint of gradient rows taken under this adapter for the selected matrices, compressed so."""
         from hyperinf_ops.tasks import get_task
 
         model_id = self.model if self.model in BUNDLED_MODELS else Path(self.model).name
         return Fingerprint.create(
             model_id=model_id, model_hash=self.model_hash, adapter_hash=self.adapter_hash, task=self.task,
-            lora_modules=self.lora_modules, shapes=self.selected_shapes(modules), projection=projection,
+            lora_modules=self.lora_modules, shapes=self.selected_shapes(modules), compression=compression,
             loss_reduction=get_task(self.task).loss_reduction)
 
 

@@ -30,16 +30,15 @@ from hyperinf_ops.config_problems import did_you_mean, problem_text
 from hyperinf_ops.errors import ConfigError
 from hyperinf_ops.settings import (
     BUNDLED_MODELS,
+    CompressionSpec,
     Device,
     EstimatorOptions,
     GradientSettings,
     LoraSettings,
     ModelSpec,
     PipelineMethod,
-    ProjectionSpec,
     Settings,
     SolverOptions,
-    StorageDtype,
     TaskName,
     TrainSettings,
 )
@@ -55,6 +54,13 @@ __all__ = [
 
 # Target set names become SQL parameter values, file names and Dagster metadata keys.
 _TARGET_NAME = r"^[A-Za-z_][A-Za-z0-9_\-]*$"
+# Keys of earlier versions, with where their meaning went.
+RENAMED_KEYS = {
+    "projection_dim": "compression.sketch_dim (a sketch width per LoRA matrix, applied before the curvature; "
+                      "the old JL projection of whole rows lost HyperINF's ranking)",
+    "projection_seed": "compression.seed",
+    "projection_dtype": "compression.dtype",
+}
 # Query parameters that name a target set; `target_set` and `method` get defaults when a query takes them.
 TARGET_PARAMS = ("target_set", "set_a", "set_b")
 
@@ -171,12 +177,9 @@ class HyperinfConfig(Settings):
     estimators: tuple[PipelineMethod, ...] = Field(("hyperinf", "datainf", "tracin"), strict=False, min_length=1)
     damping_ratio: float = Field(0.1, gt=0)
     estimator_options: SolverOptions = Field(default_factory=SolverOptions)
-    # 0 = store raw gradients: exact scores. A JL projection (e.g. 8192) shrinks rows ~9x for MiniLM but a
-    # GFIM-preconditioned query is nearly orthogonal to the rows, so projected HyperINF scores are noisy
-    # (docs/tables.md); keep it for tracin / datainf or for pools too large to store raw.
-    projection_dim: int = Field(0, ge=0)
-    projection_seed: int = Field(0, ge=0)
-    projection_dtype: StorageDtype = "float16"
+    # How gradient rows are stored: raw (sketch_dim 0, exact) or each LoRA matrix sketched on its wide side
+    # before curvature and scoring (docs/compression.md has what each setting costs in quality and bytes).
+    compression: CompressionSpec = Field(default_factory=CompressionSpec)
     max_length: int = Field(128, ge=4)
     gradient_batch_size: int = Field(32, ge=1)
     device: Device = "auto"
@@ -213,10 +216,9 @@ class HyperinfConfig(Settings):
 
     @property
     def gradient_settings(self) -> GradientSettings:
-        """The gradient pass: matrix selection, batch size, and raw (dim 0) or JL-projected rows."""
-        projection = ProjectionSpec(dim=self.projection_dim, seed=self.projection_seed, dtype=self.projection_dtype)
+        """The gradient pass: matrix selection, batch size, and how rows are compressed."""
         return GradientSettings(modules=self.lora.gradient_modules, batch_size=self.gradient_batch_size,
-                                projection=projection)
+                                compression=self.compression)
 
     def estimator(self, method: str) -> EstimatorOptions:
         """The full solver settings of one method: the shared damping ratio and `estimator_options`."""
@@ -251,7 +253,8 @@ def load_config(source: str | Path | Mapping[str, Any], *, base_dir: str | Path 
         where, base = str(path), path.resolve().parent
     if not isinstance(raw, Mapping):
         raise ConfigError(f"{where}: expected a mapping of keys at the top level, got {type(raw).__name__}")
-    problems: list[str] = []
+    problems = [f"{old}: replaced by {new}" for old, new in RENAMED_KEYS.items() if old in raw]
+    raw = {k: v for k, v in raw.items() if k not in RENAMED_KEYS}
     cfg = None
     try:
         cfg = HyperinfConfig.model_validate(raw, context={"base_dir": base})

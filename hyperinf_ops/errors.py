@@ -32,7 +32,7 @@ class UnsupportedMethodError(HyperinfError, ValueError):
 
 
 class FingerprintMismatchError(HyperinfError):
-    """Stored rows were made under a different model / adapter / projection / module set."""
+    """Stored rows were made under a different model / adapter / row compression / module set."""
 
 
 class ConfigError(HyperinfError, ValueError):

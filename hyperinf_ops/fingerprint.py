@@ -1,7 +1,7 @@
 """What made a stored gradient row: rows with different fingerprints must never be scored together.
 
 Scores are inner products between stored rows and a query built from the same model, adapter, LoRA
-matrices and projection; mixing any of these silently gives meaningless rankings (peers learned this the
+matrices and row compression; mixing any of these silently gives meaningless rankings (peers learned this the
 hard way, see docs/tables.md). Damping is a query-time choice and is deliberately not part of it.
 """
 
@@ -17,7 +17,8 @@ import numpy as np
 import torch
 
 from hyperinf_ops.errors import FingerprintMismatchError
-from hyperinf_ops.settings import ProjectionSpec
+from hyperinf_ops.settings import CompressionSpec
+from hyperinf_ops.sketch import row_shapes
 
 __all__ = ["Fingerprint", "tensor_hash", "shapes_hash", "model_hashes", "require_match"]
 
@@ -73,10 +74,10 @@ class Fingerprint:
     lora_modules: tuple[str, ...]
     rank: int
     matrices_hash: str
-    projection_dim: int
-    projection_seed: int
-    projection_dtype: str
-    projection_kind: str
+    sketch_dim: int  # per LoRA matrix; 0 = raw rows
+    sketch_seed: int
+    row_dtype: str
+    row_width: int  # floats per stored row: the matrices' (r, k) blocks
     grad_dtype: str = "float32"
     loss_reduction: str = "mean"
 
@@ -94,11 +95,11 @@ class Fingerprint:
         task: str,
         lora_modules: tuple[str, ...] | list[str],
         shapes: Mapping[str, tuple[int, int]],
-        projection: ProjectionSpec,
+        compression: CompressionSpec,
         grad_dtype: str = "float32",
         loss_reduction: str = "mean",
     ) -> Fingerprint:
-        """Fingerprint from the matrix shapes (rank read from them) and the projection spec."""
+        """Fingerprint from the raw matrix shapes (rank read from them) and how rows are compressed."""
         ranks = {int(r) for r, _ in shapes.values()}
         if len(ranks) != 1:
             raise ValueError(f"LoRA matrices disagree on rank: {sorted(ranks)}")
@@ -110,17 +111,17 @@ class Fingerprint:
             lora_modules=tuple(lora_modules),
             rank=ranks.pop(),
             matrices_hash=shapes_hash(shapes),
-            projection_dim=projection.dim,
-            projection_seed=projection.seed,
-            projection_dtype=projection.storage_dtype,
-            projection_kind=projection.kind,
+            sketch_dim=compression.sketch_dim,
+            sketch_seed=compression.seed,
+            row_dtype=compression.dtype,
+            row_width=sum(r * k for r, k in row_shapes(shapes, compression).values()),
             grad_dtype=grad_dtype,
             loss_reduction=loss_reduction,
         )
 
     @property
-    def projection(self) -> ProjectionSpec:
-        return ProjectionSpec(dim=self.projection_dim, seed=self.projection_seed, dtype=self.projection_dtype)
+    def compression(self) -> CompressionSpec:
+        return CompressionSpec(sketch_dim=self.sketch_dim, seed=self.sketch_seed, dtype=self.row_dtype)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)

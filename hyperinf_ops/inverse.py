@@ -82,12 +82,15 @@ def schulz_inverse(
     init: str = "scaled",
     paper_alpha: float = 5e-5,
     extra_damping: float = 0.0,
+    start: Tensor | None = None,
 ) -> InverseResult:
     """Inverse of each SPD matrix in a (..., d, d), float32 or float64, by the order-`order` hyperpower method.
 
     tol: relative residual target (default: default_tol(a.dtype), 1e-9 fp64, 1e-4 fp32).
     max_iter: step cap (default 60 for init="scaled", 20 for init="paper", where it is the fixed count).
     extra_damping: added to the diagonal first (the reference code's absolute 0.001 I, for parity).
+    start: an approximate inverse to continue from (init="scaled" only), e.g. a float32 solve to polish in
+    float64; a matrix whose start has residual >= 1 (no convergence guarantee) starts scaled instead.
     Raises NonFiniteGradientError on NaN/inf, NotPositiveDefiniteError if not square or not symmetric.
     An indefinite or singular matrix is not an error here: it is returned with converged=False.
     """
@@ -113,6 +116,13 @@ def schulz_inverse(
         alpha = 1.0 / torch.where(upper > 0, upper, torch.ones_like(upper))
     x = alpha[:, None, None] * eye
     resid_mat, res = _residual(a, x, eye)
+    if start is not None and init == "scaled":
+        given = start.reshape(-1, d, d).to(device=a.device, dtype=a.dtype)
+        given_mat, given_res = _residual(a, given, eye)
+        use = given_res < torch.minimum(res, torch.ones_like(res))
+        x = torch.where(use[:, None, None], given, x)
+        resid_mat = torch.where(use[:, None, None], given_mat, resid_mat)
+        res = torch.where(use, given_res, res)
 
     if init == "paper":
         # Reference parity: fixed step count, no stop and no divergence guard.

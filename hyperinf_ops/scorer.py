@@ -1,7 +1,7 @@
 """Streaming scorer: every query against every stored gradient row in one bounded-memory scan.
 
-A query is a preconditioned target vector already projected with the rows' projection, so the score of row
-k is one dot product: `score_k = <q, Phi g_k>` (= -I(k), higher = more helpful). The gradients table is read
+A query is a preconditioned target vector laid out like a row (each LoRA matrix's block, raw or sketched), so
+the score of row k is one dot product: `score_k = <q, g_k>` (= -I(k), higher = more helpful). The gradients table is read
 with `to_batches` (a few batches in flight, whatever the table size), each batch is scored against all
 queries with one `(b, D) @ (D, q)` matmul on CUDA when available, and only the `n x q` scores stay in
 memory. Ranks and percentiles need the whole column, so they are computed after the scan; each
@@ -17,7 +17,6 @@ import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -32,14 +31,12 @@ from hyperinf_ops.errors import (
     GradientMismatchError,
     NonFiniteGradientError,
 )
-from hyperinf_ops.fingerprint import Fingerprint, require_match
+from hyperinf_ops.fingerprint import require_match
 from hyperinf_ops.preconditioners import Prepared
-from hyperinf_ops.projection import BlockProjector
 from hyperinf_ops.store import LanceStore, Query, scores_schema
 
 __all__ = [
     "ScoreSummary",
-    "datainf_projected_query",
     "raw_gradient_batches",
     "score_store",
     "self_influence_store",
@@ -210,80 +207,6 @@ def score_store(
     )
 
 
-def datainf_projected_query(
-    store: LanceStore,
-    v: Mapping[str, Tensor],
-    projector: BlockProjector,
-    *,
-    fingerprint: Fingerprint,
-    damping: Mapping[str, float] | None = None,
-    damping_ratio: float = 0.1,
-    batch_rows: int = BATCH_ROWS,
-    device: torch.device | str | None = None,
-    version: int | None = None,
-) -> tuple[Tensor, dict[str, dict[str, Any]]]:
-    """DataInf's preconditioned target vector computed from the stored rows, in projected space.
-
-    v: name -> (r, d) mean target gradient (raw). Per matrix l, with Pv_l = Phi_l vec(v_l) and the stored
-    Pg_il = Phi_l vec(g_il), |g_il|^2 from `sq_norms` (exact):
-
-        pv_l = (1/(n lambda_l)) (n Pv_l - sum_i c_il Pg_il),   c_il = <Pv_l, Pg_il> / (lambda_l + |g_il|^2)
-
-    which is DataInf's closed form with inner products taken in projected space (exact when dim = 0).
-    damping: lambda_l per matrix (e.g. from the curvature table); None computes DataInf's own rule
-    damping_ratio * mean(g_l^2) from `sq_norms` in a first pass. Returns ((dim,) float32, diagnostics).
-    """
-    dev = resolve_device(device)
-    gradients_version = store.open("gradients", version).version
-    store.check_fingerprint("gradients", fingerprint, gradients_version)
-    pv = projector.project_vector(v).to(dev, torch.float64)
-    names = projector.names
-    if damping is None:
-        total, n_rows = torch.zeros(len(names), dtype=torch.float64), 0
-        for batch in _scan(store, gradients_version, ["sq_norms"], batch_rows):
-            total += _fixed_rows(batch, "sq_norms").double().sum(0)
-            n_rows += batch.num_rows
-        if n_rows == 0:
-            raise DataError("the gradients table has no rows")
-        numel = torch.tensor([r * d for r, d in (projector.shapes[n] for n in names)], dtype=torch.float64)
-        damping = dict(zip(names, (damping_ratio * total / (n_rows * numel)).tolist(), strict=True))
-    lam = torch.tensor([damping[name] for name in names], dtype=torch.float64, device=dev)
-
-    acc = torch.zeros_like(pv)
-    n = 0
-    for batch in _scan(store, gradients_version, ["grad", "grad_scale", "sq_norms"], batch_rows):
-        x = _fixed_rows(batch, "grad").to(dev).double()
-        x *= _column(batch, "grad_scale").to(dev).double()[:, None]
-        sq = _fixed_rows(batch, "sq_norms").to(dev).double()
-        if x.shape[1] != projector.out_dim or sq.shape[1] != len(names):
-            raise GradientMismatchError(
-                f"rows have {x.shape[1]} dims / {sq.shape[1]} matrices, projector {projector.out_dim} / {len(names)}"
-            )
-        for l_idx, name in enumerate(names):
-            sl = projector.slices[name]
-            block = x[:, sl]
-            coef = (block @ pv[sl]) / (lam[l_idx] + sq[:, l_idx])
-            acc[sl] += coef @ block
-        n += batch.num_rows
-    if n == 0:
-        raise DataError("the gradients table has no rows")
-    out = torch.empty_like(pv)
-    diagnostics: dict[str, dict[str, Any]] = {}
-    for l_idx, name in enumerate(names):
-        sl = projector.slices[name]
-        out[sl] = (pv[sl] - acc[sl] / n) / lam[l_idx]
-        diagnostics[name] = {
-            "damping": float(lam[l_idx]),
-            "iterations": 0,
-            "residual": math.nan,
-            "converged": True,
-            "projected": not projector.spec.raw,
-            "rows": n,
-            "gradients_version": gradients_version,
-        }
-    return out.float().cpu(), diagnostics
-
-
 def raw_gradient_batches(
     store: LanceStore,
     shapes: Mapping[str, tuple[int, int]],
@@ -293,10 +216,10 @@ def raw_gradient_batches(
     version: int | None = None,
     filter: str | None = None,
 ) -> Iterator[tuple[list[str], dict[str, Tensor]]]:
-    """Stored raw rows as per-example gradients: (sample_ids, name -> (b, r, d) float64), `batch_rows` at a time.
+    """Stored rows as per-example gradients: (sample_ids, name -> (b, r, k) float64), `batch_rows` at a time.
 
-    shapes: name -> (r, d) of every stored matrix (sorted names give the row layout). GradientMismatchError
-    when the rows are projected (projection_dim > 0): a projected row is no longer a per-matrix gradient.
+    shapes: name -> (r, k) of every stored block (sorted names give the row layout; k = d for raw rows, the
+    sketch width for compressed ones). GradientMismatchError when the rows do not have that width.
     """
     names = sorted(shapes)
     widths = [shapes[n][0] * shapes[n][1] for n in names]
@@ -307,8 +230,8 @@ def raw_gradient_batches(
         rows = _fixed_rows(batch, "grad")
         if rows.shape[1] != sum(widths):
             raise GradientMismatchError(
-                f"this needs raw gradient rows ({sum(widths)} dims); the stored rows have {rows.shape[1]} "
-                "(projected): set projection_dim 0")
+                f"rows of {sum(widths)} floats expected (blocks {dict(zip(names, widths, strict=True))}); the "
+                f"stored rows have {rows.shape[1]}")
         x = rows.to(dev, torch.float64) * _column(batch, "grad_scale").to(dev, torch.float64)[:, None]
         out, start = {}, 0
         for name, width in zip(names, widths, strict=True):

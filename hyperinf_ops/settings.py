@@ -18,6 +18,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validat
 
 __all__ = [
     "BUNDLED_MODELS",
+    "CompressionSpec",
     "METHODS",
     "PIPELINE_METHODS",
     "TASKS",
@@ -27,7 +28,6 @@ __all__ = [
     "Method",
     "ModelSpec",
     "PipelineMethod",
-    "ProjectionSpec",
     "SolverOptions",
     "TaskName",
     "TrainSettings",
@@ -113,25 +113,18 @@ class TrainSettings(Settings):
     log_every: int = Field(20, ge=1)
 
 
-class ProjectionSpec(Settings):
-    """What a stored gradient row is: `dim` output floats (0 = raw, the exact gradients), the generator `seed`
-    of the block JL projection, and the storage `dtype` (raw rows are always float32)."""
+class CompressionSpec(Settings):
+    """How a gradient row is stored (the YAML `compression`): each LoRA matrix's gradient g (r, d) sketched on
+    its wide side to g P (r, sketch_dim) before anything else uses it (0 = raw: the exact gradients), the
+    sketch's generator `seed`, and the storage `dtype` (float16 rows carry a per-row scale)."""
 
-    dim: int = Field(8192, ge=0)
+    sketch_dim: int = Field(0, ge=0)
     seed: int = Field(0, ge=0)
-    dtype: StorageDtype = "float16"
+    dtype: StorageDtype = "float32"
 
     @property
     def raw(self) -> bool:
-        return self.dim == 0
-
-    @property
-    def kind(self) -> str:
-        return "raw" if self.raw else "block_gaussian"
-
-    @property
-    def storage_dtype(self) -> str:
-        return "float32" if self.raw else self.dtype
+        return self.sketch_dim == 0
 
 
 class GradientSettings(Settings):
@@ -140,7 +133,7 @@ class GradientSettings(Settings):
 
     modules: tuple[str, ...] | None = Field(None, strict=False)
     batch_size: int = Field(32, ge=1)
-    projection: ProjectionSpec = Field(default_factory=lambda: ProjectionSpec(dim=0))
+    compression: CompressionSpec = Field(default_factory=CompressionSpec)
 
 
 class SolverOptions(Settings):

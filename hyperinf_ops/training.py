@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from hyperinf_ops.errors import DataError
+from hyperinf_ops.memory import release_memory
 from hyperinf_ops.models.lora import LoadedModel, batches
 from hyperinf_ops.progress import ProgressCallback, ProgressMeter
 from hyperinf_ops.settings import TrainSettings
@@ -78,6 +79,8 @@ def warmup_train(loaded: LoadedModel, records: Sequence[Mapping[str, Any]], trai
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
                 steps += 1
+                if steps % train_cfg.log_every == 0:
+                    release_memory()  # batches of varying length fragment the heaps (memory.py)
                 loss = float(out.loss.detach())
                 loss_sum += loss * len(chunk)
                 if loaded.task.has_classes:

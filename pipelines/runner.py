@@ -70,7 +70,7 @@ def materialize_all(instance: dg.DagsterInstance, config_path: str | Path, cfg: 
             report.runs.append(launcher.run(adapter_job.name, tags=tags))
         settings = cfg.gradient_settings
         manifest = AdapterStore(store.root).require_current()
-        fingerprint = manifest.fingerprint(settings.modules, settings.projection)
+        fingerprint = manifest.fingerprint(settings.modules, settings.compression)
         report.gradients = [s for s in files if not gradient_shard_current(store, s, fingerprint)]
         for shard in report.gradients:
             log(f"gradients of shard {shard}")

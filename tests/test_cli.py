@@ -81,11 +81,11 @@ def test_sql_over_the_demo_tables(demo, capsys):
 
 def test_bad_config_is_one_line_and_exit_2(tmp_path, capsys):
     bad = tmp_path / "bad.yaml"
-    bad.write_text(yaml.safe_dump({"data": {"path": "nowhere.parquet"}, "targets": {}, "projection_dimm": 3}))
+    bad.write_text(yaml.safe_dump({"data": {"path": "nowhere.parquet"}, "targets": {}, "compresion": {"sketch_dim": 3}}))
     assert main(["run", "--config", str(bad)]) == 2
     err = capsys.readouterr().err
     assert re.match(rf"hyperinf: error: {re.escape(str(bad))}: \d+ problem\(s\):\n", err)
-    assert "projection_dimm: unknown key (did you mean 'projection_dim'?)" in err
+    assert "compresion: unknown key (did you mean 'compression'?)" in err
     assert "Traceback" not in err and not (tmp_path / ".dagster_home").exists()
 
 

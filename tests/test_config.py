@@ -42,14 +42,14 @@ def test_defaults_and_relative_paths(project: Path, monkeypatch: pytest.MonkeyPa
     assert cfg.model == "minilm" and cfg.task == "classification"
     assert cfg.lora.rank == 8 and cfg.lora.alpha == 16 and cfg.train.epochs == 2
     assert cfg.estimators == ("hyperinf", "datainf", "tracin")
-    assert cfg.projection_dim == 0 and cfg.damping_ratio == 0.1
+    assert cfg.compression.raw and cfg.compression.dtype == "float32" and cfg.damping_ratio == 0.1
     assert cfg.curation.query == "top_fraction"
     # the query's target set and method default to the first target set and estimator
     assert cfg.curation.params == {"target_set": "clean_val", "method": "hyperinf", "fraction": 0.8}
 
 
 def test_round_trip(project: Path):
-    doc = {**minimal(), "lora": {"rank": 4, "alpha": 8, "modules": ["query"]}, "projection_dim": 0,
+    doc = {**minimal(), "lora": {"rank": 4, "alpha": 8, "modules": ["query"]}, "compression": {"sketch_dim": 48},
            "estimators": ["exact", "lissa"], "estimator_options": {"lissa_iterations": 50},
            "curation": {"query": "top_k", "params": {"k": 10, "method": "exact"}}}
     cfg = load_config(write(project, doc))
@@ -67,7 +67,7 @@ def test_every_problem_in_one_error(project: Path):
         "train": {"epochs": 0, "lr": -1.0},  # impossible values
         "estimators": ["hyperinf", "hyperinff", "datainf"],  # bad estimator name
         "damping_ratio": True,  # a bool is not a number
-        "projection_dim": -5,
+        "compression": {"sketch_dim": -5},
         "targets": {"clean_val": {"path": "data/val.parquet", "where": "label = 'x'"}},
         "curation": {"query": "top_fractoin"},
     }
@@ -79,7 +79,7 @@ def test_every_problem_in_one_error(project: Path):
     assert "train.epochs: must be >= 1" in text and "train.lr: must be > 0" in text
     assert "estimators[1]: 'hyperinff' is not one of" in text and "did you mean 'hyperinf'" in text
     assert "damping_ratio: expected a number, got bool True" in text
-    assert "projection_dim: must be >= 0" in text
+    assert "compression.sketch_dim: must be >= 0" in text
     assert "targets.clean_val: give exactly one of" in text
     assert "curation.query: no query 'top_fractoin'" in text and "did you mean 'top_fraction'" in text
     assert len(found) == 10, found  # nothing reported twice
@@ -118,11 +118,11 @@ def test_task_specific_columns(project: Path):
 
 
 def test_other_value_checks(project: Path):
-    found = problems({**minimal(), "storage_root": "s3://bucket/x", "device": "tpu", "projection_dtype": "int8",
+    found = problems({**minimal(), "storage_root": "s3://bucket/x", "device": "tpu", "compression": {"dtype": "int8"},
                       "estimators": ["tracin", "tracin"], "estimator_options": {"lissa_iters": 3},
                       "curation": {"query": "top_k", "params": {"kk": 3, "method": "lissa"}}}, base_dir=project)
     text = "\n".join(found)
-    for expected in ("storage_root: object-store URIs are not supported", "device: 'tpu'", "projection_dtype",
+    for expected in ("storage_root: object-store URIs are not supported", "device: 'tpu'", "compression.dtype",
                      "estimators: listed more than once: ['tracin']", "estimator_options.lissa_iters: unknown",
                      "curation.params.kk: query 'top_k' takes no such parameter",
                      "curation.params.method: 'lissa' is not one of the configured estimators",

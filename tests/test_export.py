@@ -13,8 +13,8 @@ import torch
 from hyperinf_ops import export as export_mod
 from hyperinf_ops.export import Manifest, export_subset, reproduce
 from hyperinf_ops.fingerprint import Fingerprint
-from hyperinf_ops.projection import ProjectionSpec
 from hyperinf_ops.scorer import score_store
+from hyperinf_ops.settings import CompressionSpec
 from hyperinf_ops.store import GradientBatch, LanceStore, Query
 
 DIM = 16
@@ -25,7 +25,7 @@ FP = Fingerprint.create(
     task="classification",
     lora_modules=["q"],
     shapes={"q.lora_A": (2, 8)},
-    projection=ProjectionSpec(dim=DIM),
+    compression=CompressionSpec(dtype="float16"),  # raw rows of 2 * 8 = DIM floats
 )
 
 

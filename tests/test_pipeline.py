@@ -137,7 +137,7 @@ def test_rerun_launches_one_refresh_and_duplicates_nothing(built):
 def test_added_shard_computes_only_that_shard_and_one_solve_per_refresh(tmp_path, tiny_model):
     """`hyperinf run` twice, with a pool file added in between: the second run computes the new shard's
     gradients only (through Dagster runs), and each refresh inverts the curvature once (one batched Schulz
-    call for the tiny BERT's equal-width matrices, one batched Cholesky) although two target sets, four
+    solve for the tiny BERT's equal-width matrices, one batched Cholesky) although two target sets, four
     methods, self-influence and the agreement check all use the inverse."""
     cfg_path = make_project(tmp_path, tiny_model, n_pool=80, n_target=10,
                             estimators=["hyperinf", "datainf", "tracin", "exact"])
@@ -145,7 +145,7 @@ def test_added_shard_computes_only_that_shard_and_one_solve_per_refresh(tmp_path
     doc["targets"]["positive"] = {"where": "label = 'pos'"}
     cfg_path.write_text(yaml.safe_dump(doc))
     cfg = load_config(cfg_path)
-    schulz = mock.patch.object(hyperinf_module, "schulz_inverse", wraps=hyperinf_module.schulz_inverse)
+    schulz = mock.patch.object(hyperinf_module, "schulz_with_options", wraps=hyperinf_module.schulz_with_options)
     cholesky = mock.patch.object(exact_module, "cholesky_inverses", wraps=exact_module.cholesky_inverses)
     with dg.instance_for_test() as instance, schulz as schulz_calls, cholesky as cholesky_calls:
         first = materialize_all(instance, cfg_path, cfg, log=lambda _: None)
@@ -251,8 +251,8 @@ def test_model_folder_that_is_not_a_hf_model(tmp_path, tiny_model):
 
 @pytest.mark.parametrize(("change", "messages"), [
     ({"model": "/no/such/model"}, ["model: '/no/such/model' is neither a bundled model"]),
-    ({"projection_dimm": 0, "damping_ratio": "high"},
-     ["projection_dimm: unknown key (did you mean 'projection_dim'?)",
+    ({"compresion": {"sketch_dim": 8}, "damping_ratio": "high"},
+     ["compresion: unknown key (did you mean 'compression'?)",
       "damping_ratio: expected a number, got str 'high'"]),
 ])
 def test_bad_config_fails_before_any_work(tmp_path, tiny_model, change, messages):

@@ -30,6 +30,7 @@ from hyperinf_ops.preconditioners import (
     prepared_to_table,
 )
 from hyperinf_ops.preconditioners.exact import cholesky_inverses
+from hyperinf_ops.preconditioners.hyperinf import schulz_with_options
 from hyperinf_ops.preconditioners.serialize import PREPARED_SCHEMA
 
 SHAPES = {"l0.query.lora_A": (4, 24), "l0.query.lora_B": (4, 16), "l1.value.lora_A": (3, 24)}
@@ -131,13 +132,18 @@ def test_stored_operators(train, method):
 
 
 def test_schulz_runs_once_per_width_at_prepare_and_never_at_apply():
+    """One batched solve per width (`schulz_with_options`: a float32 run polished in float64, the same batch),
+    none at apply."""
     same = {f"layer.{i}.lora_A": (4, 16) for i in range(3)}
-    with patch("hyperinf_ops.preconditioners.hyperinf.schulz_inverse", wraps=schulz_inverse) as spy:
+    with patch("hyperinf_ops.preconditioners.hyperinf.schulz_with_options", wraps=schulz_with_options) as spy, \
+            patch("hyperinf_ops.preconditioners.hyperinf.schulz_inverse", wraps=schulz_inverse) as inner:
         prepared = prepare(curvature_partials(_grads(20, 0, same)), EstimatorOptions())
         assert spy.call_count == 1 and spy.call_args.args[0].shape == (3, 16, 16)
+        assert [c.args[0].dtype for c in inner.call_args_list] == [torch.float32, torch.float64]
+        assert all(c.args[0].shape == (3, 16, 16) for c in inner.call_args_list)
         for seed in range(5):
             prepared.apply(_grads(2, seed, same))
-        assert spy.call_count == 1
+        assert spy.call_count == 1 and inner.call_count == 2
         two_widths = {**same, "layer.0.lora_B": (4, 8)}
         prepare(curvature_partials(_grads(20, 0, two_widths)), EstimatorOptions())
         assert spy.call_count == 3

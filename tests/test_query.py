@@ -14,9 +14,9 @@ import torch
 
 from hyperinf_ops.errors import ConfigError
 from hyperinf_ops.fingerprint import Fingerprint
-from hyperinf_ops.projection import ProjectionSpec
 from hyperinf_ops.query import DUCKDB_FILE, connect, list_queries, run_query, sql_params, sync_duckdb
 from hyperinf_ops.scorer import score_store
+from hyperinf_ops.settings import CompressionSpec
 from hyperinf_ops.store import GradientBatch, LanceStore, Query
 
 N, DIM = 40, 32
@@ -27,7 +27,7 @@ FP = Fingerprint.create(
     task="classification",
     lora_modules=["q"],
     shapes={"q.lora_A": (2, 8), "q.lora_B": (2, 8)},
-    projection=ProjectionSpec(dim=DIM),
+    compression=CompressionSpec(dtype="float16"),  # raw rows of 2 * (2 * 8) = DIM floats
 )
 
 

@@ -52,7 +52,7 @@ def make_config(folder: Path, demo, shards: list[int], **overrides) -> Path:
         shutil.copy(paths.shards[i], pool / paths.shards[i].name)
     doc = {
         "model": str(model), "train": {"epochs": 2, "lr": 1e-2, "batch_size": 16},
-        "projection_dim": 0, "max_length": 32, "estimators": ESTIMATORS, "data": {"path": str(pool)},
+        "max_length": 32, "estimators": ESTIMATORS, "data": {"path": str(pool)},
         "curation": {"query": "top_fraction", "params": {"fraction": 0.5}}, **overrides,
     }
     return write_demo_config(paths, folder / "hyperinf.yaml", overrides=doc)
@@ -126,8 +126,8 @@ def test_every_stage_end_to_end_and_rerun(tmp_path: Path, demo):
 
 def test_new_shard_equals_from_scratch(tmp_path: Path, demo):
     paths, _ = demo
-    # projected rows this time: the projection is seeded, so shard-wise and union rows are the same
-    projected = {"projection_dim": 256, "projection_dtype": "float32"}
+    # sketched rows this time: the sketch is seeded, so shard-wise and union rows are the same
+    projected = {"compression": {"sketch_dim": 8, "dtype": "float32"}}
     incremental = make_config(tmp_path / "inc", demo, [0, 1], **projected)
     run(incremental)
     shutil.copy(paths.shards[2], tmp_path / "inc" / "pool" / paths.shards[2].name)  # a new data file arrives
@@ -186,7 +186,7 @@ def test_causal_lm_with_where_target(tmp_path: Path):
     doc = {
         "model": str(model), "task": "causal_lm", "data": {"path": "pool", "label_column": "label"},
         "targets": {"greetings": {"where": "label = 'greeting' AND n < 10"}},
-        "train": {"epochs": 1, "lr": 1e-2, "batch_size": 8}, "projection_dim": 0, "max_length": 24,
+        "train": {"epochs": 1, "lr": 1e-2, "batch_size": 8}, "max_length": 24,
         "estimators": ["hyperinf", "tracin"], "curation": {"query": "top_k", "params": {"k": 5}},
     }
     cfg_path = tmp_path / "hyperinf.yaml"

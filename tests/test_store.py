@@ -14,7 +14,7 @@ import torch
 from hyperinf_ops.curvature import curvature_partials
 from hyperinf_ops.errors import DataError, FingerprintMismatchError
 from hyperinf_ops.fingerprint import Fingerprint
-from hyperinf_ops.projection import ProjectionSpec
+from hyperinf_ops.settings import CompressionSpec
 from hyperinf_ops.store import GradientBatch, LanceStore, Query
 
 SHAPES = {"m.lora_A": (2, 6), "m.lora_B": (2, 5)}
@@ -27,8 +27,8 @@ def _fp(dim: int = 16, adapter: str = "a") -> Fingerprint:
         adapter_hash=adapter,
         task="classification",
         lora_modules=["m"],
-        shapes=SHAPES,
-        projection=ProjectionSpec(dim=dim),
+        shapes={"m.lora_A": (2, dim // 4), "m.lora_B": (2, dim // 4)},  # rows of `dim` floats
+        compression=CompressionSpec(dtype="float16"),
     )
 
 
@@ -150,7 +150,7 @@ def test_bad_writes_are_refused(tmp_path):
         store.write_examples("s1", _rows("s1", 2).drop_columns(["label"]))
     with pytest.raises(DataError, match="shard != 's1'"):
         store.write_examples("s1", _rows("s1", 2).append_column("shard", pa.array(["s1", "s2"])))
-    with pytest.raises(DataError, match="fingerprint says 16"):
+    with pytest.raises(DataError, match="the fingerprint says"):
         store.write_gradients("s0", _batch(["a"], dim=8), _fp(dim=16))
     assert store.open("examples").count_rows() == 2 and not store.exists("gradients")
 
@@ -184,7 +184,7 @@ def test_curvature_merges_over_shards_and_refuses_other_fingerprints(tmp_path):
         torch.testing.assert_close(merged[name].full_sum, part.full_sum)
         assert (merged[name].count, merged[name].numel) == (10, part.numel)
         assert merged[name].sq_sum == pytest.approx(part.sq_sum)
-    with pytest.raises(FingerprintMismatchError, match="projection_dim: expected 32, found 16"):
+    with pytest.raises(FingerprintMismatchError, match="row_width: expected 32, found 16"):
         store.read_curvature(_fp(dim=32))
 
 

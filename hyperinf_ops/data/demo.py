@@ -93,8 +93,7 @@ def build_demo_dataset(out_dir: str | Path, n_pool: int = 4000, n_target: int = 
 
 
 # The demo's settings (measured on 2 shared CPU cores, see the module report):
-# - raw gradients (projection_dim 0): a GFIM-preconditioned query is nearly orthogonal to the rows, so JL
-#   noise swamps projected HyperINF scores (docs/tables.md); MiniLM's 24 LoRA matrices are 295 KB an example.
+# - compression: docs/compression.md measures what each sketch width costs against raw rows.
 # - MiniLM is a sentence-transformers model: the head reads the masked mean of the token states (models.py),
 #   not BERT's untrained CLS pooler (300-example pool: target accuracy 0.56 -> 0.71 at lr 2e-3).
 # - lr 2e-3 with linear decay, ~900 example passes: fits the clean labels but not the flipped ones (train
@@ -107,7 +106,7 @@ DEMO_CONFIG: dict[str, Any] = {
     "train": {"epochs": 2, "lr": 2.0e-3, "batch_size": 16, "seed": 0, "schedule": "linear"},
     "estimators": ["hyperinf", "datainf", "tracin", "lissa"],
     "damping_ratio": 0.1,
-    "projection_dim": 0,
+    "compression": {"sketch_dim": 0, "dtype": "float32"},
     "max_length": 64,
     "gradient_batch_size": 32,
     "curation": {"query": "top_fraction", "params": {"fraction": 0.8, "target_set": "clean_val",

@@ -62,7 +62,8 @@ def prepare_examples(df: pd.DataFrame, data: Any, task: str, shard: str, *, sour
     extras = [c for c in df.columns if c not in roles.values() and c != id_col]
     clash = [c for c in extras if c in RESERVED_COLUMNS]
     if clash:
-        raise DataError(f"{source}: column(s) {clash} clash with columns hyperinf adds; rename them")
+        hint = " (or set data.label_column: label to use it as the label)" if clash == ["label"] else ""
+        raise DataError(f"{source}: column(s) {clash} clash with columns hyperinf adds; rename them{hint}")
 
     out = pd.DataFrame(index=df.index)
     for role in spec.text_columns:

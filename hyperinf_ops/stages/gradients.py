@@ -1,7 +1,8 @@
 """Stage: per-example LoRA gradients of one shard -> rows in `gradients` + curvature sums in `curvature`.
 
-One forward/backward per batch gives the raw gradients; the exact curvature partial sums and the stored rows
-(raw, or JL-projected) come from the same pass, and each table's shard is replaced in one commit. Examples
+One forward/backward per batch gives the raw gradients, sketched right away when rows are compressed
+(sketch.py); the curvature partial sums and the stored rows come from those same (sketched) gradients, and
+each table's shard is replaced in one commit. Examples
 with a non-finite gradient are left out of both and counted. The rows are taken under the current adapter;
 rows of any other fingerprint are stale and are removed in the same commits. A shard that is already
 current (freshness.py) is not recomputed unless `force`.
@@ -20,8 +21,8 @@ from hyperinf_ops.data.prepare import content_digest, record_columns
 from hyperinf_ops.errors import DataError, GradientMismatchError
 from hyperinf_ops.gradients import lora_matrix_shapes
 from hyperinf_ops.progress import ProgressMeter
-from hyperinf_ops.projection import BlockProjector
 from hyperinf_ops.settings import GradientSettings, ModelSpec
+from hyperinf_ops.sketch import Sketch
 from hyperinf_ops.stages.common import Log, Summary, require_table, shard_filter
 from hyperinf_ops.stages.freshness import gradient_shard_current, gradient_version
 from hyperinf_ops.stages.loading import finite_rows, gradient_batches, load_current_model
@@ -50,7 +51,7 @@ def compute_gradient_shard(store: LanceStore, shard: str, spec: ModelSpec, setti
     """Gradient rows and curvature sums of one shard under the current adapter (see the module docstring)."""
     start = time.perf_counter()
     manifest = AdapterStore(store.root).require_current()
-    fp = manifest.fingerprint(settings.modules, settings.projection)
+    fp = manifest.fingerprint(settings.modules, settings.compression)
     table = require_table(store, "examples", "ingest the pool first").to_table(
         columns=[*record_columns(spec.task), "content_hash"], filter=shard_filter(shard))
     if table.num_rows == 0:
@@ -69,7 +70,7 @@ def compute_gradient_shard(store: LanceStore, shard: str, spec: ModelSpec, setti
     shapes = lora_matrix_shapes(loaded.model, settings.modules)
     if shapes != manifest.selected_shapes(settings.modules):
         raise GradientMismatchError(f"the loaded model's LoRA matrices {shapes} differ from the adapter manifest's")
-    projector = BlockProjector(shapes, settings.projection, device=loaded.device)
+    sketch = Sketch(shapes, settings.compression, device=loaded.device)
     meter = ProgressMeter(f"gradients of shard {shard}", len(records), lambda e: log(str(e)),
                           every=max(1, math.ceil(len(records) / settings.batch_size) // 10))
     curvature: dict[str, CurvaturePartial] = {}
@@ -81,11 +82,11 @@ def compute_gradient_shard(store: LanceStore, shard: str, spec: ModelSpec, setti
             keep = finite_rows(grads)
             bad_ids.extend(i for i, ok in zip(ids, keep.tolist(), strict=True) if not ok)
             if bool(keep.any()):
-                grads = {name: g[keep] for name, g in grads.items()}
-                for name, part in curvature_partials(grads).items():
+                rows = sketch.apply({name: g[keep] for name, g in grads.items()})
+                for name, part in curvature_partials(rows).items():
                     curvature[name] = part if name not in curvature else curvature[name].merge(part)
                 kept = [i for i, ok in zip(ids, keep.tolist(), strict=True) if ok]
-                yield GradientBatch(kept, projector.project(grads), projector.sq_norms(grads))
+                yield GradientBatch(kept, sketch.flatten(rows), sketch.sq_norms(rows))
             meter.update(len(ids))
 
     grad_version = store.write_gradients(shard, rows(), fp, overwrite=True)  # no rows at all: DataError
@@ -93,7 +94,7 @@ def compute_gradient_shard(store: LanceStore, shard: str, spec: ModelSpec, setti
     done = meter.finish()
     if bad_ids:
         log(f"shard {shard}: {len(bad_ids)} examples with non-finite gradients left out: {bad_ids[:5]}")
-    log(f"gradients of shard {shard}: {len(records) - len(bad_ids)} rows x {projector.out_dim} dims, "
+    log(f"gradients of shard {shard}: {len(records) - len(bad_ids)} rows x {sketch.width} floats, "
         f"gradients v{grad_version}, curvature v{curv_version}")
     return GradientSummary(shard=shard, computed=True, rows=len(records) - len(bad_ids), nonfinite_rows=len(bad_ids),
                            nonfinite_ids=bad_ids[:20], fingerprint=fp.digest(), data_version=gradient_version(fp, digest),

@@ -12,6 +12,7 @@ from torch import Tensor
 from hyperinf_ops.adapters import AdapterManifest, AdapterStore
 from hyperinf_ops.errors import ModelLoadError
 from hyperinf_ops.gradients import per_example_lora_gradients
+from hyperinf_ops.memory import release_memory
 from hyperinf_ops.models.lora import LoadedModel, adapter_hash, batches, load_lora_model
 from hyperinf_ops.settings import GradientSettings, ModelSpec
 
@@ -38,9 +39,10 @@ def load_current_model(storage_root: str | Path, spec: ModelSpec) -> tuple[Loade
 
 def gradient_batches(loaded: LoadedModel, records: Sequence[Mapping[str, Any]], settings: GradientSettings,
                      max_length: int) -> Iterator[tuple[list[str], dict[str, Tensor]]]:
-    """(sample_ids, per-example LoRA gradients name -> (b, r, d)) batch by batch."""
+    """(sample_ids, per-example LoRA gradients name -> (b, r, d)) batch by batch (memory: one batch deep)."""
     for chunk, batch in batches(loaded, records, settings.batch_size, max_length):
         grads = per_example_lora_gradients(loaded.model, batch, modules=settings.modules)
+        release_memory()  # the pass's activations and graph are freed: return their pages (memory.py)
         yield [str(r["sample_id"]) for r in chunk], grads
 
 

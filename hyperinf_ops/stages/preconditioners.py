@@ -61,7 +61,7 @@ class PreconditionerSummary(Summary):
 def checked_fingerprint(store: LanceStore, settings: GradientSettings) -> Fingerprint:
     """The current adapter's fingerprint, after checking that every gradient / curvature row has it and that
     they cover every shard of the pool consistently (DataError naming the shards otherwise)."""
-    fp = AdapterStore(store.root).require_current().fingerprint(settings.modules, settings.projection)
+    fp = AdapterStore(store.root).require_current().fingerprint(settings.modules, settings.compression)
     for table in ("gradients", "curvature"):
         require_table(store, table, "compute the gradient shards first")
         store.check_fingerprint(table, fp)

@@ -1,10 +1,10 @@
 """Stage: one preconditioned query vector per (target set, method), stored in `queries`.
 
-For each target set the mean raw gradient v_l over its examples is computed once under the current adapter
-and stored (`target_gradients`, reused while the target rows and the fingerprint are unchanged); each method's
-query is v preconditioned by its stored artifact (preconditioners stage; no solve here), then projected with
-the rows' map. DataInf reads the training rows in one scan: through its preconditioner over raw rows, or by
-its projected two-pass over projected rows. Queries of sets or methods no longer configured are removed.
+For each target set the mean gradient v_l over its examples (in row space: sketched like the rows when they
+are compressed) is computed once under the current adapter and stored (`target_gradients`, reused while the
+target rows and the fingerprint are unchanged); each method's query is v preconditioned by its stored artifact
+(preconditioners stage; no solve here), flattened like a row. DataInf reads the training rows in one scan
+through its preconditioner. Queries of sets or methods no longer configured are removed.
 """
 
 from __future__ import annotations
@@ -25,9 +25,9 @@ from hyperinf_ops.data.prepare import content_digest, record_columns
 from hyperinf_ops.errors import DataError
 from hyperinf_ops.fingerprint import Fingerprint
 from hyperinf_ops.preconditioners import Prepared
-from hyperinf_ops.projection import BlockProjector
-from hyperinf_ops.scorer import datainf_projected_query, raw_gradient_batches
+from hyperinf_ops.scorer import raw_gradient_batches
 from hyperinf_ops.settings import EstimatorOptions, GradientSettings, ModelSpec
+from hyperinf_ops.sketch import Sketch
 from hyperinf_ops.stages.common import Log, Summary, drop_stale, require_table
 from hyperinf_ops.stages.preconditioners import checked_fingerprint, load_preconditioner
 from hyperinf_ops.store import LanceStore, Query, sql_literal
@@ -66,16 +66,17 @@ def _unflatten(vector: np.ndarray, shapes: Mapping[str, tuple[int, int]]) -> dic
 
 def target_gradient(store: LanceStore, name: str, spec: ModelSpec, settings: GradientSettings,
                     fingerprint: Fingerprint, *, log: Log = print) -> tuple[dict[str, Tensor], int, bool]:
-    """(v: name -> (r, d) float64 mean raw gradient over the set's finite examples, their number, recomputed?).
+    """(v: name -> (r, k) float64 mean gradient over the set's finite examples in row space, their number,
+    recomputed?).
 
     Read from `target_gradients` when stored for the same target rows and fingerprint, else computed under the
-    current adapter and stored."""
+    current adapter (raw, then sketched like the rows: the sketch is linear) and stored."""
     rows = _target_rows(store, name, spec.task)
     digest = content_digest(rows["sample_id"].to_pylist(), rows["content_hash"].to_pylist())
-    shapes = AdapterStore(store.root).require_current().selected_shapes(settings.modules)
+    sketch = Sketch(AdapterStore(store.root).require_current().selected_shapes(settings.modules), settings.compression)
     stored = store.read_target_gradient(name)
     if stored is not None and stored["content_digest"] == digest and stored["fingerprint"] == fingerprint.digest():
-        return _unflatten(stored["vector"], shapes), stored["count"], False
+        return _unflatten(stored["vector"], sketch.row_shapes), stored["count"], False
     from hyperinf_ops.stages.loading import (  # the model: here only
         finite_rows,
         gradient_batches,
@@ -96,8 +97,8 @@ def target_gradient(store: LanceStore, name: str, spec: ModelSpec, settings: Gra
         n += int(keep.sum())
     if n == 0:
         raise DataError(f"target set {name!r}: no example has a finite gradient")
-    v = {key: (t / n).cpu() for key, t in sorted(total.items())}
-    store.write_target_gradient(name, torch.cat([t.reshape(-1) for t in v.values()]), n, digest, fingerprint)
+    v = {key: t.to(torch.float64) for key, t in sketch.apply_one({k: (t / n).cpu() for k, t in total.items()}).items()}
+    store.write_target_gradient(name, torch.cat([v[k].reshape(-1) for k in sorted(v)]), n, digest, fingerprint)
     return v, n, True
 
 
@@ -109,18 +110,17 @@ def _worst(diagnostics: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
             "max_iterations": max((d.get("iterations", 0) for d in diagnostics.values()), default=0)}
 
 
-def query_vector(store: LanceStore, v: Mapping[str, Tensor], prepared: Prepared, projector: BlockProjector,
-                 fingerprint: Fingerprint) -> tuple[Tensor, dict[str, Any]]:
-    """(the projected query (D,) float32, per-matrix diagnostics) of one prepared method for v: name -> (r, d).
-    DataInf reads the stored rows: raw rows through its preconditioner, projected ones by its two-pass."""
-    if prepared.method == "datainf" and not projector.spec.raw:
-        return datainf_projected_query(store, v, projector, fingerprint=fingerprint, damping=prepared.damping)
+def query_vector(store: LanceStore, v: Mapping[str, Tensor], prepared: Prepared,
+                 ) -> tuple[Tensor, dict[str, Any]]:
+    """(the query: a row-shaped (width,) float32 vector, per-matrix diagnostics) of one prepared method for v:
+    name -> (r, k) in row space. DataInf reads the stored rows in one scan."""
     rows = None
     if prepared.method == "datainf":
         rows = (grads for _, grads in raw_gradient_batches(store, prepared.shapes))
     pv = prepared.apply_one(v, train_batches=rows)
     measured = prepared.measure({k: t[None] for k, t in v.items()}, {k: t[None] for k, t in pv.items()})
-    return projector.project_vector(pv).cpu(), {k: d.to_dict() for k, d in measured.items()}
+    vector = torch.cat([pv[name].reshape(-1) for name in sorted(pv)]).float()
+    return vector, {k: d.to_dict() for k, d in measured.items()}
 
 
 def build_target_queries(store: LanceStore, targets: Sequence[str], spec: ModelSpec, settings: GradientSettings,
@@ -128,15 +128,13 @@ def build_target_queries(store: LanceStore, targets: Sequence[str], spec: ModelS
     """Every (target set, method) query from the stored preconditioners (see the module docstring)."""
     start = time.perf_counter()
     fp = checked_fingerprint(store, settings)
-    shapes = AdapterStore(store.root).require_current().selected_shapes(settings.modules)
-    projector = BlockProjector(shapes, settings.projection)
     queries, sizes, recomputed = [], {}, []
     for name in targets:
         v, sizes[name], fresh = target_gradient(store, name, spec, settings, fp, log=log)
         if fresh:
             recomputed.append(name)
         for options in methods:
-            vector, diagnostics = query_vector(store, v, load_preconditioner(store, fp, options), projector, fp)
+            vector, diagnostics = query_vector(store, v, load_preconditioner(store, fp, options))
             queries.append(Query(name, options.method, vector, fp.digest(), diagnostics))
     store.write_queries(queries)
     drop_stale(store, "queries", ["target_set", "method"], {(t, o.method) for t in targets for o in methods})

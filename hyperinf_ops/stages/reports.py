@@ -3,8 +3,8 @@
     mislabel_report   how well each ranking's most harmful examples find planted label flips (a boolean
                       `flipped` pool column): AUROC and the share of flips among the 10% / 20% most harmful; with
                       raw rows also the target-free self-influence rankings, from the stored inverses
-    agreement_check   Spearman between stored scores and exact scores (the stored fp64 Cholesky inverse, raw
-                      gradients) on a seeded sample: projection and solver error together
+    agreement_check   Spearman between stored scores and exact scores (the stored fp64 Cholesky inverse of the
+                      same curvature, the stored rows) on a seeded sample: the solver's error
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ import numpy as np
 import pandas as pd
 import torch
 
-from hyperinf_ops.data.prepare import record_columns
 from hyperinf_ops.errors import DataError
 from hyperinf_ops.estimators import score_gradients
 from hyperinf_ops.scorer import raw_gradient_batches, self_influence_store
@@ -103,7 +102,7 @@ def mislabel_report(store: LanceStore, settings: GradientSettings, methods: Sequ
         if truth is not None:
             flipped = truth.reindex(s["sample_id"], fill_value=False).to_numpy(dtype=bool)
             rankings[options.method] = _detection(-s["score"].to_numpy(), flipped)
-    if truth is not None and settings.projection.raw:
+    if truth is not None:
         for method in SELF_INFLUENCE_REPORTED:
             si = self_influence_scores(store, settings, methods[0].model_copy(update={"method": method}),
                                        device=device)
@@ -118,22 +117,15 @@ def agreement_check(store: LanceStore, spec: ModelSpec, settings: GradientSettin
                     targets: Sequence[str], *, sample_size: int = 64, seed: int = 0,
                     log: Log = print) -> AgreementSummary:
     """Spearman between the stored scores of `options.method` and exact scores on a seeded sample of the pool:
-    the stored exact inverse applied to the stored mean target gradients, and raw gradients of the sample
-    (the stored rows when raw, recomputed with the model when projected)."""
+    the stored exact inverse applied to the stored mean target gradients, dotted with the sample's stored rows
+    (in row space: what compression costs is measured offline, benchmarks/bench_compression.py)."""
     start = time.perf_counter()
     fp = checked_fingerprint(store, settings)
     exact = load_preconditioner(store, fp, options.model_copy(update={"method": "exact"}))
     ids = sorted(store.open("gradients").to_table(columns=["sample_id"])["sample_id"].to_pylist())
     chosen = sorted(np.random.default_rng(seed).choice(ids, size=min(sample_size, len(ids)), replace=False))
     where = f"sample_id IN ({', '.join(sql_literal(i) for i in chosen)})"
-    if settings.projection.raw:
-        batches = list(raw_gradient_batches(store, exact.shapes, filter=where))
-    else:  # projected rows: the sample's raw gradients come from the model (the only model load here)
-        from hyperinf_ops.stages.loading import gradient_batches, load_current_model
-
-        loaded, _ = load_current_model(store.root, spec)
-        records = store.open("examples").to_table(columns=record_columns(spec.task), filter=where).to_pylist()
-        batches = list(gradient_batches(loaded, records, settings, spec.max_length))
+    batches = list(raw_gradient_batches(store, exact.shapes, filter=where))
     sample_ids = [i for batch_ids, _ in batches for i in batch_ids]
     sample = {name: torch.cat([g[name].cpu() for _, g in batches]) for name in exact.shapes}
     spearman = {}

@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 from torch import Tensor
 
@@ -90,9 +91,9 @@ class LanceStore(FingerprintedTables):
         if first is None:
             raise DataError(f"no gradient rows for shard {shard!r}")
         dim, n_mat = _to_numpy(first.grad).shape[1], _to_numpy(first.sq_norms).shape[1]
-        if fingerprint.projection_dim not in (0, dim):
-            raise DataError(f"gradient rows have {dim} dims, fingerprint says {fingerprint.projection_dim}")
-        dtype = fingerprint.projection_dtype
+        if dim != fingerprint.row_width:
+            raise DataError(f"gradient rows have {dim} floats, the fingerprint says {fingerprint.row_width}")
+        dtype = fingerprint.row_dtype
         schema = gradients_schema(dim, n_mat, dtype)
         digest = fingerprint.digest()
 
@@ -177,10 +178,14 @@ class LanceStore(FingerprintedTables):
     def read_curvature(
         self, fingerprint: Fingerprint, version: int | None = None
     ) -> dict[str, CurvaturePartial]:
-        """Curvature merged over every shard: name -> CurvaturePartial. Refuses rows of other fingerprints."""
+        """Curvature merged over every shard: name -> CurvaturePartial. Refuses rows of other fingerprints.
+
+        Reads one shard's sums at a time (in sorted shard order, so the sums are the same as a merge of all
+        at once): memory holds two shards' (d, d) sums, whatever the number of shards."""
         self.check_fingerprint("curvature", fingerprint, version)
-        rows = self.open("curvature", version).to_table()
-        if rows.num_rows == 0:
+        ds = self.open("curvature", version)
+        shards = sorted(pc.unique(ds.to_table(columns=["shard"])["shard"]).to_pylist())
+        if not shards:
             raise DataError("the curvature table has no rows")
 
         def square(values: pa.ListScalar, side: int) -> Tensor | None:
@@ -188,17 +193,14 @@ class LanceStore(FingerprintedTables):
                 return None
             return torch.from_numpy(values.values.to_numpy(zero_copy_only=False).copy()).reshape(side, side)
 
-        by_shard: dict[str, dict[str, CurvaturePartial]] = {}
-        for i in range(rows.num_rows):
-            d, numel = rows["d"][i].as_py(), rows["numel"][i].as_py()
-            by_shard.setdefault(rows["shard"][i].as_py(), {})[rows["matrix"][i].as_py()] = CurvaturePartial(
-                gfim_sum=square(rows["gfim_sum"][i], d),
-                sq_sum=rows["sq_sum"][i].as_py(),
-                count=rows["count"][i].as_py(),
-                numel=numel,
-                full_sum=square(rows["full_sum"][i], numel),
-            )
-        return merge_curvature(by_shard[s] for s in sorted(by_shard))
+        def partials(shard: str) -> dict[str, CurvaturePartial]:
+            rows = ds.to_table(filter=f"shard = {sql_literal(shard)}")
+            return {rows["matrix"][i].as_py(): CurvaturePartial(
+                gfim_sum=square(rows["gfim_sum"][i], rows["d"][i].as_py()), sq_sum=rows["sq_sum"][i].as_py(),
+                count=rows["count"][i].as_py(), numel=rows["numel"][i].as_py(),
+                full_sum=square(rows["full_sum"][i], rows["numel"][i].as_py())) for i in range(rows.num_rows)}
+
+        return merge_curvature(partials(shard) for shard in shards)
 
     def write_queries(self, queries: Sequence[Query]) -> int:
         """Store each query, replacing the row of its (target_set, method); one commit per query."""
