@@ -169,8 +169,8 @@ def test_direct_page_reads_equal_lance_scanner_reads(tmp_path, monkeypatch):
         np.testing.assert_array_equal(direct[method], scanned[method])
 
     # pages misread (one value off): the spot check against Lance's decode catches it, the scanner reads them
-    def shifted(fd, out, offset):
-        return real_read(fd, out, offset + 2)
+    def shifted(file, out, offset):
+        return real_read(file, out, offset + 2)
 
     real_read = vectors._read_exact
     with monkeypatch.context() as m:

@@ -23,6 +23,7 @@ import re
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import BinaryIO
 
 import lance
 import numpy as np
@@ -72,11 +73,12 @@ def _page_rows(encoding: str, dim: int, bits: int) -> int | None:
     return items
 
 
-def _read_exact(fd: int, out: memoryview, offset: int) -> None:
+def _read_exact(file: BinaryIO, out: memoryview, offset: int) -> None:
+    file.seek(offset)
     done = 0
     while done < len(out):
-        got = os.preadv(fd, [out[done:]], offset + done)
-        if got <= 0:
+        got = file.readinto(out[done:])
+        if not got:
             raise OSError(f"short read at byte {offset + done} of a Lance data file")
         done += got
 
@@ -118,14 +120,11 @@ def plain_pages(ds: lance.LanceDataset, fragment: lance.LanceFragment, column: s
     expected = fragment.take(checked, columns=[column]).column(column).combine_chunks()
     expected = expected.flatten().to_numpy(zero_copy_only=False).reshape(len(checked), dim)
     got = np.empty((len(checked), dim), dtype=np_type)
-    fd = os.open(path, os.O_RDONLY)
-    try:
+    with open(path, "rb") as file:
         for i, row in enumerate(checked):
             page = int(np.searchsorted(starts, row, side="right")) - 1
             offset = pages[page].offset + (row - int(starts[page])) * dim * itemsize
-            _read_exact(fd, memoryview(got[i].view(np.uint8)), offset)
-    finally:
-        os.close(fd)
+            _read_exact(file, memoryview(got[i].view(np.uint8)), offset)
     if got.tobytes() != expected.tobytes():
         warnings.warn(f"Lance page layout of {column!r} in {path} is not the expected plain layout; "
                       "reading it with Lance's scanner", RuntimeWarning, stacklevel=2)
