@@ -70,11 +70,12 @@ def curated_subset_size(hyperinf: HyperinfResource) -> dg.AssetCheckResult:
 
 
 @step_asset(
-    group="curation", kinds=set(), code_version="2",
+    group="curation", kinds=set(), code_version="3",
     deps=[influence_scores],
     description="How well each estimator's most harmful examples find mislabeled ones: AUROC and share of "
-                "flips found in the 10% / 20% most harmful (needs a boolean `flipped` pool column), plus the "
-                "most harmful examples with text and label.",
+                "flips found in the 10% / 20% most harmful (needs a boolean `flipped` pool column; with raw "
+                "gradients also the self-influence rankings of target set `self`), plus the most harmful "
+                "examples with text and label. Reads the stored scores only.",
 )
 def mislabel_report(context: dg.AssetExecutionContext, hyperinf: HyperinfResource) -> dg.MaterializeResult:
     from hyperinf_ops.stages.reports import mislabel_report as report_of
@@ -83,7 +84,7 @@ def mislabel_report(context: dg.AssetExecutionContext, hyperinf: HyperinfResourc
     target, method = curation_pair(hyperinf)
     methods = [cfg.estimator(method)] + [cfg.estimator(m) for m in cfg.estimators if m != method]
     report, wall = timed(report_of, hyperinf.store, cfg.gradient_settings, methods, target_set=target,
-                         task=cfg.task, device=None if cfg.device == "auto" else cfg.device)
+                         task=cfg.task)
     rows = [{"ranking": m, **r} for m, r in report.methods.items()]
     if report.has_truth:
         context.log.info("mislabel AUROC: " + ", ".join(f"{m} {r['auroc']:.3f}" for m, r in report.methods.items()))

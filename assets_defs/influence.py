@@ -10,7 +10,7 @@ from assets_defs.model import lora_adapter, lora_gradients
 from assets_defs.pool import target_sets
 from assets_defs.resources import HyperinfResource
 
-# An agreement check below this Spearman correlation fails: projection or solver error too large to trust.
+# An agreement check below this Spearman correlation fails: sketch or solver error too large to trust.
 MIN_AGREEMENT_SPEARMAN = 0.9
 AGREEMENT_SAMPLE = 64
 _EXAMPLE_COLUMNS = ("rank", "score", "sample_id", "label", "flipped", "text", "prompt", "response")
@@ -57,7 +57,7 @@ def preconditioners(context: dg.AssetExecutionContext, hyperinf: HyperinfResourc
 @step_asset(
     group="influence", kinds={"pytorch", "lance"}, code_version="2",
     deps=[preconditioners, target_sets, lora_adapter],
-    description="One preconditioned, projected query vector per (target set, estimator) in `queries`, from the "
+    description="One preconditioned query vector (laid out like the gradient rows) per (target set, estimator) in `queries`, from the "
                 "stored mean target gradients and the stored preconditioners.",
 )
 def target_queries(context: dg.AssetExecutionContext, hyperinf: HyperinfResource) -> dg.MaterializeResult:
@@ -74,19 +74,23 @@ def target_queries(context: dg.AssetExecutionContext, hyperinf: HyperinfResource
 
 
 @step_asset(
-    group="influence", kinds={"lance"}, code_version="2",
+    group="influence", kinds={"lance"}, code_version="3",
     deps=[target_queries, dg.AssetDep(lora_gradients, partition_mapping=dg.AllPartitionMapping())],
     description="score = -influence of every pool example on every target set, for every configured "
-                "estimator (higher = more helpful; most negative = most harmful), in `scores`.",
+                "estimator (higher = more helpful; most negative = most harmful), in `scores`; also target "
+                "set `self`: -self-influence under the hyperinf and tracin preconditioners (most negative = "
+                "most suspicious), from the same scan.",
 )
 def influence_scores(context: dg.AssetExecutionContext, hyperinf: HyperinfResource) -> dg.MaterializeResult:
+    from hyperinf_ops.settings import SELF_INFLUENCE_METHODS
     from hyperinf_ops.stages.scores import score
 
     cfg, store = hyperinf.config, hyperinf.store
     pairs = [(t, m) for t in cfg.targets for m in cfg.estimators]
     summary, wall = timed(score, store, cfg.gradient_settings, pairs, task=cfg.task,
-                          shown=curation_pair(hyperinf), device=None if cfg.device == "auto" else cfg.device,
-                          log=context.log.info)
+                          shown=curation_pair(hyperinf),
+                          self_influence=[cfg.estimator(m) for m in SELF_INFLUENCE_METHODS],
+                          device=None if cfg.device == "auto" else cfg.device, log=context.log.info)
     scores = store.open("scores").to_table(columns=["target_set", "method", "score"]).to_pandas()
     histograms = {
         f"histogram/{target}/{method}": histogram_markdown(group["score"].to_numpy(), title=f"{target} / {method}")
@@ -124,14 +128,17 @@ def examples_table(rows: list[dict]) -> dg.MetadataValue:
 @dg.asset_check(
     asset=influence_scores,
     blocking=True,
-    description="Every pool example has one finite score per (target set, estimator).",
+    description="Every pool example has one finite score per (target set, estimator), and one per "
+                "self-influence ranking (target set `self`).",
 )
 def scores_cover_pool(hyperinf: HyperinfResource) -> dg.AssetCheckResult:
+    from hyperinf_ops.stages.scores import self_influence_pairs
+
     cfg, store = hyperinf.config, hyperinf.store
     n_pool = store.open("examples").count_rows()
     table = store.open("scores").to_table(columns=["target_set", "method", "score"]).to_pandas()
     counts = table.groupby(["target_set", "method"]).size()
-    expected = {(t, m) for t in cfg.targets for m in cfg.estimators}
+    expected = {(t, m) for t in cfg.targets for m in cfg.estimators} | self_influence_pairs()
     wrong = {f"{t}/{m}": int(counts.get((t, m), 0)) for t, m in sorted(expected) if counts.get((t, m), 0) != n_pool}
     nonfinite = int((~np.isfinite(table["score"].to_numpy())).sum())
     return dg.AssetCheckResult(

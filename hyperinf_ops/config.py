@@ -30,6 +30,8 @@ from hyperinf_ops.config_problems import did_you_mean, problem_text
 from hyperinf_ops.errors import ConfigError
 from hyperinf_ops.settings import (
     BUNDLED_MODELS,
+    SELF_INFLUENCE_METHODS,
+    SELF_TARGET,
     CompressionSpec,
     Device,
     EstimatorOptions,
@@ -204,6 +206,14 @@ class HyperinfConfig(Settings):
             raise ValueError(f"listed more than once: {dupes}")
         return estimators
 
+    @field_validator("targets")
+    @classmethod
+    def _not_reserved(cls, targets: dict[str, TargetSection]) -> dict[str, TargetSection]:
+        if SELF_TARGET in targets:
+            raise ValueError(f"{SELF_TARGET!r} is reserved for the self-influence scores; name the target set "
+                             "otherwise")
+        return targets
+
     @model_validator(mode="before")
     @classmethod
     def _defaults(cls, raw: Any) -> Any:
@@ -360,7 +370,9 @@ def _curation_problems(curation: Mapping[str, Any], targets: Any, estimators: An
     if info is None or not isinstance(params, Mapping):
         return []  # the field check reports an unknown query or a malformed params mapping
     problems = []
-    targets = list(targets) if isinstance(targets, Mapping) else None
+    # Target set SELF_TARGET holds the self-influence rankings, scored with SELF_INFLUENCE_METHODS.
+    targets = [*targets, SELF_TARGET] if isinstance(targets, Mapping) else None
+    on_self = params.get("target_set") == SELF_TARGET
     for key, value in params.items():
         where = f"curation.params.{key}"
         if key not in info.params:
@@ -369,7 +381,10 @@ def _curation_problems(curation: Mapping[str, Any], targets: Any, estimators: An
         elif key in TARGET_PARAMS and targets is not None and value not in targets:
             problems.append(f"{where}: {value!r} is not a configured target set {sorted(targets)}"
                             f"{did_you_mean(str(value), targets)}")
-        elif key == "method" and isinstance(estimators, list | tuple) and value not in estimators:
+        elif key == "method" and on_self and value not in SELF_INFLUENCE_METHODS:
+            problems.append(f"{where}: target set {SELF_TARGET!r} is scored with {list(SELF_INFLUENCE_METHODS)}, "
+                            f"not {value!r}")
+        elif key == "method" and not on_self and isinstance(estimators, list | tuple) and value not in estimators:
             problems.append(f"{where}: {value!r} is not one of the configured estimators {list(estimators)}")
     missing = [k for k in info.params if k not in params]
     if missing:

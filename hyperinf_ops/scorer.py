@@ -1,11 +1,17 @@
-"""Streaming scorer: every query against every stored gradient row in one bounded-memory scan.
+"""Streaming scorer: every query, and the self-influence of every row, in one bounded-memory scan.
 
-A query is a preconditioned target vector laid out like a row (each LoRA matrix's block, raw or sketched), so
-the score of row k is one dot product: `score_k = <q, g_k>` (= -I(k), higher = more helpful). The gradients table is read
-with `to_batches` (a few batches in flight, whatever the table size), each batch is scored against all
-queries with one `(b, D) @ (D, q)` matmul on CUDA when available, and only the `n x q` scores stay in
-memory. Ranks and percentiles need the whole column, so they are computed after the scan; each
-(target_set, method) is then written to the `scores` table in its own atomic commit.
+A query is a preconditioned target vector laid out like a row (each LoRA matrix's (r, k) block, raw or
+sketched), so the score of row k is one dot product: `score_k = <q, g_k>` (= -I(k), higher = more helpful).
+Self-influence reads the row's blocks as the per-matrix gradients: `sum_l <g_l M_l, g_l>_F` from a stored inverse
+M_l (`Prepared`), written as target set SELF_TARGET with `score = -self-influence` (the most negative = the most
+suspicious).
+
+The rows stream through `store.vectors.iter_fixed_rows` (Lance's page bytes mapped read-only where the layout
+allows, Lance's scanner otherwise: memory independent of the table size). On CPU each batch is
+converted to the matmul dtype a cache-sized chunk at a time and multiplied as `queries @ chunk.T`, with torch on
+one thread; on CUDA the batch goes to the device as stored and is converted there. Self-influence takes each
+batch in float64. Only the n x (queries + self-influence) values stay in memory. Ranks and percentiles need the whole column, so they are computed after
+the scan; each (target_set, method) is then written to the `scores` table in its own atomic commit.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ import time
 import uuid
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -30,23 +37,28 @@ from hyperinf_ops.errors import (
     FingerprintMismatchError,
     GradientMismatchError,
     NonFiniteGradientError,
+    UnsupportedMethodError,
 )
 from hyperinf_ops.fingerprint import require_match
-from hyperinf_ops.preconditioners import Prepared
+from hyperinf_ops.preconditioners import PRECONDITIONERS, Prepared
+from hyperinf_ops.settings import SELF_TARGET
 from hyperinf_ops.store import LanceStore, Query, scores_schema
+from hyperinf_ops.store.vectors import MAX_READ_BYTES, iter_fixed_rows
 
 __all__ = [
+    "SELF_TARGET",
     "ScoreSummary",
     "raw_gradient_batches",
     "score_store",
-    "self_influence_store",
 ]
 
-
-# Rows per scanned batch: Lance's row-group size. Measured on 100k x 8192 fp16 rows (2 loaded CPU cores):
-# 13.3k rows/s at 1024, 12.4k at 2048, 8.9k at 4096 (larger batches decode slower and fault in more pages).
+# Rows per read. Measured on 200k x 8192 fp16 rows (2 loaded CPU cores): 256-4096 all within noise of each
+# other once the rows are read straight from the pages; 1024 is Lance's fastest batch when it decodes.
 BATCH_ROWS = 1024
-# Batches Lance decodes ahead of the consumer; bounds the scan's memory independently of table size.
+# CPU: rows converted to the matmul dtype and multiplied at a time, sized to stay in cache (128 rows of 8192
+# float32). Converting a whole batch first writes and rereads 32 MB per 1024 rows: 2-3x slower.
+_CHUNK_BYTES = 4 << 20
+# Batches Lance decodes ahead of the consumer (raw_gradient_batches over a filter).
 _READAHEAD = 2
 
 
@@ -67,24 +79,33 @@ class ScoreSummary:
 def _fixed_rows(batch: pa.RecordBatch, column: str) -> Tensor:
     """A fixed_size_list column as a (b, width) CPU tensor sharing the Arrow buffer (no copy)."""
     col = batch.column(column)
-    values = col.flatten().to_numpy(zero_copy_only=False).reshape(len(col), col.type.list_size)
+    return _tensor(col.flatten().to_numpy(zero_copy_only=False).reshape(len(col), col.type.list_size))
+
+
+def _column(batch: pa.RecordBatch, column: str) -> Tensor:
+    return _tensor(batch.column(column).to_numpy())
+
+
+def _tensor(values: np.ndarray) -> Tensor:
     with warnings.catch_warnings():
-        # Arrow buffers are read-only; every caller converts (copies) before any write.
+        # Arrow buffers and the scan's read buffer are read-only; every caller converts (copies) before any write.
         warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
         return torch.from_numpy(values)
 
 
-def _column(batch: pa.RecordBatch, column: str) -> Tensor:
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-        return torch.from_numpy(batch.column(column).to_numpy())
-
-
-def _scan(store: LanceStore, version: int, columns: list[str], batch_rows: int) -> Iterator[pa.RecordBatch]:
-    ds = store.open("gradients", version)
-    yield from ds.to_batches(
-        columns=columns, batch_size=batch_rows, batch_readahead=_READAHEAD, fragment_readahead=1
-    )
+@contextmanager
+def _one_cpu_thread(dev: torch.device) -> Iterator[None]:
+    """Torch's CPU math on one thread while the scan runs (restored after). The chunks are small: with the
+    default 2 threads on 2 shared cores every chunk waits for both, measured 3-40x slower than one thread."""
+    if dev.type != "cpu":
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _rows_fingerprint(store: LanceStore, version: int) -> str:
@@ -110,6 +131,26 @@ def _check_query_fingerprints(store: LanceStore, queries: Sequence[Query], rows_
         require_match(expected, known.get(rows_digest), f"query {q.target_set}/{q.method} vs gradient rows")
 
 
+def _check_raw_rows(shapes: Mapping[str, tuple[int, int]], dim: int) -> None:
+    """GradientMismatchError unless rows of `dim` values are exactly the matrices' (r, k) blocks."""
+    width = sum(r * d for r, d in shapes.values())
+    if dim != width:
+        raise GradientMismatchError(f"rows of {width} floats expected (the blocks {dict(sorted(shapes.items()))}); "
+                                    f"the stored rows have {dim}")
+
+
+def _blocks(rows: Tensor, scale: Tensor, shapes: Mapping[str, tuple[int, int]]) -> dict[str, Tensor]:
+    """(b, D) rows as stored, times their grad_scale (one float32 copy) -> name -> (b, r, k) views, the (r, k)
+    blocks in sorted name order (consumers cast a block at a time where they need float64)."""
+    x = rows.float() * scale.float()[:, None]
+    out, start = {}, 0
+    for name in sorted(shapes):
+        r, d = shapes[name]
+        out[name] = x[:, start: start + r * d].reshape(-1, r, d)
+        start += r * d
+    return out
+
+
 def _ranks(sample_ids: pa.Array, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """rank 1 = highest score (ties: smaller sample_id first); percentile = (n - rank + 1) / n."""
     order = pc.sort_indices(
@@ -122,67 +163,115 @@ def _ranks(sample_ids: pa.Array, scores: np.ndarray) -> tuple[np.ndarray, np.nda
     return rank, (n - rank + 1) / n
 
 
+def _query_scores(rows: Tensor, scale: Tensor, q: Tensor, converted: Tensor | None) -> np.ndarray:
+    """(b, D) rows as stored (CPU, read-only) times grad_scale against (Q, D) queries: (b, Q) float64.
+
+    converted: a (chunk, D) CPU buffer of the queries' dtype (CPU math), None on CUDA. On CPU the rows are
+    converted a chunk at a time into that cache-resident buffer (rows already of the queries' dtype are used in
+    place); on CUDA the batch moves to the device as stored and is converted there.
+    """
+    out = torch.empty((len(q), len(rows)), dtype=q.dtype, device=q.device)
+    if converted is None:
+        out[:] = q @ rows.to(q.device).to(q.dtype).T
+    else:
+        for i in range(0, len(rows), len(converted)):
+            x = rows[i: i + len(converted)]
+            if x.dtype != q.dtype:
+                x = converted[: len(x)].copy_(x)
+            # queries @ rows.T, not rows @ queries.T: MKL streams the rows 1.5-2x faster this way.
+            out[:, i: i + len(x)] = q @ x.T
+    out *= scale.to(q.device, q.dtype)[None, :]
+    return out.T.double().cpu().numpy()
+
+
 def score_store(
     store: LanceStore,
     queries: Sequence[Query],
     *,
+    self_influence: Sequence[Prepared] = (),
     batch_rows: int = BATCH_ROWS,
     device: torch.device | str | None = None,
     run_id: str | None = None,
     version: int | None = None,
     dtype: torch.dtype = torch.float32,
 ) -> ScoreSummary:
-    """Score every gradient row against every query in one scan; write `scores` (one commit per query).
+    """Score every gradient row against every query, and its self-influence under every prepared inverse, in
+    one scan; write `scores` (one commit per (target_set, method)).
 
-    queries: vectors (dim,) in the gradients' projected space, one per (target_set, method); they must carry
-    the gradient rows' fingerprint (FingerprintMismatchError otherwise, nothing written). version: the
-    gradients table version to scan (default latest; recorded as `gradients_version`). dtype: matmul dtype.
+    queries: vectors (dim,) laid out like the gradient rows (raw or sketched blocks), one per (target_set,
+    method); they must carry the gradient rows' fingerprint (FingerprintMismatchError otherwise, nothing
+    written). self_influence: prepared inverses (hyperinf, exact, exact_full, tracin) of the rows' own blocks
+    (GradientMismatchError for inverses of other shapes, nothing written); each writes target set SELF_TARGET,
+    method = its method, score = -sum_l <g_l M_l, g_l>_F. version: the gradients table version to scan (default
+    latest; recorded as `gradients_version`). dtype: matmul dtype of the queries.
     """
-    if not queries:
-        raise DataError("no queries to score")
-    keys = [(q.target_set, q.method) for q in queries]
+    if not queries and not self_influence:
+        raise DataError("nothing to score: no queries and no self-influence")
+    reserved = [q.method for q in queries if q.target_set == SELF_TARGET]
+    if reserved:
+        raise DataError(f"target set {SELF_TARGET!r} is reserved for self-influence scores (queries {reserved})")
+    keys = [(q.target_set, q.method) for q in queries] + [(SELF_TARGET, p.method) for p in self_influence]
     if len(set(keys)) != len(keys):
-        raise DataError(f"duplicate (target_set, method) among queries: {keys}")
+        raise DataError(f"duplicate (target_set, method) among queries and self-influence: {keys}")
+    unsupported = [p.method for p in self_influence if not PRECONDITIONERS[p.method].supports_self_influence]
+    if unsupported:
+        raise UnsupportedMethodError(
+            f"self-influence from a prepared {unsupported[0]!r} is not supported: it needs a stored inverse "
+            "(hyperinf, exact, exact_full) or tracin")
     start = time.perf_counter()
     dev = resolve_device(device)
-    gradients_version = store.open("gradients", version).version
+    ds = store.open("gradients", version)
+    gradients_version = ds.version
     digest = _rows_fingerprint(store, gradients_version)
     _check_query_fingerprints(store, queries, digest)
-    q = torch.stack([torch.as_tensor(x.vector).reshape(-1) for x in queries]).to(dev, dtype)
+    dim = ds.schema.field("grad").type.list_size
+    for prepared in self_influence:
+        _check_raw_rows(prepared.shapes, dim)
+    q = torch.zeros((len(queries), dim), dtype=dtype, device=dev)
+    for j, query in enumerate(queries):
+        vector = torch.as_tensor(query.vector).reshape(-1)
+        if vector.numel() != dim:
+            raise GradientMismatchError(f"queries have {vector.numel()} dims, gradient rows {dim}")
+        q[j] = vector.to(dev, dtype)
+    inverses = [p.to(dev) for p in self_influence]
 
     id_chunks: list[pa.Array] = []
     score_chunks: list[np.ndarray] = []
-    buf = torch.empty((0, q.shape[1]), dtype=dtype, device=dev)
-    for batch in _scan(store, gradients_version, ["sample_id", "grad", "grad_scale"], batch_rows):
-        rows = _fixed_rows(batch, "grad")
-        if rows.shape[1] != q.shape[1]:
-            raise GradientMismatchError(f"queries have {q.shape[1]} dims, gradient rows {rows.shape[1]}")
-        if rows.shape[0] > buf.shape[0]:
-            buf = torch.empty((rows.shape[0], q.shape[1]), dtype=dtype, device=dev)
-        # Converting into a reused buffer: a fresh 100+ MB tensor per batch costs more in page faults
-        # than the conversion itself.
-        x = buf[: rows.shape[0]].copy_(rows)
-        scale = _column(batch, "grad_scale").to(dev, dtype)
-        score_chunks.append(((x @ q.T) * scale[:, None]).double().cpu().numpy())
-        # A copy: a slice of the batch's ids would keep the whole decoded batch (vectors too) alive.
-        id_chunks.append(pa.concat_arrays([batch.column("sample_id")]))
+    self_chunks: list[np.ndarray] = []
+    chunk_rows = max(1, _CHUNK_BYTES // (dim * torch.finfo(dtype).bits // 8))
+    converted = torch.empty((chunk_rows, dim), dtype=dtype) if dev.type == "cpu" else None
+    with _one_cpu_thread(dev):
+        for meta, values in iter_fixed_rows(ds, "grad", ["sample_id", "grad_scale"], batch_rows):
+            rows, scale = _tensor(values), _column(meta, "grad_scale")
+            if queries:
+                score_chunks.append(_query_scores(rows, scale, q, converted))
+            if inverses:
+                selfs = [inverse.self_influence(_blocks(rows.to(dev), scale.to(dev), inverse.shapes))
+                         for inverse in inverses]
+                self_chunks.append(torch.stack(selfs, 1).cpu().numpy())
+            # A copy: the ids must not keep the batch's (or a fragment's) other buffers alive.
+            id_chunks.append(pa.concat_arrays([meta.column("sample_id")]))
     scores = np.concatenate(score_chunks) if score_chunks else np.zeros((0, len(queries)))
     if not np.isfinite(scores).all():
         raise NonFiniteGradientError("non-finite scores: a query or a gradient row holds NaN/inf")
+    selfs_all = np.concatenate(self_chunks) if self_chunks else np.zeros((0, len(inverses)))
+    if not np.isfinite(selfs_all).all():
+        raise NonFiniteGradientError("non-finite self-influence: a gradient row holds NaN/inf")
     sample_ids = pa.concat_arrays(id_chunks) if id_chunks else pa.array([], pa.string())
     n = len(sample_ids)
+    columns = [scores[:, j] for j in range(len(queries))] + [-selfs_all[:, k] for k in range(len(inverses))]
 
     run_id = run_id or uuid.uuid4().hex
     created = pa.scalar(datetime.now(UTC), pa.timestamp("us", tz="UTC"))
     versions: dict[str, int] = {}
-    for j, query in enumerate(queries):
-        rank, percentile = _ranks(sample_ids, scores[:, j])
+    for (target_set, method), values in zip(keys, columns, strict=True):
+        rank, percentile = _ranks(sample_ids, values)
         table = pa.table(
             {
                 "sample_id": sample_ids,
-                "target_set": pa.repeat(pa.scalar(query.target_set, pa.string()), n),
-                "method": pa.repeat(pa.scalar(query.method, pa.string()), n),
-                "score": scores[:, j],
+                "target_set": pa.repeat(pa.scalar(target_set, pa.string()), n),
+                "method": pa.repeat(pa.scalar(method, pa.string()), n),
+                "score": values,
                 "rank": rank,
                 "percentile": percentile,
                 "fingerprint": pa.repeat(pa.scalar(digest, pa.string()), n),
@@ -192,8 +281,8 @@ def score_store(
             },
             schema=scores_schema(),
         )
-        key = {"target_set": query.target_set, "method": query.method}
-        versions[f"{query.target_set}/{query.method}"] = store.replace_where("scores", key, table)
+        key = {"target_set": target_set, "method": method}
+        versions[f"{target_set}/{method}"] = store.replace_where("scores", key, table)
     seconds = time.perf_counter() - start
     return ScoreSummary(
         run_id=run_id,
@@ -212,57 +301,26 @@ def raw_gradient_batches(
     shapes: Mapping[str, tuple[int, int]],
     *,
     batch_rows: int = BATCH_ROWS,
-    device: torch.device | str | None = None,
     version: int | None = None,
     filter: str | None = None,
 ) -> Iterator[tuple[list[str], dict[str, Tensor]]]:
-    """Stored rows as per-example gradients: (sample_ids, name -> (b, r, k) float64), `batch_rows` at a time.
+    """Stored rows as per-example gradients: (sample_ids, name -> (b, r, k) float32), batch by batch.
 
     shapes: name -> (r, k) of every stored block (sorted names give the row layout; k = d for raw rows, the
-    sketch width for compressed ones). GradientMismatchError when the rows do not have that width.
+    sketch width for compressed ones); GradientMismatchError when the rows have another width. Each batch holds
+    at most MAX_READ_BYTES of stored values (one float32 copy of it: the rows times their grad_scale), whatever
+    `batch_rows` says; consumers cast per matrix where they need float64. `filter` (a Lance predicate, e.g. a
+    sample) reads through Lance's scanner, the whole table through `iter_fixed_rows`.
     """
-    names = sorted(shapes)
-    widths = [shapes[n][0] * shapes[n][1] for n in names]
-    dev = resolve_device(device)
     ds = store.open("gradients", version)
-    for batch in ds.to_batches(columns=["sample_id", "grad", "grad_scale"], batch_size=batch_rows, filter=filter,
-                               batch_readahead=_READAHEAD, fragment_readahead=1):
-        rows = _fixed_rows(batch, "grad")
-        if rows.shape[1] != sum(widths):
-            raise GradientMismatchError(
-                f"rows of {sum(widths)} floats expected (blocks {dict(zip(names, widths, strict=True))}); the "
-                f"stored rows have {rows.shape[1]}")
-        x = rows.to(dev, torch.float64) * _column(batch, "grad_scale").to(dev, torch.float64)[:, None]
-        out, start = {}, 0
-        for name, width in zip(names, widths, strict=True):
-            out[name] = x[:, start: start + width].reshape(-1, *shapes[name])
-            start += width
-        yield batch.column("sample_id").to_pylist(), out
-
-
-def self_influence_store(
-    store: LanceStore,
-    prepared: Prepared,
-    *,
-    batch_rows: int = BATCH_ROWS,
-    device: torch.device | str | None = None,
-    version: int | None = None,
-) -> tuple[list[str], np.ndarray]:
-    """Self-influence `sum_l <g_{k,l} M_l, g_{k,l}>_F` of every stored raw gradient row, M_l the stored inverse
-    (`Prepared.self_influence`: hyperinf, exact; the identity for tracin). No solve happens here.
-
-    The classic mislabel detector (no target set): an example the rest of the pool does not explain has a
-    large gradient in low-curvature directions. Returns (sample_ids, (n,) float64), higher = more suspicious.
-    """
-    dev = resolve_device(device)
-    on_device = prepared.to(dev)
-    ids: list[str] = []
-    chunks: list[np.ndarray] = []
-    for batch_ids, grads in raw_gradient_batches(store, prepared.shapes, batch_rows=batch_rows, device=dev,
-                                                 version=version):
-        chunks.append(on_device.self_influence(grads).cpu().numpy())
-        ids += batch_ids
-    values = np.concatenate(chunks) if chunks else np.zeros(0)
-    if not np.isfinite(values).all():
-        raise NonFiniteGradientError("non-finite self-influence: a gradient row holds NaN/inf")
-    return ids, values
+    value_type = ds.schema.field("grad").type
+    _check_raw_rows(shapes, value_type.list_size)
+    if filter is None:
+        batches = iter_fixed_rows(ds, "grad", ["sample_id", "grad_scale"], batch_rows)
+    else:
+        rows = max(1, min(batch_rows, MAX_READ_BYTES // (value_type.list_size * value_type.value_type.bit_width // 8)))
+        batches = ((b, _fixed_rows(b, "grad").numpy()) for b in ds.to_batches(
+            columns=["sample_id", "grad", "grad_scale"], batch_size=rows, filter=filter,
+            batch_readahead=_READAHEAD, fragment_readahead=1))
+    for meta, values in batches:
+        yield meta.column("sample_id").to_pylist(), _blocks(_tensor(values), _column(meta, "grad_scale"), shapes)

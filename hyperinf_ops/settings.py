@@ -21,6 +21,8 @@ __all__ = [
     "CompressionSpec",
     "METHODS",
     "PIPELINE_METHODS",
+    "SELF_INFLUENCE_METHODS",
+    "SELF_TARGET",
     "TASKS",
     "EstimatorOptions",
     "GradientSettings",
@@ -47,6 +49,12 @@ TASKS: tuple[str, ...] = get_args(TaskName)
 METHODS: tuple[str, ...] = get_args(Method)
 PIPELINE_METHODS: tuple[str, ...] = get_args(PipelineMethod)
 BUNDLED_MODELS = ("minilm", "smollm2")
+# The target set of self-influence scores (score = -sum_l <g_l M_l, g_l>_F of the row itself): reserved, no
+# configured target set may take the name.
+SELF_TARGET = "self"
+# Self-influence rankings every scoring run writes, from the stored preconditioners the preconditioner stage
+# always prepares: the GFIM inverse (HyperINF's curvature) and the identity (tracin: the squared gradient norm).
+SELF_INFLUENCE_METHODS = ("hyperinf", "tracin")
 DEVICE_PATTERN = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 
 

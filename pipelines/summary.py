@@ -34,7 +34,7 @@ def print_summary(instance: dg.DagsterInstance, cfg: HyperinfConfig, config_path
     config = str(config_path)
     print("\nNext:")
     print(f"  hyperinf ui --config {config}     # Dagster UI: asset graph, runs, checks, metadata")
-    print(f"  hyperinf sql --config {config} \"SELECT method, count(*), avg(score) FROM scores GROUP BY 1\"")
+    print(f"  hyperinf sql --config {config} \"SELECT target_set, method, count(*), avg(score) FROM scores GROUP BY 1, 2\"")
     target = report.get("target_set") or next(iter(cfg.targets))
     print(f"  hyperinf sql --config {config} mislabel_candidates --param target_set={target} "
           f"--param method={cfg.estimators[0]} --param n=10")

@@ -131,3 +131,20 @@ def test_other_value_checks(project: Path):
     with pytest.raises(ConfigError, match="not valid YAML"):
         (project / "bad.yaml").write_text("data: [unclosed")
         load_config(project / "bad.yaml")
+
+
+def test_self_is_the_self_influence_target_set(project: Path):
+    """'self' names the self-influence rankings: no configured target set may take it; curation may select it,
+    with a method that scores it."""
+    found = problems({**minimal(), "targets": {"self": {"path": "data/val.parquet"}}}, base_dir=project)
+    assert any("targets: 'self' is reserved for the self-influence scores" in p for p in found), found
+    cfg = load_config({**minimal(), "curation": {"query": "drop_harmful",
+                                                 "params": {"target_set": "self", "method": "tracin",
+                                                            "fraction": 0.05}}},
+                      base_dir=project)
+    assert cfg.curation.params["target_set"] == "self"
+    found = problems({**minimal(), "curation": {"query": "drop_harmful",
+                                                "params": {"target_set": "self", "method": "datainf"}}},
+                     base_dir=project)
+    assert any("curation.params.method: target set 'self' is scored with ['hyperinf', 'tracin']" in p
+               for p in found), found

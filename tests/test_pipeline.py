@@ -161,7 +161,7 @@ def test_added_shard_computes_only_that_shard_and_one_solve_per_refresh(tmp_path
         materializations = instance.fetch_materializations(dg.AssetKey("lora_gradients"), limit=100).records
         assert sorted(r.partition_key for r in materializations) == ["shard-0", "shard-1", "shard-2"]
     store = LanceStore(str(cfg.storage_root))
-    assert store.open("scores").count_rows() == 110 * 4 * 2
+    assert store.open("scores").count_rows() == 110 * (4 * 2 + 2)  # + self/hyperinf, self/tracin (raw rows)
 
 
 # ------------------------------------------------------------------------------------------------ bad input

@@ -105,7 +105,7 @@ def test_new_file_becomes_a_partition_and_automation_computes_only_its_shard(tmp
     with dg.instance_for_test() as instance:
         materialize_all(instance, scratch, load_config(scratch), log=lambda _: None)
     incremental, reference = _scores(tmp_path / "project" / "store"), _scores(tmp_path / "scratch")
-    assert len(incremental) == 160 * 3
+    assert len(incremental) == 160 * (3 + 2)  # 3 estimators + 2 self-influence rankings (raw rows)
     assert incremental[["target_set", "method", "sample_id"]].equals(reference[["target_set", "method", "sample_id"]])
     assert incremental["score"].to_numpy() == pytest.approx(reference["score"].to_numpy(), rel=1e-5, abs=1e-9)
 

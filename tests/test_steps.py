@@ -20,8 +20,8 @@ from hyperinf_ops.errors import DataError, FingerprintMismatchError
 from hyperinf_ops.query import load_sql
 from hyperinf_ops.stages.adapter import train_or_load_adapter
 from hyperinf_ops.stages.pool import ingest_shard
-from hyperinf_ops.stages.reports import agreement_check, mislabel_report, self_influence_scores
-from hyperinf_ops.stages.scores import score
+from hyperinf_ops.stages.reports import agreement_check, mislabel_report
+from hyperinf_ops.stages.scores import read_scores, score
 from hyperinf_ops.store import LanceStore
 from pipelines.runner import materialize_all
 
@@ -79,12 +79,15 @@ def test_every_stage_end_to_end_and_rerun(tmp_path: Path, demo):
     report = run(cfg_path)
     store = LanceStore(str(cfg.storage_root))
     n = 140
+    # raw rows: the estimators' scores plus self-influence (hyperinf, tracin) as target set "self"
     assert counts(store) == {"examples": n, "targets": 40, "gradients": n, "curvature": 2 * 8,
-                             "queries": len(ESTIMATORS), "scores": n * len(ESTIMATORS)}
+                             "queries": len(ESTIMATORS), "scores": n * (len(ESTIMATORS) + 2)}
     assert report.gradients == ["shard-00", "shard-01"] and report.adapter
     scores = store.open("scores").to_table().to_pandas()
-    assert set(scores["method"]) == set(ESTIMATORS) and set(scores["target_set"]) == {"clean_val"}
-    assert (scores.groupby("method")["sample_id"].nunique() == n).all() and np.isfinite(scores["score"]).all()
+    assert set(scores["method"]) == set(ESTIMATORS) and set(scores["target_set"]) == {"clean_val", "self"}
+    assert set(scores.loc[scores["target_set"] == "self", "method"]) == {"hyperinf", "tracin"}
+    assert (scores.groupby(["target_set", "method"])["sample_id"].nunique() == n).all()
+    assert np.isfinite(scores["score"]).all()
     # the stored examples keep the pool's extra columns
     assert {"movie_name", "flipped"} <= set(store.open("examples").schema.names)
     assert AdapterStore(cfg.storage_root).current().source == "trained"
@@ -101,11 +104,17 @@ def test_every_stage_end_to_end_and_rerun(tmp_path: Path, demo):
     assert set(mislabel.methods) == set(ESTIMATORS) | self_names and mislabel.flipped == planted
     assert all(0 <= mislabel.methods[m]["auroc"] <= 1 for m in self_names)
     assert len(mislabel.most_harmful) == 10 and "flipped" in mislabel.most_harmful[0]
-    # the streamed self-influence is the squared gradient norm for tracin
+    # the stored self-influence is -(the squared gradient norm) for tracin, and the report's AUROC is that of
+    # -score (the largest self-influence the most suspicious)
     sq = store.open("gradients").to_table(columns=["sample_id", "sq_norms"]).to_pandas().set_index("sample_id")
-    tracin_self = self_influence_scores(store, settings, cfg.estimator("tracin"))
-    np.testing.assert_allclose(tracin_self.to_numpy(), sq.loc[tracin_self.index, "sq_norms"].map(sum).to_numpy(),
+    tracin_self = read_scores(store, "self", "tracin").set_index("sample_id")["score"]
+    np.testing.assert_allclose(-tracin_self.to_numpy(), sq.loc[tracin_self.index, "sq_norms"].map(sum).to_numpy(),
                                rtol=1e-4)
+    flips = store.open("examples").to_table(columns=["sample_id", "flipped"]).to_pandas().set_index("sample_id")
+    flipped = flips.loc[tracin_self.index, "flipped"].astype(bool).to_numpy()
+    ranks = pd.Series(-tracin_self.to_numpy()).rank().to_numpy()
+    auroc = (ranks[flipped].sum() - flipped.sum() * (flipped.sum() + 1) / 2) / (flipped.sum() * (~flipped).sum())
+    assert mislabel.methods["self_influence_tracin"]["auroc"] == pytest.approx(auroc)
 
     # the curated subset is the configured SQL applied to the score table
     export = cfg.storage_root / "exports" / "top_fraction"
@@ -143,7 +152,8 @@ def test_new_shard_equals_from_scratch(tmp_path: Path, demo):
     assert AdapterStore(load_config(scratch).storage_root).current().source == "given"
     a = scores_df(LanceStore(str(load_config(incremental).storage_root)))
     b = scores_df(LanceStore(str(load_config(scratch).storage_root)))
-    assert len(a) == 210 * len(ESTIMATORS) and a.index.sort_values().equals(b.index.sort_values())
+    # every estimator's scores, and self-influence (hyperinf, tracin) of the sketched rows as target set "self"
+    assert len(a) == 210 * (len(ESTIMATORS) + 2) and a.index.sort_values().equals(b.index.sort_values())
     np.testing.assert_allclose(a["score"], b.loc[a.index, "score"], rtol=1e-6, atol=1e-9)
 
 
@@ -195,7 +205,7 @@ def test_causal_lm_with_where_target(tmp_path: Path):
     cfg = load_config(cfg_path)
     store = LanceStore(str(cfg.storage_root))
     assert report.gradients == ["a", "b"] and AdapterStore(cfg.storage_root).current().source == "trained"
-    assert store.open("targets").count_rows() == 5 and counts(store)["scores"] == 40 * 2
+    assert store.open("targets").count_rows() == 5 and counts(store)["scores"] == 40 * (2 + 2)  # + self rows
     assert pd.read_parquet(cfg.storage_root / "exports" / "top_k" / "subset.parquet").shape[0] == 5
     agreement = agreement_check(store, cfg.model_spec, cfg.gradient_settings, cfg.estimator("hyperinf"),
                                 ["greetings"], sample_size=16, log=quiet)

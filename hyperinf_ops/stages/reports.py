@@ -2,7 +2,7 @@
 
     mislabel_report   how well each ranking's most harmful examples find planted label flips (a boolean
                       `flipped` pool column): AUROC and the share of flips among the 10% / 20% most harmful; with
-                      raw rows also the target-free self-influence rankings, from the stored inverses
+                      the target-free self-influence rankings (the scores of target set "self")
     agreement_check   Spearman between stored scores and exact scores (the stored fp64 Cholesky inverse of the
                       same curvature, the stored rows) on a seeded sample: the solver's error
 """
@@ -21,21 +21,18 @@ import torch
 
 from hyperinf_ops.errors import DataError
 from hyperinf_ops.estimators import score_gradients
-from hyperinf_ops.scorer import raw_gradient_batches, self_influence_store
+from hyperinf_ops.scorer import raw_gradient_batches
 from hyperinf_ops.settings import EstimatorOptions, GradientSettings, ModelSpec
 from hyperinf_ops.stages.common import Log, Summary, require_table
 from hyperinf_ops.stages.preconditioners import checked_fingerprint, load_preconditioner
 from hyperinf_ops.stages.queries import target_gradient
-from hyperinf_ops.stages.scores import extremes, read_scores
+from hyperinf_ops.stages.scores import extremes, read_scores, self_influence_pairs
 from hyperinf_ops.store import LanceStore, sql_literal
 
-__all__ = ["SELF_INFLUENCE_PREFIX", "SELF_INFLUENCE_REPORTED", "AgreementSummary", "MislabelReport", "agreement_check",
-           "mislabel_report", "self_influence_scores"]
+__all__ = ["SELF_INFLUENCE_PREFIX", "AgreementSummary", "MislabelReport", "agreement_check", "mislabel_report"]
 
+# Report key of a self-influence ranking: "self_influence_hyperinf", "self_influence_tracin".
 SELF_INFLUENCE_PREFIX = "self_influence_"
-# Self-influence rankings the report adds with raw rows: the GFIM inverse (HyperINF's curvature) and the plain
-# squared gradient norm (tracin: no curvature).
-SELF_INFLUENCE_REPORTED = ("hyperinf", "tracin")
 
 
 @dataclass
@@ -44,7 +41,7 @@ class MislabelReport(Summary):
     has_truth: bool  # the pool has a `flipped` column
     examples: int
     flipped: int
-    # ranking -> auroc, detection_at_10, detection_at_20: the configured methods (by name) and, with raw rows,
+    # ranking -> auroc, detection_at_10, detection_at_20: the configured methods (by name) and
     # "self_influence_hyperinf" and "self_influence_tracin" (no target set)
     methods: dict[str, dict[str, float]]
     most_harmful: list[dict[str, Any]]
@@ -77,37 +74,26 @@ def _detection(harm: np.ndarray, flipped: np.ndarray) -> dict[str, float]:
     return {"auroc": _auroc(harm, flipped), **found}
 
 
-def self_influence_scores(store: LanceStore, settings: GradientSettings, options: EstimatorOptions, *,
-                          device: str | None = None) -> pd.Series:
-    """Self-influence of every stored raw row from the stored preconditioner of `options` (hyperinf, exact,
-    tracin), indexed by sample_id: higher = less explained by the rest of the pool (likely mislabeled)."""
-    prepared = load_preconditioner(store, checked_fingerprint(store, settings), options)
-    ids, values = self_influence_store(store, prepared, device=device)
-    return pd.Series(values, index=pd.Index(ids, name="sample_id"), name=f"{SELF_INFLUENCE_PREFIX}{options.method}")
-
-
 def mislabel_report(store: LanceStore, settings: GradientSettings, methods: Sequence[EstimatorOptions], *,
-                    target_set: str, task: str, device: str | None = None) -> MislabelReport:
-    """The report of the module docstring for one target set; without a `flipped` column only the most harmful
+                    target_set: str, task: str) -> MislabelReport:
+    """The report of the module docstring for one target set, from the stored scores (also the self-influence
+    rankings `influence_scores` wrote as target set "self"); without a `flipped` column only the most harmful
     examples (of the first method) are listed."""
     examples = require_table(store, "examples", "ingest the pool first")
     has_truth = "flipped" in examples.schema.names
     truth = (examples.to_table(columns=["sample_id", "flipped"]).to_pandas().set_index("sample_id")["flipped"]
              .astype(bool) if has_truth else None)
     rankings = {}
-    for options in methods:
-        s = read_scores(store, target_set, options.method)
-        if s.empty:
-            raise DataError(f"no scores for {target_set}/{options.method}: materialize influence_scores first")
-        if truth is not None:
-            flipped = truth.reindex(s["sample_id"], fill_value=False).to_numpy(dtype=bool)
-            rankings[options.method] = _detection(-s["score"].to_numpy(), flipped)
+    reported = [(target_set, o.method, o.method) for o in methods]
     if truth is not None:
-        for method in SELF_INFLUENCE_REPORTED:
-            si = self_influence_scores(store, settings, methods[0].model_copy(update={"method": method}),
-                                       device=device)
-            flipped = truth.reindex(si.index, fill_value=False).to_numpy(dtype=bool)
-            rankings[str(si.name)] = _detection(si.to_numpy(), flipped)
+        reported += [(t, m, f"{SELF_INFLUENCE_PREFIX}{m}") for t, m in sorted(self_influence_pairs())]
+    for target, method, name in reported:
+        s = read_scores(store, target, method)
+        if s.empty:
+            raise DataError(f"no scores for {target}/{method}: materialize influence_scores first")
+        if truth is not None:  # harm = -score: the most negative score (for self: the largest self-influence)
+            flipped = truth.reindex(s["sample_id"], fill_value=False).to_numpy(dtype=bool)
+            rankings[name] = _detection(-s["score"].to_numpy(), flipped)
     return MislabelReport(target_set=target_set, has_truth=has_truth, examples=examples.count_rows(),
                           flipped=int(truth.sum()) if truth is not None else 0, methods=rankings,
                           most_harmful=extremes(store, task, target_set, methods[0].method, helpful=False))

@@ -1,4 +1,5 @@
-"""Stage: every stored gradient row scored against every configured (target set, method) query in one scan
+"""Stage: every stored gradient row scored against every configured (target set, method) query, and its
+self-influence under the stored hyperinf / tracin preconditioners (target set "self"), in one scan
 (`scorer.score_store`), with the numbers a person checks first: score distribution and the extremes."""
 
 from __future__ import annotations
@@ -15,12 +16,12 @@ import pandas as pd
 from hyperinf_ops.data.prepare import record_columns
 from hyperinf_ops.errors import DataError
 from hyperinf_ops.scorer import score_store
-from hyperinf_ops.settings import GradientSettings
+from hyperinf_ops.settings import SELF_INFLUENCE_METHODS, SELF_TARGET, EstimatorOptions, GradientSettings
 from hyperinf_ops.stages.common import Log, Summary, drop_stale
-from hyperinf_ops.stages.preconditioners import checked_fingerprint
+from hyperinf_ops.stages.preconditioners import checked_fingerprint, load_preconditioner
 from hyperinf_ops.store import LanceStore, sql_literal
 
-__all__ = ["ScoreStepSummary", "extremes", "read_scores", "score"]
+__all__ = ["ScoreStepSummary", "extremes", "read_scores", "score", "self_influence_pairs"]
 
 SHOWN = 10  # rows in "most helpful / most harmful" lists
 
@@ -29,7 +30,7 @@ SHOWN = 10  # rows in "most helpful / most harmful" lists
 class ScoreStepSummary(Summary):
     rows: int
     examples: int  # pool size; rows < examples means some examples have no gradient row
-    pairs: list[str]  # "target_set/method"
+    pairs: list[str]  # "target_set/method", self-influence as "self/method"
     digest: str  # over every (target set, method, sample, score): equal scores, equal digest
     scores_version: int
     gradients_version: int
@@ -64,10 +65,17 @@ def extremes(store: LanceStore, task: str, target: str, method: str, *, helpful:
             for sid, s, rk in zip(ranked["sample_id"], ranked["score"], ranked["rank"], strict=True)]
 
 
+def self_influence_pairs() -> set[tuple[str, str]]:
+    """The (SELF_TARGET, method) pairs the influence_scores asset writes: one per SELF_INFLUENCE_METHODS."""
+    return {(SELF_TARGET, m) for m in SELF_INFLUENCE_METHODS}
+
+
 def score(store: LanceStore, settings: GradientSettings, pairs: Sequence[tuple[str, str]], *, task: str,
-          shown: tuple[str, str], device: str | None = None, log: Log = print) -> ScoreStepSummary:
-    """Score every gradient row against the stored query of every (target set, method) in `pairs`; `shown` is
-    the pair whose most helpful / harmful examples the summary lists."""
+          shown: tuple[str, str], self_influence: Sequence[EstimatorOptions] = (), device: str | None = None,
+          log: Log = print) -> ScoreStepSummary:
+    """Score every gradient row against the stored query of every (target set, method) in `pairs` and its
+    self-influence under the stored preconditioner of every options in `self_influence` (target set "self",
+    same scan); `shown` is the pair whose most helpful / harmful examples the summary lists."""
     start = time.perf_counter()
     fp = checked_fingerprint(store, settings)
     wanted = set(pairs)
@@ -75,13 +83,15 @@ def score(store: LanceStore, settings: GradientSettings, pairs: Sequence[tuple[s
     missing = sorted(wanted - {(q.target_set, q.method) for q in queries})
     if missing:
         raise DataError(f"no stored queries for {missing}: materialize target_queries first")
-    result = score_store(store, queries, device=device)
-    drop_stale(store, "scores", ["target_set", "method"], wanted)
+    prepared = [load_preconditioner(store, fp, o) for o in self_influence]
+    result = score_store(store, queries, self_influence=prepared, device=device)
+    written = wanted | {(SELF_TARGET, p.method) for p in prepared}
+    drop_stale(store, "scores", ["target_set", "method"], written)
     n_examples = store.open("examples").count_rows()
     if result.rows < n_examples:
         log(f"warning: {n_examples - result.rows} pool examples have no gradient row (non-finite gradients)")
     stats, digest = {}, hashlib.sha256()
-    for target, method in sorted(wanted):
+    for target, method in sorted(written):
         scored = read_scores(store, target, method).sort_values("sample_id")
         digest.update(f"{target}|{method}|{'|'.join(scored['sample_id'])}|".encode() + scored["score"].to_numpy().tobytes())
         s = scored["score"].to_numpy()
@@ -89,12 +99,13 @@ def score(store: LanceStore, settings: GradientSettings, pairs: Sequence[tuple[s
                                       "median": float(np.median(s)), "p90": float(np.quantile(s, 0.9)),
                                       "max": float(s.max()), "negative_share": float((s < 0).mean())}
     summary = ScoreStepSummary(
-        rows=result.rows, examples=n_examples, pairs=[f"{t}/{m}" for t, m in sorted(wanted)],
+        rows=result.rows, examples=n_examples, pairs=[f"{t}/{m}" for t, m in sorted(written)],
         digest=digest.hexdigest()[:32], scores_version=store.open("scores").version, gradients_version=result.gradients_version,
         run_id=result.run_id, device=result.device, seconds=time.perf_counter() - start,
         rows_per_second=result.rows_per_second, score_stats=stats,
         most_helpful=extremes(store, task, *shown, helpful=True),
         most_harmful=extremes(store, task, *shown, helpful=False))
-    log(f"scored {result.rows} rows x {len(queries)} queries in {result.seconds:.1f}s on {result.device}, "
-        f"scores v{summary.scores_version}")
+    log(f"scored {result.rows} rows x {len(queries)} queries"
+        + (f" + self-influence ({', '.join(p.method for p in prepared)})" if prepared else "")
+        + f" in {result.seconds:.1f}s on {result.device}, scores v{summary.scores_version}")
     return summary

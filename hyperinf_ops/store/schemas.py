@@ -81,7 +81,7 @@ def target_gradients_schema() -> pa.Schema:
 
 
 def queries_schema(dim: int) -> pa.Schema:
-    """Preconditioned, projected target vectors: one per (target_set, method)."""
+    """Preconditioned target vectors laid out like the gradient rows: one per (target_set, method)."""
     return pa.schema(
         [
             pa.field("target_set", pa.string(), nullable=False),

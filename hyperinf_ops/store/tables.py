@@ -34,7 +34,7 @@ __all__ = ["GradientBatch", "LanceStore", "Query"]
 
 @dataclass
 class GradientBatch:
-    """Rows for the gradients table. grad: (n, dim) projected (or raw) gradients; sq_norms: (n, L) exact."""
+    """Rows for the gradients table. grad: (n, dim) raw or sketched per-matrix blocks; sq_norms: (n, L) of those blocks."""
 
     sample_ids: Sequence[str]
     grad: Tensor | np.ndarray
@@ -43,7 +43,7 @@ class GradientBatch:
 
 @dataclass
 class Query:
-    """A preconditioned, projected target vector. vector: (dim,); fingerprint: digest of the gradients it fits."""
+    """A preconditioned target vector laid out like the rows. vector: (dim,); fingerprint: digest of the gradients it fits."""
 
     target_set: str
     method: str
@@ -82,7 +82,7 @@ class LanceStore(FingerprintedTables):
     ) -> int:
         """Replace one shard's gradient rows (streamed batch by batch) in one commit. Returns the version.
 
-        float16 rows are stored divided by their max |value| (`grad_scale`): projected LoRA gradients with
+        float16 rows are stored divided by their max |value| (`grad_scale`): LoRA gradient rows with
         norms below ~1e-4 would otherwise underflow float16 (measured: 0.3% score error at norm 1e-4, 25% at
         1e-6, vs 0.02% scaled at any norm). Refuses rows of another fingerprint unless overwrite=True.
         """
