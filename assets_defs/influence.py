@@ -82,14 +82,13 @@ def target_queries(context: dg.AssetExecutionContext, hyperinf: HyperinfResource
                 "most suspicious), from the same scan.",
 )
 def influence_scores(context: dg.AssetExecutionContext, hyperinf: HyperinfResource) -> dg.MaterializeResult:
-    from hyperinf_ops.settings import SELF_INFLUENCE_METHODS
     from hyperinf_ops.stages.scores import score
 
     cfg, store = hyperinf.config, hyperinf.store
     pairs = [(t, m) for t in cfg.targets for m in cfg.estimators]
     summary, wall = timed(score, store, cfg.gradient_settings, pairs, task=cfg.task,
                           shown=curation_pair(hyperinf),
-                          self_influence=[cfg.estimator(m) for m in SELF_INFLUENCE_METHODS],
+                          self_influence=cfg.self_influence_estimators,
                           device=None if cfg.device == "auto" else cfg.device, log=context.log.info)
     scores = store.open("scores").to_table(columns=["target_set", "method", "score"]).to_pandas()
     histograms = {

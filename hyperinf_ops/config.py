@@ -235,6 +235,11 @@ class HyperinfConfig(Settings):
         return EstimatorOptions(method=method, damping_ratio=self.damping_ratio,
                                 **self.estimator_options.model_dump())
 
+    @property
+    def self_influence_estimators(self) -> list[EstimatorOptions]:
+        """The solver settings of the self-influence rankings every scoring run writes (target set "self")."""
+        return [self.estimator(m) for m in SELF_INFLUENCE_METHODS]
+
     def to_dict(self) -> dict[str, Any]:
         """Plain YAML-ready mapping (paths as strings); `load_config(cfg.to_dict()) == cfg`."""
         return self.model_dump(mode="json")
