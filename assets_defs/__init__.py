@@ -1,7 +1,7 @@
 """Thin Dagster assets and asset checks over the hyperinf core (`hyperinf_ops.stages`).
 
     pool_files[shard] -> pool_examples[shard] -> target_sets
-    pool_examples[shard] -> lora_adapter -> lora_gradients[shard] -> preconditioners -> target_queries
+    pool_examples[shard] -> lora_adapter -> row_codec -> lora_gradients[shard] -> preconditioners -> target_queries
         -> influence_scores -> curated_subset, mislabel_report
 
 Assets return ``MaterializeResult`` with metadata and a data version only: tensors and tables stay in Lance,
@@ -19,7 +19,7 @@ from assets_defs.influence import (
     scores_cover_pool,
     target_queries,
 )
-from assets_defs.model import gradient_rows_match_pool, lora_adapter, lora_gradients
+from assets_defs.model import gradient_rows_match_pool, lora_adapter, lora_gradients, row_codec
 from assets_defs.pool import pool_examples, pool_files, target_sets
 
 ASSETS = [
@@ -27,6 +27,7 @@ ASSETS = [
     pool_examples,
     target_sets,
     lora_adapter,
+    row_codec,
     lora_gradients,
     preconditioners,
     target_queries,

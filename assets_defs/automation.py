@@ -18,6 +18,11 @@ ON_NEW_DATA = AC.eager().replace("any_deps_updated", AC.any_deps_match(_DEP_CHAN
 # The adapter is trained once and then kept: gradients are only comparable under one adapter, so new data
 # must not silently retrain it (re-materialize it from the UI or `hyperinf run` after a settings change).
 ONCE = AC.on_missing()
+# The rows' whitening: made when missing and again for a new adapter, never for new pool data (a new pilot would
+# make every stored row stale).
+ON_NEW_ADAPTER = AC.eager().replace(
+    "any_deps_updated",
+    AC.any_deps_match(_DEP_CHANGED).allow(dg.AssetSelection.assets("lora_adapter")).with_label("adapter_changed"))
 
 
 def step_asset(*, group: str, code_version: str, description: str, kinds: set[str], deps=(), partitions_def=None,

@@ -1,9 +1,10 @@
-"""The LoRA adapter and the per-example gradient rows of each pool shard (with their checks)."""
+"""The LoRA adapter, the whitening its rows are stored under, and the per-example gradient rows of each pool
+shard (with their checks)."""
 
 import dagster as dg
 import pyarrow.compute as pc
 
-from assets_defs.automation import ONCE, step_asset
+from assets_defs.automation import ON_NEW_ADAPTER, ONCE, step_asset
 from assets_defs.metadata import markdown_table, summary_metadata, timed
 from assets_defs.partitions import pool_shards
 from assets_defs.pool import pool_examples
@@ -39,9 +40,27 @@ def lora_adapter(context: dg.AssetExecutionContext, hyperinf: HyperinfResource) 
 
 
 @step_asset(
-    group="model", kinds={"pytorch", "lance"}, code_version="2",
+    group="model", kinds={"pytorch"}, code_version="1",
+    deps=[lora_adapter, dg.AssetDep(pool_examples, partition_mapping=dg.AllPartitionMapping())],
+    automation=ON_NEW_ADAPTER,
+    description="The whitening the gradient rows are stored under (compression.whiten > 0): the GFIM of a "
+                "seeded pilot sample of the pool, taken once per adapter and compression settings and reused by "
+                "every shard. Data version: its digest ('none' without whitening).",
+)
+def row_codec(context: dg.AssetExecutionContext, hyperinf: HyperinfResource) -> dg.MaterializeResult:
+    from hyperinf_ops.stages.codec import prepare_row_codec
+
+    cfg = hyperinf.config
+    summary, wall = timed(prepare_row_codec, hyperinf.store, cfg.model_spec, cfg.gradient_settings,
+                          log=context.log.info)
+    return dg.MaterializeResult(data_version=dg.DataVersion(summary.digest or "none"),
+                                metadata={**summary_metadata(summary, skip=("seconds",)), "wall_time_s": wall})
+
+
+@step_asset(
+    group="model", kinds={"pytorch", "lance"}, code_version="3",
     partitions_def=pool_shards,
-    deps=[pool_examples, lora_adapter],
+    deps=[pool_examples, lora_adapter, row_codec],
     checks={"gradients_finite": "Every example of the shard has a finite gradient (non-finite ones are left out)."},
     description="Per-example LoRA gradients of one shard under the current adapter: rows in `gradients`, exact "
                 "curvature partial sums in `curvature`. Skipped when the shard's rows are current (same "

@@ -25,8 +25,8 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-STAGES = ("ingest", "targets", "adapter", "gradients", "preconditioners", "queries", "scores", "reports",
-          "curation")
+STAGES = ("ingest", "targets", "adapter", "row_codec", "gradients", "preconditioners", "queries", "scores",
+          "reports", "curation")
 
 
 def _reset_peak() -> None:
@@ -99,6 +99,7 @@ def run_size(n: int, quick: bool, causal: bool = False) -> dict:
     from hyperinf_ops.data.io import discover_shards
     from hyperinf_ops.stages import (
         adapter,
+        codec,
         curation,
         gradients,
         pool,
@@ -121,6 +122,7 @@ def run_size(n: int, quick: bool, causal: bool = False) -> dict:
         "targets": lambda: pool.ingest_targets(store, cfg.targets, cfg.data, cfg.task, log=quiet),
         "adapter": lambda: adapter.train_or_load_adapter(store, cfg.model_spec, cfg.lora, cfg.train,
                                                          given=cfg.adapter.path, log=quiet),
+        "row_codec": lambda: codec.prepare_row_codec(store, cfg.model_spec, settings, log=quiet),
         "gradients": lambda: [gradients.compute_gradient_shard(store, k, cfg.model_spec, settings, log=quiet)
                               for k in shards],
         "preconditioners": lambda: preconditioners.prepare_preconditioners(store, settings, methods, log=quiet),

@@ -69,15 +69,17 @@ class AdapterManifest(BaseModel):
         """(r, d) of the LoRA matrices that `modules` selects (gradients.select_matrices), sorted by name."""
         return {n: tuple(self.matrix_shapes[n]) for n in select_matrices(list(self.matrix_shapes), modules)}
 
-    def fingerprint(self, modules: tuple[str, ...] | None, compression: CompressionSpec) -> Fingerprint:
-        """The fingerprint of gradient rows taken under this adapter for the selected matrices, compressed so."""
+    def fingerprint(self, modules: tuple[str, ...] | None, compression: CompressionSpec,
+                    whitening: str = "") -> Fingerprint:
+        """The fingerprint of gradient rows taken under this adapter for the selected matrices, compressed so
+        (whitened rows: `whitening` is the digest of their whitening, stages/codec.py)."""
         from hyperinf_ops.tasks import get_task
 
         model_id = self.model if self.model in BUNDLED_MODELS else Path(self.model).name
         return Fingerprint.create(
             model_id=model_id, model_hash=self.model_hash, adapter_hash=self.adapter_hash, task=self.task,
             lora_modules=self.lora_modules, shapes=self.selected_shapes(modules), compression=compression,
-            loss_reduction=get_task(self.task).loss_reduction)
+            whitening=whitening, loss_reduction=get_task(self.task).loss_reduction)
 
 
 def recipe_key(recipe: Mapping[str, Any]) -> str:

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from hyperinf_ops.errors import FingerprintMismatchError
+from hyperinf_ops.row_format import RowFormat
 from hyperinf_ops.settings import CompressionSpec
 from hyperinf_ops.sketch import row_shapes
 
@@ -77,13 +78,25 @@ class Fingerprint:
     sketch_dim: int  # per LoRA matrix; 0 = raw rows
     sketch_seed: int
     row_dtype: str
-    row_width: int  # floats per stored row: the matrices' (r, k) blocks
+    row_blocks: tuple[int, ...]  # floats of each matrix's (r, k) block in a row, sorted names
+    whitening: str = ""  # digest of the whitening the blocks are stored under ("" = none; whitening.py)
     grad_dtype: str = "float32"
     loss_reduction: str = "mean"
 
     def __post_init__(self) -> None:
         # JSON round trips give lists; keep the dataclass hashable and comparable.
         object.__setattr__(self, "lora_modules", tuple(self.lora_modules))
+        object.__setattr__(self, "row_blocks", tuple(int(b) for b in self.row_blocks))
+
+    @property
+    def row_width(self) -> int:
+        """Floats a (decoded) row has."""
+        return sum(self.row_blocks)
+
+    @property
+    def row_format(self) -> RowFormat:
+        """How the rows are stored (row_format.py)."""
+        return RowFormat(self.row_dtype, self.row_blocks)
 
     @classmethod
     def create(
@@ -96,10 +109,14 @@ class Fingerprint:
         lora_modules: tuple[str, ...] | list[str],
         shapes: Mapping[str, tuple[int, int]],
         compression: CompressionSpec,
+        whitening: str = "",
         grad_dtype: str = "float32",
         loss_reduction: str = "mean",
     ) -> Fingerprint:
-        """Fingerprint from the raw matrix shapes (rank read from them) and how rows are compressed."""
+        """Fingerprint from the raw matrix shapes (rank read from them), how rows are compressed and the digest
+        of the whitening they are stored under (required when `compression.whitened`)."""
+        if compression.whitened != bool(whitening):
+            raise ValueError(f"compression.whiten = {compression.whiten} but whitening digest {whitening!r}")
         ranks = {int(r) for r, _ in shapes.values()}
         if len(ranks) != 1:
             raise ValueError(f"LoRA matrices disagree on rank: {sorted(ranks)}")
@@ -114,14 +131,11 @@ class Fingerprint:
             sketch_dim=compression.sketch_dim,
             sketch_seed=compression.seed,
             row_dtype=compression.dtype,
-            row_width=sum(r * k for r, k in row_shapes(shapes, compression).values()),
+            row_blocks=tuple(r * k for r, k in row_shapes(shapes, compression).values()),
+            whitening=whitening,
             grad_dtype=grad_dtype,
             loss_reduction=loss_reduction,
         )
-
-    @property
-    def compression(self) -> CompressionSpec:
-        return CompressionSpec(sketch_dim=self.sketch_dim, seed=self.sketch_seed, dtype=self.row_dtype)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)

@@ -1,17 +1,19 @@
 """Streaming scorer: every query, and the self-influence of every row, in one bounded-memory scan.
 
-A query is a preconditioned target vector laid out like a row (each LoRA matrix's (r, k) block, raw or
-sketched), so the score of row k is one dot product: `score_k = <q, g_k>` (= -I(k), higher = more helpful).
-Self-influence reads the row's blocks as the per-matrix gradients: `sum_l <g_l M_l, g_l>_F` from a stored inverse
-M_l (`Prepared`), written as target set SELF_TARGET with `score = -self-influence` (the most negative = the most
-suspicious).
+A query is a preconditioned target vector laid out like a decoded row (each LoRA matrix's (r, k) block: raw,
+sketched, or whitened with the query mapped by `Whitening.to_rows`), so the score of row k is one dot product:
+`score_k = <q, row_k>` (= -I(k), higher = more helpful). Self-influence reads the row's blocks as the per-matrix
+gradients (whitening undone): `sum_l <b_l M_l, b_l>_F` from a stored inverse M_l (`Prepared`), written as target
+set SELF_TARGET with `score = -self-influence` (the most negative = the most suspicious).
 
 The rows stream through `store.vectors.iter_fixed_rows` (Lance's page bytes mapped read-only where the layout
-allows, Lance's scanner otherwise: memory independent of the table size). On CPU each batch is
-converted to the matmul dtype a cache-sized chunk at a time and multiplied as `queries @ chunk.T`, with torch on
-one thread; on CUDA the batch goes to the device as stored and is converted there. Self-influence takes each
-batch in float64. Only the n x (queries + self-influence) values stay in memory. Ranks and percentiles need the whole column, so they are computed after
-the scan; each (target_set, method) is then written to the `scores` table in its own atomic commit.
+allows, Lance's scanner otherwise: memory independent of the table size), in the rows' storage format
+(row_format.py). On CPU each batch is converted (float rows) or decoded (integer codes) to the matmul dtype a
+cache-sized chunk at a time and multiplied as `queries @ chunk.T`, with torch on one thread; on CUDA the batch
+goes to the device as stored and is decoded there. Self-influence takes each batch's blocks in float64. Only the
+n x (queries + self-influence) values stay in memory. Ranks and percentiles need the whole column, so they are
+computed after the scan; each (target_set, method) is then written to the `scores` table in its own atomic
+commit.
 """
 
 from __future__ import annotations
@@ -39,11 +41,13 @@ from hyperinf_ops.errors import (
     NonFiniteGradientError,
     UnsupportedMethodError,
 )
-from hyperinf_ops.fingerprint import require_match
+from hyperinf_ops.fingerprint import Fingerprint, require_match
 from hyperinf_ops.preconditioners import PRECONDITIONERS, Prepared
+from hyperinf_ops.row_format import RowFormat
 from hyperinf_ops.settings import SELF_TARGET
 from hyperinf_ops.store import LanceStore, Query, scores_schema
 from hyperinf_ops.store.vectors import MAX_READ_BYTES, iter_fixed_rows
+from hyperinf_ops.whitening import Whitening
 
 __all__ = [
     "SELF_TARGET",
@@ -108,13 +112,21 @@ def _one_cpu_thread(dev: torch.device) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def _rows_fingerprint(store: LanceStore, version: int) -> str:
-    digests = store.row_fingerprints("gradients", version)
-    if not digests:
+def _rows_fingerprint(store: LanceStore, version: int | None) -> Fingerprint:
+    """The one fingerprint of the gradient rows at `version` (DataError when there are none)."""
+    fp = store.fingerprint("gradients", version)
+    if fp is None:
         raise DataError("the gradients table has no rows to score")
-    if len(digests) > 1:
-        raise FingerprintMismatchError(f"gradients table mixes rows of fingerprints {digests}")
-    return digests[0]
+    return fp
+
+
+def _check_whitening(fp: Fingerprint, whitening: Whitening | None) -> None:
+    """GradientMismatchError unless `whitening` is the one the rows are stored under (None for none)."""
+    given = whitening.digest() if whitening is not None else ""
+    if given != fp.whitening:
+        raise GradientMismatchError(
+            f"the gradient rows are stored under whitening {fp.whitening or 'none'}, "
+            f"the reader was given {given or 'none'}")
 
 
 def _check_query_fingerprints(store: LanceStore, queries: Sequence[Query], rows_digest: str) -> None:
@@ -131,24 +143,35 @@ def _check_query_fingerprints(store: LanceStore, queries: Sequence[Query], rows_
         require_match(expected, known.get(rows_digest), f"query {q.target_set}/{q.method} vs gradient rows")
 
 
-def _check_raw_rows(shapes: Mapping[str, tuple[int, int]], dim: int) -> None:
-    """GradientMismatchError unless rows of `dim` values are exactly the matrices' (r, k) blocks."""
-    width = sum(r * d for r, d in shapes.values())
-    if dim != width:
-        raise GradientMismatchError(f"rows of {width} floats expected (the blocks {dict(sorted(shapes.items()))}); "
-                                    f"the stored rows have {dim}")
+def _check_blocks(shapes: Mapping[str, tuple[int, int]], fmt: RowFormat) -> None:
+    """GradientMismatchError unless the rows are exactly the matrices' (r, k) blocks, in sorted name order."""
+    blocks = tuple(r * d for _, (r, d) in sorted(shapes.items()))
+    if blocks != fmt.blocks:
+        raise GradientMismatchError(f"rows of {sum(blocks)} floats expected (the blocks {dict(sorted(shapes.items()))}); "
+                                    f"the stored rows have {fmt.width} in blocks of {sorted(set(fmt.blocks))}")
 
 
-def _blocks(rows: Tensor, scale: Tensor, shapes: Mapping[str, tuple[int, int]]) -> dict[str, Tensor]:
-    """(b, D) rows as stored, times their grad_scale (one float32 copy) -> name -> (b, r, k) views, the (r, k)
-    blocks in sorted name order (consumers cast a block at a time where they need float64)."""
-    x = rows.float() * scale.float()[:, None]
+def _meta_columns(fmt: RowFormat) -> list[str]:
+    return ["sample_id", "grad_scale", *(["block_scales"] if fmt.integer else [])]
+
+
+def _decode(fmt: RowFormat, values: Tensor, meta: pa.RecordBatch, out: Tensor | None = None) -> Tensor:
+    """A batch's stored values (any device) -> (b, width) float32 rows (into `out` when given)."""
+    scales = _fixed_rows(meta, "block_scales").to(values.device) if fmt.integer else None
+    return fmt.decode(values, _column(meta, "grad_scale").to(values.device), scales, out=out)
+
+
+def _blocks(fmt: RowFormat, values: Tensor, meta: pa.RecordBatch, shapes: Mapping[str, tuple[int, int]],
+            whitening: Whitening | None) -> dict[str, Tensor]:
+    """A batch's stored rows -> name -> (b, r, k) float32 blocks (whitened rows: undone), sorted name order
+    (consumers cast a block at a time where they need float64)."""
+    x = _decode(fmt, values, meta)
     out, start = {}, 0
     for name in sorted(shapes):
         r, d = shapes[name]
         out[name] = x[:, start: start + r * d].reshape(-1, r, d)
         start += r * d
-    return out
+    return whitening.undo(out) if whitening is not None else out
 
 
 def _ranks(sample_ids: pa.Array, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -163,24 +186,31 @@ def _ranks(sample_ids: pa.Array, scores: np.ndarray) -> tuple[np.ndarray, np.nda
     return rank, (n - rank + 1) / n
 
 
-def _query_scores(rows: Tensor, scale: Tensor, q: Tensor, converted: Tensor | None) -> np.ndarray:
-    """(b, D) rows as stored (CPU, read-only) times grad_scale against (Q, D) queries: (b, Q) float64.
+def _query_scores(fmt: RowFormat, rows: Tensor, meta: pa.RecordBatch, q: Tensor,
+                  converted: Tensor | None) -> np.ndarray:
+    """(b, stored width) rows as stored (CPU, read-only) against (Q, width) queries: (b, Q) float64.
 
-    converted: a (chunk, D) CPU buffer of the queries' dtype (CPU math), None on CUDA. On CPU the rows are
-    converted a chunk at a time into that cache-resident buffer (rows already of the queries' dtype are used in
-    place); on CUDA the batch moves to the device as stored and is converted there.
+    converted: a (chunk, width) CPU buffer of the queries' dtype (CPU math), None on CUDA. On CPU the rows are
+    converted (float rows) or decoded (integer codes) a chunk at a time into that cache-resident buffer (rows
+    already of the queries' dtype are used in place); on CUDA the batch moves to the device as stored and is
+    converted there. Float rows are multiplied by their grad_scale after the product (one value a row).
     """
     out = torch.empty((len(q), len(rows)), dtype=q.dtype, device=q.device)
     if converted is None:
-        out[:] = q @ rows.to(q.device).to(q.dtype).T
+        x = rows.to(q.device)
+        x = _decode(fmt, x, meta) if fmt.integer else x
+        out[:] = q @ x.to(q.dtype).T
     else:
         for i in range(0, len(rows), len(converted)):
             x = rows[i: i + len(converted)]
-            if x.dtype != q.dtype:
+            if fmt.integer:
+                x = _decode(fmt, x, meta.slice(i, len(x)), out=converted)
+            elif x.dtype != q.dtype:
                 x = converted[: len(x)].copy_(x)
             # queries @ rows.T, not rows @ queries.T: MKL streams the rows 1.5-2x faster this way.
             out[:, i: i + len(x)] = q @ x.T
-    out *= scale.to(q.device, q.dtype)[None, :]
+    if not fmt.integer:
+        out *= _column(meta, "grad_scale").to(q.device, q.dtype)[None, :]
     return out.T.double().cpu().numpy()
 
 
@@ -191,6 +221,7 @@ def score_store(
     self_influence: Sequence[Prepared] = (),
     batch_rows: int = BATCH_ROWS,
     device: torch.device | str | None = None,
+    whitening: Whitening | None = None,
     run_id: str | None = None,
     version: int | None = None,
     dtype: torch.dtype = torch.float32,
@@ -198,12 +229,14 @@ def score_store(
     """Score every gradient row against every query, and its self-influence under every prepared inverse, in
     one scan; write `scores` (one commit per (target_set, method)).
 
-    queries: vectors (dim,) laid out like the gradient rows (raw or sketched blocks), one per (target_set,
-    method); they must carry the gradient rows' fingerprint (FingerprintMismatchError otherwise, nothing
-    written). self_influence: prepared inverses (hyperinf, exact, exact_full, tracin) of the rows' own blocks
-    (GradientMismatchError for inverses of other shapes, nothing written); each writes target set SELF_TARGET,
-    method = its method, score = -sum_l <g_l M_l, g_l>_F. version: the gradients table version to scan (default
-    latest; recorded as `gradients_version`). dtype: matmul dtype of the queries.
+    queries: vectors (width,) laid out like the decoded rows (whitened rows: `Whitening.to_rows` of the
+    preconditioned vector), one per (target_set, method); they must carry the gradient rows' fingerprint
+    (FingerprintMismatchError otherwise, nothing written). self_influence: prepared inverses (hyperinf, exact,
+    exact_full, tracin) of the rows' blocks (GradientMismatchError for inverses of other shapes, nothing
+    written); each writes target set SELF_TARGET, method = its method, score = -sum_l <b_l M_l, b_l>_F.
+    whitening: the one the rows are stored under (their fingerprint names it; GradientMismatchError for any
+    other), undone before self-influence. version: the gradients table version to scan (default latest;
+    recorded as `gradients_version`). dtype: matmul dtype of the queries.
     """
     if not queries and not self_influence:
         raise DataError("nothing to score: no queries and no self-influence")
@@ -222,11 +255,13 @@ def score_store(
     dev = resolve_device(device)
     ds = store.open("gradients", version)
     gradients_version = ds.version
-    digest = _rows_fingerprint(store, gradients_version)
+    fp = _rows_fingerprint(store, gradients_version)
+    digest, fmt = fp.digest(), fp.row_format
     _check_query_fingerprints(store, queries, digest)
-    dim = ds.schema.field("grad").type.list_size
+    _check_whitening(fp, whitening)
+    dim = fmt.width
     for prepared in self_influence:
-        _check_raw_rows(prepared.shapes, dim)
+        _check_blocks(prepared.shapes, fmt)
     q = torch.zeros((len(queries), dim), dtype=dtype, device=dev)
     for j, query in enumerate(queries):
         vector = torch.as_tensor(query.vector).reshape(-1)
@@ -241,13 +276,13 @@ def score_store(
     chunk_rows = max(1, _CHUNK_BYTES // (dim * torch.finfo(dtype).bits // 8))
     converted = torch.empty((chunk_rows, dim), dtype=dtype) if dev.type == "cpu" else None
     with _one_cpu_thread(dev):
-        for meta, values in iter_fixed_rows(ds, "grad", ["sample_id", "grad_scale"], batch_rows):
-            rows, scale = _tensor(values), _column(meta, "grad_scale")
+        for meta, values in iter_fixed_rows(ds, "grad", _meta_columns(fmt), batch_rows):
+            rows = _tensor(values)
             if queries:
-                score_chunks.append(_query_scores(rows, scale, q, converted))
+                score_chunks.append(_query_scores(fmt, rows, meta, q, converted))
             if inverses:
-                selfs = [inverse.self_influence(_blocks(rows.to(dev), scale.to(dev), inverse.shapes))
-                         for inverse in inverses]
+                blocks = _blocks(fmt, rows.to(dev), meta, inverses[0].shapes, whitening)
+                selfs = [inverse.self_influence(blocks) for inverse in inverses]
                 self_chunks.append(torch.stack(selfs, 1).cpu().numpy())
             # A copy: the ids must not keep the batch's (or a fragment's) other buffers alive.
             id_chunks.append(pa.concat_arrays([meta.column("sample_id")]))
@@ -300,6 +335,7 @@ def raw_gradient_batches(
     store: LanceStore,
     shapes: Mapping[str, tuple[int, int]],
     *,
+    whitening: Whitening | None = None,
     batch_rows: int = BATCH_ROWS,
     version: int | None = None,
     filter: str | None = None,
@@ -307,20 +343,24 @@ def raw_gradient_batches(
     """Stored rows as per-example gradients: (sample_ids, name -> (b, r, k) float32), batch by batch.
 
     shapes: name -> (r, k) of every stored block (sorted names give the row layout; k = d for raw rows, the
-    sketch width for compressed ones); GradientMismatchError when the rows have another width. Each batch holds
-    at most MAX_READ_BYTES of stored values (one float32 copy of it: the rows times their grad_scale), whatever
+    sketch width for compressed ones); GradientMismatchError when the rows have other blocks. whitening: the
+    one the rows are stored under (their fingerprint names it), undone: the blocks come back in block space.
+    Each batch holds at most MAX_READ_BYTES of stored values (and one float32 copy, decoded), whatever
     `batch_rows` says; consumers cast per matrix where they need float64. `filter` (a Lance predicate, e.g. a
     sample) reads through Lance's scanner, the whole table through `iter_fixed_rows`.
     """
+    fp = _rows_fingerprint(store, version)
+    fmt = fp.row_format
+    _check_blocks(shapes, fmt)
+    _check_whitening(fp, whitening)
     ds = store.open("gradients", version)
-    value_type = ds.schema.field("grad").type
-    _check_raw_rows(shapes, value_type.list_size)
     if filter is None:
-        batches = iter_fixed_rows(ds, "grad", ["sample_id", "grad_scale"], batch_rows)
+        batches = iter_fixed_rows(ds, "grad", _meta_columns(fmt), batch_rows)
     else:
-        rows = max(1, min(batch_rows, MAX_READ_BYTES // (value_type.list_size * value_type.value_type.bit_width // 8)))
+        row_bytes = fmt.stored_width * fmt.value_type.bit_width // 8
+        rows = max(1, min(batch_rows, MAX_READ_BYTES // row_bytes))
         batches = ((b, _fixed_rows(b, "grad").numpy()) for b in ds.to_batches(
-            columns=["sample_id", "grad", "grad_scale"], batch_size=rows, filter=filter,
+            columns=[*_meta_columns(fmt), "grad"], batch_size=rows, filter=filter,
             batch_readahead=_READAHEAD, fragment_readahead=1))
     for meta, values in batches:
-        yield meta.column("sample_id").to_pylist(), _blocks(_tensor(values), _column(meta, "grad_scale"), shapes)
+        yield meta.column("sample_id").to_pylist(), _blocks(fmt, _tensor(values), meta, shapes, whitening)

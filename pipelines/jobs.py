@@ -17,8 +17,9 @@ shard_job = dg.define_asset_job(
 )
 adapter_job = dg.define_asset_job(
     "adapter_job",
-    selection=dg.AssetSelection.assets("lora_adapter"),
-    description="Warm-up fine-tune the LoRA adapter on the pool (or reuse / copy the configured adapter).",
+    selection=dg.AssetSelection.assets("lora_adapter", "row_codec"),
+    description="Warm-up fine-tune the LoRA adapter on the pool (or reuse / copy the configured adapter), then the "
+                "whitening its gradient rows are stored under (when compression.whiten > 0).",
 )
 refresh_job = dg.define_asset_job(
     "refresh_job",

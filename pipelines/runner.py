@@ -2,7 +2,8 @@
 launch exactly that through the code location (runs the UI shows on its timeline and job pages).
 
     pool shards whose file changed       shard_job [pool_examples]    stages.pool.ingest_pending
-    the adapter, if not the asked one    adapter_job                  stages.adapter.adapter_pending
+    the adapter, if not the asked one,   adapter_job                  stages.adapter.adapter_pending,
+    or the rows' whitening if missing                                  stages.codec.codec_pending
     shards whose gradients are stale     shard_job [lora_gradients]   stages.freshness.gradient_shard_current
     always                               refresh_job                  (its assets reuse what did not change)
 
@@ -46,8 +47,8 @@ class RunReport:
 def materialize_all(instance: dg.DagsterInstance, config_path: str | Path, cfg: HyperinfConfig, *,
                     log: Callable[[str], None] = print) -> RunReport:
     """Everything the config asks for, as the fewest runs the rules of the module docstring allow."""
-    from hyperinf_ops.adapters import AdapterStore
     from hyperinf_ops.stages.adapter import adapter_pending
+    from hyperinf_ops.stages.codec import codec_pending, row_fingerprint
     from hyperinf_ops.stages.freshness import gradient_shard_current
     from hyperinf_ops.stages.pool import ingest_pending
 
@@ -64,13 +65,13 @@ def materialize_all(instance: dg.DagsterInstance, config_path: str | Path, cfg: 
         for shard in report.ingested:
             log(f"ingest shard {shard}")
             report.runs.append(launcher.run(shard_job.name, partition_key=shard, assets=["pool_examples"], tags=tags))
-        if adapter_pending(store, cfg.model_spec, cfg.lora, cfg.train, cfg.adapter.path):
-            log("LoRA adapter")
+        settings = cfg.gradient_settings
+        if adapter_pending(store, cfg.model_spec, cfg.lora, cfg.train, cfg.adapter.path) or \
+                codec_pending(store, settings):
+            log("LoRA adapter and row codec")
             report.adapter = True
             report.runs.append(launcher.run(adapter_job.name, tags=tags))
-        settings = cfg.gradient_settings
-        manifest = AdapterStore(store.root).require_current()
-        fingerprint = manifest.fingerprint(settings.modules, settings.compression)
+        fingerprint = row_fingerprint(store, settings)
         report.gradients = [s for s in files if not gradient_shard_current(store, s, fingerprint)]
         for shard in report.gradients:
             log(f"gradients of shard {shard}")

@@ -61,7 +61,6 @@ def make_project(root: Path, model_dir: Path, *, n_pool: int = 200, n_shards: in
         "train": {"epochs": 2, "lr": 5.0e-3, "batch_size": 32, "seed": 0},
         "estimators": ["hyperinf", "datainf", "tracin"],
         "damping_ratio": 0.1,
-        "compression": {"sketch_dim": 0},
         "max_length": 16,
         "device": "cpu",
         "curation": {"query": "top_fraction",

@@ -7,6 +7,7 @@ import yaml
 
 from hyperinf_ops.config import HyperinfConfig, load_config
 from hyperinf_ops.errors import ConfigError
+from hyperinf_ops.settings import CompressionSpec
 
 
 @pytest.fixture
@@ -42,7 +43,10 @@ def test_defaults_and_relative_paths(project: Path, monkeypatch: pytest.MonkeyPa
     assert cfg.model == "minilm" and cfg.task == "classification"
     assert cfg.lora.rank == 8 and cfg.lora.alpha == 16 and cfg.train.epochs == 2
     assert cfg.estimators == ("hyperinf", "datainf", "tracin")
-    assert cfg.compression.raw and cfg.compression.dtype == "float32" and cfg.damping_ratio == 0.1
+    # half-whitened int4 rows, no sketch (docs/compression.md); a compression mapping overrides key by key
+    assert cfg.compression == CompressionSpec(whiten=0.25, dtype="int4") and cfg.damping_ratio == 0.1
+    partial = load_config({**minimal(), "compression": {"sketch_dim": 48}}, base_dir=project).compression
+    assert (partial.sketch_dim, partial.whiten, partial.dtype) == (48, 0.25, "int4")
     assert cfg.curation.query == "top_fraction"
     # the query's target set and method default to the first target set and estimator
     assert cfg.curation.params == {"target_set": "clean_val", "method": "hyperinf", "fraction": 0.8}
@@ -118,7 +122,7 @@ def test_task_specific_columns(project: Path):
 
 
 def test_other_value_checks(project: Path):
-    found = problems({**minimal(), "storage_root": "s3://bucket/x", "device": "tpu", "compression": {"dtype": "int8"},
+    found = problems({**minimal(), "storage_root": "s3://bucket/x", "device": "tpu", "compression": {"dtype": "int2"},
                       "estimators": ["tracin", "tracin"], "estimator_options": {"lissa_iters": 3},
                       "curation": {"query": "top_k", "params": {"kk": 3, "method": "lissa"}}}, base_dir=project)
     text = "\n".join(found)

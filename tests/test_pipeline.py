@@ -58,8 +58,8 @@ def test_definitions_load():
     defs = build_definitions("unused.yaml")
     dg.Definitions.validate_loadable(defs)
     keys = {a.key.to_user_string() for a in ASSETS}
-    assert keys == {"pool_files", "pool_examples", "target_sets", "lora_adapter", "lora_gradients", "preconditioners",
-                    "target_queries", "influence_scores", "curated_subset", "mislabel_report"}
+    assert keys == {"pool_files", "pool_examples", "target_sets", "lora_adapter", "row_codec", "lora_gradients",
+                    "preconditioners", "target_queries", "influence_scores", "curated_subset", "mislabel_report"}
     assert len(ASSET_CHECKS) == 4
     assert {j for j in ("shard_job", "adapter_job", "refresh_job") if defs.resolve_job_def(j)} == {
         "shard_job", "adapter_job", "refresh_job"}
@@ -161,7 +161,7 @@ def test_added_shard_computes_only_that_shard_and_one_solve_per_refresh(tmp_path
         materializations = instance.fetch_materializations(dg.AssetKey("lora_gradients"), limit=100).records
         assert sorted(r.partition_key for r in materializations) == ["shard-0", "shard-1", "shard-2"]
     store = LanceStore(str(cfg.storage_root))
-    assert store.open("scores").count_rows() == 110 * (4 * 2 + 2)  # + self/hyperinf, self/tracin (raw rows)
+    assert store.open("scores").count_rows() == 110 * (4 * 2 + 2)  # + self/hyperinf, self/tracin
 
 
 # ------------------------------------------------------------------------------------------------ bad input

@@ -91,11 +91,15 @@ def test_fingerprint_roundtrip_digest_diff_and_hashes():
                             lora_modules=["query", "value"], shapes=SHAPES,
                             compression=CompressionSpec(sketch_dim=16, dtype="float16"))
     assert fp.rank == 4 and fp.sketch_dim == 16 and fp.lora_modules == ("query", "value")
-    assert fp.row_width == 4 * (16 + 16 + 8) and fp.compression == CompressionSpec(sketch_dim=16, dtype="float16")
+    assert fp.row_blocks == (4 * 16, 4 * 16, 4 * 8) and fp.row_width == 4 * (16 + 16 + 8)  # sorted: a, b, c
+    assert fp.row_format.dtype == "float16" and fp.whitening == ""
     assert Fingerprint.from_json(fp.to_json()) == fp and len(fp.digest()) == 16
     other = Fingerprint.create(model_id="m", model_hash="h", adapter_hash="a2", task="classification",
                                lora_modules=["query", "value"], shapes=SHAPES, compression=CompressionSpec())
-    assert fp.diff(other) == ["adapter_hash", "sketch_dim", "row_dtype", "row_width"]
+    assert fp.diff(other) == ["adapter_hash", "sketch_dim", "row_dtype", "row_blocks"]
+    with pytest.raises(ValueError, match="whiten"):  # whitened rows must name their whitening, and only they
+        Fingerprint.create(model_id="m", model_hash="h", adapter_hash="a", task="classification",
+                           lora_modules=["q"], shapes=SHAPES, compression=CompressionSpec(whiten=0.25))
     with pytest.raises(FingerprintMismatchError, match="adapter_hash: expected 'a', found 'a2'"):
         require_match(fp, other, "test")
     t = {"w": torch.ones(2, 2), "b": torch.zeros(2, dtype=torch.bfloat16)}

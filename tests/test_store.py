@@ -184,7 +184,7 @@ def test_curvature_merges_over_shards_and_refuses_other_fingerprints(tmp_path):
         torch.testing.assert_close(merged[name].full_sum, part.full_sum)
         assert (merged[name].count, merged[name].numel) == (10, part.numel)
         assert merged[name].sq_sum == pytest.approx(part.sq_sum)
-    with pytest.raises(FingerprintMismatchError, match="row_width: expected 32, found 16"):
+    with pytest.raises(FingerprintMismatchError, match=r"row_blocks: expected \(16, 16\), found \(8, 8\)"):
         store.read_curvature(_fp(dim=32))
 
 

@@ -77,11 +77,12 @@ def test_dagster_dev_graph_launch_and_clean_stop(tmp_path):
         nodes = _graphql(url, "{ assetNodes { assetKey { path } isPartitioned groupName dependencyKeys { path } "
                               "assetChecksOrError { ... on AssetChecks { checks { name } } } } }")["assetNodes"]
         graph = {n["assetKey"]["path"][0]: n for n in nodes}
-        assert set(graph) == {"pool_files", "pool_examples", "target_sets", "lora_adapter", "lora_gradients",
-                              "preconditioners", "target_queries", "influence_scores", "curated_subset",
-                              "mislabel_report"}
+        assert set(graph) == {"pool_files", "pool_examples", "target_sets", "lora_adapter", "row_codec",
+                              "lora_gradients", "preconditioners", "target_queries", "influence_scores",
+                              "curated_subset", "mislabel_report"}
         assert graph["lora_gradients"]["isPartitioned"] and not graph["preconditioners"]["isPartitioned"]
-        assert {d["path"][0] for d in graph["lora_gradients"]["dependencyKeys"]} == {"pool_examples", "lora_adapter"}
+        assert {d["path"][0] for d in graph["lora_gradients"]["dependencyKeys"]} == {"pool_examples", "lora_adapter",
+                                                                                      "row_codec"}
         checks = {c["name"] for n in nodes for c in n["assetChecksOrError"].get("checks", [])}
         assert {"gradients_finite", "inverses_converged", "agreement_with_exact", "curated_subset_size"} <= checks
 

@@ -1,8 +1,9 @@
 """Stage: per-example LoRA gradients of one shard -> rows in `gradients` + curvature sums in `curvature`.
 
 One forward/backward per batch gives the raw gradients, sketched right away when rows are compressed
-(sketch.py); the curvature partial sums and the stored rows come from those same (sketched) gradients, and
-each table's shard is replaced in one commit. Examples
+(sketch.py): the blocks. The curvature partial sums come from the exact blocks; the stored rows are the blocks
+(whitened first when the rows are: stages/codec.py) in the fingerprint's row format, and each table's shard is
+replaced in one commit. Examples
 with a non-finite gradient are left out of both and counted. The rows are taken under the current adapter;
 rows of any other fingerprint are stale and are removed in the same commits. A shard that is already
 current (freshness.py) is not recomputed unless `force`.
@@ -23,6 +24,7 @@ from hyperinf_ops.gradients import lora_matrix_shapes
 from hyperinf_ops.progress import ProgressMeter
 from hyperinf_ops.settings import GradientSettings, ModelSpec
 from hyperinf_ops.sketch import Sketch
+from hyperinf_ops.stages.codec import current_whitening, row_fingerprint
 from hyperinf_ops.stages.common import Log, Summary, require_table, shard_filter
 from hyperinf_ops.stages.freshness import gradient_shard_current, gradient_version
 from hyperinf_ops.stages.loading import finite_rows, gradient_batches, load_current_model
@@ -51,7 +53,7 @@ def compute_gradient_shard(store: LanceStore, shard: str, spec: ModelSpec, setti
     """Gradient rows and curvature sums of one shard under the current adapter (see the module docstring)."""
     start = time.perf_counter()
     manifest = AdapterStore(store.root).require_current()
-    fp = manifest.fingerprint(settings.modules, settings.compression)
+    fp = row_fingerprint(store, settings)
     table = require_table(store, "examples", "ingest the pool first").to_table(
         columns=[*record_columns(spec.task), "content_hash"], filter=shard_filter(shard))
     if table.num_rows == 0:
@@ -71,6 +73,7 @@ def compute_gradient_shard(store: LanceStore, shard: str, spec: ModelSpec, setti
     if shapes != manifest.selected_shapes(settings.modules):
         raise GradientMismatchError(f"the loaded model's LoRA matrices {shapes} differ from the adapter manifest's")
     sketch = Sketch(shapes, settings.compression, device=loaded.device)
+    whitening = current_whitening(store, settings)
     meter = ProgressMeter(f"gradients of shard {shard}", len(records), lambda e: log(str(e)),
                           every=max(1, math.ceil(len(records) / settings.batch_size) // 10))
     curvature: dict[str, CurvaturePartial] = {}
@@ -82,11 +85,12 @@ def compute_gradient_shard(store: LanceStore, shard: str, spec: ModelSpec, setti
             keep = finite_rows(grads)
             bad_ids.extend(i for i, ok in zip(ids, keep.tolist(), strict=True) if not ok)
             if bool(keep.any()):
-                rows = sketch.apply({name: g[keep] for name, g in grads.items()})
-                for name, part in curvature_partials(rows).items():
+                blocks = sketch.apply({name: g[keep] for name, g in grads.items()})
+                for name, part in curvature_partials(blocks).items():
                     curvature[name] = part if name not in curvature else curvature[name].merge(part)
                 kept = [i for i, ok in zip(ids, keep.tolist(), strict=True) if ok]
-                yield GradientBatch(kept, sketch.flatten(rows), sketch.sq_norms(rows))
+                stored = whitening.apply(blocks) if whitening is not None else blocks
+                yield GradientBatch(kept, sketch.flatten(stored), sketch.sq_norms(blocks))
             meter.update(len(ids))
 
     grad_version = store.write_gradients(shard, rows(), fp, overwrite=True)  # no rows at all: DataError

@@ -18,15 +18,20 @@ from hyperinf_ops.settings import GradientSettings, ModelSpec
 
 __all__ = ["finite_rows", "gradient_batches", "load_current_model"]
 
-# The last model loaded in this process, keyed by (model spec, adapter hash): the steps of one run share it.
+# The last model loaded in this process, keyed by (model spec, adapter hash, when its folder last changed): the
+# steps of one run share it, and a folder changed since is loaded (and checked) again.
 _LOADED: dict[tuple, LoadedModel] = {}
+
+
+def _folder_stamp(folder: Path) -> int:
+    return max((f.stat().st_mtime_ns for f in folder.iterdir() if f.is_file()), default=0)
 
 
 def load_current_model(storage_root: str | Path, spec: ModelSpec) -> tuple[LoadedModel, AdapterManifest]:
     """The model with the current adapter (labels as it was trained with), checked against its manifest."""
     adapters = AdapterStore(storage_root)
     manifest = adapters.require_current()
-    key = (spec, manifest.adapter_hash)
+    key = (spec, manifest.adapter_hash, _folder_stamp(adapters.path(manifest)))
     if key not in _LOADED:
         _LOADED.clear()
         loaded = load_lora_model(spec, manifest.labels, adapter_dir=adapters.path(manifest))

@@ -18,7 +18,6 @@ from typing import Any
 
 import pyarrow.compute as pc
 
-from hyperinf_ops.adapters import AdapterStore
 from hyperinf_ops.curvature import CurvaturePartial
 from hyperinf_ops.errors import DataError
 from hyperinf_ops.fingerprint import Fingerprint
@@ -30,6 +29,7 @@ from hyperinf_ops.preconditioners import (
     prepared_to_table,
 )
 from hyperinf_ops.settings import EstimatorOptions, GradientSettings
+from hyperinf_ops.stages.codec import row_fingerprint
 from hyperinf_ops.stages.common import Log, Summary, require_table
 from hyperinf_ops.store import LanceStore
 
@@ -61,7 +61,7 @@ class PreconditionerSummary(Summary):
 def checked_fingerprint(store: LanceStore, settings: GradientSettings) -> Fingerprint:
     """The current adapter's fingerprint, after checking that every gradient / curvature row has it and that
     they cover every shard of the pool consistently (DataError naming the shards otherwise)."""
-    fp = AdapterStore(store.root).require_current().fingerprint(settings.modules, settings.compression)
+    fp = row_fingerprint(store, settings)
     for table in ("gradients", "curvature"):
         require_table(store, table, "compute the gradient shards first")
         store.check_fingerprint(table, fp)

@@ -1,10 +1,11 @@
 """Stage: one preconditioned query vector per (target set, method), stored in `queries`.
 
-For each target set the mean gradient v_l over its examples (in row space: sketched like the rows when they
-are compressed) is computed once under the current adapter and stored (`target_gradients`, reused while the
+For each target set the mean gradient v_l over its examples (in block space: sketched like the rows when they
+are) is computed once under the current adapter and stored (`target_gradients`, reused while the
 target rows and the fingerprint are unchanged); each method's query is v preconditioned by its stored artifact
-(preconditioners stage; no solve here), flattened like a row. DataInf reads the training rows in one scan
-through its preconditioner. Queries of sets or methods no longer configured are removed.
+(preconditioners stage; no solve here), flattened like a row (whitened rows: mapped by `Whitening.to_rows`).
+DataInf reads the training rows in one scan through its preconditioner. Queries of sets or methods no longer
+configured are removed.
 """
 
 from __future__ import annotations
@@ -28,9 +29,11 @@ from hyperinf_ops.preconditioners import Prepared
 from hyperinf_ops.scorer import raw_gradient_batches
 from hyperinf_ops.settings import EstimatorOptions, GradientSettings, ModelSpec
 from hyperinf_ops.sketch import Sketch
+from hyperinf_ops.stages.codec import current_whitening
 from hyperinf_ops.stages.common import Log, Summary, drop_stale, require_table
 from hyperinf_ops.stages.preconditioners import checked_fingerprint, load_preconditioner
 from hyperinf_ops.store import LanceStore, Query, sql_literal
+from hyperinf_ops.whitening import Whitening
 
 __all__ = ["QueriesSummary", "build_target_queries", "query_vector", "target_gradient"]
 
@@ -66,7 +69,7 @@ def _unflatten(vector: np.ndarray, shapes: Mapping[str, tuple[int, int]]) -> dic
 
 def target_gradient(store: LanceStore, name: str, spec: ModelSpec, settings: GradientSettings,
                     fingerprint: Fingerprint, *, log: Log = print) -> tuple[dict[str, Tensor], int, bool]:
-    """(v: name -> (r, k) float64 mean gradient over the set's finite examples in row space, their number,
+    """(v: name -> (r, k) float64 mean gradient over the set's finite examples in block space, their number,
     recomputed?).
 
     Read from `target_gradients` when stored for the same target rows and fingerprint, else computed under the
@@ -111,15 +114,17 @@ def _worst(diagnostics: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
 
 
 def query_vector(store: LanceStore, v: Mapping[str, Tensor], prepared: Prepared,
-                 ) -> tuple[Tensor, dict[str, Any]]:
+                 whitening: Whitening | None = None) -> tuple[Tensor, dict[str, Any]]:
     """(the query: a row-shaped (width,) float32 vector, per-matrix diagnostics) of one prepared method for v:
-    name -> (r, k) in row space. DataInf reads the stored rows in one scan."""
+    name -> (r, k) in block space; whitened rows (`whitening`): the preconditioned vector mapped to row space.
+    DataInf reads the stored rows (as blocks) in one scan."""
     rows = None
     if prepared.method == "datainf":
-        rows = (grads for _, grads in raw_gradient_batches(store, prepared.shapes))
+        rows = (grads for _, grads in raw_gradient_batches(store, prepared.shapes, whitening=whitening))
     pv = prepared.apply_one(v, train_batches=rows)
     measured = prepared.measure({k: t[None] for k, t in v.items()}, {k: t[None] for k, t in pv.items()})
-    vector = torch.cat([pv[name].reshape(-1) for name in sorted(pv)]).float()
+    q = whitening.to_rows(pv) if whitening is not None else pv
+    vector = torch.cat([q[name].reshape(-1) for name in sorted(q)]).float()
     return vector, {k: d.to_dict() for k, d in measured.items()}
 
 
@@ -128,13 +133,14 @@ def build_target_queries(store: LanceStore, targets: Sequence[str], spec: ModelS
     """Every (target set, method) query from the stored preconditioners (see the module docstring)."""
     start = time.perf_counter()
     fp = checked_fingerprint(store, settings)
+    whitening = current_whitening(store, settings)
     queries, sizes, recomputed = [], {}, []
     for name in targets:
         v, sizes[name], fresh = target_gradient(store, name, spec, settings, fp, log=log)
         if fresh:
             recomputed.append(name)
         for options in methods:
-            vector, diagnostics = query_vector(store, v, load_preconditioner(store, fp, options))
+            vector, diagnostics = query_vector(store, v, load_preconditioner(store, fp, options), whitening)
             queries.append(Query(name, options.method, vector, fp.digest(), diagnostics))
     store.write_queries(queries)
     drop_stale(store, "queries", ["target_set", "method"], {(t, o.method) for t in targets for o in methods})

@@ -23,6 +23,7 @@ from hyperinf_ops.errors import DataError
 from hyperinf_ops.estimators import score_gradients
 from hyperinf_ops.scorer import raw_gradient_batches
 from hyperinf_ops.settings import EstimatorOptions, GradientSettings, ModelSpec
+from hyperinf_ops.stages.codec import current_whitening
 from hyperinf_ops.stages.common import Log, Summary, require_table
 from hyperinf_ops.stages.preconditioners import checked_fingerprint, load_preconditioner
 from hyperinf_ops.stages.queries import target_gradient
@@ -111,7 +112,8 @@ def agreement_check(store: LanceStore, spec: ModelSpec, settings: GradientSettin
     ids = sorted(store.open("gradients").to_table(columns=["sample_id"])["sample_id"].to_pylist())
     chosen = sorted(np.random.default_rng(seed).choice(ids, size=min(sample_size, len(ids)), replace=False))
     where = f"sample_id IN ({', '.join(sql_literal(i) for i in chosen)})"
-    batches = list(raw_gradient_batches(store, exact.shapes, filter=where))
+    batches = list(raw_gradient_batches(store, exact.shapes, whitening=current_whitening(store, settings),
+                                        filter=where))
     sample_ids = [i for batch_ids, _ in batches for i in batch_ids]
     sample = {name: torch.cat([g[name].cpu() for _, g in batches]) for name in exact.shapes}
     spearman = {}

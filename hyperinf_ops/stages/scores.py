@@ -17,6 +17,7 @@ from hyperinf_ops.data.prepare import record_columns
 from hyperinf_ops.errors import DataError
 from hyperinf_ops.scorer import score_store
 from hyperinf_ops.settings import SELF_INFLUENCE_METHODS, SELF_TARGET, EstimatorOptions, GradientSettings
+from hyperinf_ops.stages.codec import current_whitening
 from hyperinf_ops.stages.common import Log, Summary, drop_stale
 from hyperinf_ops.stages.preconditioners import checked_fingerprint, load_preconditioner
 from hyperinf_ops.store import LanceStore, sql_literal
@@ -84,7 +85,8 @@ def score(store: LanceStore, settings: GradientSettings, pairs: Sequence[tuple[s
     if missing:
         raise DataError(f"no stored queries for {missing}: materialize target_queries first")
     prepared = [load_preconditioner(store, fp, o) for o in self_influence]
-    result = score_store(store, queries, self_influence=prepared, device=device)
+    result = score_store(store, queries, self_influence=prepared, whitening=current_whitening(store, settings),
+                         device=device)
     written = wanted | {(SELF_TARGET, p.method) for p in prepared}
     drop_stale(store, "scores", ["target_set", "method"], written)
     n_examples = store.open("examples").count_rows()

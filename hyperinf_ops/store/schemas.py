@@ -10,6 +10,8 @@ from typing import Any
 
 import pyarrow as pa
 
+from hyperinf_ops.row_format import RowFormat
+
 __all__ = ["TABLES", "curvature_schema", "gradients_schema", "json_safe", "queries_schema", "scores_schema",
            "sql_literal", "target_gradients_schema"]
 
@@ -32,19 +34,22 @@ def json_safe(value: Any) -> Any:
     return value
 
 
-def gradients_schema(dim: int, n_matrices: int, dtype: str) -> pa.Schema:
-    """grad: fixed_size_list<dtype>[dim] (stored / grad_scale), sq_norms: float32[L] exact per matrix."""
-    value_type = pa.float16() if dtype == "float16" else pa.float32()
-    return pa.schema(
-        [
-            pa.field("sample_id", pa.string(), nullable=False),
-            pa.field("shard", pa.string(), nullable=False),
-            pa.field("grad", pa.list_(value_type, dim), nullable=False),
-            pa.field("grad_scale", pa.float32(), nullable=False),
-            pa.field("sq_norms", pa.list_(pa.float32(), n_matrices), nullable=False),
-            pa.field("fingerprint", pa.string(), nullable=False),
-        ]
-    )
+def gradients_schema(fmt: RowFormat) -> pa.Schema:
+    """grad: fixed_size_list<value type>[stored width] (row_format.py), grad_scale: float32 per row,
+    block_scales: float32[L] per matrix block (integer codes only), sq_norms: float32[L] of the blocks."""
+    fields = [
+        pa.field("sample_id", pa.string(), nullable=False),
+        pa.field("shard", pa.string(), nullable=False),
+        pa.field("grad", pa.list_(fmt.value_type, fmt.stored_width), nullable=False),
+        pa.field("grad_scale", pa.float32(), nullable=False),
+    ]
+    if fmt.integer:
+        fields.append(pa.field("block_scales", pa.list_(pa.float32(), len(fmt.blocks)), nullable=False))
+    return pa.schema([
+        *fields,
+        pa.field("sq_norms", pa.list_(pa.float32(), len(fmt.blocks)), nullable=False),
+        pa.field("fingerprint", pa.string(), nullable=False),
+    ])
 
 
 def curvature_schema() -> pa.Schema:

@@ -34,7 +34,8 @@ __all__ = ["GradientBatch", "LanceStore", "Query"]
 
 @dataclass
 class GradientBatch:
-    """Rows for the gradients table. grad: (n, dim) raw or sketched per-matrix blocks; sq_norms: (n, L) of those blocks."""
+    """Rows for the gradients table. grad: (n, width) float32 rows (every matrix's block, raw, sketched or
+    whitened, sorted names), stored in the fingerprint's row format; sq_norms: (n, L) of the blocks."""
 
     sample_ids: Sequence[str]
     grad: Tensor | np.ndarray
@@ -43,7 +44,8 @@ class GradientBatch:
 
 @dataclass
 class Query:
-    """A preconditioned target vector laid out like the rows. vector: (dim,); fingerprint: digest of the gradients it fits."""
+    """A preconditioned target vector laid out like the (decoded) rows. vector: (width,); fingerprint: digest of
+    the gradient rows it fits."""
 
     target_set: str
     method: str
@@ -82,49 +84,46 @@ class LanceStore(FingerprintedTables):
     ) -> int:
         """Replace one shard's gradient rows (streamed batch by batch) in one commit. Returns the version.
 
-        float16 rows are stored divided by their max |value| (`grad_scale`): LoRA gradient rows with
-        norms below ~1e-4 would otherwise underflow float16 (measured: 0.3% score error at norm 1e-4, 25% at
-        1e-6, vs 0.02% scaled at any norm). Refuses rows of another fingerprint unless overwrite=True.
+        Each batch's float32 rows are stored in the fingerprint's row format (row_format.py: float16 with a
+        per-row scale, int8 / int4 codes with a per-block scale). Refuses rows of another width, non-finite
+        values, and rows of another fingerprint unless overwrite=True.
         """
         items = iter([batches] if isinstance(batches, GradientBatch) else batches)
         first = next(items, None)
         if first is None:
             raise DataError(f"no gradient rows for shard {shard!r}")
+        fmt = fingerprint.row_format
         dim, n_mat = _to_numpy(first.grad).shape[1], _to_numpy(first.sq_norms).shape[1]
-        if dim != fingerprint.row_width:
-            raise DataError(f"gradient rows have {dim} floats, the fingerprint says {fingerprint.row_width}")
-        dtype = fingerprint.row_dtype
-        schema = gradients_schema(dim, n_mat, dtype)
+        if dim != fmt.width:
+            raise DataError(f"gradient rows have {dim} floats, the fingerprint says {fmt.width}")
+        schema = gradients_schema(fmt)
         digest = fingerprint.digest()
 
         def record_batches() -> Iterator[pa.RecordBatch]:
             for item in itertools.chain([first], items):
-                grad = np.ascontiguousarray(_to_numpy(item.grad), dtype=np.float32)
                 sq = _to_numpy(item.sq_norms).astype(np.float32)
                 n = len(item.sample_ids)
-                if grad.shape != (n, dim) or sq.shape != (n, n_mat):
+                grad = np.ascontiguousarray(_to_numpy(item.grad), dtype=np.float32)
+                if grad.shape != (n, dim) or sq.shape != (n, n_mat) or n_mat != len(fmt.blocks):
                     raise DataError(
                         f"batch shapes grad {grad.shape}, sq_norms {sq.shape} for {n} ids; "
-                        f"expected ({n}, {dim}) and ({n}, {n_mat})"
+                        f"expected ({n}, {dim}) and ({n}, {len(fmt.blocks)})"
                     )
-                # max |x| per row without a temporary; NaN / inf propagate into it, so it doubles as the check.
-                absmax = np.maximum(grad.max(axis=1), -grad.min(axis=1)) if n else np.zeros(0, np.float32)
-                if not (np.isfinite(absmax).all() and np.isfinite(sq).all()):
-                    raise NonFiniteGradientError(f"non-finite gradient rows in shard {shard!r}")
-                if dtype == "float16":
-                    scale = np.where(absmax > 0, absmax, np.float32(1.0)).astype(np.float32)
-                    # torch converts to float16 ~5x faster than numpy here (vectorised, no float32 temporary).
-                    out = torch.empty((n, dim), dtype=torch.float16)
-                    torch.mul(torch.from_numpy(grad), torch.from_numpy(1 / scale)[:, None], out=out)
-                    stored = out.numpy()
-                else:
-                    scale, stored = np.ones(n, np.float32), grad
+                try:
+                    encoded = fmt.encode(grad)
+                except NonFiniteGradientError as err:
+                    raise NonFiniteGradientError(f"{err} in shard {shard!r}") from None
+                if not np.isfinite(sq).all():
+                    raise NonFiniteGradientError(f"non-finite gradient norms in shard {shard!r}")
+                scales = ([_fixed_list(encoded.block_scales, pa.float32())]
+                          if encoded.block_scales is not None else [])
                 yield pa.record_batch(
                     [
                         pa.array(list(map(str, item.sample_ids)), pa.string()),
                         pa.repeat(pa.scalar(shard, pa.string()), n),
-                        _fixed_list(stored, schema.field("grad").type.value_type),
-                        pa.array(scale, pa.float32()),
+                        _fixed_list(encoded.values, fmt.value_type),
+                        pa.array(encoded.grad_scale, pa.float32()),
+                        *scales,
                         _fixed_list(sq, pa.float32()),
                         pa.repeat(pa.scalar(digest, pa.string()), n),
                     ],

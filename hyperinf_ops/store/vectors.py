@@ -1,8 +1,8 @@
 """Sequential reads of a fixed_size_list column (the gradient rows) at memory speed.
 
-Lance (file format 2.1+) stores a non-null fixed_size_list of fixed-width floats of >= 256 bytes a row, without
-compression, as "full zip" pages whose one data buffer is the rows' values back to back: exactly the bytes of a
-row-major (rows, D) array. Lance's decoder copies every page through freshly allocated buffers: ~10 us of CPU per
+Lance (file format 2.1+) stores a non-null fixed_size_list of fixed-width values (the row formats' floats and
+integer codes) of >= 256 bytes a row, without compression, as "full zip" pages whose one data buffer is the
+rows' values back to back: exactly the bytes of a row-major (rows, D) array. Lance's decoder copies every page through freshly allocated buffers: ~10 us of CPU per
 16 KB row (4-6 page faults a row) on the 2 shared cores this was measured on, several times the cost of the
 matmul that consumes the row. Mapping those bytes read-only (`mmap`, a window of `batch_rows` rows at a time) and
 viewing them as a (rows, D) array costs nothing but the page-cache lookups.
@@ -34,7 +34,7 @@ __all__ = ["MAX_READ_BYTES", "Page", "iter_fixed_rows", "plain_pages"]
 
 # The encoding (Debug text of Lance's PageLayout, whitespace collapsed, every number replaced by #) of a plain page.
 # The numbers, in order: bits_rep (0), bits_def (0), num_items, num_visible_items, items_per_value (D),
-# bits_per_value (16 or 32), bits per row (D * bits_per_value).
+# bits_per_value (8, 16 or 32), bits per row (D * bits_per_value).
 _PLAIN_PAGE = (
     "PageLayout { layout: Some( FullZipLayout( FullZipLayout { bits_rep: #, bits_def: #, num_items: #, "
     "num_visible_items: #, value_compression: Some( CompressiveEncoding { compression: Some( FixedSizeList( "
@@ -89,7 +89,8 @@ def plain_pages(ds: lance.LanceDataset, fragment: lance.LanceFragment, column: s
     value_type = ds.schema.field(column).type
     if root is None or fragment.metadata.deletion_file is not None or not pa.types.is_fixed_size_list(value_type):
         return None
-    np_type = {pa.float16(): np.float16, pa.float32(): np.float32}.get(value_type.value_type)
+    np_type = {pa.float16(): np.float16, pa.float32(): np.float32, pa.int8(): np.int8,
+               pa.uint8(): np.uint8}.get(value_type.value_type)
     if np_type is None:
         return None
     dim, itemsize = value_type.list_size, np.dtype(np_type).itemsize
@@ -151,7 +152,7 @@ def iter_fixed_rows(
     dim = value_type.list_size
     row_bytes = dim * value_type.value_type.bit_width // 8
     batch_rows = max(1, min(batch_rows, MAX_READ_BYTES // row_bytes))
-    dtype = np.float16 if value_type.value_type == pa.float16() else np.float32
+    dtype = np.dtype(value_type.value_type.to_pandas_dtype())
     for fragment in ds.get_fragments():
         pages = plain_pages(ds, fragment, column)
         if pages is None:
