@@ -120,7 +120,7 @@ def test_whitening_is_lossless_and_queries_map_to_row_space(tmp_path):
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6 * expected.abs().max())
     # power 1/2 whitens the pilot: its GFIM in row space is diag(s / (s + lambda)), all below 1
     full = _whitening(grads, power=0.5)
-    for name, part in curvature_partials(full.apply(grads)).items():
+    for part in curvature_partials(full.apply(grads)).values():
         g = part.gfim()
         off = g - torch.diag(torch.diagonal(g))
         assert off.abs().max() < 1e-4 and torch.diagonal(g).max() < 1 and torch.diagonal(g).min() > 0

@@ -18,8 +18,8 @@ from hyperinf_ops.config import load_config
 from hyperinf_ops.data.demo import build_demo_dataset, write_demo_config
 from hyperinf_ops.errors import DataError, FingerprintMismatchError
 from hyperinf_ops.query import load_sql
-from hyperinf_ops.stages.adapter import train_or_load_adapter
 from hyperinf_ops.scorer import raw_gradient_batches
+from hyperinf_ops.stages.adapter import train_or_load_adapter
 from hyperinf_ops.stages.codec import current_whitening, prepare_row_codec
 from hyperinf_ops.stages.pool import ingest_shard
 from hyperinf_ops.stages.reports import agreement_check, mislabel_report
