@@ -97,6 +97,7 @@ def test_bytes_and_ratios(quick):
     assert by["sketch k=48 P0 float32"]["bytes"] == 4 * 4 * 48 * 4
     assert by["sketch k=48 P0 float16"]["bytes"] == 4 * 4 * 48 * 2 + 4
     assert by["raw int8"]["bytes"] == 4 * 4 * 128 + 4 * 4
+    assert by["raw int4"]["bytes"] == 4 * 4 * 128 // 2 + 4 * 4
     assert by["sketch k=24 P0 float32"]["ratio"] == pytest.approx(24 / 128)
     agg = bench.aggregate([quick, quick])
     assert agg["sketch k=48 float32"]["runs"] == 2 * len(bench.SKETCH_SEEDS)
