@@ -12,6 +12,8 @@ What a setting is (the pipeline's data flow, with the row compressed before anyt
       sketch   c_l = g_l P_l, P_l (d_l, k) i.i.d. N(0, 1/k), float32, from a CPU torch.Generator seeded by
                sha256("hyperinf-sketch:{seed}:{index of l in sorted names}") (`sketch_matrix`); k >= d_l: raw
       orth     c_l = g_l Q_l, Q_l the orthonormal columns of the QR of the same P_l (a random subspace)
+      white    c_l = g_l (raw), but the stored row is h_l = g_l W_l quantized, W_l = U_l (S_l + lambda_l)^-1/2 from
+               the GFIM of a seeded 10% pilot sample (`whitening`); readers use h_l W_l^-1
       eigen    c_l = g_l U_l, U_l the top-k eigenvectors of the GFIM of a seeded 10% pilot sample of the pool
                (a data-dependent basis: needs the pilot's curvature before the rows are written)
     and sums the curvature of c (exact, float64, as `curvature.curvature_partials` does in the pass);
@@ -64,8 +66,8 @@ DAMPING_RATIO = 0.1
 GOAL_RATIO, GOAL_AUROC = 1.01 / 8, 0.02
 BATCH = 512  # examples per batch wherever float64 copies are made
 PILOT_FRACTION = 0.1
-DTYPE_BITS = {"float32": 32, "float16": 16, "int8": 8, "int4": 4}
-INT_LEVELS = {"int8": 127, "int4": 7}
+DTYPE_BITS = {"float32": 32, "float16": 16, "int8": 8, "int4": 4, "int3": 3, "int2": 2}
+INT_LEVELS = {"int8": 127, "int4": 7, "int3": 3, "int2": 1}
 
 
 # ---------------------------------------------------------------------------------------------- the sketch
@@ -119,6 +121,26 @@ def eigen_bases(grads: Mapping[str, Tensor], k: int, seed: int) -> dict[str, Ten
     return out
 
 
+def whitening(grads: Mapping[str, Tensor], seed: int, power: float = 0.5) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """name -> (W_l, W_l^-1), both (d, d) float32: W = U (S + lambda)^-1/2 from the eigendecomposition U S U^T
+    of the GFIM of a seeded PILOT_FRACTION sample of the examples, lambda = 0.1 mean(g^2) over that sample.
+
+    h = g W has (nearly) unit variance in every direction of the GFIM, so a coordinate-wise quantizer gives
+    every direction the same relative precision, including the small-eigenvalue ones HyperINF amplifies."""
+    n = next(iter(grads.values())).shape[0]
+    pick = torch.from_numpy(np.sort(np.random.default_rng(seed).choice(
+        n, size=max(1, round(PILOT_FRACTION * n)), replace=False)))
+    w, w_inv = {}, {}
+    for name in sorted(grads):
+        d = grads[name].shape[-1]
+        rows = grads[name][pick].to(torch.float64).reshape(-1, d)
+        values, vecs = torch.linalg.eigh(rows.T @ rows / len(pick))
+        root = (values.clamp_min(0) + DAMPING_RATIO * rows.square().mean()) ** power
+        w[name] = (vecs / root).to(torch.float32)
+        w_inv[name] = (root[:, None] * vecs.T).to(torch.float32)
+    return w, w_inv
+
+
 # ------------------------------------------------------------------------------------------- row storage
 
 
@@ -126,8 +148,8 @@ def store_rows(c: Mapping[str, Tensor], dtype: str) -> dict[str, Tensor]:
     """What a reader gets back from rows stored in `dtype` (float32 out); rows = concatenated c, sorted names.
 
     float16: the row divided by its max |value| (float32 scale), cast, read back times the scale: exactly
-    store.write_gradients + scorer.raw_gradient_batches. int8 / int4: one float32 absmax scale per example and
-    matrix, round to nearest in [-127, 127] / [-7, 7].
+    store.write_gradients + scorer.raw_gradient_batches. intB (B = 8, 4, 3, 2 bits, packed): one float32 absmax
+    scale per example and matrix, round to nearest in [-L, L], L = 2^(B-1) - 1 (127, 7, 3, 1).
     """
     names = sorted(c)
     if dtype == "float32":
@@ -152,7 +174,7 @@ def store_rows(c: Mapping[str, Tensor], dtype: str) -> dict[str, Tensor]:
 
 def vector_bytes(shapes: Mapping[str, tuple[int, int]], widths: Mapping[str, int], dtype: str) -> int:
     """Bytes of one stored vector: sum r * width_l entries, plus the scales (float16: one float32 per row, as
-    the store writes `grad_scale`; int8 / int4: one float32 per matrix)."""
+    the store writes `grad_scale`; intB: B bits an entry, packed, and one float32 scale per matrix)."""
     entries = sum(shapes[name][0] * widths[name] for name in shapes)
     scales = 0 if dtype == "float32" else 4 if dtype == "float16" else 4 * len(shapes)
     return math.ceil(entries * DTYPE_BITS[dtype] / 8) + scales
@@ -163,28 +185,34 @@ def vector_bytes(shapes: Mapping[str, tuple[int, int]], widths: Mapping[str, int
 
 @dataclass(frozen=True)
 class Setting:
-    kind: str  # raw, sketch, orth, eigen
+    kind: str  # raw, sketch, orth, eigen, white
     dtype: str = "float32"
     k: int | None = None
     seed: int = 0
+    power: float = 0.5  # white: W = U (S + lambda)^-power (0.5 = full whitening)
 
     @property
     def label(self) -> str:
         if self.kind == "raw":
             return f"raw {self.dtype}"
+        if self.kind == "white":
+            return f"white^{self.power:g} pilot{self.seed} {self.dtype}"
         seed = f" P{self.seed}" if self.kind in ("sketch", "orth") else ""
         return f"{self.kind} k={self.k}{seed} {self.dtype}"
 
     @property
     def group(self) -> str:
         """The label without the sketch seed (settings that differ only by P)."""
+        if self.kind == "white":
+            return f"white^{self.power:g} {self.dtype}"
         return f"{self.kind} k={self.k} {self.dtype}" if self.kind in ("sketch", "orth") else self.label
 
 
 def default_settings(ks: Sequence[int] = KS, seeds: Sequence[int] = SKETCH_SEEDS, extras: bool = True) -> list[Setting]:
     """raw fp32 (the reference, first), raw fp16, every sketch k x seed in fp32 and fp16; extras: raw int8 and
     int4, sketch int8 for the two largest k, the pilot eigenbasis (every k, fp32 and fp16; the largest in int8),
-    the orthonormal sketch (every k x seed, fp32)."""
+    the orthonormal sketch (every k x seed, fp32), pilot-whitened rows (full and half whitening) in int4 / int3
+    (two pilot seeds)."""
     out = [Setting("raw"), Setting("raw", "float16")]
     out += [Setting("sketch", dtype, k, s) for k in ks for dtype in ("float32", "float16") for s in seeds]
     if extras:
@@ -193,6 +221,8 @@ def default_settings(ks: Sequence[int] = KS, seeds: Sequence[int] = SKETCH_SEEDS
         out += [Setting("eigen", dtype, k, 0) for k in ks for dtype in ("float32", "float16")]
         out += [Setting("eigen", "int8", ks[0], 0)]
         out += [Setting("orth", "float32", k, s) for k in ks for s in seeds]
+        out += [Setting("white", dtype, None, s, power) for power in (0.5, 0.25) for dtype in ("int4", "int3")
+                for s in seeds]
     return out
 
 
@@ -325,28 +355,38 @@ def evaluate(pool: Pool, settings: Sequence[Setting], *, lissa_iterations: int =
     shapes = pool.shapes
     raw_bytes = vector_bytes(shapes, {n: s[1] for n, s in shapes.items()}, "float32")
     results, reference = [], None
-    cache: dict[tuple, tuple[dict[str, Tensor], dict[str, Tensor | None]]] = {}
+    cache: dict[tuple, tuple] = {}
     for setting in settings:
         start = time.perf_counter()
-        key = (setting.kind, setting.k, setting.seed)
+        key = (setting.kind, setting.k, setting.seed, setting.power)
         if key not in cache:
             cache.clear()  # one compressed copy at a time (the raw one is pool.grads)
-            if setting.kind == "raw":
-                bases = dict.fromkeys(shapes)
-            elif setting.kind == "sketch":
-                bases = sketch_bases(shapes, setting.k, setting.seed)
-            elif setting.kind == "orth":
-                bases = orthonormal_bases(shapes, setting.k, setting.seed)
+            if setting.kind == "white":
+                cache[key] = (pool.grads, *whitening(pool.grads, setting.seed, setting.power))
             else:
-                bases = eigen_bases(pool.grads, setting.k, setting.seed)
-            cache[key] = (apply_bases(pool.grads, bases), bases)
-        c, bases = cache[key]
-        rows = store_rows(c, setting.dtype)
-        v = apply_bases(pool.target, bases)
+                if setting.kind == "raw":
+                    bases = dict.fromkeys(shapes)
+                elif setting.kind == "sketch":
+                    bases = sketch_bases(shapes, setting.k, setting.seed)
+                elif setting.kind == "orth":
+                    bases = orthonormal_bases(shapes, setting.k, setting.seed)
+                else:
+                    bases = eigen_bases(pool.grads, setting.k, setting.seed)
+                cache[key] = (apply_bases(pool.grads, bases), bases)
+        if setting.kind == "white":
+            # Curvature and query exact (raw); the stored row is the whitened gradient h = g W, quantized, and
+            # a reader maps it back with W^-1 (or, equivalently, maps the query to pv W^-T once).
+            c, w, w_inv = cache[key]
+            rows = apply_bases(store_rows(apply_bases(c, w), setting.dtype), w_inv)
+            v, widths = pool.target, {name: shapes[name][1] for name in shapes}
+        else:
+            c, bases = cache[key]
+            rows = store_rows(c, setting.dtype)
+            v = apply_bases(pool.target, bases)
+            widths = {name: shapes[name][1] if bases[name] is None else bases[name].shape[1] for name in shapes}
         harm, seconds = rankings(c, rows, v, lissa_iterations)
         if reference is None:
             reference = harm
-        widths = {name: shapes[name][1] if bases[name] is None else bases[name].shape[1] for name in shapes}
         nbytes = vector_bytes(shapes, widths, setting.dtype)
         per_ranking = {}
         for name in RANKINGS:
@@ -484,6 +524,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument("--aggregate", nargs="+", type=Path, help="JSON results of several runs")
     parser.add_argument("--ks", type=int, nargs="+", default=list(KS))
     parser.add_argument("--no-extras", action="store_true", help="only raw, fp16 and the random sketches")
+    parser.add_argument("--kinds", nargs="+", choices=("raw", "sketch", "orth", "eigen", "white"),
+                        help="only these kinds of settings (raw float32, the reference, is always run)")
     parser.add_argument("--lissa-iterations", type=int, default=1000)
     parser.add_argument("--json", type=Path, help="write the result here")
     args = parser.parse_args(argv)
@@ -515,7 +557,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
         else:
             parser.error("give --quick, --store, --build or --aggregate")
         start = time.perf_counter()
-        out = evaluate(pool, default_settings(args.ks, extras=not args.no_extras),
+        settings = default_settings(args.ks, extras=not args.no_extras)
+        if args.kinds:
+            settings = [settings[0]] + [x for x in settings[1:] if x.kind in args.kinds]
+        out = evaluate(pool, settings,
                        lissa_iterations=args.lissa_iterations)
         out["seconds"] = time.perf_counter() - start
         print(format_table(out))

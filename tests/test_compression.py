@@ -128,3 +128,18 @@ def test_float16_storage_is_the_store_rule():
     back = (flat * (1 / scale)).half().float() * scale
     assert torch.equal(torch.cat([out["a"].reshape(5, -1), out["b"].reshape(5, -1)], 1), back)
     assert float(((back - flat).abs() / scale).max()) < 2 ** -11  # relative to the row's max, at any norm
+
+
+def test_whitening_is_lossless_before_quantization():
+    """White rows only change what the quantizer sees: unquantized, h W^-1 gives back g (float32 round-off)."""
+    pool = bench.synthetic_pool(n=200, seed=1)
+    w, w_inv = bench.whitening(pool.grads, seed=0)
+    back = bench.apply_bases(bench.apply_bases(pool.grads, w), w_inv)
+    for name, g in pool.grads.items():
+        assert torch.allclose(back[name], g, rtol=0, atol=1e-4 * float(g.abs().max()))
+    result = bench.evaluate(pool, [bench.Setting("raw"), bench.Setting("white", "float32")], lissa_iterations=50,
+                            log=lambda *_: None)
+    white = result["settings"][1]
+    assert white["label"] == "white^0.5 pilot0 float32" and white["ratio"] == 1
+    for name in bench.RANKINGS:
+        assert white["rankings"][name]["spearman_vs_raw"] > 0.999, name
