@@ -411,6 +411,45 @@ def evaluate(pool: Pool, settings: Sequence[Setting], *, lissa_iterations: int =
             "settings": results}
 
 
+def spectrum(pool: Pool, ks: Sequence[int] = KS) -> dict:
+    """Why sketches lose HyperINF and not TracIn: per matrix, the GFIM's eigenvalues S (full pool) against its
+    damping lambda, and the exact scores split over eigen-directions, score_k = sum_j (v.u_j)(g_k.u_j) / w_j
+    (w_j = S_j + lambda for hyperinf, 1 for tracin): how much of each score's variance over examples the
+    directions beyond the top k carry, and the Spearman of the top-k truncation with the full score."""
+    curvature = _curvature(pool.grads)
+    above, participation, top48, dims = [], [], [], []
+    full: dict[str, Tensor | float] = {"hyperinf": 0.0, "tracin": 0.0}
+    partial: dict[str, dict[int, Tensor | float]] = {m: dict.fromkeys(ks, 0.0) for m in full}
+    for name, part in curvature.items():
+        values, vecs = torch.linalg.eigh(part.gfim())
+        values, vecs = values.flip(0), vecs.flip(1)
+        lam = part.damping(DAMPING_RATIO)
+        dims.append(values.numel())
+        above.append(int((values > lam).sum()))
+        participation.append(float(values.sum() ** 2 / values.square().sum()))
+        top48.append(float(values[:48].sum() / values.sum()))
+        v = pool.target[name] @ vecs
+        for method, weight in (("hyperinf", values + lam), ("tracin", torch.ones_like(values))):
+            # (n, d): each example's score split over the eigen-directions (summed over the r rows)
+            per_direction = torch.cat([(chunk.to(torch.float64) @ vecs * (v / weight)).sum(1)
+                                       for chunk in pool.grads[name].split(BATCH)])
+            cumulative = per_direction.cumsum(1)
+            full[method] = full[method] + cumulative[:, -1]
+            for k in ks:
+                partial[method][k] = partial[method][k] + cumulative[:, min(k, cumulative.shape[1]) - 1]
+    out = {"directions_median": float(np.median(dims)),
+           "directions_above_damping_median": float(np.median(above)),
+           "participation_ratio_median": float(np.median(participation)),
+           "top48_energy_share_median": float(np.median(top48)), "truncation": {}}
+    for method in full:
+        for k in ks:
+            tail = full[method] - partial[method][k]
+            out["truncation"][f"{method} k={k}"] = {
+                "tail_variance_share": float(tail.var() / full[method].var()),
+                "spearman": float(spearmanr(partial[method][k].numpy(), full[method].numpy()).statistic)}
+    return out
+
+
 # ------------------------------------------------------------------------------------------------- tables
 
 
@@ -479,6 +518,39 @@ def format_aggregate(agg: Mapping, sources: Sequence[str]) -> str:
     return "\n".join(lines)
 
 
+def markdown_summary(agg: Mapping) -> str:
+    """One line per setting group: bytes, how much smaller, the worst |AUROC difference| to raw over every
+    ranking and run (and which ranking), hyperinf's difference range and mean Spearman vs raw, the goal."""
+    lines = ["| setting | bytes / example | smaller | worst abs. AUROC diff (ranking) | hyperinf AUROC diff "
+             "[min, max] | hyperinf Spearman vs raw (min) | goal |", "|---|---|---|---|---|---|---|"]
+    for group, e in agg.items():
+        worst = max(e["rankings"], key=lambda r: max(-e["rankings"][r]["diff_min"], e["rankings"][r]["diff_max"]))
+        w = e["rankings"][worst]
+        h = e["rankings"]["hyperinf"]
+        lines.append(f"| {group} | {e['bytes']} | {1 / e['ratio']:.1f}x | {max(0.0, e['worst_abs_diff']):.3f} ({worst}"
+                     f"{', better' if w['diff_max'] > -w['diff_min'] else ''}) | [{h['diff_min']:+.3f}, "
+                     f"{h['diff_max']:+.3f}] | {h['spearman_mean']:.3f} ({h['spearman_min']:.3f}) | "
+                     f"{'yes' if e['meets_goal'] else 'no'} |")
+    return "\n".join(lines)
+
+
+def markdown_aggregate(agg: Mapping) -> str:
+    """`aggregate` as two Markdown tables (docs/compression.md): AUROC mean [min, max difference to raw] per
+    ranking with the worst drop and the goal, then the mean Spearman vs raw (min over runs)."""
+    head = "| setting | smaller | runs | " + " | ".join(RANKINGS) + " | worst drop | goal |"
+    lines = [head, "|" + "---|" * (len(RANKINGS) + 5)]
+    for group, e in agg.items():
+        cells = " | ".join(f"{v['auroc_mean']:.3f} [{v['diff_min']:+.3f}, {v['diff_max']:+.3f}]"
+                           for v in e["rankings"].values())
+        lines.append(f"| {group} | {1 / e['ratio']:.1f}x | {e['runs']} | {cells} | {e['worst_drop']:+.3f} | "
+                     f"{'yes' if e['meets_goal'] else 'no'} |")
+    lines += ["", "| setting | " + " | ".join(RANKINGS) + " |", "|" + "---|" * (len(RANKINGS) + 1)]
+    for group, e in agg.items():
+        lines.append(f"| {group} | " + " | ".join(f"{v['spearman_mean']:.3f} ({v['spearman_min']:.3f})"
+                                                  for v in e["rankings"].values()) + " |")
+    return "\n".join(lines)
+
+
 # --------------------------------------------------------------------------------------------- datasets
 
 
@@ -528,6 +600,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
                         help="only these kinds of settings (raw float32, the reference, is always run)")
     parser.add_argument("--lissa-iterations", type=int, default=1000)
     parser.add_argument("--json", type=Path, help="write the result here")
+    parser.add_argument("--spectrum", action="store_true",
+                        help="only the GFIM spectrum / score-truncation analysis of --store (or --quick)")
+    parser.add_argument("--markdown", action="store_true", help="--aggregate: also print Markdown tables")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
     if args.threads or args.quick:
@@ -539,6 +614,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
         results = [json.loads(p.read_text()) for p in args.aggregate]
         out = {"sources": [r["source"] for r in results], "groups": aggregate(results)}
         print(format_aggregate(out["groups"], [p.stem for p in args.aggregate]))
+        if args.markdown:
+            print("\n" + markdown_summary(out["groups"]) + "\n\n" + markdown_aggregate(out["groups"]))
     else:
         if args.build:
             if args.out is None:
@@ -556,6 +633,13 @@ def main(argv: Sequence[str] | None = None) -> dict:
             print(f"loaded {len(pool.flipped)} rows from {args.store} in {time.perf_counter() - start:.1f} s")
         else:
             parser.error("give --quick, --store, --build or --aggregate")
+        if args.spectrum:
+            out = spectrum(pool, args.ks)
+            print(json.dumps(out, indent=1))
+            if args.json:
+                args.json.parent.mkdir(parents=True, exist_ok=True)
+                args.json.write_text(json.dumps(out, indent=1))
+            return out
         start = time.perf_counter()
         settings = default_settings(args.ks, extras=not args.no_extras)
         if args.kinds:
