@@ -35,6 +35,9 @@ from hyperinf_ops.whitening import Whitening
 __all__ = ["CodecSummary", "codec_pending", "current_whitening", "prepare_row_codec", "row_fingerprint"]
 
 CODECS = "row_codecs"
+# Below this many pilot gradient rows per block direction the pilot's small eigenvalues are poorly estimated and
+# whitening can cost more than it gains (docs/compression.md: measured fine at 3.75 and 8.3, worse at 1.25).
+MIN_ROWS_PER_DIRECTION = 3
 # Loaded whitenings of this process, by file and modification time: every stage of a run reads the same one.
 _LOADED: dict[tuple[str, int], Whitening] = {}
 
@@ -47,6 +50,7 @@ class CodecSummary(Summary):
     digest: str  # what the rows' fingerprint carries ("" when not whitened)
     power: float
     pilot_examples: int
+    rows_per_direction: float  # pilot gradient rows (examples x r) per direction of the widest block
     largest_root_ratio: float  # max over matrices of max/min (S + lambda)^p: how unequal the directions were
     seconds: float
 
@@ -133,13 +137,13 @@ def prepare_row_codec(store: LanceStore, spec: ModelSpec, settings: GradientSett
     if not c.whitened:
         log("rows are stored without whitening (compression.whiten = 0)")
         return CodecSummary(whitened=False, created=False, key="", digest="", power=0.0, pilot_examples=0,
-                            largest_root_ratio=1.0, seconds=time.perf_counter() - start)
+                            rows_per_direction=0.0, largest_root_ratio=1.0, seconds=time.perf_counter() - start)
     key, stored = _manifest(store, settings)
     if stored is not None:
         log(f"whitening {stored['digest']} of this adapter and compression is stored: reused")
         return CodecSummary(whitened=True, created=False, key=key, digest=stored["digest"], power=c.whiten,
-                            pilot_examples=stored["pilot_examples"], largest_root_ratio=stored["largest_root_ratio"],
-                            seconds=time.perf_counter() - start)
+                            pilot_examples=stored["pilot_examples"], rows_per_direction=stored["rows_per_direction"],
+                            largest_root_ratio=stored["largest_root_ratio"], seconds=time.perf_counter() - start)
     records = _pilot_records(store, spec.task, c.pilot_examples, c.seed)
     loaded, manifest = load_current_model(store.root, spec)
     sketch = Sketch(manifest.selected_shapes(settings.modules), c, device=loaded.device)
@@ -154,10 +158,16 @@ def prepare_row_codec(store: LanceStore, spec: ModelSpec, settings: GradientSett
         raise DataError("no pilot example has a finite gradient: cannot whiten the rows")
     whitening = Whitening.from_curvature(curvature, c.whiten)
     ratio = max(float(r.max() / r.min()) for r in whitening.roots.values())
+    count = next(iter(curvature.values())).count
+    per_direction = min(part.count * part.numel / part.gfim_sum.shape[0] ** 2 for part in curvature.values())
+    if per_direction < MIN_ROWS_PER_DIRECTION:
+        log(f"warning: the whitening pilot has {per_direction:.1f} gradient rows per direction (below "
+            f"{MIN_ROWS_PER_DIRECTION}): its small eigenvalues are poorly estimated; raise "
+            f"compression.pilot_examples (now {c.pilot_examples}) if the pool allows, or store int8 rows")
     tensors, meta = _paths(store, key)
     whitening.save(tensors)
     document = {"key": key, "digest": whitening.digest(), "power": c.whiten, "adapter_hash": manifest.adapter_hash,
-                "pilot_examples": next(iter(curvature.values())).count, "largest_root_ratio": ratio,
+                "pilot_examples": count, "rows_per_direction": per_direction, "largest_root_ratio": ratio,
                 "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     tmp = meta.with_name(meta.name + ".tmp")
     tmp.write_text(json.dumps(document, indent=2))
@@ -165,5 +175,5 @@ def prepare_row_codec(store: LanceStore, spec: ModelSpec, settings: GradientSett
     log(f"whitening {document['digest']} (p = {c.whiten}) from {document['pilot_examples']} pilot examples; "
         f"per-direction scales spread up to {ratio:.3g}x")
     return CodecSummary(whitened=True, created=True, key=key, digest=document["digest"], power=c.whiten,
-                        pilot_examples=document["pilot_examples"], largest_root_ratio=ratio,
+                        pilot_examples=count, rows_per_direction=per_direction, largest_root_ratio=ratio,
                         seconds=time.perf_counter() - start)
