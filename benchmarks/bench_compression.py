@@ -12,17 +12,18 @@ Results and their reading: docs/compression.md (the JSON of every run: benchmark
 What a setting is (the pipeline's data flow, with the row compressed before anything else sees it):
   - the gradient pass compresses every example's LoRA gradient per matrix, g_l (r, d_l) -> c_l (r, k):
       raw      c_l = g_l
-      sketch   c_l = g_l P_l, P_l (d_l, k) i.i.d. N(0, 1/k), float32, from a CPU torch.Generator seeded by
-               sha256("hyperinf-sketch:{seed}:{index of l in sorted names}") (`sketch_matrix`); k >= d_l: raw
+      sketch   c_l = g_l P_l, the product's sketch (hyperinf_ops/sketch.py: P_l (d_l, k) i.i.d. N(0, 1/k), seeded
+               per matrix); k >= d_l: raw
       orth     c_l = g_l Q_l, Q_l the orthonormal columns of the QR of the same P_l (a random subspace)
       white^p  c_l = g_l (raw), but the stored row is h_l = g_l W_l quantized, W_l = U_l (S_l + lambda_l)^-p from
-               the GFIM of a seeded 10% pilot sample (`whitening`; p = 1/2 full, 1/4 half); readers use h_l W_l^-1
+               the GFIM of a seeded 10% pilot sample (the product's `Whitening`; p = 1/2 full, 1/4 half);
+               readers use h_l W_l^-1
       eigen    c_l = g_l U_l, U_l the top-k eigenvectors of the GFIM of a seeded 10% pilot sample of the pool
                (a data-dependent basis: needs the pilot's curvature before the rows are written)
     and sums the curvature of c (exact, float64, as `curvature.curvature_partials` does in the pass);
-  - the row stored is the concatenated c in the storage dtype: float32; float16 divided by its max |value|
-    (`store.write_gradients`, projection_dtype float16); int8 / int4 / int3 with one absmax scale per example and
-    LoRA matrix;
+  - the row stored is the concatenated c in the storage dtype, encoded and decoded by the product's `RowFormat`
+    (float32; float16 divided by its max |value|; int8 / int4 with one absmax scale per example and LoRA matrix),
+    or int3 / int2 the same way (measured here only);
   - everything else runs in that space as if c were the gradient: damping lambda_l = 0.1 mean(c_l^2), the
     Schulz inverse, LiSSA, DataInf (streaming the stored rows), the query from the mean target gradient
     v_l P_l (exact float64 from `target_gradients`), scores <query, stored row>, self-influence of stored rows.
@@ -38,7 +39,6 @@ AUROC within 0.02 of raw, in every run.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import math
 import statistics
@@ -58,7 +58,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from hyperinf_ops.curvature import CurvaturePartial, curvature_partials, merge_curvature  # noqa: E402
 from hyperinf_ops.estimators import score_gradients  # noqa: E402
 from hyperinf_ops.preconditioners import EstimatorOptions, Prepared, prepare  # noqa: E402
+from hyperinf_ops.row_format import RowFormat  # noqa: E402
+from hyperinf_ops.settings import CompressionSpec  # noqa: E402
+from hyperinf_ops.sketch import Sketch  # noqa: E402
 from hyperinf_ops.stages.reports import _detection  # noqa: E402
+from hyperinf_ops.whitening import Whitening  # noqa: E402
 
 METHODS = ("hyperinf", "datainf", "lissa", "tracin")
 RANKINGS = (*METHODS, "self_influence_hyperinf", "self_influence_tracin")
@@ -72,29 +76,18 @@ GOAL_RATIO, GOAL_AUROC = 1.01 / 8, 0.02
 BATCH = 512  # examples per batch wherever float64 copies are made
 PILOT_FRACTION = 0.1
 DTYPE_BITS = {"float32": 32, "float16": 16, "int8": 8, "int4": 4, "int3": 3, "int2": 2}
-INT_LEVELS = {"int8": 127, "int4": 7, "int3": 3, "int2": 1}
+RAW_ROWS = {"sketch_dim": 0, "whiten": 0, "dtype": "float32"}  # the stored rows every setting starts from
+EXTRA_INT_LEVELS = {"int3": 3, "int2": 1}  # not row formats of the product; measured here to show the limit
 
 
-# ---------------------------------------------------------------------------------------------- the sketch
-
-
-def sketch_seed(seed: int, index: int) -> int:
-    """The generator seed of matrix `index` (position in sorted names): 63 bits of
-    sha256("hyperinf-sketch:{seed}:{index}"), little-endian, as projection.py seeds its blocks."""
-    digest = hashlib.sha256(f"hyperinf-sketch:{seed}:{index}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
-
-
-def sketch_matrix(d: int, k: int, seed: int, index: int) -> Tensor:
-    """P (d, k) float32 with i.i.d. N(0, 1/k) entries (E[P P^T] = I), drawn on the CPU: the same on any machine."""
-    gen = torch.Generator().manual_seed(sketch_seed(seed, index))
-    return torch.randn(d, k, generator=gen, dtype=torch.float32) / math.sqrt(k)
+# ------------------------------------------------------------------------------------- the compressions
 
 
 def sketch_bases(shapes: Mapping[str, tuple[int, int]], k: int, seed: int) -> dict[str, Tensor | None]:
-    """name -> P_l (d_l, k), or None where k >= d_l (that matrix is kept raw). Pure; keys sorted."""
-    return {name: None if k >= shapes[name][1] else sketch_matrix(shapes[name][1], k, seed, i)
-            for i, name in enumerate(sorted(shapes))}
+    """name -> the product's sketch matrix P_l (d_l, k) (`hyperinf_ops.sketch.Sketch`), or None where
+    k >= d_l (that matrix is kept raw). Keys sorted."""
+    sketch = Sketch(shapes, CompressionSpec(sketch_dim=k, seed=seed))
+    return {name: sketch.matrix(name) for name in sketch.shapes}
 
 
 def orthonormal_bases(shapes: Mapping[str, tuple[int, int]], k: int, seed: int) -> dict[str, Tensor | None]:
@@ -110,71 +103,66 @@ def apply_bases(grads: Mapping[str, Tensor], bases: Mapping[str, Tensor | None])
     return {name: g if bases[name] is None else g @ bases[name].to(g.dtype) for name, g in grads.items()}
 
 
-def eigen_bases(grads: Mapping[str, Tensor], k: int, seed: int) -> dict[str, Tensor | None]:
-    """name -> the top-k eigenvectors (d_l, k) of the GFIM of a seeded PILOT_FRACTION sample of the examples."""
+def _pilot(grads: Mapping[str, Tensor], seed: int) -> dict[str, Tensor]:
+    """A seeded PILOT_FRACTION sample of the examples, in pool order."""
     n = next(iter(grads.values())).shape[0]
     pick = np.sort(np.random.default_rng(seed).choice(n, size=max(1, round(PILOT_FRACTION * n)), replace=False))
+    return {name: g[torch.from_numpy(pick)] for name, g in grads.items()}
+
+
+def eigen_bases(grads: Mapping[str, Tensor], k: int, seed: int) -> dict[str, Tensor | None]:
+    """name -> the top-k eigenvectors (d_l, k) of the GFIM of the pilot sample (`_pilot`)."""
+    curvature = _curvature(_pilot(grads, seed))
     out: dict[str, Tensor | None] = {}
     for name in sorted(grads):
-        d = grads[name].shape[-1]
-        if k >= d:
+        if k >= grads[name].shape[-1]:
             out[name] = None
             continue
-        rows = grads[name][torch.from_numpy(pick)].to(torch.float64).reshape(-1, d)
-        _, vecs = torch.linalg.eigh(rows.T @ rows)
+        _, vecs = torch.linalg.eigh(curvature[name].gfim())
         out[name] = vecs[:, -k:].flip(1).to(torch.float32).contiguous()
     return out
 
 
-def whitening(grads: Mapping[str, Tensor], seed: int, power: float = 0.5) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-    """name -> (W_l, W_l^-1), both (d, d) float32: W = U (S + lambda)^-1/2 from the eigendecomposition U S U^T
-    of the GFIM of a seeded PILOT_FRACTION sample of the examples, lambda = 0.1 mean(g^2) over that sample.
-
-    h = g W has (nearly) unit variance in every direction of the GFIM, so a coordinate-wise quantizer gives
-    every direction the same relative precision, including the small-eigenvalue ones HyperINF amplifies."""
-    n = next(iter(grads.values())).shape[0]
-    pick = torch.from_numpy(np.sort(np.random.default_rng(seed).choice(
-        n, size=max(1, round(PILOT_FRACTION * n)), replace=False)))
-    w, w_inv = {}, {}
-    for name in sorted(grads):
-        d = grads[name].shape[-1]
-        rows = grads[name][pick].to(torch.float64).reshape(-1, d)
-        values, vecs = torch.linalg.eigh(rows.T @ rows / len(pick))
-        root = (values.clamp_min(0) + DAMPING_RATIO * rows.square().mean()) ** power
-        w[name] = (vecs / root).to(torch.float32)
-        w_inv[name] = (root[:, None] * vecs.T).to(torch.float32)
-    return w, w_inv
+def whitening(grads: Mapping[str, Tensor], seed: int, power: float = 0.5) -> Whitening:
+    """The product's whitening (`hyperinf_ops.whitening.Whitening`, W = U (S + lambda)^-power) from the GFIM
+    of the pilot sample (`_pilot`: here a fraction of the pool; the pipeline takes `pilot_examples`)."""
+    return Whitening.from_curvature(_curvature(_pilot(grads, seed)), power)
 
 
 # ------------------------------------------------------------------------------------------- row storage
 
 
 def store_rows(c: Mapping[str, Tensor], dtype: str) -> dict[str, Tensor]:
-    """What a reader gets back from rows stored in `dtype` (float32 out); rows = concatenated c, sorted names.
+    """What a reader gets back from rows stored in `dtype` (float32 out); a row = the concatenated c, sorted names.
 
-    float16: the row divided by its max |value| (float32 scale), cast, read back times the scale: exactly
-    store.write_gradients + scorer.raw_gradient_batches. intB (B = 8, 4, 3, 2 bits, packed): one float32 absmax
-    scale per example and matrix, round to nearest in [-L, L], L = 2^(B-1) - 1 (127, 7, 3, 1).
+    float32 / float16 / int8 / int4: encoded and decoded by the product's `RowFormat` (one block per matrix).
+    int3 / int2 (measured here only, not shipped): the same per-block absmax round-to-nearest with
+    L = 2^(B-1) - 1 levels (3, 1).
     """
     names = sorted(c)
-    if dtype == "float32":
-        return {name: c[name].to(torch.float32) for name in names}
     n = c[names[0]].shape[0]
-    if dtype == "float16":
-        absmax = torch.stack([c[name].abs().reshape(n, -1).amax(1) for name in names]).amax(0).to(torch.float32)
-        scale = torch.where(absmax > 0, absmax, torch.ones_like(absmax))
-        inv = (1 / scale)[:, None, None]
-        return {name: (c[name].to(torch.float32) * inv).to(torch.float16).to(torch.float32) * scale[:, None, None]
-                for name in names}
-    if dtype in INT_LEVELS:
-        levels, out = INT_LEVELS[dtype], {}
+    if dtype in EXTRA_INT_LEVELS:
+        levels, out = EXTRA_INT_LEVELS[dtype], {}
         for name in names:
             x = c[name].to(torch.float32)
             absmax = x.abs().reshape(n, -1).amax(1)
             scale = torch.where(absmax > 0, absmax / levels, torch.ones_like(absmax))[:, None, None]
             out[name] = torch.round(x / scale).clamp(-levels, levels) * scale
         return out
-    raise ValueError(f"unknown storage dtype {dtype!r}")
+    fmt = RowFormat(dtype, tuple(c[name][0].numel() for name in names))
+    out = {name: torch.empty(c[name].shape, dtype=torch.float32) for name in names}
+    for start in range(0, n, BATCH):
+        rows = torch.cat([c[name][start: start + BATCH].reshape(-1, c[name][0].numel()).to(torch.float32)
+                          for name in names], 1)
+        enc = fmt.encode(rows)
+        back = fmt.decode(torch.from_numpy(enc.values), torch.from_numpy(enc.grad_scale),
+                          None if enc.block_scales is None else torch.from_numpy(enc.block_scales))
+        col = 0
+        for name in names:
+            size = c[name][0].numel()
+            out[name][start: start + BATCH] = back[:, col: col + size].reshape(-1, *c[name].shape[1:])
+            col += size
+    return out
 
 
 def vector_bytes(shapes: Mapping[str, tuple[int, int]], widths: Mapping[str, int], dtype: str) -> int:
@@ -251,12 +239,16 @@ class Pool:
 
 
 def load_store(root: str, target_set: str = "clean_val") -> Pool:
-    """A finished pipeline run's raw rows (projection_dim 0), its mean target gradient and `flipped` column."""
+    """A finished pipeline run's raw float32 rows (`compression: RAW_ROWS`, as `build` runs it), its mean target
+    gradient and `flipped` column."""
     from hyperinf_ops.adapters import AdapterStore
     from hyperinf_ops.scorer import raw_gradient_batches
     from hyperinf_ops.store import LanceStore
 
     store = LanceStore(root)
+    fp = store.fingerprint("gradients")
+    if fp is None or (fp.sketch_dim, fp.row_dtype, fp.whitening) != (0, "float32", ""):
+        raise SystemExit(f"{root} does not hold raw float32 rows (compression: {RAW_ROWS}); build it with --build")
     shapes = AdapterStore(root).require_current().selected_shapes(None)
     ids: list[str] = []
     chunks: dict[str, list[Tensor]] = {name: [] for name in shapes}
@@ -367,7 +359,7 @@ def evaluate(pool: Pool, settings: Sequence[Setting], *, lissa_iterations: int =
         if key not in cache:
             cache.clear()  # one compressed copy at a time (the raw one is pool.grads)
             if setting.kind == "white":
-                cache[key] = (pool.grads, *whitening(pool.grads, setting.seed, setting.power))
+                cache[key] = (pool.grads, whitening(pool.grads, setting.seed, setting.power))
             else:
                 if setting.kind == "raw":
                     bases = dict.fromkeys(shapes)
@@ -381,8 +373,8 @@ def evaluate(pool: Pool, settings: Sequence[Setting], *, lissa_iterations: int =
         if setting.kind == "white":
             # Curvature and query exact (raw); the stored row is the whitened gradient h = g W, quantized, and
             # a reader maps it back with W^-1 (or, equivalently, maps the query to pv W^-T once).
-            c, w, w_inv = cache[key]
-            rows = apply_bases(store_rows(apply_bases(c, w), setting.dtype), w_inv)
+            c, white = cache[key]
+            rows = white.undo(store_rows(white.apply(c), setting.dtype))
             v, widths = pool.target, {name: shapes[name][1] for name in shapes}
         else:
             c, bases = cache[key]
@@ -582,7 +574,8 @@ def markdown_aggregate(agg: Mapping) -> str:
 
 
 def build(kind: str, out: Path, seed: int, n_pool: int, n_target: int, overrides: Mapping | None = None) -> Path:
-    """Build the demo (seed) or BBC dataset under `out`, run the whole pipeline on it; returns the store root."""
+    """Build the demo (seed) or BBC dataset under `out`, run the whole pipeline on it with raw float32 rows (the
+    benchmark's reference; every setting is derived from them); returns the store root."""
     import dagster as dg
 
     from hyperinf_ops.config import load_config
@@ -590,12 +583,13 @@ def build(kind: str, out: Path, seed: int, n_pool: int, n_target: int, overrides
     from hyperinf_ops.data.demo import build_demo_dataset, write_demo_config
     from pipelines.runner import materialize_all
 
+    overrides = {"train": {"seed": seed}, "compression": RAW_ROWS, **(overrides or {})}
     if kind == "demo":
         paths = build_demo_dataset(out, n_pool=n_pool, n_target=n_target, seed=seed)
-        config_path = write_demo_config(paths, overrides={"train": {"seed": seed}, **(overrides or {})})
+        config_path = write_demo_config(paths, overrides=overrides)
     else:
         paths = build_bbc_dataset(out, n_target=n_target, seed=seed)
-        config_path = write_bbc_config(paths, overrides={"train": {"seed": seed}, **(overrides or {})})
+        config_path = write_bbc_config(paths, overrides=overrides)
     cfg = load_config(config_path)
     start = time.perf_counter()
     with dg.DagsterInstance.ephemeral() as instance:

@@ -6,7 +6,6 @@ float16 rows with the per-row scale rank like float32, a sketch with k >= d is t
 rank agreement with raw grows with k, and the byte counts are what the docs say.
 """
 
-import hashlib
 import importlib.util
 import statistics
 import sys
@@ -14,6 +13,9 @@ from pathlib import Path
 
 import pytest
 import torch
+
+from hyperinf_ops.settings import CompressionSpec
+from hyperinf_ops.sketch import Sketch
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_compression.py"
 
@@ -100,18 +102,15 @@ def test_bytes_and_ratios(quick):
     assert agg["raw float32"]["worst_drop"] == 0
 
 
-def test_sketch_matrix_is_seeded_by_name_index():
-    expected = int.from_bytes(hashlib.sha256(b"hyperinf-sketch:7:3").digest()[:8], "little") & ((1 << 63) - 1)
-    assert bench.sketch_seed(7, 3) == expected
-    p = bench.sketch_matrix(384, 48, 7, 3)
-    assert p.dtype == torch.float32 and p.shape == (384, 48)
-    assert torch.equal(p, bench.sketch_matrix(384, 48, 7, 3))
-    assert not torch.equal(p, bench.sketch_matrix(384, 48, 7, 4))
-    assert not torch.equal(p, bench.sketch_matrix(384, 48, 8, 3))
+def test_sketch_bases_are_the_products_sketch():
+    """The benchmark measures the sketch the pipeline stores: the same seeded P_l, None for a matrix kept raw."""
+    shapes = {"b": (8, 64), "a": (8, 384)}
+    bases = bench.sketch_bases(shapes, 96, 7)
+    sketch = Sketch(shapes, CompressionSpec(sketch_dim=96, seed=7))
+    assert bases["b"] is None and torch.equal(bases["a"], sketch.matrix("a"))
+    assert not torch.equal(bases["a"], bench.sketch_bases(shapes, 96, 8)["a"])
     # N(0, 1/k) entries: E[P P^T] = I, so squared norms are kept in expectation.
-    assert float(p.square().mean()) == pytest.approx(1 / 48, rel=0.05)
-    bases = bench.sketch_bases({"b": (8, 64), "a": (8, 384)}, 96, 7)
-    assert bases["b"] is None and torch.equal(bases["a"], bench.sketch_matrix(384, 96, 7, 0))
+    assert float(bases["a"].square().mean()) == pytest.approx(1 / 96, rel=0.05)
 
 
 def test_float16_storage_is_the_store_rule():
@@ -129,8 +128,8 @@ def test_float16_storage_is_the_store_rule():
 def test_whitening_is_lossless_before_quantization():
     """White rows only change what the quantizer sees: unquantized, h W^-1 gives back g (float32 round-off)."""
     pool = bench.synthetic_pool(n=200, seed=1)
-    w, w_inv = bench.whitening(pool.grads, seed=0)
-    back = bench.apply_bases(bench.apply_bases(pool.grads, w), w_inv)
+    white = bench.whitening(pool.grads, seed=0)
+    back = white.undo(white.apply(pool.grads))
     for name, g in pool.grads.items():
         assert torch.allclose(back[name], g, rtol=0, atol=1e-4 * float(g.abs().max()))
     result = bench.evaluate(pool, [bench.Setting("raw"), bench.Setting("white", "float32")], lissa_iterations=50,

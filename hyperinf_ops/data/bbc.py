@@ -20,6 +20,7 @@ import numpy as np
 import pandas as pd
 
 from hyperinf_ops.data.demo import DemoPaths, write_demo_config
+from hyperinf_ops.data.shards import write_pool_and_target
 from hyperinf_ops.errors import DataError
 
 __all__ = ["BBC_OVERRIDES", "BBC_TOPICS", "bbc_news_folder", "build_bbc_dataset", "load_bbc_articles",
@@ -119,20 +120,8 @@ def build_bbc_dataset(out_dir: str | Path, n_target: int = 300, flip_fraction: f
     pool["label"] = labels
     pool["flipped"] = flip
 
-    out_dir = Path(out_dir)
-    pool_dir, target_dir = out_dir / "pool", out_dir / "targets"
-    pool_dir.mkdir(parents=True, exist_ok=True)
-    target_dir.mkdir(parents=True, exist_ok=True)
-    for stale in pool_dir.glob("shard-*.parquet"):
-        stale.unlink()
-    shards = []
-    for i, part in enumerate(np.array_split(np.arange(n), n_shards)):
-        path = pool_dir / f"shard-{i:02d}.parquet"
-        pool.iloc[part].to_parquet(path, index=False)
-        shards.append(path)
-    target_path = target_dir / "clean_val.parquet"
-    target.to_parquet(target_path, index=False)
-    return DemoPaths(root=out_dir, pool_dir=pool_dir, shards=tuple(shards), target=target_path, n_pool=n,
+    pool_dir, shards, target_path = write_pool_and_target(pool, target, out_dir, n_shards, "clean_val")
+    return DemoPaths(root=Path(out_dir), pool_dir=pool_dir, shards=shards, target=target_path, n_pool=n,
                      n_target=len(target), n_flipped=int(flip.sum()))
 
 

@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
+from hyperinf_ops.data.shards import write_pool_and_target
 from hyperinf_ops.errors import DataError
 
 __all__ = ["ChatterbotPaths", "build_chatterbot_dataset", "chatterbot_pairs"]
@@ -65,18 +66,6 @@ def build_chatterbot_dataset(out_dir: str | Path, *, n_pool: int = 400, n_target
     if len(rest) < n_pool:
         raise ValueError(f"the corpus has {len(rest)} pairs outside the target set; asked for {n_pool}")
     pool = rest.iloc[rng.permutation(len(rest))[:n_pool]].reset_index(drop=True)
-    out_dir = Path(out_dir)
-    pool_dir, target_dir = out_dir / "pool", out_dir / "targets"
-    pool_dir.mkdir(parents=True, exist_ok=True)
-    target_dir.mkdir(parents=True, exist_ok=True)
-    for stale in pool_dir.glob("shard-*.parquet"):
-        stale.unlink()
-    shards = []
-    for i, part in enumerate(np.array_split(np.arange(n_pool), n_shards)):
-        path = pool_dir / f"shard-{i:02d}.parquet"
-        pool.iloc[part].to_parquet(path, index=False)
-        shards.append(path)
-    target_path = target_dir / f"{target_topic}.parquet"
-    target.reset_index(drop=True).to_parquet(target_path, index=False)
-    return ChatterbotPaths(root=out_dir, pool_dir=pool_dir, shards=tuple(shards), target=target_path,
+    pool_dir, shards, target_path = write_pool_and_target(pool, target, out_dir, n_shards, target_topic)
+    return ChatterbotPaths(root=Path(out_dir), pool_dir=pool_dir, shards=shards, target=target_path,
                            target_topic=target_topic, n_pool=n_pool, n_target=n_target)

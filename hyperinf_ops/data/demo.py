@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
+from hyperinf_ops.data.shards import write_pool_and_target
 from hyperinf_ops.errors import DataError
 
 __all__ = ["DEMO_CONFIG", "DemoPaths", "build_demo_dataset", "demo_epochs", "write_demo_config"]
@@ -75,20 +76,8 @@ def build_demo_dataset(out_dir: str | Path, n_pool: int = 4000, n_target: int = 
     pool["label"] = np.where(flip, pool["label"].map({"fresh": "rotten", "rotten": "fresh"}), pool["label"])
     pool["flipped"] = flip
 
-    out_dir = Path(out_dir)
-    pool_dir, target_dir = out_dir / "pool", out_dir / "targets"
-    pool_dir.mkdir(parents=True, exist_ok=True)
-    target_dir.mkdir(parents=True, exist_ok=True)
-    for stale in pool_dir.glob("shard-*.parquet"):  # a rebuild with fewer shards must not keep old ones
-        stale.unlink()
-    shards = []
-    for i, part in enumerate(np.array_split(np.arange(n_pool), n_shards)):
-        path = pool_dir / f"shard-{i:02d}.parquet"
-        pool.iloc[part].to_parquet(path, index=False)
-        shards.append(path)
-    target_path = target_dir / "clean_val.parquet"
-    target.to_parquet(target_path, index=False)
-    return DemoPaths(root=out_dir, pool_dir=pool_dir, shards=tuple(shards), target=target_path,
+    pool_dir, shards, target_path = write_pool_and_target(pool, target, out_dir, n_shards, "clean_val")
+    return DemoPaths(root=Path(out_dir), pool_dir=pool_dir, shards=shards, target=target_path,
                      n_pool=n_pool, n_target=n_target, n_flipped=int(flip.sum()))
 
 

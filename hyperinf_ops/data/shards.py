@@ -1,0 +1,32 @@
+"""The on-disk layout every bundled dataset builder writes: `<out>/pool/shard-NN.parquet` and
+`<out>/targets/<name>.parquet`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+__all__ = ["write_pool_and_target"]
+
+
+def write_pool_and_target(pool: pd.DataFrame, target: pd.DataFrame, out_dir: str | Path, n_shards: int,
+                          target_name: str) -> tuple[Path, tuple[Path, ...], Path]:
+    """Write `pool` as `n_shards` contiguous parquet shards and `target` as one file; returns (pool folder,
+    shard paths, target path). Shards of an earlier build are removed first: a rebuild with fewer shards must
+    not keep old ones."""
+    out_dir = Path(out_dir)
+    pool_dir, target_dir = out_dir / "pool", out_dir / "targets"
+    pool_dir.mkdir(parents=True, exist_ok=True)
+    target_dir.mkdir(parents=True, exist_ok=True)
+    for stale in pool_dir.glob("shard-*.parquet"):
+        stale.unlink()
+    shards = []
+    for i, part in enumerate(np.array_split(np.arange(len(pool)), n_shards)):
+        path = pool_dir / f"shard-{i:02d}.parquet"
+        pool.iloc[part].to_parquet(path, index=False)
+        shards.append(path)
+    target_path = target_dir / f"{target_name}.parquet"
+    target.reset_index(drop=True).to_parquet(target_path, index=False)
+    return pool_dir, tuple(shards), target_path
