@@ -88,13 +88,14 @@ def _pool(n: int, workdir: Path, quick: bool, causal: bool = False) -> Path:
         a, b = rng.integers(0, real, extra), rng.integers(0, real, extra)
         synthetic = base.iloc[a].reset_index(drop=True).copy()
         synthetic["text"] = [f"{x} {y}" for x, y in zip(base["text"].iloc[a], base["text"].iloc[b], strict=True)]
-        for i, part in enumerate(np.array_split(synthetic, len(paths.shards))):
-            pd.concat([frames[i], part], ignore_index=True).to_parquet(paths.shards[i], index=False)
+        for i, rows in enumerate(np.array_split(np.arange(extra), len(paths.shards))):
+            pd.concat([frames[i], synthetic.iloc[rows]], ignore_index=True).to_parquet(paths.shards[i], index=False)
     return write_demo_config(paths)
 
 
-def run_size(n: int, quick: bool, causal: bool = False) -> dict:
-    """Every stage once on an n-example pool (in this process); {stage: {seconds, peak_mb}} + totals."""
+def run_size(n: int, work: Path, quick: bool, causal: bool = False) -> dict:
+    """Every stage once on an n-example pool built under `work` (in this process); {stage: {seconds, peak_mb}}
+    + totals."""
     from hyperinf_ops.config import load_config
     from hyperinf_ops.data.io import discover_shards
     from hyperinf_ops.stages import (
@@ -110,7 +111,6 @@ def run_size(n: int, quick: bool, causal: bool = False) -> dict:
     )
     from hyperinf_ops.store import LanceStore
 
-    work = Path(tempfile.mkdtemp(prefix=f"bench_scale_{n}_"))
     cfg = load_config(_pool(n, work, quick, causal))
     store = LanceStore(str(cfg.storage_root))
     shards = discover_shards(cfg.data.path)
@@ -159,8 +159,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--child", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--device", default=None, help=argparse.SUPPRESS)  # run_all passes it; CPU/CUDA = auto
     args = parser.parse_args(argv)
-    if args.child is not None:  # one size, in this fresh process
-        print(json.dumps(run_size(args.child, args.quick, args.causal)))
+    if args.child is not None:  # one size, in this fresh process, in a folder removed afterwards
+        with tempfile.TemporaryDirectory(prefix=f"bench_scale_{args.child}_") as work:
+            print(json.dumps(run_size(args.child, Path(work), args.quick, args.causal)))
         return []
     sizes = args.sizes or ([60, 120] if args.quick else [1000, 4000, 20000])
     results = []
@@ -169,12 +170,16 @@ def main(argv: list[str] | None = None) -> list[dict]:
             (["--causal"] if args.causal else [])
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO)
-        if proc.returncode != 0:
-            raise RuntimeError(f"size {n} failed:\n{proc.stderr[-3000:]}")
+        if proc.returncode != 0:  # the sizes measured so far are still printed and saved
+            print(f"size {n} failed:\n{proc.stderr[-3000:]}", file=sys.stderr)
+            break
         results.append({"size": n, **json.loads(proc.stdout.strip().splitlines()[-1])})
-    _print(results)
-    if args.json:
-        args.json.write_text(json.dumps(results, indent=2))
+        if args.json:
+            args.json.write_text(json.dumps(results, indent=2))
+    if results:
+        _print(results)
+    if len(results) < len(sizes):
+        raise SystemExit(1)
     return results
 
 

@@ -42,6 +42,7 @@ from hyperinf_ops.errors import (
     UnsupportedMethodError,
 )
 from hyperinf_ops.fingerprint import Fingerprint, require_match
+from hyperinf_ops.memory import release_memory
 from hyperinf_ops.preconditioners import PRECONDITIONERS, Prepared
 from hyperinf_ops.row_format import RowFormat
 from hyperinf_ops.settings import SELF_TARGET
@@ -62,6 +63,13 @@ BATCH_ROWS = 1024
 # CPU: rows converted to the matmul dtype and multiplied at a time, sized to stay in cache (128 rows of 8192
 # float32). Converting a whole batch first writes and rereads 32 MB per 1024 rows: 2-3x slower.
 _CHUNK_BYTES = 4 << 20
+# Self-influence: rows decoded, unwhitened and preconditioned (float64 copies) at a time. A whole batch at once
+# made ~300 MB of temporaries per 256 MiniLM rows, and glibc's heaps grew with the number of batches (RSS
+# +0.5 GB at 20k rows); 16 MB of decoded rows keeps the temporaries under ~100 MB whatever the batch size.
+_SELF_CHUNK_BYTES = 16 << 20
+# The freed temporaries still fragment glibc's heaps a little each batch (~4 MB per 256 MiniLM rows): the
+# free pages go back to the kernel every few batches (memory.py; every batch costs ~10% more scan time).
+_TRIM_EVERY = 8
 # Batches Lance decodes ahead of the consumer (raw_gradient_batches over a filter).
 _READAHEAD = 2
 
@@ -274,18 +282,22 @@ def score_store(
     score_chunks: list[np.ndarray] = []
     self_chunks: list[np.ndarray] = []
     chunk_rows = max(1, _CHUNK_BYTES // (dim * torch.finfo(dtype).bits // 8))
+    self_rows = max(1, _SELF_CHUNK_BYTES // (dim * 4))
     converted = torch.empty((chunk_rows, dim), dtype=dtype) if dev.type == "cpu" else None
     with _one_cpu_thread(dev):
-        for meta, values in iter_fixed_rows(ds, "grad", _meta_columns(fmt), batch_rows):
+        for batch, (meta, values) in enumerate(iter_fixed_rows(ds, "grad", _meta_columns(fmt), batch_rows), 1):
             rows = _tensor(values)
             if queries:
                 score_chunks.append(_query_scores(fmt, rows, meta, q, converted))
-            if inverses:
-                blocks = _blocks(fmt, rows.to(dev), meta, inverses[0].shapes, whitening)
+            for i in range(0, len(rows) if inverses else 0, self_rows):
+                blocks = _blocks(fmt, rows[i: i + self_rows].to(dev), meta.slice(i, self_rows), inverses[0].shapes,
+                                 whitening)
                 selfs = [inverse.self_influence(blocks) for inverse in inverses]
                 self_chunks.append(torch.stack(selfs, 1).cpu().numpy())
             # A copy: the ids must not keep the batch's (or a fragment's) other buffers alive.
             id_chunks.append(pa.concat_arrays([meta.column("sample_id")]))
+            if batch % _TRIM_EVERY == 0:
+                release_memory()
     scores = np.concatenate(score_chunks) if score_chunks else np.zeros((0, len(queries)))
     if not np.isfinite(scores).all():
         raise NonFiniteGradientError("non-finite scores: a query or a gradient row holds NaN/inf")

@@ -21,6 +21,7 @@ from hyperinf_ops.curvature import CurvaturePartial, curvature_partials
 from hyperinf_ops.data.prepare import content_digest, record_columns
 from hyperinf_ops.errors import DataError, GradientMismatchError
 from hyperinf_ops.gradients import lora_matrix_shapes
+from hyperinf_ops.memory import release_memory
 from hyperinf_ops.progress import ProgressMeter
 from hyperinf_ops.settings import GradientSettings, ModelSpec
 from hyperinf_ops.sketch import Sketch
@@ -95,6 +96,7 @@ def compute_gradient_shard(store: LanceStore, shard: str, spec: ModelSpec, setti
 
     grad_version = store.write_gradients(shard, rows(), fp, overwrite=True)  # no rows at all: DataError
     curv_version = store.write_curvature(shard, curvature, fp, examples_digest=digest, overwrite=True)
+    release_memory()  # the pass's freed batches stay in glibc's heaps otherwise, under every later stage
     done = meter.finish()
     if bad_ids:
         log(f"shard {shard}: {len(bad_ids)} examples with non-finite gradients left out: {bad_ids[:5]}")
