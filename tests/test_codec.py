@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from hyperinf_ops import scorer
 from hyperinf_ops.curvature import curvature_partials
 from hyperinf_ops.errors import DataError, GradientMismatchError, NonFiniteGradientError
 from hyperinf_ops.estimators import EstimatorOptions, mean_target_gradient
@@ -175,10 +176,11 @@ def _fp(spec: CompressionSpec, whitening: str) -> Fingerprint:
                               lora_modules=["l"], shapes=SHAPES, compression=spec, whitening=whitening)
 
 
-def test_store_scores_and_self_influence_of_whitened_int4_rows_equal_a_dense_computation(tmp_path):
+def test_store_scores_and_self_influence_of_whitened_int4_rows_equal_a_dense_computation(tmp_path, monkeypatch):
     """Rows whitened and stored as int4 codes: scores through the scorer equal the preconditioned query against
-    the decoded, unwhitened blocks (float32 rounding only); self-influence the same; DataInf streams the
-    same blocks; the wrong whitening is refused."""
+    the decoded, unwhitened blocks (float32 rounding only); self-influence the same (decoded 5 rows at a time:
+    each chunk with its own block scales); DataInf streams the same blocks; the wrong whitening is refused."""
+    monkeypatch.setattr(scorer, "_SELF_CHUNK_BYTES", 5 * sum(r * d for r, d in SHAPES.values()) * 4)
     train, target = _grads(120, 4), _grads(10, 5)
     spec = CompressionSpec(whiten=0.25, dtype="int4")
     w = _whitening({k: t[:40] for k, t in train.items()})

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from hyperinf_ops import scorer
 from hyperinf_ops.curvature import curvature_partials
 from hyperinf_ops.errors import (
     DataError,
@@ -248,9 +249,13 @@ def test_stored_rows_read_back_as_the_gradients_and_feed_datainf(tmp_path, sketc
             next(raw_gradient_batches(store, SHAPES))
 
 
-def test_self_influence_scores_in_the_same_scan(tmp_path):
+@pytest.mark.parametrize("self_chunk_rows", [None, 5])
+def test_self_influence_scores_in_the_same_scan(tmp_path, monkeypatch, self_chunk_rows):
     """Self-influence of every raw row under each stored inverse is written as target set "self" by the same
-    score_store call as the queries: score = -self-influence, ranked like every other score."""
+    score_store call as the queries: score = -self-influence, ranked like every other score. The same with
+    the batches split into chunks of 5 rows (uneven: 16-row batches) for the self-influence math."""
+    if self_chunk_rows:
+        monkeypatch.setattr(scorer, "_SELF_CHUNK_BYTES", self_chunk_rows * sum(r * d for r, d in SHAPES.values()) * 4)
     grads = _grads(90, 3)
     spec = CompressionSpec()
     store, sketch, ids = _store(tmp_path, spec, grads)
