@@ -357,8 +357,8 @@ def raw_gradient_batches(
     shapes: name -> (r, k) of every stored block (sorted names give the row layout; k = d for raw rows, the
     sketch width for compressed ones); GradientMismatchError when the rows have other blocks. whitening: the
     one the rows are stored under (their fingerprint names it), undone: the blocks come back in block space.
-    Each batch holds at most MAX_READ_BYTES of stored values (and one float32 copy, decoded), whatever
-    `batch_rows` says; consumers cast per matrix where they need float64. `filter` (a Lance predicate, e.g. a
+    Each batch holds at most MAX_READ_BYTES of decoded float32 blocks (int4 rows decode to 8x their stored
+    bytes), whatever `batch_rows` says; consumers cast per matrix where they need float64. `filter` (a Lance predicate, e.g. a
     sample) reads through Lance's scanner, the whole table through `iter_fixed_rows`.
     """
     fp = _rows_fingerprint(store, version)
@@ -366,11 +366,10 @@ def raw_gradient_batches(
     _check_blocks(shapes, fmt)
     _check_whitening(fp, whitening)
     ds = store.open("gradients", version)
+    rows = max(1, min(batch_rows, MAX_READ_BYTES // (4 * fmt.width)))
     if filter is None:
-        batches = iter_fixed_rows(ds, "grad", _meta_columns(fmt), batch_rows)
+        batches = iter_fixed_rows(ds, "grad", _meta_columns(fmt), rows)
     else:
-        row_bytes = fmt.stored_width * fmt.value_type.bit_width // 8
-        rows = max(1, min(batch_rows, MAX_READ_BYTES // row_bytes))
         batches = ((b, _fixed_rows(b, "grad").numpy()) for b in ds.to_batches(
             columns=[*_meta_columns(fmt), "grad"], batch_size=rows, filter=filter,
             batch_readahead=_READAHEAD, fragment_readahead=1))
