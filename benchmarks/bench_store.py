@@ -85,7 +85,7 @@ def child_write(root: str, rows: int, dim: int, dtype: str, shard_rows: int) -> 
 
         store.write_gradients(f"s{first // shard_rows:04d}", batches(), fp)
     seconds = time.perf_counter() - start
-    vector_bytes = rows * dim * (2 if dtype == "float16" else 4)
+    vector_bytes = rows * fp.row_format.stored_width * fp.row_format.value_type.bit_width // 8
     disk = _dir_bytes(Path(store.uri("gradients")))
     return {"seconds": seconds, "mb_per_s": vector_bytes / seconds / 1e6, "bytes_per_row": disk / rows}
 
@@ -99,7 +99,7 @@ def child_score(root: str, queries: int, batch_rows: int) -> dict:
 
     store = LanceStore(root)
     ds = store.open("gradients")
-    dim = ds.schema.field("grad").type.list_size
+    dim = store.fingerprint("gradients").row_format.width
     digest = store.row_fingerprints("gradients")[0]
     gen = torch.Generator().manual_seed(0)
     qs = [Query("bench", f"m{i}", torch.randn(dim, generator=gen), digest) for i in range(queries)]
@@ -121,25 +121,36 @@ def child_score(root: str, queries: int, batch_rows: int) -> dict:
 
 
 def child_numpy(root: str, queries: int, batch_rows: int) -> dict:
-    """The same scores from rows already in memory as float32 (converted once, untimed): one BLAS matmul.
+    """The same scores from rows already in memory as float32 (decoded once, untimed): one BLAS matmul.
 
     The strongest in-memory baseline: no decoding, no float16 conversion (numpy's own float16 -> float32
-    cast runs at ~30 M values/s here, so an in-memory float16 baseline would flatter the scorer).
+    cast runs at ~30 M values/s here, so an in-memory float16 baseline would flatter the scorer); integer rows
+    are held decoded (8x their stored bytes for int4), their scales applied.
     """
-    import lance
     import torch
 
-    ds = lance.dataset(f"{root}/lance/gradients.lance")
-    n, dim = ds.count_rows(), ds.schema.field("grad").type.list_size
-    x = np.empty((n, dim), dtype=np.float32)
-    scale = np.empty(n, dtype=np.float32)
+    from hyperinf_ops.store import LanceStore
+
+    store = LanceStore(root)
+    ds = store.open("gradients")
+    fmt = store.fingerprint("gradients").row_format
+    n, dim = ds.count_rows(), fmt.width
+    x = torch.empty((n, dim), dtype=torch.float32)
+    scale = np.ones(n, dtype=np.float32)
+    columns = ["grad", "grad_scale"] + (["block_scales"] if fmt.integer else [])
     row = 0
-    for batch in ds.to_batches(columns=["grad", "grad_scale"], batch_size=batch_rows):
+    for batch in ds.to_batches(columns=columns, batch_size=batch_rows):
         grad = batch.column("grad")
-        values = grad.flatten().to_numpy(zero_copy_only=False).reshape(len(grad), dim)
-        torch.from_numpy(x[row : row + len(grad)]).copy_(torch.from_numpy(values.copy()))
-        scale[row : row + len(grad)] = batch.column("grad_scale").to_numpy()
+        values = torch.from_numpy(grad.flatten().to_numpy(zero_copy_only=False).reshape(len(grad), -1).copy())
+        rows = slice(row, row + len(grad))
+        if fmt.integer:
+            steps = np.stack(batch.column("block_scales").to_numpy(zero_copy_only=False))
+            fmt.decode(values, torch.ones(len(grad)), torch.from_numpy(steps), out=x[rows])
+        else:
+            x[rows].copy_(values)
+            scale[rows] = batch.column("grad_scale").to_numpy()
         row += len(grad)
+    x = x.numpy()
     q = np.random.default_rng(0).standard_normal((queries, dim), dtype=np.float32)
     start = time.perf_counter()
     out = (x @ q.T) * scale[:, None]
@@ -164,7 +175,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, nargs="+", default=[20_000, 200_000])
     parser.add_argument("--dim", type=int, default=8192)
-    parser.add_argument("--dtype", default="float16", choices=["float16", "float32"])
+    parser.add_argument("--dtype", default="float16", choices=["float16", "float32", "int8", "int4"])
     parser.add_argument("--queries", type=int, default=4)
     parser.add_argument("--batch-rows", type=int, default=1024)
     parser.add_argument("--repeat", type=int, default=1, help="scorer + reference pairs per table")

@@ -8,8 +8,9 @@ set SELF_TARGET with `score = -self-influence` (the most negative = the most sus
 
 The rows stream through `store.vectors.iter_fixed_rows` (Lance's page bytes mapped read-only where the layout
 allows, Lance's scanner otherwise: memory independent of the table size), in the rows' storage format
-(row_format.py). On CPU each batch is converted (float rows) or decoded (integer codes) to the matmul dtype a
-cache-sized chunk at a time and multiplied as `queries @ chunk.T`, with torch on one thread; on CUDA the batch
+(row_format.py). On CPU each batch is converted (float rows) to the matmul dtype a cache-sized chunk at a time
+and multiplied as `queries @ chunk.T`, or multiplied as integer codes without decoding (code_product.py), with
+torch on one thread; on CUDA the batch
 goes to the device as stored and is decoded there. Self-influence takes each batch's blocks in float64. Only the
 n x (queries + self-influence) values stay in memory. Ranks and percentiles need the whole column, so they are
 computed after the scan; each (target_set, method) is then written to the `scores` table in its own atomic
@@ -33,6 +34,7 @@ import pyarrow.compute as pc
 import torch
 from torch import Tensor
 
+from hyperinf_ops.code_product import IntegerCodeProduct
 from hyperinf_ops.devices import resolve_device
 from hyperinf_ops.errors import (
     DataError,
@@ -195,14 +197,20 @@ def _ranks(sample_ids: pa.Array, scores: np.ndarray) -> tuple[np.ndarray, np.nda
 
 
 def _query_scores(fmt: RowFormat, rows: Tensor, meta: pa.RecordBatch, q: Tensor,
-                  converted: Tensor | None) -> np.ndarray:
+                  converted: Tensor | None, codes: IntegerCodeProduct | None) -> np.ndarray:
     """(b, stored width) rows as stored (CPU, read-only) against (Q, width) queries: (b, Q) float64.
 
     converted: a (chunk, width) CPU buffer of the queries' dtype (CPU math), None on CUDA. On CPU the rows are
     converted (float rows) or decoded (integer codes) a chunk at a time into that cache-resident buffer (rows
-    already of the queries' dtype are used in place); on CUDA the batch moves to the device as stored and is
-    converted there. Float rows are multiplied by their grad_scale after the product (one value a row).
+    already of the queries' dtype are used in place), or, for integer codes, multiplied as codes by `codes`
+    (code_product.py: no decoding); on CUDA the batch moves to the device as stored and is converted there.
+    Float rows are multiplied by their grad_scale after the product (one value a row).
     """
+    if codes is not None:
+        steps = _fixed_rows(meta, "block_scales")
+        parts = [codes(rows[i: i + codes.chunk_rows], steps[i: i + codes.chunk_rows])
+                 for i in range(0, len(rows), codes.chunk_rows)]
+        return torch.cat(parts).double().numpy() if parts else np.zeros((0, len(q)))
     out = torch.empty((len(q), len(rows)), dtype=q.dtype, device=q.device)
     if converted is None:
         x = rows.to(q.device)
@@ -283,12 +291,14 @@ def score_store(
     self_chunks: list[np.ndarray] = []
     chunk_rows = max(1, _CHUNK_BYTES // (dim * torch.finfo(dtype).bits // 8))
     self_rows = max(1, _SELF_CHUNK_BYTES // (dim * 4))
-    converted = torch.empty((chunk_rows, dim), dtype=dtype) if dev.type == "cpu" else None
+    codes = (IntegerCodeProduct(fmt, q, chunk_rows) if queries and dev.type == "cpu" and dtype == torch.float32
+             and IntegerCodeProduct.supports(fmt) else None)
+    converted = torch.empty((chunk_rows, dim), dtype=dtype) if dev.type == "cpu" and codes is None else None
     with _one_cpu_thread(dev):
         for batch, (meta, values) in enumerate(iter_fixed_rows(ds, "grad", _meta_columns(fmt), batch_rows), 1):
             rows = _tensor(values)
             if queries:
-                score_chunks.append(_query_scores(fmt, rows, meta, q, converted))
+                score_chunks.append(_query_scores(fmt, rows, meta, q, converted, codes))
             for i in range(0, len(rows) if inverses else 0, self_rows):
                 blocks = _blocks(fmt, rows[i: i + self_rows].to(dev), meta.slice(i, self_rows), inverses[0].shapes,
                                  whitening)

@@ -96,7 +96,7 @@ def _direct(store) -> list[bool]:
 # Sketched to k = 8: rows of 96 fp16 values, small enough that Lance packs them into compressed mini-blocks, read
 # through its scanner. Raw rows of 256 values in fp16 or fp32 (>= 256 bytes a row): plain pages, read directly.
 @pytest.mark.parametrize("sketch_dim, dtype, direct", [(8, "float16", False), (0, "float16", True),
-                                                       (0, "float32", True)])
+                                                       (0, "float32", True), (0, "int8", True), (0, "int4", False)])
 def test_streaming_scores_equal_in_memory_matmul_and_ranks(tmp_path, sketch_dim, dtype, direct):
     spec = CompressionSpec(sketch_dim=sketch_dim, dtype=dtype)
     store, sketch, ids = _store(tmp_path, spec, _grads(101, 0))
@@ -111,8 +111,10 @@ def test_streaming_scores_equal_in_memory_matmul_and_ranks(tmp_path, sketch_dim,
     assert summary.device == ("cuda" if torch.cuda.is_available() else "cpu")
 
     table = store.open("gradients").to_table()
-    x = np.stack(table["grad"].to_numpy(zero_copy_only=False)).astype(np.float64)
-    x *= table["grad_scale"].to_numpy()[:, None]
+    fmt = _fp(spec).row_format  # integer codes: scored as codes on CPU (code_product.py), compared decoded
+    scales = torch.from_numpy(np.stack(table["block_scales"].to_numpy(zero_copy_only=False))) if fmt.integer else None
+    x = fmt.decode(torch.from_numpy(np.stack(table["grad"].to_numpy(zero_copy_only=False))),
+                   torch.from_numpy(table["grad_scale"].to_numpy()), scales).double().numpy()
     order = np.argsort(table["sample_id"].to_numpy())  # rows of `table` in id order
     for q in queries:
         got = _scores(store, q.method, ids)
