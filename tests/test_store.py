@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from hyperinf_ops.curvature import curvature_partials
-from hyperinf_ops.errors import DataError, FingerprintMismatchError
+from hyperinf_ops.errors import DataError, FingerprintMismatchError, GradientMismatchError
 from hyperinf_ops.fingerprint import Fingerprint
 from hyperinf_ops.settings import CompressionSpec
 from hyperinf_ops.store import GradientBatch, LanceStore, Query
@@ -186,6 +186,11 @@ def test_curvature_merges_over_shards_and_refuses_other_fingerprints(tmp_path):
         assert merged[name].sq_sum == pytest.approx(part.sq_sum)
     with pytest.raises(FingerprintMismatchError, match=r"row_blocks: expected \(16, 16\), found \(8, 8\)"):
         store.read_curvature(_fp(dim=32))
+    # A shard whose sums miss a matrix is refused by name, not merged into a partial curvature.
+    first = sorted(SHAPES)[0]
+    store.write_curvature("s2", curvature_partials({first: grads[first][:3]}, full=True), _fp(), examples_digest="digest-2")
+    with pytest.raises(GradientMismatchError, match=rf"shard 's2' disagrees on matrices: missing \['{sorted(SHAPES)[1]}'\]"):
+        store.read_curvature(_fp())
 
 
 def test_queries_round_trip_and_fingerprint_check(tmp_path):

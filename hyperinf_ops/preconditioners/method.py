@@ -3,7 +3,7 @@
 `Preconditioner.prepare` = `start` (shapes name -> (r, d) and lambda_l from the curvature) -> for each group of
 `live_groups` (the matrices with lambda_l > 0, one width d) the damped stack (`damped`, `curvature.damped_gfim`
 in the method's working dtype) -> the method's `factor` of that stack (the operators it stores and the solver's
-facts: one batched solve per width) -> `finish` (the lambda_l = 0 matrices: no operator, nothing inverted,
+facts: one batched solve per width, in stacks of at most STACK_BYTES) -> `finish` (the lambda_l = 0 matrices: no operator, nothing inverted,
 converged; every dict in sorted key order) -> `check` (hyperinf refuses a non-converged inverse).
 """
 
@@ -40,6 +40,11 @@ class Factor:
     converged: bool = True
     scale: float | None = None
 
+
+# The largest float64 stack one batched solve takes: a solve holds ~6 working copies of its stack (Schulz in
+# float32 then float64). SmolLM2's 90 q/v matrices of 576 in one stack (239 MB) peaked at +1.7 GB; in stacks of
+# 64 MB the same solves take the same time. MiniLM's 24 matrices of 384 (28 MB) stay one stack.
+STACK_BYTES = 64 << 20
 
 _UNDAMPED = MatrixDiagnostics(
     damping=0.0, iterations=0, residual=math.nan, converged=True, condition_estimate=math.nan
@@ -130,12 +135,18 @@ def start(curvature: Mapping[str, CurvaturePartial], options: EstimatorOptions) 
 def live_groups(prepared: Prepared, width: Callable[[tuple[int, int]], int] = lambda shape: shape[1],
                 ) -> list[list[str]]:
     """Names with lambda > 0, grouped by the inverted side `width(shape)` (ascending; default d), so each group
-    stacks into one batched solve."""
+    stacks into one batched solve; a group whose float64 stack would pass STACK_BYTES is split into stacks of
+    at most that size (sorted name order), so a solve's working copies stay bounded however many matrices a
+    model has."""
     groups: dict[int, list[str]] = defaultdict(list)
     for name, shape in prepared.shapes.items():
         if prepared.damping[name] > 0:
             groups[width(shape)].append(name)
-    return [groups[w] for w in sorted(groups)]
+    out = []
+    for w in sorted(groups):
+        size = max(1, STACK_BYTES // (8 * w * w))
+        out += [groups[w][i: i + size] for i in range(0, len(groups[w]), size)]
+    return out
 
 
 def damped_stack(
