@@ -139,9 +139,12 @@ def schulz_inverse(
             # Accept a step only where it lowers the residual; a rise is the rounding floor or an
             # indefinite matrix, and that matrix stops with its best iterate.
             take = active & (res_new < res)
-            x = torch.where(take[:, None, None], x_new, x)
-            resid_mat = torch.where(take[:, None, None], r_new, resid_mat)
-            res = torch.where(take, res_new, res)
+            if bool(take.all()):  # the usual step: no (B, d, d) selects to copy
+                x, resid_mat, res = x_new, r_new, res_new
+            else:
+                x = torch.where(take[:, None, None], x_new, x)
+                resid_mat = torch.where(take[:, None, None], r_new, resid_mat)
+                res = torch.where(take, res_new, res)
             active = take & (res > tol)
             steps += 1
     converged = bool((res <= tol).all())

@@ -9,6 +9,7 @@ nothing downstream solves again, and a refresh whose curvature and options did n
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import math
 import time
@@ -21,6 +22,7 @@ import pyarrow.compute as pc
 from hyperinf_ops.curvature import CurvaturePartial
 from hyperinf_ops.errors import DataError
 from hyperinf_ops.fingerprint import Fingerprint
+from hyperinf_ops.memory import release_memory
 from hyperinf_ops.preconditioners import (
     Prepared,
     options_key,
@@ -109,6 +111,7 @@ def prepare_preconditioners(store: LanceStore, settings: GradientSettings, metho
     for method in ALWAYS_PREPARED:
         wanted.setdefault(method, base.model_copy(update={"method": method}))
     curvature: dict[str, CurvaturePartial] | None = None
+    hyperinf: Prepared | None = None  # its diagnostics, for the summary (operators dropped once stored)
     prepared, reused, keys = [], [], []
     for method, options in sorted(wanted.items()):
         key = _artifact_key(identity, options)
@@ -117,9 +120,15 @@ def prepare_preconditioners(store: LanceStore, settings: GradientSettings, metho
             reused.append(method)
             continue
         curvature = curvature or store.read_curvature(fp)
-        store.write_preconditioner(prepared_to_table(prepare(curvature, options), key), fp)
+        made = prepare(curvature, options)
+        store.write_preconditioner(prepared_to_table(made, key), fp)
+        if method == "hyperinf":
+            hyperinf = dataclasses.replace(made, operators=dict.fromkeys(made.operators))
         prepared.append(method)
-    hyperinf = load_preconditioner(store, fp, wanted["hyperinf"])
+        del made
+    del curvature
+    release_memory()  # the curvature and the solvers' stacks are freed: return their pages (memory.py)
+    hyperinf = hyperinf or load_preconditioner(store, fp, wanted["hyperinf"])
     diagnostics = {name: d.to_dict() for name, d in hyperinf.diagnostics.items()}
     residuals = [d["residual"] for d in diagnostics.values() if not math.isnan(d["residual"])]
     conditions = [d["condition_estimate"] for d in diagnostics.values() if not math.isnan(d["condition_estimate"])]
