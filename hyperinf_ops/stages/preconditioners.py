@@ -126,8 +126,9 @@ def prepare_preconditioners(store: LanceStore, settings: GradientSettings, metho
             hyperinf = dataclasses.replace(made, operators=dict.fromkeys(made.operators))
         prepared.append(method)
         del made
+        release_memory()  # a method's stacks and its stored copy are freed: return their pages (memory.py)
     del curvature
-    release_memory()  # the curvature and the solvers' stacks are freed: return their pages (memory.py)
+    release_memory()
     hyperinf = hyperinf or load_preconditioner(store, fp, wanted["hyperinf"])
     diagnostics = {name: d.to_dict() for name, d in hyperinf.diagnostics.items()}
     residuals = [d["residual"] for d in diagnostics.values() if not math.isnan(d["residual"])]
