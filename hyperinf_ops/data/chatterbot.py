@@ -17,23 +17,17 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from hyperinf_ops.data.shards import write_pool_and_target
+from hyperinf_ops.data.shards import DatasetPaths, write_pool_and_target
 from hyperinf_ops.errors import DataError
 
 __all__ = ["ChatterbotPaths", "build_chatterbot_dataset", "chatterbot_pairs"]
 
 
 @dataclass(frozen=True)
-class ChatterbotPaths:
-    """Where `build_chatterbot_dataset` wrote the pool shards and the target set, and what they hold."""
+class ChatterbotPaths(DatasetPaths):
+    """Where `build_chatterbot_dataset` wrote the pool shards and the target set of one topic."""
 
-    root: Path
-    pool_dir: Path
-    shards: tuple[Path, ...]
-    target: Path
     target_topic: str
-    n_pool: int
-    n_target: int
 
 
 def chatterbot_pairs() -> pd.DataFrame:

@@ -15,22 +15,16 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from hyperinf_ops.data.shards import write_pool_and_target
+from hyperinf_ops.data.shards import DatasetPaths, write_pool_and_target
 from hyperinf_ops.errors import DataError
 
 __all__ = ["DEMO_CONFIG", "DemoPaths", "build_demo_dataset", "demo_epochs", "write_demo_config"]
 
 
 @dataclass(frozen=True)
-class DemoPaths:
-    """Where `build_demo_dataset` wrote the pool shards and the clean target set, and what they hold."""
+class DemoPaths(DatasetPaths):
+    """Where `build_demo_dataset` wrote the pool shards and the clean target set; how many labels it flipped."""
 
-    root: Path
-    pool_dir: Path
-    shards: tuple[Path, ...]
-    target: Path
-    n_pool: int
-    n_target: int
     n_flipped: int
 
 

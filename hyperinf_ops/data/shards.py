@@ -3,12 +3,25 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-__all__ = ["write_pool_and_target"]
+__all__ = ["DatasetPaths", "write_pool_and_target"]
+
+
+@dataclass(frozen=True)
+class DatasetPaths:
+    """Where a builder wrote the pool shards and the target set, and how many examples they hold."""
+
+    root: Path
+    pool_dir: Path
+    shards: tuple[Path, ...]
+    target: Path
+    n_pool: int
+    n_target: int
 
 
 def write_pool_and_target(pool: pd.DataFrame, target: pd.DataFrame, out_dir: str | Path, n_shards: int,
