@@ -41,11 +41,10 @@ from hyperinf_ops.errors import (
     FingerprintMismatchError,
     GradientMismatchError,
     NonFiniteGradientError,
-    UnsupportedMethodError,
 )
 from hyperinf_ops.fingerprint import Fingerprint, require_match
 from hyperinf_ops.memory import release_memory
-from hyperinf_ops.preconditioners import PRECONDITIONERS, Prepared
+from hyperinf_ops.preconditioners import Prepared
 from hyperinf_ops.row_format import RowFormat
 from hyperinf_ops.settings import SELF_TARGET
 from hyperinf_ops.store import LanceStore, Query, scores_schema
@@ -262,11 +261,8 @@ def score_store(
     keys = [(q.target_set, q.method) for q in queries] + [(SELF_TARGET, p.method) for p in self_influence]
     if len(set(keys)) != len(keys):
         raise DataError(f"duplicate (target_set, method) among queries and self-influence: {keys}")
-    unsupported = [p.method for p in self_influence if not PRECONDITIONERS[p.method].supports_self_influence]
-    if unsupported:
-        raise UnsupportedMethodError(
-            f"self-influence from a prepared {unsupported[0]!r} is not supported: it needs a stored inverse "
-            "(hyperinf, exact, exact_full) or tracin")
+    for prepared in self_influence:
+        prepared.require_self_influence()
     start = time.perf_counter()
     dev = resolve_device(device)
     ds = store.open("gradients", version)

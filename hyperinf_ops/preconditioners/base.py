@@ -138,12 +138,16 @@ class Prepared:
         M_l is the stored inverse (hyperinf, exact, exact_full) or the identity (tracin). lissa would run its
         series once per gradient row and datainf needs the training set: UnsupportedMethodError.
         """
+        self.require_self_influence()
+        return rowwise_inner(self.apply(grads), grads)
+
+    def require_self_influence(self) -> None:
+        """UnsupportedMethodError unless `self_influence` works for this method (checked before any scan)."""
         if not _preconditioner(self.method).supports_self_influence:
             raise UnsupportedMethodError(
                 f"self-influence from a prepared {self.method!r} is not supported: it needs a stored inverse "
                 "(hyperinf, exact, exact_full) or tracin; estimators.self_influence runs any method"
             )
-        return rowwise_inner(self.apply(grads), grads)
 
 
 def _preconditioner(method: str):
