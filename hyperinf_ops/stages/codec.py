@@ -73,6 +73,15 @@ def _manifest(store: LanceStore, settings: GradientSettings) -> tuple[str, dict 
     return key, json.loads(path.read_text()) if path.is_file() else None
 
 
+def _require_manifest(store: LanceStore, settings: GradientSettings) -> tuple[str, dict]:
+    """`_manifest`, or DataError when the whitening the rows need is not made yet."""
+    key, manifest = _manifest(store, settings)
+    if manifest is None:
+        raise DataError("the rows are whitened but no whitening is stored for the current adapter: "
+                        "materialize row_codec first")
+    return key, manifest
+
+
 def codec_pending(store: LanceStore, settings: GradientSettings) -> bool:
     """Whether the rows need a whitening that is not stored yet (always False without whitening)."""
     if not settings.compression.whitened:
@@ -86,10 +95,7 @@ def current_whitening(store: LanceStore, settings: GradientSettings) -> Whitenin
     """The whitening the rows are stored under (None without whitening); DataError when it is not made yet."""
     if not settings.compression.whitened:
         return None
-    key, manifest = _manifest(store, settings)
-    if manifest is None:
-        raise DataError("the rows are whitened but no whitening is stored for the current adapter: "
-                        "materialize row_codec first")
+    key, manifest = _require_manifest(store, settings)
     path = _paths(store, key)[0]
     cache_key = (str(path), path.stat().st_mtime_ns)
     if cache_key not in _LOADED:
@@ -105,13 +111,7 @@ def current_whitening(store: LanceStore, settings: GradientSettings) -> Whitenin
 def row_fingerprint(store: LanceStore, settings: GradientSettings) -> Fingerprint:
     """The fingerprint gradient rows taken under the current adapter with these settings carry."""
     manifest = AdapterStore(store.root).require_current()
-    digest = ""
-    if settings.compression.whitened:
-        _, stored = _manifest(store, settings)
-        if stored is None:
-            raise DataError("the rows are whitened but no whitening is stored for the current adapter: "
-                            "materialize row_codec first")
-        digest = stored["digest"]
+    digest = _require_manifest(store, settings)[1]["digest"] if settings.compression.whitened else ""
     return manifest.fingerprint(settings.modules, settings.compression, whitening=digest)
 
 
