@@ -149,7 +149,7 @@ def scores_cover_pool(hyperinf: HyperinfResource) -> dg.AssetCheckResult:
 
 @dg.asset_check(
     asset=influence_scores,
-    description=f"Stored scores agree with exact scores (the stored fp64 Cholesky inverse, raw gradients) on a "
+    description=f"Stored scores agree with exact scores (the stored fp64 Cholesky inverse, the same stored rows) on a "
                 f"random sample of {AGREEMENT_SAMPLE} examples: Spearman >= {MIN_AGREEMENT_SPEARMAN} for every "
                 "target set.",
 )

@@ -53,7 +53,7 @@ class AgreementSummary(Summary):
     method: str
     reference: str
     sample_size: int
-    spearman: dict[str, float]  # target set -> Spearman of stored vs exact raw scores
+    spearman: dict[str, float]  # target set -> Spearman of stored vs exact scores (same rows)
     min_spearman: float
     seconds: float
 
@@ -125,6 +125,6 @@ def agreement_check(store: LanceStore, spec: ModelSpec, settings: GradientSettin
     summary = AgreementSummary(method=options.method, reference="exact", sample_size=len(sample_ids),
                                spearman=spearman, min_spearman=min(spearman.values()),
                                seconds=time.perf_counter() - start)
-    log(f"agreement of stored {options.method} scores with exact raw scores on {len(sample_ids)} examples: "
+    log(f"agreement of stored {options.method} scores with exact scores of the same rows on {len(sample_ids)} examples: "
         + ", ".join(f"{k} Spearman {v:.4f}" for k, v in spearman.items()))
     return summary
