@@ -19,8 +19,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
 from hyperinf_ops.adapters import AdapterManifest, AdapterStore, recipe_key
 from hyperinf_ops.curvature import CurvaturePartial, curvature_partials
 from hyperinf_ops.data.prepare import record_columns
@@ -28,8 +26,8 @@ from hyperinf_ops.errors import DataError
 from hyperinf_ops.fingerprint import Fingerprint
 from hyperinf_ops.settings import GradientSettings, ModelSpec
 from hyperinf_ops.sketch import Sketch
-from hyperinf_ops.stages.common import Log, Summary, require_table
-from hyperinf_ops.store import LanceStore, sql_literal
+from hyperinf_ops.stages.common import Log, Summary, require_table, sample_filter
+from hyperinf_ops.store import LanceStore
 from hyperinf_ops.whitening import Whitening
 
 __all__ = ["CodecSummary", "codec_pending", "current_whitening", "prepare_row_codec", "row_fingerprint"]
@@ -117,10 +115,7 @@ def row_fingerprint(store: LanceStore, settings: GradientSettings) -> Fingerprin
 
 def _pilot_records(store: LanceStore, task: str, size: int, seed: int) -> list[dict]:
     examples = require_table(store, "examples", "ingest the pool first")
-    ids = np.array(sorted(examples.to_table(columns=["sample_id"])["sample_id"].to_pylist()), dtype=object)
-    chosen = sorted(np.random.default_rng(seed).choice(ids, size=min(size, len(ids)), replace=False))
-    where = f"sample_id IN ({', '.join(sql_literal(i) for i in chosen)})"
-    return examples.to_table(columns=record_columns(task), filter=where).to_pylist()
+    return examples.to_table(columns=record_columns(task), filter=sample_filter(examples, size, seed)).to_pylist()
 
 
 def prepare_row_codec(store: LanceStore, spec: ModelSpec, settings: GradientSettings, *,

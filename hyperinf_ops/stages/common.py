@@ -7,11 +7,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import lance
+import numpy as np
 
 from hyperinf_ops.errors import DataError
 from hyperinf_ops.store import LanceStore, sql_literal
 
-__all__ = ["Log", "Summary", "drop_stale", "require_table", "shard_filter"]
+__all__ = ["Log", "Summary", "drop_stale", "require_table", "sample_filter", "shard_filter"]
 
 # `print`, a logger's `info`, Dagster's `context.log.info`: the core never prints by itself.
 Log = Callable[[str], Any]
@@ -32,6 +33,14 @@ def require_table(store: LanceStore, table: str, hint: str) -> lance.LanceDatase
 
 def shard_filter(shard: str) -> str:
     return f"shard = {sql_literal(shard)}"
+
+
+def sample_filter(dataset: lance.LanceDataset, size: int, seed: int) -> str:
+    """A filter selecting a seeded sample of `size` of the dataset's sample ids (all when fewer), drawn from the
+    sorted ids so that the order of the rows does not matter."""
+    ids = sorted(dataset.to_table(columns=["sample_id"])["sample_id"].to_pylist())
+    chosen = sorted(np.random.default_rng(seed).choice(ids, size=min(size, len(ids)), replace=False))
+    return f"sample_id IN ({', '.join(sql_literal(str(i)) for i in chosen)})"
 
 
 def drop_stale(store: LanceStore, table: str, columns: list[str], keep: set[tuple[str, ...]]) -> list[str]:

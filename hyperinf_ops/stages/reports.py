@@ -24,11 +24,11 @@ from hyperinf_ops.estimators import score_gradients
 from hyperinf_ops.scorer import raw_gradient_batches
 from hyperinf_ops.settings import EstimatorOptions, GradientSettings, ModelSpec
 from hyperinf_ops.stages.codec import current_whitening
-from hyperinf_ops.stages.common import Log, Summary, require_table
+from hyperinf_ops.stages.common import Log, Summary, require_table, sample_filter
 from hyperinf_ops.stages.preconditioners import checked_fingerprint, load_preconditioner
 from hyperinf_ops.stages.queries import target_gradient
 from hyperinf_ops.stages.scores import extremes, read_scores, self_influence_pairs
-from hyperinf_ops.store import LanceStore, sql_literal
+from hyperinf_ops.store import LanceStore
 
 __all__ = ["SELF_INFLUENCE_PREFIX", "AgreementSummary", "MislabelReport", "agreement_check", "mislabel_report"]
 
@@ -109,9 +109,7 @@ def agreement_check(store: LanceStore, spec: ModelSpec, settings: GradientSettin
     start = time.perf_counter()
     fp = checked_fingerprint(store, settings)
     exact = load_preconditioner(store, fp, options.model_copy(update={"method": "exact"}))
-    ids = sorted(store.open("gradients").to_table(columns=["sample_id"])["sample_id"].to_pylist())
-    chosen = sorted(np.random.default_rng(seed).choice(ids, size=min(sample_size, len(ids)), replace=False))
-    where = f"sample_id IN ({', '.join(sql_literal(i) for i in chosen)})"
+    where = sample_filter(store.open("gradients"), sample_size, seed)
     batches = list(raw_gradient_batches(store, exact.shapes, whitening=current_whitening(store, settings),
                                         filter=where))
     sample_ids = [i for batch_ids, _ in batches for i in batch_ids]
