@@ -364,8 +364,8 @@ def raw_gradient_batches(
     sketch width for compressed ones); GradientMismatchError when the rows have other blocks. whitening: the
     one the rows are stored under (their fingerprint names it), undone: the blocks come back in block space.
     Each batch holds at most MAX_READ_BYTES of decoded float32 blocks (int4 rows decode to 8x their stored
-    bytes), whatever `batch_rows` says; consumers cast per matrix where they need float64. `filter` (a Lance predicate, e.g. a
-    sample) reads through Lance's scanner, the whole table through `iter_fixed_rows`.
+    bytes), whatever `batch_rows` says; consumers cast per matrix where they need float64. `filter` (a Lance
+    predicate, e.g. a sample) reads through Lance's scanner, the whole table through `iter_fixed_rows`.
     """
     fp = _rows_fingerprint(store, version)
     fmt = fp.row_format

@@ -3,8 +3,9 @@
 `Preconditioner.prepare` = `start` (shapes name -> (r, d) and lambda_l from the curvature) -> for each group of
 `live_groups` (the matrices with lambda_l > 0, one width d) the damped stack (`damped`, `curvature.damped_gfim`
 in the method's working dtype) -> the method's `factor` of that stack (the operators it stores and the solver's
-facts: one batched solve per width, in stacks of at most STACK_BYTES) -> `finish` (the lambda_l = 0 matrices: no operator, nothing inverted,
-converged; every dict in sorted key order) -> `check` (hyperinf refuses a non-converged inverse).
+facts: one batched solve per width, in stacks of at most STACK_BYTES) -> `finish` (the lambda_l = 0 matrices:
+no operator, nothing inverted, converged; every dict in sorted key order) -> `check` (hyperinf refuses a
+non-converged inverse).
 """
 
 from __future__ import annotations

@@ -2,9 +2,9 @@
 
 Lance (file format 2.1+) stores a non-null fixed_size_list of fixed-width values (the row formats' floats and
 integer codes) of >= 256 bytes a row, without compression, as "full zip" pages whose one data buffer is the
-rows' values back to back: exactly the bytes of a row-major (rows, D) array. Lance's decoder copies every page through freshly allocated buffers: ~10 us of CPU per
-16 KB row (4-6 page faults a row) on the 2 shared cores this was measured on, several times the cost of the
-matmul that consumes the row. Mapping those bytes read-only (`mmap`, a window of `batch_rows` rows at a time) and
+rows' values back to back: exactly the bytes of a row-major (rows, D) array. Lance's decoder copies every page
+through freshly allocated buffers: ~10 us of CPU per 16 KB row (4-6 page faults a row) on the 2 shared cores
+this was measured on, several times the cost of the matmul that consumes the row. Mapping those bytes read-only (`mmap`, a window of `batch_rows` rows at a time) and
 viewing them as a (rows, D) array costs nothing but the page-cache lookups.
 
 `plain_pages` accepts a fragment for direct reads only when all of these hold: the data file is local, the
