@@ -34,16 +34,10 @@ def _reset_peak() -> None:
         fh.write("5")
 
 
-def _peak_mb() -> float:
+def _status_mb(field: str) -> float:
+    """A /proc/self/status memory field in MB: VmHWM (the peak since `_reset_peak`) or VmRSS (now)."""
     for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-def _rss_mb() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
+        if line.startswith(f"{field}:"):
             return int(line.split()[1]) / 1024
     return float("nan")
 
@@ -141,7 +135,8 @@ def run_size(n: int, work: Path, quick: bool, causal: bool = False) -> dict:
         _reset_peak()
         start = time.perf_counter()
         steps[name]()
-        out["stages"][name] = {"seconds": time.perf_counter() - start, "peak_mb": _peak_mb(), "rss_after_mb": _rss_mb()}
+        out["stages"][name] = {"seconds": time.perf_counter() - start, "peak_mb": _status_mb("VmHWM"),
+                               "rss_after_mb": _status_mb("VmRSS")}
     grad_dir = Path(store.uri("gradients"))
     disk = sum(f.stat().st_size for f in grad_dir.rglob("*") if f.is_file())
     out["examples"] = store.open("gradients").count_rows()
