@@ -26,7 +26,7 @@ from pydantic import (
     model_validator,
 )
 
-from hyperinf_ops.config_problems import did_you_mean, problem_text
+from hyperinf_ops.config_problems import did_you_mean, problem_text, renamed_key_problems
 from hyperinf_ops.errors import ConfigError
 from hyperinf_ops.settings import (
     BUNDLED_MODELS,
@@ -57,13 +57,6 @@ __all__ = [
 
 # Target set names become SQL parameter values, file names and Dagster metadata keys.
 _TARGET_NAME = r"^[A-Za-z_][A-Za-z0-9_\-]*$"
-# Keys of earlier versions, with where their meaning went.
-RENAMED_KEYS = {
-    "projection_dim": "compression.sketch_dim (a sketch width per LoRA matrix, applied before the curvature; "
-                      "the old JL projection of whole rows lost HyperINF's ranking)",
-    "projection_seed": "compression.seed",
-    "projection_dtype": "compression.dtype",
-}
 # Query parameters that name a target set; `target_set` and `method` get defaults when a query takes them.
 TARGET_PARAMS = ("target_set", "set_a", "set_b")
 
@@ -269,8 +262,7 @@ def load_config(source: str | Path | Mapping[str, Any], *, base_dir: str | Path 
         where, base = str(path), path.resolve().parent
     if not isinstance(raw, Mapping):
         raise ConfigError(f"{where}: expected a mapping of keys at the top level, got {type(raw).__name__}")
-    problems = [f"{old}: replaced by {new}" for old, new in RENAMED_KEYS.items() if old in raw]
-    raw = {k: v for k, v in raw.items() if k not in RENAMED_KEYS}
+    problems, raw = renamed_key_problems(raw)
     cfg = None
     try:
         cfg = HyperinfConfig.model_validate(raw, context={"base_dir": base})

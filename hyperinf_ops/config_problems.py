@@ -10,7 +10,21 @@ from typing import Any
 
 from pydantic import BaseModel
 
-__all__ = ["did_you_mean", "problem_text"]
+__all__ = ["RENAMED_KEYS", "did_you_mean", "problem_text", "renamed_key_problems"]
+
+# Keys of earlier versions, with where their meaning went.
+RENAMED_KEYS = {
+    "projection_dim": "compression.sketch_dim (a sketch width per LoRA matrix, applied before the curvature; "
+                      "the old JL projection of whole rows lost HyperINF's ranking)",
+    "projection_seed": "compression.seed",
+    "projection_dtype": "compression.dtype",
+}
+
+
+def renamed_key_problems(raw: Mapping[str, Any]) -> tuple[list[str], dict[str, Any]]:
+    """(a `key: replaced by ...` line per key of an earlier version in `raw`, `raw` without those keys)."""
+    problems = [f"{old}: replaced by {new}" for old, new in RENAMED_KEYS.items() if old in raw]
+    return problems, {k: v for k, v in raw.items() if k not in RENAMED_KEYS}
 
 
 def problem_text(error: Mapping[str, Any], root: type[BaseModel]) -> str:
