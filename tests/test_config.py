@@ -152,3 +152,13 @@ def test_self_is_the_self_influence_target_set(project: Path):
                      base_dir=project)
     assert any("curation.params.method: target set 'self' is scored with ['hyperinf', 'tracin']" in p
                for p in found), found
+
+
+def test_keys_of_earlier_versions_name_their_replacement(project: Path):
+    """projection_* (the JL projection, removed) are refused with where their meaning went, beside any other
+    problem of the same file."""
+    found = problems({**minimal(), "projection_dim": 8192, "projection_dtype": "float16", "device": "tpu"},
+                     base_dir=project)
+    assert any(p.startswith("projection_dim: replaced by compression.sketch_dim") for p in found), found
+    assert "projection_dtype: replaced by compression.dtype" in found
+    assert any(p.startswith("device:") for p in found) and len(found) == 3
