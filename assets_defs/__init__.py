@@ -2,7 +2,7 @@
 
     pool_files[shard] -> pool_examples[shard] -> target_sets
     pool_examples[shard] -> lora_adapter -> row_codec -> lora_gradients[shard] -> preconditioners -> target_queries
-        -> influence_scores -> curated_subset, mislabel_report
+        -> influence_scores -> curated_subset, mislabel_report; curated_subset -> evaluation (configured only)
 
 Assets return ``MaterializeResult`` with metadata and a data version only: tensors and tables stay in Lance,
 never in an IO manager. Partitioned assets use the dynamic ``pool_shards`` partitions (one per data file of
@@ -12,6 +12,7 @@ the pool). Each asset imports its stage (torch, transformers, peft) in its body:
 """
 
 from assets_defs.curation import curated_subset, curated_subset_size, mislabel_report
+from assets_defs.evaluation import evaluation
 from assets_defs.influence import (
     agreement_with_exact,
     influence_scores,
@@ -34,5 +35,6 @@ ASSETS = [
     influence_scores,
     curated_subset,
     mislabel_report,
+    evaluation,
 ]
 ASSET_CHECKS = [gradient_rows_match_pool, scores_cover_pool, agreement_with_exact, curated_subset_size]

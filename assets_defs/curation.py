@@ -8,7 +8,7 @@ import pyarrow.parquet as pq
 
 from assets_defs.automation import step_asset
 from assets_defs.influence import curation_pair, examples_table, influence_scores
-from assets_defs.metadata import markdown_table, summary_metadata, timed
+from assets_defs.metadata import markdown_table, summary_metadata, table_metadata, timed
 from assets_defs.resources import HyperinfResource
 
 _PREVIEW_ROWS = 10
@@ -27,12 +27,15 @@ def curated_subset(context: dg.AssetExecutionContext, hyperinf: HyperinfResource
     summary, wall = timed(curate, hyperinf.store, cfg.curation.query, cfg.curation.params, log=context.log.info)
     parquet = summary.files["parquet"]
     preview = pq.read_table(parquet).slice(0, _PREVIEW_ROWS).to_pylist()
+    flipped = summary.flipped or {}
     return dg.MaterializeResult(metadata={
         "dagster/row_count": summary.rows,
         "parquet": dg.MetadataValue.path(parquet),
         "jsonl": dg.MetadataValue.path(summary.files["jsonl"]),
         "manifest": dg.MetadataValue.path(str(Path(summary.out_dir) / "manifest.json")),
-        **summary_metadata(summary, skip=("seconds", "files", "out_dir")),
+        **summary_metadata(summary, skip=("seconds", "files", "out_dir", "labels", "flipped")),
+        "labels": table_metadata(summary.labels),
+        **{f"flipped_{k}": dg.MetadataValue.float(float(v)) for k, v in flipped.items() if v is not None},
         "preview": markdown_table(preview),
         "wall_time_s": wall,
     })
@@ -41,7 +44,8 @@ def curated_subset(context: dg.AssetExecutionContext, hyperinf: HyperinfResource
 @dg.asset_check(
     asset=curated_subset,
     description="The exported subset is non-empty, no larger than the pool, free of duplicate ids, and "
-                "(for a `fraction` parameter) holds ceil(fraction x pool) examples.",
+                "(for a `fraction` parameter) holds ceil(fraction x pool) examples (with `balance`: the sum "
+                "over labels of ceil(fraction x label's pool examples)).",
 )
 def curated_subset_size(hyperinf: HyperinfResource) -> dg.AssetCheckResult:
     from hyperinf_ops.stages.curation import export_dir
@@ -51,7 +55,13 @@ def curated_subset_size(hyperinf: HyperinfResource) -> dg.AssetCheckResult:
     n_pool = store.open("examples").count_rows()
     ids = pq.read_table(path, columns=["sample_id"])["sample_id"].to_pylist()
     fraction = cfg.curation.params.get("fraction")
-    expected = math.ceil(fraction * n_pool) if isinstance(fraction, int | float) else None
+    expected = None
+    if isinstance(fraction, int | float):
+        sizes = [n_pool]
+        if cfg.curation.params.get("balance") is True:
+            sizes = store.open("examples").to_table(columns=["label"]).group_by("label").aggregate(
+                [("label", "count")])["label_count"].to_pylist()
+        expected = sum(math.ceil(fraction * n) for n in sizes)
     problems = []
     if not ids:
         problems.append("the subset is empty")
@@ -60,7 +70,7 @@ def curated_subset_size(hyperinf: HyperinfResource) -> dg.AssetCheckResult:
     if len(set(ids)) != len(ids):
         problems.append(f"{len(ids) - len(set(ids))} duplicate sample ids")
     if expected is not None and len(ids) != expected:
-        problems.append(f"{len(ids)} rows, expected ceil({fraction} x {n_pool}) = {expected}")
+        problems.append(f"{len(ids)} rows, expected {expected} (fraction {fraction} of {n_pool})")
     return dg.AssetCheckResult(
         passed=not problems,
         description="; ".join(problems) or None,

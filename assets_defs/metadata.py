@@ -48,18 +48,67 @@ def markdown_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str] | N
     return dg.MetadataValue.md("\n".join(lines))
 
 
+def table_metadata(rows: Sequence[Mapping[str, Any]], columns: Sequence[str] | None = None) -> dg.MetadataValue:
+    """A native table (schema + records: sortable, every column shown) for small tables of numbers and labels;
+    floats rounded to 4 significant digits, long texts shortened."""
+    columns = list(columns or (rows[0].keys() if rows else ()))
+    values = [{c: _table_value(row.get(c)) for c in columns} for row in rows]
+    schema = dg.TableSchema(columns=[dg.TableColumn(c, _column_type([v[c] for v in values])) for c in columns])
+    return dg.MetadataValue.table([dg.TableRecord(v) for v in values], schema=schema)
+
+
+def _table_value(value: Any) -> str | int | float | bool | None:
+    if isinstance(value, float):
+        return float(f"{value:.4g}") if math.isfinite(value) else None
+    if value is None or isinstance(value, bool | int):
+        return value
+    return _cell(value)
+
+
+def _column_type(values: Sequence[Any]) -> str:
+    present = {type(v) for v in values if v is not None}
+    if present <= {bool} and present:
+        return "bool"
+    if present <= {int}:
+        return "int"
+    return "float" if present <= {int, float} else "string"
+
+
 def histogram_markdown(values: Sequence[float], *, title: str, bins: int = 30) -> dg.MetadataValue:
     """A PNG histogram embedded in Markdown (renders in the Dagster UI's metadata panel)."""
+    fig, ax = _figure()
+    ax.hist([v for v in values if math.isfinite(v)], bins=bins, color="#4f43dd")
+    ax.set_xlabel("score (higher = more helpful to the target set)", fontsize=8)
+    return _png_markdown(fig, ax, title)
+
+
+def lines_markdown(x: Sequence[Any], series: Mapping[str, Sequence[float | None]], *, title: str, xlabel: str,
+                   hlines: Mapping[str, float] | None = None) -> dg.MetadataValue:
+    """A PNG line plot (one line per series, dashed horizontal reference lines) embedded in Markdown."""
+    fig, ax = _figure()
+    for name, ys in series.items():
+        points = [(xi, y) for xi, y in zip(x, ys, strict=True) if y is not None]
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=name)
+    for name, y in (hlines or {}).items():
+        ax.axhline(y, linestyle="--", color="grey", label=name)
+    ax.set_xlabel(xlabel, fontsize=8)
+    ax.legend(fontsize=7)
+    return _png_markdown(fig, ax, title)
+
+
+def _figure():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    finite = [v for v in values if math.isfinite(v)]
-    fig, ax = plt.subplots(figsize=(6, 2.6), dpi=90)
-    ax.hist(finite, bins=bins, color="#4f43dd")
+    return plt.subplots(figsize=(6, 2.6), dpi=90)
+
+
+def _png_markdown(fig, ax, title: str) -> dg.MetadataValue:
+    import matplotlib.pyplot as plt
+
     ax.set_title(title, fontsize=10)
-    ax.set_xlabel("score (higher = more helpful to the target set)", fontsize=8)
     ax.tick_params(labelsize=7)
     fig.tight_layout()
     buf = io.BytesIO()

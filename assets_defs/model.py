@@ -5,7 +5,7 @@ import dagster as dg
 import pyarrow.compute as pc
 
 from assets_defs.automation import ON_NEW_ADAPTER, ONCE, step_asset
-from assets_defs.metadata import markdown_table, summary_metadata, timed
+from assets_defs.metadata import lines_markdown, summary_metadata, table_metadata, timed
 from assets_defs.partitions import pool_shards
 from assets_defs.pool import pool_examples
 from assets_defs.resources import HyperinfResource
@@ -13,30 +13,69 @@ from hyperinf_ops.store import sql_literal
 
 
 @step_asset(
-    group="model", kinds={"pytorch", "huggingface"}, code_version="2",
+    group="model", kinds={"pytorch", "huggingface"}, code_version="3",
     deps=[dg.AssetDep(pool_examples, partition_mapping=dg.AllPartitionMapping())],
     automation=ONCE,
+    advisory_checks={"warmup_learns": "The warm-up adapter beats the pool's majority class on held-out records (the "
+                                      "target-set files; causal LM: lowers their loss). Influence from an adapter "
+                                      "that learned nothing ranks noise."},
     description="LoRA adapter every gradient row is taken under: a warm-up fine-tune on the pool (reused while "
                 "model, labels and settings are unchanged) or the configured `adapter.path`, stored by hash. "
-                "Data version: the adapter's hash.",
+                "Evaluated on held-out records before training and after each epoch. Data version: the "
+                "adapter's hash.",
 )
 def lora_adapter(context: dg.AssetExecutionContext, hyperinf: HyperinfResource) -> dg.MaterializeResult:
-    from hyperinf_ops.stages.adapter import train_or_load_adapter
+    from hyperinf_ops.stages.adapter import heldout_records, train_or_load_adapter, warmup_problem
 
-    cfg = hyperinf.config
-    summary, wall = timed(train_or_load_adapter, hyperinf.store, cfg.model_spec, cfg.lora, cfg.train,
-                          given=cfg.adapter.path, log=context.log.info)
+    cfg, store = hyperinf.config, hyperinf.store
+    heldout = None if cfg.adapter.path else heldout_records(store, cfg.targets, cfg.data, cfg.task, cfg.train.seed)
+    summary, wall = timed(train_or_load_adapter, store, cfg.model_spec, cfg.lora, cfg.train,
+                          given=cfg.adapter.path, heldout=heldout, log=context.log.info)
     metadata = {**summary_metadata(summary, skip=("seconds", "path", "train")),
                 "path": dg.MetadataValue.path(summary.path), "wall_time_s": wall}
-    if summary.train:
-        train = summary.train
-        accuracy = train.get("accuracy_per_epoch") or [None] * len(train["loss_per_epoch"])
-        metadata["training"] = markdown_table([
-            {"epoch": i + 1, "loss": loss, "accuracy": acc}
-            for i, (loss, acc) in enumerate(zip(train["loss_per_epoch"], accuracy, strict=True))
-        ])
-        metadata["train_examples_per_s"] = dg.MetadataValue.float(round(train["examples_per_s"], 2))
-    return dg.MaterializeResult(data_version=dg.DataVersion(summary.adapter_hash), metadata=metadata)
+    train = summary.train or {}
+    metadata.update(_training_metadata(train))
+    problem = warmup_problem(train)
+    if problem:
+        context.log.error(problem)
+    check = dg.AssetCheckResult(
+        check_name="warmup_learns", passed=problem is None, severity=dg.AssetCheckSeverity.ERROR,
+        description=problem or ("no held-out curve to judge (a given adapter)" if not train.get("heldout_source")
+                                else None),
+        metadata={k: v for k, v in metadata.items() if k.startswith(("heldout", "majority"))})
+    return dg.MaterializeResult(data_version=dg.DataVersion(summary.adapter_hash), metadata=metadata,
+                                check_results=[check])
+
+
+def _training_metadata(train: dict) -> dict:
+    """The warm-up's curve: a table and a plot per epoch (held-out entry 0 = before training), the final
+    held-out numbers and the majority baseline as plottable floats."""
+    if not train:
+        return {}
+    epochs = list(range(train["epochs"] + 1))
+    train_loss = [None, *train["loss_per_epoch"]]
+    train_acc = [None, *(train.get("accuracy_per_epoch") or [None] * train["epochs"])]
+    held_loss = list(train.get("heldout_loss_per_epoch") or [None] * len(epochs))
+    held_acc = list(train.get("heldout_accuracy_per_epoch") or [None] * len(epochs))
+    rows = [{"epoch": e, "train_loss": tl, "train_accuracy": ta, "heldout_loss": hl, "heldout_accuracy": ha}
+            for e, tl, ta, hl, ha in zip(epochs, train_loss, train_acc, held_loss, held_acc, strict=True)]
+    out = {"training": table_metadata(rows),
+           "train_examples_per_s": dg.MetadataValue.float(round(train["examples_per_s"], 2))}
+    if train.get("heldout_source"):
+        out["heldout_source"] = dg.MetadataValue.text(train["heldout_source"])
+        out["heldout_loss"] = dg.MetadataValue.float(held_loss[-1])
+        majority = train.get("majority")
+        accuracy = held_acc[-1] is not None
+        if accuracy:
+            out["heldout_accuracy"] = dg.MetadataValue.float(held_acc[-1])
+        if majority:
+            out["majority_class_accuracy"] = dg.MetadataValue.float(majority["accuracy"])
+        series = {"train accuracy": train_acc, "held-out accuracy": held_acc} if accuracy else \
+            {"train loss": train_loss, "held-out loss": held_loss}
+        out["curve"] = lines_markdown(epochs, series, title="warm-up per epoch (0 = before training)",
+                                      xlabel="epoch", hlines={"majority class": majority["accuracy"]}
+                                      if majority else None)
+    return out
 
 
 @step_asset(

@@ -50,6 +50,7 @@ __all__ = [
     "AdapterSection",
     "CurationSection",
     "DataSection",
+    "EvaluationSection",
     "HyperinfConfig",
     "TargetSection",
     "load_config",
@@ -74,6 +75,12 @@ def _resolve_path(value: Any, info: ValidationInfo) -> Any:
 
 
 ConfigPath = Annotated[Path, BeforeValidator(_resolve_path)]
+
+
+def _require_file(path: Path | None) -> Path | None:
+    if path is not None and not path.is_file():
+        raise ValueError(f"{str(path)!r} is not a file")
+    return path
 
 
 class DataSection(Settings):
@@ -104,12 +111,7 @@ class TargetSection(Settings):
     path: ConfigPath | None = None
     where: str | None = None
 
-    @field_validator("path")
-    @classmethod
-    def _is_file(cls, path: Path | None) -> Path | None:
-        if path is not None and not path.is_file():
-            raise ValueError(f"{str(path)!r} is not a file")
-        return path
+    _is_file = field_validator("path")(_require_file)
 
     @field_validator("where")
     @classmethod
@@ -159,6 +161,30 @@ class CurationSection(Settings):
         return query
 
 
+class TestFile(Settings):
+    """A labelled file with the pool's columns, never trained on nor scored."""
+
+    path: ConfigPath
+
+    _is_file = field_validator("path")(_require_file)
+
+
+class EvaluationSection(Settings):
+    """Does curation help? Fresh adapters fine-tuned with the warm-up recipe (`train`, `lora`) on each method's
+    curated subset (`top_fraction` of `target_set`'s ranking, class-balanced with `balance`), on random subsets
+    of the same size (one per seed) and on the whole pool, evaluated on `test`. Every fit is repeated for
+    `seeds` training seeds (train.seed, train.seed + 1, ...). `methods` default to the estimators, `target_set`
+    to the curation's."""
+
+    test: TestFile
+    fractions: tuple[Annotated[float, Field(gt=0, le=1)], ...] = Field((0.5, 0.8), strict=False, min_length=1)
+    seeds: int = Field(2, ge=1)
+    methods: tuple[PipelineMethod, ...] | None = Field(None, strict=False, min_length=1)
+    target_set: str | None = None
+    balance: bool = False
+    full: bool = True
+
+
 class HyperinfConfig(Settings):
     """The whole pipeline configuration. Paths are absolute once loaded."""
 
@@ -180,6 +206,7 @@ class HyperinfConfig(Settings):
     gradient_batch_size: int = Field(32, ge=1)
     device: Device = "auto"
     curation: CurationSection = Field(default_factory=CurationSection)
+    evaluation: EvaluationSection | None = None
 
     @field_validator("model")
     @classmethod
@@ -228,6 +255,18 @@ class HyperinfConfig(Settings):
         """The full solver settings of one method: the shared damping ratio and `estimator_options`."""
         return EstimatorOptions(method=method, damping_ratio=self.damping_ratio,
                                 **self.estimator_options.model_dump())
+
+    @property
+    def evaluation_methods(self) -> tuple[str, ...]:
+        """The methods whose curated subsets the evaluation fits (its `methods`, default the estimators)."""
+        return (self.evaluation.methods if self.evaluation and self.evaluation.methods else self.estimators)
+
+    @property
+    def evaluation_target(self) -> str:
+        """The target set whose rankings the evaluation's curated subsets come from."""
+        if self.evaluation and self.evaluation.target_set:
+            return self.evaluation.target_set
+        return str(self.curation.params.get("target_set", next(iter(self.targets))))
 
     @property
     def self_influence_estimators(self) -> list[EstimatorOptions]:
@@ -329,7 +368,7 @@ def _curation_with_defaults(raw: Mapping[str, Any]) -> Any:
     info = curation_queries().get(curation.get("query", "top_fraction"))
     if info is None or not isinstance(params, Mapping) or not isinstance(estimators, list | tuple) or not estimators:
         return curation
-    defaults = {"target_set": next(iter(targets)), "method": estimators[0]}
+    defaults = {"target_set": next(iter(targets)), "method": estimators[0], "balance": False}
     return {**curation, "params": {**{k: v for k, v in defaults.items() if k in info.params}, **params}}
 
 
@@ -340,6 +379,25 @@ def _cross_section_problems(raw: Mapping[str, Any]) -> list[str]:
     curation = raw.get("curation")
     if isinstance(curation, Mapping):
         problems += _curation_problems(curation, raw.get("targets"), raw.get("estimators"))
+    evaluation = raw.get("evaluation")
+    if isinstance(evaluation, Mapping):
+        problems += _evaluation_problems(evaluation, raw.get("targets"), raw.get("estimators"))
+    return problems
+
+
+def _evaluation_problems(evaluation: Mapping[str, Any], targets: Any, estimators: Any) -> list[str]:
+    problems = []
+    target = evaluation.get("target_set")
+    if target is not None and isinstance(targets, Mapping) and target not in targets:
+        problems.append(f"evaluation.target_set: {target!r} is not a configured target set {sorted(targets)}"
+                        f"{did_you_mean(str(target), targets)}")
+    methods = evaluation.get("methods")
+    estimators = HyperinfConfig.model_fields["estimators"].default if estimators is None else estimators
+    if isinstance(methods, list | tuple) and isinstance(estimators, list | tuple):
+        unknown = [m for m in methods if m not in estimators]
+        if unknown:
+            problems.append(f"evaluation.methods: {unknown} are not configured estimators {list(estimators)} "
+                            "(a curated subset needs the method's scores)")
     return problems
 
 

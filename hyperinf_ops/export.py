@@ -26,7 +26,7 @@ import pyarrow.parquet as pq
 from hyperinf_ops.query import connect, load_sql, run_sql, sql_params
 from hyperinf_ops.store import LanceStore, json_safe, sql_literal
 
-__all__ = ["Manifest", "export_subset", "reproduce"]
+__all__ = ["Manifest", "export_subset", "reproduce", "update_manifest"]
 
 EXPORT_QUERY = "export_subset"
 
@@ -48,6 +48,8 @@ class Manifest:
     files: dict[str, str] = field(
         default_factory=lambda: {"parquet": "subset.parquet", "jsonl": "subset.jsonl"}
     )
+    # What later steps learned about the subset (label balance, flips removed, the evaluation's test numbers).
+    report: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True, default=_json_default)
@@ -173,6 +175,18 @@ def export_subset(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    return manifest
+
+
+def update_manifest(out_dir: str | Path, **sections: Any) -> Manifest:
+    """Set `sections` in the export's manifest `report` (replacing those keys) and rewrite manifest.json
+    atomically (a temporary file renamed over it)."""
+    path = Path(out_dir) / "manifest.json"
+    manifest = Manifest.load(path)
+    manifest.report = {**manifest.report, **json_safe(sections)}
+    tmp = path.with_name(f".manifest.json.tmp-{uuid.uuid4().hex}")
+    tmp.write_text(manifest.to_json())
+    os.replace(tmp, path)
     return manifest
 
 

@@ -75,6 +75,12 @@ class ProgressMeter:
         if self.updates % self.every == 0:
             self._report(self.event(**extra))
 
+    def report(self, **extra: float) -> ProgressEvent:
+        """Report the current state now (e.g. at the end of an epoch) and return it."""
+        event = self.event(**extra)
+        self._report(event)
+        return event
+
     def finish(self, **extra: float) -> ProgressEvent:
         """Report the final state (unless just reported without new numbers) and return it."""
         event = self.event(**extra)

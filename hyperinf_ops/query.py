@@ -49,6 +49,7 @@ _SYNC_COLUMNS: dict[str, list[str] | None] = {
     "examples": None,
     "targets": None,
     "scores": None,
+    "evaluation": None,
     "queries": ["target_set", "method", "fingerprint", "diagnostics"],
     "curvature": ["shard", "matrix", "sq_sum", "count", "numel", "d", "examples_digest", "fingerprint"],
     "preconditioners": ["key", "method", "matrix", "r", "d", "damping", "diagnostics", "options", "fingerprint"],

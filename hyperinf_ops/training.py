@@ -2,7 +2,8 @@
 
 Influence needs a trained adapter: peft initialises lora_B to zero, so every lora_A gradient is exactly
 zero before training. The warm-up is plain AdamW on the trainable parameters with seeded shuffling
-and seeded dropout, so the same seed gives the same adapter on CPU.
+and seeded dropout, so the same seed gives the same adapter on CPU. Given held-out records, it evaluates them
+before the first step and after every epoch (evaluation.py): the curve the warm-up check reads.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import numpy as np
 import torch
 
 from hyperinf_ops.errors import DataError
+from hyperinf_ops.evaluation import EvalResult, evaluate_model
 from hyperinf_ops.memory import release_memory
 from hyperinf_ops.models.lora import LoadedModel, batches
 from hyperinf_ops.progress import ProgressCallback, ProgressMeter
@@ -27,7 +29,8 @@ __all__ = ["TrainStats", "warmup_train"]
 
 @dataclass(frozen=True)
 class TrainStats:
-    """What the warm-up did. Losses and accuracies are example-weighted means over each epoch."""
+    """What the warm-up did. Losses and accuracies are example-weighted means over each epoch (while training,
+    dropout on); the held-out ones have one more entry: index 0 is the model before training."""
 
     epochs: int
     steps: int
@@ -35,6 +38,9 @@ class TrainStats:
     loss_per_epoch: tuple[float, ...]
     accuracy_per_epoch: tuple[float, ...] | None  # tasks with classes only
     seconds: float
+    heldout_examples: int = 0
+    heldout_loss_per_epoch: tuple[float, ...] = ()
+    heldout_accuracy_per_epoch: tuple[float, ...] | None = None
 
     @property
     def examples_per_s(self) -> float:
@@ -42,11 +48,13 @@ class TrainStats:
 
 
 def warmup_train(loaded: LoadedModel, records: Sequence[Mapping[str, Any]], train_cfg: TrainSettings, *,
-                 max_length: int = 128, progress: ProgressCallback | None = None) -> TrainStats:
+                 max_length: int = 128, progress: ProgressCallback | None = None,
+                 heldout: Sequence[Mapping[str, Any]] = ()) -> TrainStats:
     """Train `loaded.model`'s trainable parameters in place; leaves the model in eval mode.
 
-    Records are the prepared examples (`text`/`label` or `prompt`/`response`). Progress events come
-    every `train_cfg.log_every` optimizer steps and at the end of each epoch.
+    Records are the prepared examples (`text`/`label` or `prompt`/`response`); `heldout` records (same
+    columns, not trained on) are evaluated before training and after each epoch. Progress events come every
+    `train_cfg.log_every` optimizer steps and at the end of each epoch, with the ETA of the whole warm-up.
     """
     if not records:
         raise DataError("cannot warm up on an empty pool")
@@ -61,14 +69,16 @@ def warmup_train(loaded: LoadedModel, records: Sequence[Mapping[str, Any]], trai
     order_rng = np.random.default_rng(train_cfg.seed)
     losses: list[float] = []
     accuracies: list[float] = []
+    evals: list[EvalResult] = []
     steps = 0
     start = time.perf_counter()
     with torch.random.fork_rng(devices=[loaded.device] if loaded.device.type == "cuda" else []):
         torch.manual_seed(train_cfg.seed)  # LoRA dropout draws from the global generator
+        if heldout:
+            evals.append(evaluate_model(loaded, heldout, max_length=max_length))
         model.train()
+        meter = ProgressMeter("warm-up", n * train_cfg.epochs, progress, every=train_cfg.log_every)
         for epoch in range(train_cfg.epochs):
-            meter = ProgressMeter(f"warm-up epoch {epoch + 1}/{train_cfg.epochs}", n, progress,
-                                  every=train_cfg.log_every)
             shuffled = [records[i] for i in order_rng.permutation(n)]
             loss_sum, correct = 0.0, 0
             for chunk, batch in batches(loaded, shuffled, train_cfg.batch_size, max_length):
@@ -85,12 +95,26 @@ def warmup_train(loaded: LoadedModel, records: Sequence[Mapping[str, Any]], trai
                 loss_sum += loss * len(chunk)
                 if loaded.task.has_classes:
                     correct += int((out.logits.argmax(-1) == batch["labels"]).sum())
-                meter.update(len(chunk), loss=loss)
+                meter.update(len(chunk), loss=loss, epoch=epoch + 1)
             losses.append(loss_sum / n)
             if loaded.task.has_classes:
                 accuracies.append(correct / n)
-            meter.finish(loss=losses[-1], **({"accuracy": accuracies[-1]} if accuracies else {}))
+            if heldout:
+                evals.append(evaluate_model(loaded, heldout, max_length=max_length))
+            meter.report(epoch=epoch + 1, loss=losses[-1], **({"accuracy": accuracies[-1]} if accuracies else {}),
+                         **_heldout_numbers(evals))
+        meter.finish()
         model.eval()
     return TrainStats(epochs=train_cfg.epochs, steps=steps, examples=n, loss_per_epoch=tuple(losses),
                       accuracy_per_epoch=tuple(accuracies) if accuracies else None,
-                      seconds=time.perf_counter() - start)
+                      seconds=time.perf_counter() - start, heldout_examples=len(heldout),
+                      heldout_loss_per_epoch=tuple(e.loss for e in evals),
+                      heldout_accuracy_per_epoch=tuple(e.accuracy for e in evals)
+                      if evals and loaded.task.has_classes else None)
+
+
+def _heldout_numbers(evals: Sequence[EvalResult]) -> dict[str, float]:
+    if not evals:
+        return {}
+    last = evals[-1]
+    return {"heldout_loss": last.loss, **({"heldout_accuracy": last.accuracy} if last.accuracy is not None else {})}

@@ -59,6 +59,9 @@ def _parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="build the bundled demo (MiniLM + Rotten Tomatoes) and run every asset")
     demo.add_argument("--n-pool", type=int, default=4000, help="pool examples (default 4000; 20%% flipped)")
     demo.add_argument("--n-target", type=int, default=500, help="clean target examples (default 500)")
+    demo.add_argument("--evaluate", action="store_true",
+                      help="also fit fresh adapters on curated, random and full subsets and test them (the "
+                           "`evaluation` asset: 9 more warm-ups on half the pool)")
     demo.add_argument("--workdir", type=Path, default=Path(DEMO_WORKDIR),
                       help=f"where data, store and instance go (default {DEMO_WORKDIR})")
     _home_option(demo)
@@ -111,7 +114,7 @@ def _demo(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     workdir = args.workdir.resolve()
     paths = build_demo_dataset(workdir, n_pool=args.n_pool, n_target=args.n_target)
-    config = write_demo_config(paths)
+    config = write_demo_config(paths, evaluation={} if args.evaluate else None)
     print(f"demo data: {paths.n_pool} Rotten Tomatoes snippets in {len(paths.shards)} shards "
           f"({paths.n_flipped} labels flipped), {paths.n_target} clean target examples; config {config}")
     status = _materialize(config, args.dagster_home)

@@ -8,7 +8,7 @@ import dagster as dg
 
 SHARD_ASSETS = ("pool_examples", "lora_gradients")
 REFRESH_ASSETS = ("target_sets", "preconditioners", "target_queries", "influence_scores", "curated_subset",
-                  "mislabel_report")
+                  "mislabel_report", "evaluation")
 
 shard_job = dg.define_asset_job(
     "shard_job",
@@ -24,5 +24,6 @@ adapter_job = dg.define_asset_job(
 refresh_job = dg.define_asset_job(
     "refresh_job",
     selection=dg.AssetSelection.assets(*REFRESH_ASSETS),
-    description="Target sets, preconditioners (merged curvature, inverted once), queries, scores, curated subset.",
+    description="Target sets, preconditioners (merged curvature, inverted once), queries, scores, curated subset, "
+                "mislabel report, and the evaluation when the config has an `evaluation:` block.",
 )

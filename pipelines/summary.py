@@ -19,6 +19,12 @@ def latest_metadata(instance: dg.DagsterInstance, asset: str) -> dict:
 
 def print_summary(instance: dg.DagsterInstance, cfg: HyperinfConfig, config_path: Path, home: Path) -> None:
     """Mislabel AUROC per estimator, the curated subset, and where to look next."""
+    adapter = latest_metadata(instance, "lora_adapter")
+    if adapter.get("heldout_source"):
+        accuracy, majority = adapter.get("heldout_accuracy"), adapter.get("majority_class_accuracy")
+        print(f"\nWarm-up adapter on {adapter['heldout_source']}: "
+              + (f"accuracy {accuracy:.3f} (always predicting the majority class: {majority:.3f})"
+                 if accuracy is not None and majority is not None else f"loss {adapter.get('heldout_loss'):.4f}"))
     report = latest_metadata(instance, "mislabel_report")
     aurocs = {key.split("/", 1)[1]: value for key, value in report.items() if key.startswith("auroc/")}
     if aurocs:
@@ -27,10 +33,30 @@ def print_summary(instance: dg.DagsterInstance, cfg: HyperinfConfig, config_path
         width = max(map(len, aurocs))
         for method, auroc in sorted(aurocs.items(), key=lambda kv: -kv[1]):
             print(f"  {method:<{width}}  {auroc:.3f}")
+        print("  (AUROC: the chance that a flipped example ranks as more harmful than a clean one; 0.5 = no better "
+              "than random order. self_influence_*: how much an example's own loss depends on itself, large for "
+              "examples the model cannot fit, needs no target set.)")
     subset = latest_metadata(instance, "curated_subset")
     if subset:
         print(f"\nCurated subset ({subset.get('query')}): {subset.get('dagster/row_count')} examples")
+        labels = subset.get("labels")
+        if labels is not None and labels.records:
+            print("  kept per label: " + ", ".join(f"{r.data['label']} {r.data['subset']} of {r.data['pool']}"
+                                                   for r in labels.records))
+        if "flipped_pool" in subset:
+            print(f"  flipped labels removed: {subset['flipped_removed']:.0f} of {subset['flipped_pool']:.0f} "
+                  f"(a random subset of the same size removes {subset['flipped_removed_at_random']:.1f} on average)")
         print(f"  {subset.get('parquet')}\n  {subset.get('jsonl')}\n  {subset.get('manifest')}")
+    evaluation = latest_metadata(instance, "evaluation")
+    if evaluation.get("results") is not None:
+        print(f"\nEvaluation on the test split ({evaluation.get('test_examples')} examples), mean over seeds:")
+        for r in (rec.data for rec in evaluation["results"].records):
+            name = f"{r['subset']}{' (' + r['method'] + ')' if r['method'] else ''}"
+            acc = "" if r["test_accuracy"] is None else f"accuracy {r['test_accuracy']:.3f}" + (
+                f" ± {r['test_accuracy_std']:.3f}" if r["test_accuracy_std"] is not None else "") + ", "
+            print(f"  {name:<20} fraction {r['fraction']:<4g} {r['n_examples']:>6} examples  {acc}loss "
+                  f"{r['test_loss']:.4f}" + (f", {r['n_flipped']:.0f} flipped kept" if r["n_flipped"] is not None
+                                             else ""))
     config = str(config_path)
     print("\nNext:")
     print(f"  hyperinf ui --config {config}     # Dagster UI: asset graph, runs, checks, metadata")

@@ -1,5 +1,6 @@
 """A tiny hyperinf project for the pipeline tests: a random 2-layer BERT saved as a local HF folder,
-a synthetic sentiment pool in parquet shards (20% of labels flipped, `flipped` kept) and a clean target set."""
+a synthetic sentiment pool in parquet shards (20% of labels flipped, `flipped` kept), a clean target set and a
+clean test split (`test/test.parquet`, for an `evaluation:` block)."""
 
 from __future__ import annotations
 
@@ -49,8 +50,9 @@ def make_project(root: Path, model_dir: Path, *, n_pool: int = 200, n_shards: in
         save_tiny_model(model_dir)
     for i in range(n_shards):
         write_shard(root / "pool", f"shard-{i}", n_pool // n_shards, seed=i)
-    (root / "targets").mkdir(parents=True, exist_ok=True)
-    sentences(n_target, seed=99).to_parquet(root / "targets" / "clean.parquet", index=False)
+    for folder, name, seed in (("targets", "clean", 99), ("test", "test", 98)):
+        (root / folder).mkdir(parents=True, exist_ok=True)
+        sentences(n_target, seed=seed).to_parquet(root / folder / f"{name}.parquet", index=False)
     doc: dict[str, Any] = {
         "storage_root": "store",
         "model": str(model_dir),
@@ -58,7 +60,7 @@ def make_project(root: Path, model_dir: Path, *, n_pool: int = 200, n_shards: in
         "data": {"path": "pool", "text_column": "text", "label_column": "label", "id_column": "id"},
         "targets": {"clean": {"path": "targets/clean.parquet"}},
         "lora": {"rank": 4, "alpha": 8, "modules": ["query", "value"]},
-        "train": {"epochs": 2, "lr": 5.0e-3, "batch_size": 32, "seed": 0},
+        "train": {"epochs": 10, "lr": 3.0e-2, "batch_size": 8, "seed": 0},  # learns the toy task (warm-up check)
         "estimators": ["hyperinf", "datainf", "tracin"],
         "damping_ratio": 0.1,
         "max_length": 16,

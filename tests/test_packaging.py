@@ -61,7 +61,7 @@ def test_wheel_without_editable_install_runs_a_named_query(tmp_path):
                                       "targets": {"t": {"path": "pool.csv"}}}))
     out = subprocess.run([str(venv / "bin" / "hyperinf"), "sql", "--config", str(config), "top_fraction",
                           "--param", "target_set=t", "--param", "method=hyperinf", "--param", "fraction=0.5",
-                          "--format", "csv"], capture_output=True, text=True, cwd=tmp_path)
+                          "--param", "balance=false", "--format", "csv"], capture_output=True, text=True, cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     lines = out.stdout.strip().splitlines()
     assert lines[0].startswith("sample_id,target_set,method,score,rank")

@@ -1,7 +1,10 @@
 """The Dagster graph end to end on a tiny random BERT, launched as `hyperinf run` launches it: every asset,
-every check, runs that carry the code location's origin, the curated subset, re-runs that compute nothing
-twice, one batched solve per refresh, and bad input that fails the right asset and overwrites nothing."""
+every check, runs that carry the code location's origin, the curated subset, the evaluation, re-runs that
+compute nothing twice, one batched solve per refresh, a warm-up that learns nothing failing its check, and bad
+input that fails the right asset and overwrites nothing."""
 
+import json
+import math
 import shutil
 from pathlib import Path
 from unittest import mock
@@ -25,7 +28,9 @@ from pipelines.definitions import build_definitions
 from pipelines.launcher import failure_message
 from pipelines.runner import failed_checks, materialize_all
 
-ROW_TABLES = ("examples", "targets", "gradients", "curvature", "queries", "scores")
+ROW_TABLES = ("examples", "targets", "gradients", "curvature", "queries", "scores", "evaluation")
+# The built project's evaluation: 2 seeds x (full + 2 curated + random) at one fraction = 8 fits.
+EVALUATION = {"test": {"path": "test/test.parquet"}, "fractions": [0.5], "seeds": 2, "methods": ["hyperinf", "tracin"]}
 
 
 @pytest.fixture(scope="module")
@@ -35,8 +40,8 @@ def tiny_model(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory, tiny_model):
-    """A 200-example project materialized once; yields (config path, instance, run report)."""
-    cfg_path = make_project(tmp_path_factory.mktemp("project"), tiny_model)
+    """A 200-example project (with an evaluation) materialized once; yields (config path, instance, run report)."""
+    cfg_path = make_project(tmp_path_factory.mktemp("project"), tiny_model, evaluation=EVALUATION)
     with dg.instance_for_test() as instance:
         report = materialize_all(instance, cfg_path, load_config(cfg_path), log=lambda _: None)
         yield cfg_path, instance, report
@@ -59,7 +64,8 @@ def test_definitions_load():
     dg.Definitions.validate_loadable(defs)
     keys = {a.key.to_user_string() for a in ASSETS}
     assert keys == {"pool_files", "pool_examples", "target_sets", "lora_adapter", "row_codec", "lora_gradients",
-                    "preconditioners", "target_queries", "influence_scores", "curated_subset", "mislabel_report"}
+                    "preconditioners", "target_queries", "influence_scores", "curated_subset", "mislabel_report",
+                    "evaluation"}
     assert len(ASSET_CHECKS) == 4
     assert {j for j in ("shard_job", "adapter_job", "refresh_job") if defs.resolve_job_def(j)} == {
         "shard_job", "adapter_job", "refresh_job"}
@@ -83,7 +89,7 @@ def test_whole_graph_runs_as_code_location_runs_and_every_check_passes(built):
                                                          of_type=dg.DagsterEventType.ASSET_CHECK_EVALUATION).records]
     assert {e.check_name for e in evaluations} == {
         "gradients_finite", "gradient_rows_match_pool", "inverses_converged", "scores_cover_pool",
-        "agreement_with_exact", "curated_subset_size"}
+        "agreement_with_exact", "curated_subset_size", "warmup_learns"}
     assert len([e for e in evaluations if e.check_name == "gradients_finite"]) == 2  # one per shard
 
 
@@ -98,7 +104,14 @@ def test_metadata_and_data_versions(built):
     assert scores["dagster/row_count"] == 200
     report = _meta(instance, "mislabel_report")
     assert set(report) >= {"auroc/hyperinf", "auroc/datainf", "auroc/tracin", "detection", "most_harmful"}
-    assert _meta(instance, "lora_adapter")["source"] == "trained"
+    adapter = _meta(instance, "lora_adapter")
+    assert adapter["source"] == "trained" and adapter["heldout_source"] == "target set clean (not trained on)"
+    assert adapter["heldout_accuracy"] > adapter["majority_class_accuracy"]  # the warm-up check's condition
+    assert [r.data["epoch"] for r in adapter["training"].records] == list(range(11))  # 0 = before training
+    assert adapter["curve"].startswith("![warm-up per epoch")
+    subset = _meta(instance, "curated_subset")
+    assert sum(r.data["subset"] for r in subset["labels"].records) == 100 == subset["dagster/row_count"]
+    assert subset["flipped_pool"] == 40 and subset["flipped_removed_at_random"] == 20
     assert _meta(instance, "pool_examples", "shard-0")["written"] is True
     # data versions: the adapter's is its hash, a gradient shard's is what it was computed under and from
     adapter = instance.get_latest_data_version_record(dg.AssetKey("lora_adapter"))
@@ -119,6 +132,68 @@ def test_curated_subset_matches_sql_on_scores(built):
     assert subset["influence_score"].tolist() == pytest.approx(expected["score"].tolist())
 
 
+def test_evaluation_table_has_one_row_per_fit_on_the_planned_subsets(built):
+    cfg_path, instance, _ = built
+    cfg = load_config(cfg_path)
+    store = LanceStore(str(cfg.storage_root))
+    con = connect(store)  # what `hyperinf sql` reads
+    rows = con.sql("SELECT * FROM evaluation ORDER BY seed, subset, method").to_arrow_table().to_pylist()
+    curated = {m: sorted(run_query(con, "top_fraction", {"target_set": "clean", "method": m, "fraction": 0.5,
+                                                         "balance": False})["sample_id"].to_pylist())
+               for m in ("hyperinf", "tracin")}
+    flipped = dict(con.sql("SELECT sample_id, flipped FROM examples").fetchall())
+    con.close()
+    assert [(r["subset"], r["method"], r["seed"]) for r in rows] == [
+        (s, m, seed) for seed in (0, 1) for s, m in
+        (("curated", "hyperinf"), ("curated", "tracin"), ("full", None), ("random", None))]
+    for r in rows:
+        assert r["n_examples"] == (200 if r["subset"] == "full" else math.ceil(0.5 * 200))
+        assert r["fraction"] == (1.0 if r["subset"] == "full" else 0.5) and r["test_examples"] == 40
+        assert 0 <= r["test_accuracy"] <= 1 and r["test_loss"] > 0
+        assert sum(json.loads(r["label_counts"]).values()) == r["n_examples"]
+        assert (r["target_set"] == "clean") == (r["subset"] == "curated")
+        if r["subset"] == "full":
+            assert r["n_flipped"] == 40
+        if r["subset"] == "curated":  # the flips counted are exactly those of the query's rows
+            assert r["n_flipped"] == sum(flipped[i] for i in curated[r["method"]])
+    # the two random subsets differ (one per seed); curated subsets repeat with another training seed only
+    randoms = [r for r in rows if r["subset"] == "random"]
+    assert randoms[0]["n_flipped"] != randoms[1]["n_flipped"] or randoms[0]["label_counts"] != randoms[1]["label_counts"]
+    meta = _meta(instance, "evaluation")
+    assert meta["fits"] == 8 and meta["reused"] == 0 and meta["plot"].startswith("![mean test accuracy")
+    results = [r.data for r in meta["results"].records]
+    assert [(r["subset"], r["method"]) for r in results] == [("full", None), ("curated", "hyperinf"),
+                                                           ("curated", "tracin"), ("random", None)]
+    full = [r["test_accuracy"] for r in rows if r["subset"] == "full"]
+    assert results[0]["test_accuracy"] == pytest.approx(sum(full) / 2, abs=1e-4)
+    manifest = json.loads((cfg.storage_root / "exports" / "top_fraction" / "manifest.json").read_text())
+    assert [r["subset"] for r in manifest["report"]["evaluation"]] == ["full", "curated", "curated", "random"]
+    assert manifest["report"]["flipped"]["pool"] == 40 and len(manifest["report"]["labels"]) == 2
+
+
+def test_untrainable_warmup_fails_its_check_with_the_message(tmp_path, tiny_model):
+    """lr 1e-9: the adapter cannot move; the check fails with a message naming the majority class, both
+    accuracies, where they were measured and what to change, and `hyperinf run` reports it."""
+    with dg.DagsterInstance.ephemeral() as instance:
+        _, defs, _, _ = _ingested(tmp_path, tiny_model, instance,
+                                  train={"epochs": 1, "lr": 1.0e-9, "batch_size": 8, "seed": 0})
+        target = pd.read_parquet(tmp_path / "targets" / "clean.parquet")
+        pool = pd.concat([pd.read_parquet(p) for p in sorted((tmp_path / "pool").glob("*.parquet"))])
+        counts = pool["label"].value_counts()
+        majority = min(counts.index, key=lambda c: (-counts[c], c))
+        # a target set of the majority label only: the constant predictor is perfect there, so an adapter that
+        # cannot move (lr 1e-9) is no better whatever its random head predicts
+        target.assign(label=majority).to_parquet(tmp_path / "targets" / "clean.parquet", index=False)
+        result = defs.resolve_job_def("adapter_job").execute_in_process(instance=instance)
+        assert result.success  # advisory: the run goes on, the check is red
+        check = [e for e in result.get_asset_check_evaluations() if e.check_name == "warmup_learns"][0]
+        assert not check.passed
+        assert check.description.startswith("the warm-up adapter is no better than always predicting the pool's "
+                                            f"majority class {majority!r}: accuracy")
+        assert "on target set clean (not trained on) (lr 1e-09, 1 epochs, batch 8): raise train.lr" in check.description
+        assert failed_checks(instance, [result.dagster_run])[0].startswith("lora_adapter:warmup_learns: the warm-up")
+
+
 def test_rerun_launches_one_refresh_and_duplicates_nothing(built):
     cfg_path, instance, _ = built
     cfg = load_config(cfg_path)
@@ -132,6 +207,7 @@ def test_rerun_launches_one_refresh_and_duplicates_nothing(built):
     after = store.open("scores").to_table().to_pandas().sort_values(["method", "sample_id"])
     assert after["score"].to_numpy() == pytest.approx(scores_before["score"].to_numpy(), rel=1e-6)
     assert _meta(instance, "preconditioners")["prepared"] == []  # the stored inverses still fit
+    assert (_meta(instance, "evaluation")["fits"], _meta(instance, "evaluation")["reused"]) == (8, 8)
 
 
 def test_added_shard_computes_only_that_shard_and_one_solve_per_refresh(tmp_path, tiny_model):

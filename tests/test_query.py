@@ -108,12 +108,27 @@ def test_top_k(con, store):
 @pytest.mark.parametrize("fraction", [0.1, 0.25, 1.0])
 def test_top_fraction(con, store, fraction):
     got = _frame(
-        run_query(con, "top_fraction", {"target_set": "A", "method": "hyperinf", "fraction": fraction})
+        run_query(con, "top_fraction", {"target_set": "A", "method": "hyperinf", "fraction": fraction,
+                                        "balance": False})
     )
     s = _scores(store)
     s = s[(s.target_set == "A") & (s.method == "hyperinf")].sort_values("score", ascending=False)
     exp = s.head(math.ceil(fraction * len(s)))
     _assert_rows(got, exp.reset_index(drop=True), ["sample_id", "score", "rank"])
+
+
+@pytest.mark.parametrize("fraction", [0.1, 0.5, 1.0])
+def test_balanced_top_fraction_keeps_every_labels_share(con, store, fraction):
+    """balance: the best ceil(fraction * n_c) of each label c, whatever the other labels' scores."""
+    got = _frame(run_query(con, "top_fraction", {"target_set": "B", "method": "tracin", "fraction": fraction,
+                                                 "balance": True}))
+    s = _scores(store)
+    s = s[(s.target_set == "B") & (s.method == "tracin")].copy()
+    s["label"] = s["sample_id"].str[1:].astype(int) % 3  # the fixture's labels
+    exp = pd.concat([g.sort_values(["rank", "sample_id"]).head(math.ceil(fraction * len(g)))
+                     for _, g in s.groupby("label")]).sort_values(["rank", "sample_id"])
+    _assert_rows(got, exp.reset_index(drop=True), ["sample_id", "score", "rank"])
+    assert got["rank"].is_monotonic_increasing
 
 
 def test_drop_harmful(con, store):
@@ -165,7 +180,7 @@ def test_parameters_are_validated_and_bound_never_spliced(con):
         run_query(con, "nope", {})
     with pytest.raises(ConfigError, match="identifier"):
         run_query(con, "../etc/passwd", {})
-    injected = {"target_set": "A' OR '1'='1", "method": "tracin", "fraction": 1.0}
+    injected = {"target_set": "A' OR '1'='1", "method": "tracin", "fraction": 1.0, "balance": False}
     assert run_query(con, "top_fraction", injected).num_rows == 0
 
 

@@ -136,4 +136,5 @@ def test_nightly_schedule_requests_a_refresh():
     assert nightly_refresh.cron_schedule == "0 3 * * *" and nightly_refresh.execution_timezone == "UTC"
     job = build_definitions("unused.yaml").resolve_job_def(nightly_refresh.job_name)
     assert {k.to_user_string() for k in job.asset_layer.selected_asset_keys} == {
-        "target_sets", "preconditioners", "target_queries", "influence_scores", "curated_subset", "mislabel_report"}
+        "target_sets", "preconditioners", "target_queries", "influence_scores", "curated_subset", "mislabel_report",
+        "evaluation"}

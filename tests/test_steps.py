@@ -128,7 +128,8 @@ def test_every_stage_end_to_end_and_rerun(tmp_path: Path, demo):
     export = cfg.storage_root / "exports" / "top_fraction"
     subset = pd.read_parquet(export / "subset.parquet")
     con = duckdb.connect()
-    con.register("scores", store.open("scores").to_table())
+    for table in ("scores", "examples"):
+        con.register(table, store.open(table).to_table())
     expected = con.sql(load_sql("top_fraction"), params=cfg.curation.params).df()
     assert len(subset) == 70
     assert set(subset["sample_id"]) == set(expected["sample_id"])
@@ -162,7 +163,12 @@ def test_new_shard_equals_from_scratch(tmp_path: Path, demo):
     b = scores_df(LanceStore(str(load_config(scratch).storage_root)))
     # every estimator's scores, and self-influence (hyperinf, tracin) of the sketched rows as target set "self"
     assert len(a) == 210 * (len(ESTIMATORS) + 2) and a.index.sort_values().equals(b.index.sort_values())
-    np.testing.assert_allclose(a["score"], b.loc[a.index, "score"], rtol=1e-6, atol=1e-9)
+    # float32 rows scanned in another order: equal up to float32 summation error, relative to each ranking's
+    # scale (a score near zero has no meaningful relative error)
+    for key, group in b.groupby(level=["target_set", "method"]):
+        scale = group["score"].abs().max()
+        np.testing.assert_allclose(a.loc[group.index, "score"], group["score"], rtol=1e-6, atol=1e-6 * scale,
+                                   err_msg=str(key))
 
 
 def test_bad_input_writes_nothing(tmp_path: Path, demo):

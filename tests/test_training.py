@@ -1,28 +1,19 @@
-"""training.py: the warm-up learns a separable toy problem, deterministically, and reports progress."""
+"""training.py: the warm-up learns a separable toy problem, deterministically, reports progress for the whole run
+and evaluates held-out records before training and after every epoch; the warm-up check's verdicts."""
 
-import random
 from pathlib import Path
 
 import pytest
 from tiny_models import save_tiny_model
+from toy_data import toy_records
 
 from hyperinf_ops.config import load_config
+from hyperinf_ops.evaluation import evaluate_model, majority_baseline
 from hyperinf_ops.models import adapter_hash, load_lora_model
 from hyperinf_ops.progress import ProgressEvent
 from hyperinf_ops.settings import TrainSettings
+from hyperinf_ops.stages.adapter import warmup_problem
 from hyperinf_ops.training import warmup_train
-
-
-def toy_records(n: int = 64) -> list[dict]:
-    rng = random.Random(0)
-    filler = ["the", "movie", "film", "plot", "was", "very", "it", "this"]
-    out = []
-    for i in range(n):
-        label = "pos" if i % 2 else "neg"
-        words = rng.sample(filler, 3) + [rng.choice(["good", "great", "fun"] if label == "pos" else ["bad", "awful"])]
-        rng.shuffle(words)
-        out.append({"sample_id": str(i), "text": " ".join(words), "label": label})
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -39,14 +30,52 @@ def test_loss_decreases_and_progress(cfg, tmp_path: Path):
     events: list[ProgressEvent] = []
     # a random tiny BERT needs ~10 epochs before the LoRA matrices route the sentiment word to [CLS]
     train_cfg = TrainSettings(epochs=12, lr=3e-2, batch_size=8, seed=0, log_every=4)
-    stats = warmup_train(loaded, toy_records(), train_cfg, max_length=16, progress=events.append)
+    heldout = toy_records(96)[64:]  # other draws of the same toy distribution, not trained on
+    stats = warmup_train(loaded, toy_records(), train_cfg, max_length=16, progress=events.append, heldout=heldout)
     assert stats.steps == 12 * 8 and stats.examples == 64 and len(stats.loss_per_epoch) == 12
     assert stats.loss_per_epoch[-1] < 0.3 * stats.loss_per_epoch[0]
     assert stats.accuracy_per_epoch[-1] > 0.9
     assert not loaded.model.training
-    # 2 periodic reports + 1 end-of-epoch report per epoch, with rate and ETA
-    assert len(events) == 12 * 3 and events[-1].done == events[-1].total == 64
+    # 2 periodic reports + 1 end-of-epoch report per epoch, with rate and ETA of the whole warm-up (12 epochs)
+    assert len(events) == 12 * 3 and events[-1].done == events[-1].total == 12 * 64
     assert "examples/s" in str(events[0]) and "ETA" in str(events[0]) and "loss" in str(events[0])
+    assert "heldout_accuracy" in str(events[2]) and events[2].extra["epoch"] == 1
+    # held-out curve: before training + after each epoch; the last entry is the final model's evaluation
+    assert stats.heldout_examples == 32 and len(stats.heldout_loss_per_epoch) == 13
+    final = evaluate_model(loaded, heldout, max_length=16)
+    assert final.loss == pytest.approx(stats.heldout_loss_per_epoch[-1], rel=1e-5)
+    assert stats.heldout_accuracy_per_epoch[-1] == final.accuracy > 0.9 > stats.heldout_accuracy_per_epoch[0]
+    assert stats.heldout_loss_per_epoch[-1] < 0.5 * stats.heldout_loss_per_epoch[0]
+
+
+def test_majority_baseline_is_the_training_majority_scored_on_the_evaluated_labels():
+    base = majority_baseline(["a", "b", "b", "c"], ["a", "b", "a", "a"])
+    assert (base.label, base.accuracy) == ("b", 0.25)
+    assert majority_baseline(["y", "x"], ["x", "x", "y"]).label == "x"  # ties: the first in sorted order
+
+
+def test_an_untrainable_warmup_fails_the_check_with_its_message(cfg):
+    """lr so small that nothing moves: held-out accuracy stays at chance, which the balanced toy's majority class
+    also reaches, so the check names the majority class, both accuracies and what to change."""
+    loaded = load_lora_model(cfg.model_spec, ["neg", "pos"], lora=cfg.lora)
+    train_cfg = TrainSettings(epochs=1, lr=1e-9, batch_size=8, seed=0)
+    records, heldout = toy_records(), [r for r in toy_records(96)[64:] if r["label"] == "neg"]
+    stats = warmup_train(loaded, records, train_cfg, max_length=16, heldout=heldout)
+    base = majority_baseline([r["label"] for r in records], [r["label"] for r in heldout])
+    train = {"epochs": 1, "lr": 1e-9, "batch_size": 8, "heldout_source": "target set t (not trained on)",
+             "heldout_loss_per_epoch": stats.heldout_loss_per_epoch,
+             "heldout_accuracy_per_epoch": stats.heldout_accuracy_per_epoch,
+             "majority": {"label": base.label, "accuracy": base.accuracy}}
+    assert base.label == "neg" and base.accuracy == 1.0  # an all-'neg' held-out set: the majority is perfect
+    problem = warmup_problem(train)
+    assert problem is not None and "no better than always predicting the pool's majority class 'neg'" in problem
+    assert "target set t" in problem and "raise train.lr" in problem
+    learned = {**train, "heldout_accuracy_per_epoch": (0.5, 0.9), "majority": {"label": "neg", "accuracy": 0.5}}
+    assert warmup_problem(learned) is None
+    causal = {**train, "heldout_accuracy_per_epoch": None, "majority": None, "heldout_loss_per_epoch": (2.0, 2.1)}
+    assert "did not lower the loss" in warmup_problem(causal)
+    assert warmup_problem({**causal, "heldout_loss_per_epoch": (2.0, 1.5)}) is None
+    assert warmup_problem(None) is None
 
 
 def test_deterministic(cfg):

@@ -79,12 +79,13 @@ def test_dagster_dev_graph_launch_and_clean_stop(tmp_path):
         graph = {n["assetKey"]["path"][0]: n for n in nodes}
         assert set(graph) == {"pool_files", "pool_examples", "target_sets", "lora_adapter", "row_codec",
                               "lora_gradients", "preconditioners", "target_queries", "influence_scores",
-                              "curated_subset", "mislabel_report"}
+                              "curated_subset", "mislabel_report", "evaluation"}
         assert graph["lora_gradients"]["isPartitioned"] and not graph["preconditioners"]["isPartitioned"]
         assert {d["path"][0] for d in graph["lora_gradients"]["dependencyKeys"]} == {"pool_examples", "lora_adapter",
                                                                                       "row_codec"}
         checks = {c["name"] for n in nodes for c in n["assetChecksOrError"].get("checks", [])}
-        assert {"gradients_finite", "inverses_converged", "agreement_with_exact", "curated_subset_size"} <= checks
+        assert {"gradients_finite", "inverses_converged", "agreement_with_exact", "curated_subset_size",
+                "warmup_learns"} <= checks
 
         # The CLI's runs carry the location's origin: the Overview timeline lists only such runs
         # (useRunsForTimeline skips a run without repositoryOrigin), and each job's Runs tab filters by the

@@ -78,35 +78,39 @@ def load_bbc_articles() -> pd.DataFrame:
 
 
 def build_bbc_dataset(out_dir: str | Path, n_target: int = 300, flip_fraction: float = 0.2, seed: int = 0,
-                      n_shards: int = 4, n_pool: int | None = None) -> DemoPaths:
-    """BBC News articles as a noisy 5-topic pool and a clean, topic-balanced target set.
+                      n_shards: int = 4, n_pool: int | None = None, n_test: int = 300) -> DemoPaths:
+    """BBC News articles as a noisy 5-topic pool, a clean topic-balanced target set and a test split.
 
-    The target takes n_target // 5 articles of every topic (seeded); the pool is every other article (or a
-    seeded sample of n_pool of them). Exactly round(flip_fraction * n_pool) pool labels are changed to one of
+    The target takes n_target // 5 articles of every topic (seeded), the test split (`<out_dir>/test/test.parquet`)
+    n_test // 5 others of every topic; the pool is every remaining article (or a seeded sample of n_pool of them). Exactly round(flip_fraction * n_pool) pool labels are changed to one of
     the four other topics, uniformly; `flipped` keeps the truth. Columns: text, label, headline, file, and in
     the pool `flipped`. Layout as the demo's: `<out_dir>/pool/shard-NN.parquet`,
     `<out_dir>/targets/clean_val.parquet`. Same arguments, same files.
     """
-    if not 0 <= flip_fraction <= 1 or n_target < len(BBC_TOPICS) or n_shards < 1:
-        raise ValueError("need 0 <= flip_fraction <= 1, n_target >= 5 and n_shards >= 1")
+    if not 0 <= flip_fraction <= 1 or min(n_target, n_test) < len(BBC_TOPICS) or n_shards < 1:
+        raise ValueError("need 0 <= flip_fraction <= 1, n_target >= 5, n_test >= 5 and n_shards >= 1")
     articles = load_bbc_articles()
     rng = np.random.default_rng(seed)
-    per_topic = n_target // len(BBC_TOPICS)
-    target_idx = []
+    per_target, per_test = n_target // len(BBC_TOPICS), n_test // len(BBC_TOPICS)
+    target_idx, test_idx = [], []
     for topic in BBC_TOPICS:
         idx = np.flatnonzero(articles["label"].to_numpy() == topic)
-        if len(idx) <= per_topic:
-            raise ValueError(f"topic {topic!r} has {len(idx)} articles; asked for {per_topic} in the target")
-        target_idx.extend(rng.choice(idx, size=per_topic, replace=False).tolist())
-    in_target = np.zeros(len(articles), dtype=bool)
-    in_target[target_idx] = True
-    pool_idx = np.flatnonzero(~in_target)
+        if len(idx) <= per_target + per_test:
+            raise ValueError(f"topic {topic!r} has {len(idx)} articles; asked for {per_target} in the target and "
+                             f"{per_test} in the test split")
+        chosen = rng.choice(idx, size=per_target + per_test, replace=False)
+        target_idx.extend(chosen[:per_target].tolist())
+        test_idx.extend(chosen[per_target:].tolist())
+    held = np.zeros(len(articles), dtype=bool)
+    held[target_idx + test_idx] = True
+    pool_idx = np.flatnonzero(~held)
     if n_pool is not None:
         if not n_shards <= n_pool <= len(pool_idx):
             raise ValueError(f"n_pool must be between {n_shards} and {len(pool_idx)}")
         pool_idx = np.sort(rng.choice(pool_idx, size=n_pool, replace=False))
     pool = articles.iloc[pool_idx].reset_index(drop=True)
     target = articles.iloc[np.sort(target_idx)].reset_index(drop=True)
+    test = articles.iloc[np.sort(test_idx)].reset_index(drop=True)
     n = len(pool)
     if n < n_shards:
         raise ValueError(f"the pool has {n} articles, fewer than {n_shards} shards")
@@ -120,17 +124,19 @@ def build_bbc_dataset(out_dir: str | Path, n_target: int = 300, flip_fraction: f
     pool["label"] = labels
     pool["flipped"] = flip
 
-    pool_dir, shards, target_path = write_pool_and_target(pool, target, out_dir, n_shards, "clean_val")
+    pool_dir, shards, target_path, test_path = write_pool_and_target(pool, target, test, out_dir, n_shards,
+                                                                     "clean_val")
     return DemoPaths(root=Path(out_dir), pool_dir=pool_dir, shards=shards, target=target_path, n_pool=n,
-                     n_target=len(target), n_flipped=int(flip.sum()))
+                     n_target=len(target), test=test_path, n_test=len(test), n_flipped=int(flip.sum()))
 
 
 def write_bbc_config(paths: DemoPaths, config_path: str | Path | None = None, *, storage_root: str = "store",
-                     overrides: Mapping[str, Any] | None = None) -> Path:
+                     overrides: Mapping[str, Any] | None = None, evaluation: Mapping[str, Any] | None = None) -> Path:
     """The demo config (`write_demo_config`: minilm, LoRA r=8 on query+value, the demo's warm-up) with
-    `BBC_OVERRIDES`, then `overrides` (merged one level deep). Returns the config path."""
+    `BBC_OVERRIDES`, then `overrides` (merged one level deep), and an `evaluation:` block on the test split when
+    `evaluation` is given. Returns the config path."""
     merged: dict[str, Any] = dict(BBC_OVERRIDES)
     for key, value in (overrides or {}).items():
         merged[key] = {**merged[key], **value} if isinstance(value, Mapping) and isinstance(merged.get(key), dict) \
             else value
-    return write_demo_config(paths, config_path, storage_root=storage_root, overrides=merged)
+    return write_demo_config(paths, config_path, storage_root=storage_root, overrides=merged, evaluation=evaluation)

@@ -25,7 +25,7 @@ __all__ = ["ChatterbotPaths", "build_chatterbot_dataset", "chatterbot_pairs"]
 
 @dataclass(frozen=True)
 class ChatterbotPaths(DatasetPaths):
-    """Where `build_chatterbot_dataset` wrote the pool shards and the target set of one topic."""
+    """Where `build_chatterbot_dataset` wrote the pool shards, the target set and the test split of one topic."""
 
     target_topic: str
 
@@ -46,20 +46,25 @@ def chatterbot_pairs() -> pd.DataFrame:
 
 
 def build_chatterbot_dataset(out_dir: str | Path, *, n_pool: int = 400, n_target: int = 40,
-                             target_topic: str = "ai", seed: int = 0, n_shards: int = 2) -> ChatterbotPaths:
-    """A pool of `n_pool` pairs of every topic and a target set of `n_target` held-out `target_topic` pairs
-    (no pair in both), as parquet under `<out_dir>/pool/` and `<out_dir>/targets/<topic>.parquet`."""
+                             target_topic: str = "ai", seed: int = 0, n_shards: int = 2,
+                             n_test: int = 20) -> ChatterbotPaths:
+    """A pool of `n_pool` pairs of every topic, a target set of `n_target` held-out `target_topic` pairs and a test
+    split of `n_test` other ones (no pair in two of them), as parquet under `<out_dir>/pool/`,
+    `<out_dir>/targets/<topic>.parquet` and `<out_dir>/test/test.parquet`."""
     pairs = chatterbot_pairs()
     topical = pairs[pairs["label"] == target_topic]
-    if len(topical) <= n_target:
-        raise DataError(f"topic {target_topic!r} has {len(topical)} pairs; asked for {n_target} targets plus some "
-                        f"in the pool (topics: {sorted(pairs['label'].unique())})")
+    if len(topical) <= n_target + n_test:
+        raise DataError(f"topic {target_topic!r} has {len(topical)} pairs; asked for {n_target} targets and {n_test} "
+                        f"tests plus some in the pool (topics: {sorted(pairs['label'].unique())})")
     rng = np.random.default_rng(seed)
-    target = topical.iloc[rng.permutation(len(topical))[:n_target]]
-    rest = pairs.drop(index=target.index)
+    order = rng.permutation(len(topical))
+    target, test = topical.iloc[order[:n_target]], topical.iloc[order[n_target:n_target + n_test]]
+    rest = pairs.drop(index=target.index.append(test.index))
     if len(rest) < n_pool:
         raise ValueError(f"the corpus has {len(rest)} pairs outside the target set; asked for {n_pool}")
     pool = rest.iloc[rng.permutation(len(rest))[:n_pool]].reset_index(drop=True)
-    pool_dir, shards, target_path = write_pool_and_target(pool, target, out_dir, n_shards, target_topic)
+    pool_dir, shards, target_path, test_path = write_pool_and_target(pool, target, test, out_dir, n_shards,
+                                                                     target_topic)
     return ChatterbotPaths(root=Path(out_dir), pool_dir=pool_dir, shards=shards, target=target_path,
-                           target_topic=target_topic, n_pool=n_pool, n_target=n_target)
+                           target_topic=target_topic, n_pool=n_pool, n_target=n_target, test=test_path,
+                           n_test=n_test)

@@ -18,7 +18,7 @@ import yaml
 from hyperinf_ops.data.shards import DatasetPaths, write_pool_and_target
 from hyperinf_ops.errors import DataError
 
-__all__ = ["DEMO_CONFIG", "DemoPaths", "build_demo_dataset", "demo_epochs", "write_demo_config"]
+__all__ = ["DEMO_CONFIG", "DEMO_EVALUATION", "DemoPaths", "build_demo_dataset", "demo_epochs", "write_demo_config"]
 
 
 @dataclass(frozen=True)
@@ -40,39 +40,52 @@ def rotten_tomatoes_csv() -> Path:
 
 
 def build_demo_dataset(out_dir: str | Path, n_pool: int = 4000, n_target: int = 500, flip_fraction: float = 0.2,
-                       seed: int = 0, n_shards: int = 4) -> DemoPaths:
-    """Rotten Tomatoes critic snippets (fresh / rotten) as a noisy pool and a clean target set.
+                       seed: int = 0, n_shards: int = 4, n_test: int = 500) -> DemoPaths:
+    """Rotten Tomatoes critic snippets (fresh / rotten) as a noisy pool, a clean target set and a test split.
 
-    Movies are split between pool and target (no movie in both, so the target measures
-    generalisation, not memorised films). Exactly round(flip_fraction * n_pool) pool labels are
-    flipped; the `flipped` column keeps the truth for the mislabel report. The pool is written as
-    `n_shards` parquet files under `<out_dir>/pool/`, the target as `<out_dir>/targets/clean_val.parquet`.
+    Movies are split between target, test and pool (no movie in two of them, so target and test measure
+    generalisation, not memorised films). The target set holds n_target // 2 snippets of each label (a target
+    skewed to one label would make curation by its influence strip the other), the test split a seeded sample
+    of its movies' snippets. Exactly round(flip_fraction * n_pool) pool labels are flipped; the `flipped` column
+    keeps the truth for the mislabel report. Files: `n_shards` parquet shards under `<out_dir>/pool/`,
+    `<out_dir>/targets/clean_val.parquet`, `<out_dir>/test/test.parquet`.
     """
-    if not 0 <= flip_fraction <= 1 or n_pool < n_shards or n_target < 1 or n_shards < 1:
-        raise ValueError("need 0 <= flip_fraction <= 1, n_pool >= n_shards >= 1 and n_target >= 1")
+    if not 0 <= flip_fraction <= 1 or n_pool < n_shards or n_target < 2 or n_test < 1 or n_shards < 1:
+        raise ValueError("need 0 <= flip_fraction <= 1, n_pool >= n_shards >= 1, n_target >= 2 and n_test >= 1")
     raw = pd.read_csv(rotten_tomatoes_csv())
     raw = raw[raw["category"].isin(["fresh", "rotten"])].dropna(subset=["text", "movie_name"])
     raw = raw[raw["text"].str.strip().ne("")].drop_duplicates(subset="text")
     raw = raw.rename(columns={"category": "label"})[["text", "label", "movie_name"]]
     rng = np.random.default_rng(seed)
     movies = rng.permutation(np.array(sorted(raw["movie_name"].unique()), dtype=object))
-    # Whole movies go to the target until it has enough snippets; the rest form the pool.
-    sizes = raw.groupby("movie_name").size().reindex(movies).to_numpy()
-    n_target_movies = int(np.searchsorted(np.cumsum(sizes), n_target) + 1)
-    is_target = raw["movie_name"].isin(set(movies[:n_target_movies]))
-    target_rows, pool_rows = raw[is_target], raw[~is_target]
-    if len(pool_rows) < n_pool or len(target_rows) < n_target:
-        raise ValueError(f"the corpus has {len(raw)} usable snippets; asked for {n_pool} + {n_target}")
-    target = target_rows.sample(n=n_target, random_state=seed).reset_index(drop=True)
+    # Whole movies go to the target until each label has enough snippets (with 20% to spare), then to the test
+    # split until it has enough; the rest form the pool.
+    per_label = n_target // 2
+    by_movie = raw.groupby(["movie_name", "label"]).size().unstack(fill_value=0).reindex(movies)
+    enough = (by_movie.cumsum() >= math.ceil(1.2 * per_label)).all(axis=1).to_numpy()
+    n_target_movies = int(np.argmax(enough)) + 1 if enough.any() else len(movies)
+    after = by_movie.sum(axis=1).to_numpy()[n_target_movies:]
+    n_test_movies = int(np.searchsorted(np.cumsum(after), math.ceil(1.2 * n_test)) + 1)
+    role = pd.Series("pool", index=movies)
+    role.iloc[:n_target_movies] = "target"
+    role.iloc[n_target_movies:n_target_movies + n_test_movies] = "test"
+    raw_role = raw["movie_name"].map(role)
+    target_rows, test_rows, pool_rows = (raw[raw_role == r] for r in ("target", "test", "pool"))
+    if len(pool_rows) < n_pool or len(test_rows) < n_test or not enough.any():
+        raise ValueError(f"the corpus has {len(raw)} usable snippets; asked for {n_pool} + {n_target} + {n_test}")
+    target = pd.concat([g.sample(n=per_label, random_state=seed) for _, g in target_rows.groupby("label")])
+    target = target.sample(frac=1, random_state=seed)
+    test = test_rows.sample(n=n_test, random_state=seed + 2)
     pool = pool_rows.sample(n=n_pool, random_state=seed + 1).reset_index(drop=True)
     flip = np.zeros(n_pool, dtype=bool)
     flip[rng.choice(n_pool, size=round(flip_fraction * n_pool), replace=False)] = True
     pool["label"] = np.where(flip, pool["label"].map({"fresh": "rotten", "rotten": "fresh"}), pool["label"])
     pool["flipped"] = flip
 
-    pool_dir, shards, target_path = write_pool_and_target(pool, target, out_dir, n_shards, "clean_val")
-    return DemoPaths(root=Path(out_dir), pool_dir=pool_dir, shards=shards, target=target_path,
-                     n_pool=n_pool, n_target=n_target, n_flipped=int(flip.sum()))
+    pool_dir, shards, target_path, test_path = write_pool_and_target(pool, target, test, out_dir, n_shards,
+                                                                     "clean_val")
+    return DemoPaths(root=Path(out_dir), pool_dir=pool_dir, shards=shards, target=target_path, n_pool=n_pool,
+                     n_target=len(target), test=test_path, n_test=n_test, n_flipped=int(flip.sum()))
 
 
 # The demo's settings (measured on 2 shared CPU cores, see the module report):
@@ -97,17 +110,24 @@ DEMO_CONFIG: dict[str, Any] = {
 }
 
 
+# `hyperinf demo --evaluate`: HyperINF's and DataInf's curated half of the pool against a random half, 3 training seeds
+# each (9 fits of the warm-up recipe, tested on the test split; docs/results.md has the numbers and their cost).
+DEMO_EVALUATION: dict[str, Any] = {"methods": ["hyperinf", "datainf"], "fractions": [0.5], "seeds": 3, "full": False}
+
+
 def demo_epochs(n_pool: int) -> int:
     """Warm-up epochs for a demo pool: about 900 example passes, between 2 and 4 epochs."""
     return max(2, min(4, math.ceil(900 / n_pool)))
 
 
-def write_demo_config(paths: DemoPaths, config_path: str | Path | None = None, *, storage_root: str = "store",
-                      overrides: Mapping[str, Any] | None = None) -> Path:
+def write_demo_config(paths: DatasetPaths, config_path: str | Path | None = None, *, storage_root: str = "store",
+                      overrides: Mapping[str, Any] | None = None,
+                      evaluation: Mapping[str, Any] | None = None) -> Path:
     """Write a YAML config for the demo data (default `<root>/hyperinf.yaml`) and return its path.
 
     Paths in the file are relative to its folder; `overrides` replace top-level keys (nested
-    mappings are merged one level deep, e.g. {"train": {"epochs": 1}})."""
+    mappings are merged one level deep, e.g. {"train": {"epochs": 1}}). `evaluation` (e.g. {} or
+    {"fractions": [0.8]}) adds an `evaluation:` block on the dataset's test split."""
     config_path = Path(config_path or paths.root / "hyperinf.yaml").resolve()
     base = config_path.parent
     doc: dict[str, Any] = {
@@ -117,6 +137,8 @@ def write_demo_config(paths: DemoPaths, config_path: str | Path | None = None, *
         "data": {"path": _relative(paths.pool_dir, base), "text_column": "text", "label_column": "label"},
         "targets": {"clean_val": {"path": _relative(paths.target, base)}},
     }
+    if evaluation is not None:
+        doc["evaluation"] = {"test": {"path": _relative(paths.test, base)}, **DEMO_EVALUATION, **evaluation}
     for key, value in (overrides or {}).items():
         doc[key] = {**doc[key], **value} if isinstance(value, Mapping) and isinstance(doc.get(key), dict) else value
     config_path.parent.mkdir(parents=True, exist_ok=True)

@@ -1,5 +1,6 @@
-"""The on-disk layout every bundled dataset builder writes: `<out>/pool/shard-NN.parquet` and
-`<out>/targets/<name>.parquet`."""
+"""The on-disk layout every bundled dataset builder writes: `<out>/pool/shard-NN.parquet`,
+`<out>/targets/<name>.parquet` and the held-out `<out>/test/test.parquet` (never trained on nor scored: the
+evaluation's test split)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ __all__ = ["DatasetPaths", "write_pool_and_target"]
 
 @dataclass(frozen=True)
 class DatasetPaths:
-    """Where a builder wrote the pool shards and the target set, and how many examples they hold."""
+    """Where a builder wrote the pool shards, the target set and the test split, and how many examples they hold."""
 
     root: Path
     pool_dir: Path
@@ -22,17 +23,19 @@ class DatasetPaths:
     target: Path
     n_pool: int
     n_target: int
+    test: Path
+    n_test: int
 
 
-def write_pool_and_target(pool: pd.DataFrame, target: pd.DataFrame, out_dir: str | Path, n_shards: int,
-                          target_name: str) -> tuple[Path, tuple[Path, ...], Path]:
-    """Write `pool` as `n_shards` contiguous parquet shards and `target` as one file; returns (pool folder,
-    shard paths, target path). Shards of an earlier build are removed first: a rebuild with fewer shards must
-    not keep old ones."""
+def write_pool_and_target(pool: pd.DataFrame, target: pd.DataFrame, test: pd.DataFrame, out_dir: str | Path,
+                          n_shards: int, target_name: str) -> tuple[Path, tuple[Path, ...], Path, Path]:
+    """Write `pool` as `n_shards` contiguous parquet shards, `target` and `test` as one file each; returns (pool
+    folder, shard paths, target path, test path). Shards of an earlier build are removed first: a rebuild with
+    fewer shards must not keep old ones."""
     out_dir = Path(out_dir)
-    pool_dir, target_dir = out_dir / "pool", out_dir / "targets"
-    pool_dir.mkdir(parents=True, exist_ok=True)
-    target_dir.mkdir(parents=True, exist_ok=True)
+    pool_dir, target_dir, test_dir = out_dir / "pool", out_dir / "targets", out_dir / "test"
+    for folder in (pool_dir, target_dir, test_dir):
+        folder.mkdir(parents=True, exist_ok=True)
     for stale in pool_dir.glob("shard-*.parquet"):
         stale.unlink()
     shards = []
@@ -40,6 +43,7 @@ def write_pool_and_target(pool: pd.DataFrame, target: pd.DataFrame, out_dir: str
         path = pool_dir / f"shard-{i:02d}.parquet"
         pool.iloc[part].to_parquet(path, index=False)
         shards.append(path)
-    target_path = target_dir / f"{target_name}.parquet"
+    target_path, test_path = target_dir / f"{target_name}.parquet", test_dir / "test.parquet"
     target.reset_index(drop=True).to_parquet(target_path, index=False)
-    return pool_dir, tuple(shards), target_path
+    test.reset_index(drop=True).to_parquet(test_path, index=False)
+    return pool_dir, tuple(shards), target_path, test_path

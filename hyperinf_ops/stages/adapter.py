@@ -5,30 +5,50 @@ whole pool, unless the store already holds one made by the same recipe (model, l
 settings): then it is reused even if shards were added since, because gradients are only comparable under
 one adapter and new data must not silently invalidate every stored row (pass `retrain=True` to train
 again). The new adapter becomes current only once it is saved whole (adapters.py).
+
+The warm-up is evaluated on held-out records before training and after every epoch: the configured target
+sets read from files (never trained on), or, when every target set is a `where:` selection of the pool, a
+seeded sample of pool rows (trained on, so it measures fit, not generalisation). `warmup_problem` says why
+an adapter did not learn: held-out accuracy no better than the pool's majority class (tasks with classes),
+or held-out loss no lower than before training (causal LM).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import time
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pyarrow.compute as pc
 
 from hyperinf_ops.adapters import AdapterManifest, AdapterStore, folder_digest, recipe_key
-from hyperinf_ops.data.prepare import record_columns
+from hyperinf_ops.data.prepare import prepare_targets, record_columns
+from hyperinf_ops.evaluation import majority_baseline
 from hyperinf_ops.gradients import lora_matrix_shapes
 from hyperinf_ops.models import adapter_hash, load_lora_model, model_hash, pooling_of, resolve_model
 from hyperinf_ops.models.lora import LoadedModel
 from hyperinf_ops.settings import LoraSettings, ModelSpec, TrainSettings
-from hyperinf_ops.stages.common import Log, Summary, require_table
+from hyperinf_ops.stages.common import Log, Summary, require_table, sample_filter
 from hyperinf_ops.store import LanceStore
 from hyperinf_ops.tasks import get_task
 from hyperinf_ops.training import TrainStats, warmup_train
 
-__all__ = ["AdapterSummary", "adapter_pending", "adapter_recipe", "pool_labels", "train_or_load_adapter"]
+__all__ = ["AdapterSummary", "HeldOut", "adapter_pending", "adapter_recipe", "heldout_records", "pool_labels",
+           "train_or_load_adapter", "warmup_problem"]
+
+# Pool rows the warm-up is evaluated on when no target set comes from a file.
+POOL_SAMPLE_EXAMPLES = 512
+
+
+@dataclass(frozen=True)
+class HeldOut:
+    """The records the warm-up is evaluated on, and where they come from (shown with the numbers)."""
+
+    source: str
+    records: list[dict[str, Any]] = field(default_factory=list)
 
 
 @dataclass
@@ -76,9 +96,28 @@ def adapter_pending(store: LanceStore, spec: ModelSpec, lora: LoraSettings, trai
     return current is None or current.recipe_key != key
 
 
+def heldout_records(store: LanceStore, targets: Mapping[str, Any], data: Any, task: str, seed: int = 0) -> HeldOut:
+    """What the warm-up is evaluated on: every target set given as a file (`targets`: the config's
+    TargetSections, `data` its DataSection), else a seeded sample of POOL_SAMPLE_EXAMPLES pool rows."""
+    examples = require_table(store, "examples", "ingest the pool first")
+    columns = record_columns(task)
+    files = {name: t for name, t in targets.items() if t.path is not None}
+    if files:
+        pool = examples.to_table(columns=[*columns, "content_hash"])
+        tables = prepare_targets(files, data, task, pool)
+        records = [r for name in files for r in tables[name].select(columns).to_pylist()]
+        return HeldOut(source=f"target set{'s' if len(files) > 1 else ''} {', '.join(files)} (not trained on)",
+                       records=records)
+    sample = examples.to_table(columns=columns, filter=sample_filter(examples, POOL_SAMPLE_EXAMPLES, seed))
+    return HeldOut(source=f"{sample.num_rows} pool rows (trained on: fit, not generalisation)",
+                   records=sample.to_pylist())
+
+
 def train_or_load_adapter(store: LanceStore, spec: ModelSpec, lora: LoraSettings, train: TrainSettings, *,
-                          given: Path | None = None, retrain: bool = False, log: Log = print) -> AdapterSummary:
-    """Make the adapter these settings ask for current: reused, copied from `given`, or trained."""
+                          given: Path | None = None, retrain: bool = False, heldout: HeldOut | None = None,
+                          log: Log = print) -> AdapterSummary:
+    """Make the adapter these settings ask for current: reused, copied from `given`, or trained (and evaluated
+    on `heldout` before training and after each epoch)."""
     start = time.perf_counter()
     adapters = AdapterStore(store.root)
     examples = require_table(store, "examples", "ingest the pool first")
@@ -93,16 +132,19 @@ def train_or_load_adapter(store: LanceStore, spec: ModelSpec, lora: LoraSettings
         source = "reused"
     elif given is not None:
         loaded = load_lora_model(spec, labels, adapter_dir=given)
-        manifest = _manifest(loaded, key, "given", spec.name, trained_on=0, stats=None, given=given)
+        manifest = _manifest(loaded, key, "given", spec.name, trained_on=0, train=None, given=given)
         log(f"using the given adapter {given} (hash {manifest.short_hash})")
         source = "given"
     else:
         loaded = load_lora_model(spec, labels, lora=lora, seed=train.seed)
         records = examples.to_table(columns=record_columns(spec.task)).to_pylist()
         log(f"warm-up training on {len(records)} examples: {train.epochs} epochs, batch {train.batch_size}, "
-            f"lr {train.lr}, device {loaded.device}")
-        stats = warmup_train(loaded, records, train, max_length=spec.max_length, progress=lambda e: log(str(e)))
-        manifest = _manifest(loaded, key, "trained", spec.name, trained_on=len(records), stats=stats)
+            f"lr {train.lr}, device {loaded.device}"
+            + (f"; evaluated on {len(heldout.records)} records of {heldout.source}" if heldout else ""))
+        stats = warmup_train(loaded, records, train, max_length=spec.max_length, progress=lambda e: log(str(e)),
+                             heldout=heldout.records if heldout else ())
+        manifest = _manifest(loaded, key, "trained", spec.name, trained_on=len(records),
+                             train=_train_record(stats, train, records, heldout))
         log(f"adapter {manifest.short_hash} trained, final loss {stats.loss_per_epoch[-1]:.4f}")
         source = "trained"
     if source != "reused":
@@ -115,10 +157,44 @@ def train_or_load_adapter(store: LanceStore, spec: ModelSpec, lora: LoraSettings
                           seconds=time.perf_counter() - start)
 
 
-def _manifest(loaded: LoadedModel, key: str, source: str, model: str, *, trained_on: int, stats: TrainStats | None,
-              given: Path | None = None) -> AdapterManifest:
+def warmup_problem(train: Mapping[str, Any] | None) -> str | None:
+    """Why the warm-up recorded in `train` (an AdapterSummary's `train`) did not learn, or None when it did or
+    when there is no held-out curve to judge (a given adapter, one trained before curves were recorded)."""
+    if not train or not train.get("heldout_loss_per_epoch"):
+        return None
+    where = train["heldout_source"]
+    hint = (f"(lr {train['lr']}, {train['epochs']} epochs, batch {train['batch_size']}): raise train.lr or "
+            "train.epochs, or check that the labels follow from the text")
+    accuracy = train.get("heldout_accuracy_per_epoch")
+    if accuracy:
+        majority = train["majority"]
+        if accuracy[-1] <= majority["accuracy"]:
+            return (f"the warm-up adapter is no better than always predicting the pool's majority class "
+                    f"{majority['label']!r}: accuracy {accuracy[-1]:.3f} vs {majority['accuracy']:.3f} on {where} "
+                    f"{hint}")
+        return None
+    losses = train["heldout_loss_per_epoch"]
+    if losses[-1] >= losses[0]:
+        return (f"the warm-up did not lower the loss on {where}: {losses[0]:.4f} before training, "
+                f"{losses[-1]:.4f} after {hint}")
+    return None
+
+
+def _train_record(stats: TrainStats, train: TrainSettings, records: Sequence[Mapping[str, Any]],
+                  heldout: HeldOut | None) -> dict[str, Any]:
+    """The warm-up as stored in the adapter's manifest: its TrainStats, the recipe numbers a message quotes, where
+    the held-out records came from and the majority-class baseline on them."""
+    out: dict[str, Any] = {**dataclasses.asdict(stats), "examples_per_s": stats.examples_per_s,
+                           "lr": train.lr, "batch_size": train.batch_size}
+    if heldout is not None and heldout.records and stats.heldout_accuracy_per_epoch is not None:
+        base = majority_baseline([r["label"] for r in records], [r["label"] for r in heldout.records])
+        out["majority"] = {"label": base.label, "accuracy": base.accuracy}
+    return {**out, "heldout_source": heldout.source if heldout else None}
+
+
+def _manifest(loaded: LoadedModel, key: str, source: str, model: str, *, trained_on: int,
+              train: dict[str, Any] | None, given: Path | None = None) -> AdapterManifest:
     peft = loaded.model.peft_config["default"]
-    train = None if stats is None else {**dataclasses.asdict(stats), "examples_per_s": stats.examples_per_s}
     return AdapterManifest(
         adapter_hash=adapter_hash(loaded.model), recipe_key=key, source=source, model=model,
         model_hash=model_hash(loaded.model_path), task=loaded.task.name, labels=tuple(loaded.label2id),

@@ -1,4 +1,8 @@
-"""Stage: the curated subset, a `sql/` query over the scores exported as Parquet + JSONL + manifest.json."""
+"""Stage: the curated subset, a `sql/` query over the scores exported as Parquet + JSONL + manifest.json, and
+what it did to the pool: each label's share kept (a target set skewed to one label can strip another; the
+`balance` parameter of `top_fraction` keeps every label's share) and, for pools with a boolean `flipped`
+column, how many planted flips it removed against the n_flipped * (1 - n_subset / n_pool) a random subset of
+the same size removes on average."""
 
 from __future__ import annotations
 
@@ -8,7 +12,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from hyperinf_ops.export import export_subset
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from hyperinf_ops.export import export_subset, update_manifest
 from hyperinf_ops.query import sync_duckdb
 from hyperinf_ops.stages.common import Log, Summary, require_table
 from hyperinf_ops.store import LanceStore
@@ -24,6 +31,8 @@ class CurateSummary(Summary):
     out_dir: str
     files: dict[str, str]
     table_versions: dict[str, int]
+    labels: list[dict[str, Any]]  # label, pool, subset, kept (share of the label's pool examples kept)
+    flipped: dict[str, Any] | None  # pool, kept, removed, removed_at_random (expected), vs_random (ratio)
     seconds: float
 
 
@@ -39,9 +48,44 @@ def curate(store: LanceStore, query: str, params: Mapping[str, Any], *, log: Log
     require_table(store, "scores", "materialize influence_scores first")
     out_dir = export_dir(store.root, query)
     manifest = export_subset(store, query, params, out_dir, overwrite=True)
+    columns = [c for c in ("label", "flipped") if c in store.open("examples").schema.names]
+    pool = store.open("examples").to_table(columns=columns)
+    labels, flipped = subset_report(pool, pq.read_table(out_dir / manifest.files["parquet"], columns=columns))
+    update_manifest(out_dir, labels=labels, flipped=flipped)
     sync_duckdb(store)
     summary = CurateSummary(query=query, params=dict(params), rows=manifest.row_count, out_dir=str(out_dir),
                             files={k: str(out_dir / v) for k, v in manifest.files.items()},
-                            table_versions=manifest.table_versions, seconds=time.perf_counter() - start)
-    log(f"curated subset {query}{summary.params}: {summary.rows} examples -> {out_dir}")
+                            table_versions=manifest.table_versions, labels=labels, flipped=flipped,
+                            seconds=time.perf_counter() - start)
+    log(f"curated subset {query}{summary.params}: {summary.rows} examples -> {out_dir}; kept per label: "
+        + ", ".join(f"{r['label']} {r['subset']}/{r['pool']}" for r in labels)
+        + (f"; removed {flipped['removed']} of {flipped['pool']} flipped labels (random: "
+           f"{flipped['removed_at_random']:.1f})" if flipped else ""))
     return summary
+
+
+def subset_report(pool: pa.Table, subset: pa.Table) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
+    """Per label: pool and subset counts and the share kept; the planted flips removed against random (both
+    tables with the optional `label` and `flipped` columns)."""
+    labels = []
+    if "label" in pool.column_names:
+        pool_counts = pool.group_by("label").aggregate([("label", "count")]).to_pylist()
+        subset_counts = {r["label"]: r["label_count"]
+                         for r in subset.group_by("label").aggregate([("label", "count")]).to_pylist()}
+        for row in sorted(pool_counts, key=lambda r: str(r["label"])):
+            if row["label"] is None:
+                continue  # tasks without labels
+            kept = subset_counts.get(row["label"], 0)
+            labels.append({"label": str(row["label"]), "pool": row["label_count"], "subset": kept,
+                           "kept": round(kept / row["label_count"], 4)})
+    if "flipped" not in pool.column_names or not pa.types.is_boolean(pool.schema.field("flipped").type):
+        return labels, None
+    n_flipped, kept_flipped = _true_count(pool["flipped"]), _true_count(subset["flipped"])
+    at_random = n_flipped * (1 - subset.num_rows / max(pool.num_rows, 1))
+    return labels, {"pool": n_flipped, "kept": kept_flipped, "removed": n_flipped - kept_flipped,
+                    "removed_at_random": round(at_random, 2),
+                    "vs_random": round((n_flipped - kept_flipped) / at_random, 3) if at_random else None}
+
+
+def _true_count(column: pa.ChunkedArray) -> int:
+    return sum(v is True for v in column.to_pylist())

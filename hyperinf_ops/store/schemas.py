@@ -15,7 +15,8 @@ from hyperinf_ops.row_format import RowFormat
 __all__ = ["TABLES", "curvature_schema", "gradients_schema", "json_safe", "queries_schema", "scores_schema",
            "sql_literal", "target_gradients_schema"]
 
-TABLES = ("examples", "targets", "gradients", "curvature", "preconditioners", "target_gradients", "queries", "scores")
+TABLES = ("examples", "targets", "gradients", "curvature", "preconditioners", "target_gradients", "queries", "scores",
+          "evaluation")
 
 
 def sql_literal(value: str) -> str:

@@ -1,0 +1,72 @@
+"""How well a LoRA model fits held-out examples: mean loss, accuracy and the majority-class baseline.
+
+For N examples with per-example losses l_k (the task's own loss: cross-entropy of the class id, or the mean
+next-token cross-entropy of the response tokens) `loss = (1/N) sum_k l_k`; for tasks with classes
+`accuracy = (1/N) #{k : argmax logits_k = y_k}` and the majority baseline is the accuracy of a model that
+learned only the class prior of its training rows: the share of the evaluated examples whose label is the
+training rows' most common label. A warm-up "learns" when its held-out accuracy beats that baseline
+(classification) or its held-out loss falls below the untrained model's (causal LM).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from hyperinf_ops.models.lora import LoadedModel, batches
+
+__all__ = ["EvalResult", "MajorityBaseline", "evaluate_model", "majority_baseline"]
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    """Mean loss (and accuracy, tasks with classes) of a model over `examples` records."""
+
+    examples: int
+    loss: float
+    accuracy: float | None
+
+
+@dataclass(frozen=True)
+class MajorityBaseline:
+    """The training rows' most common label and the share of evaluated examples that carry it."""
+
+    label: str
+    accuracy: float
+
+
+@torch.no_grad()
+def evaluate_model(loaded: LoadedModel, records: Sequence[Mapping[str, Any]], *, batch_size: int = 64,
+                   max_length: int = 128) -> EvalResult:
+    """Loss and accuracy of `loaded.model` on `records` in eval mode (dropout off); the model's mode is restored."""
+    if not records:
+        raise ValueError("nothing to evaluate: no records")
+    model, task = loaded.model, loaded.task
+    was_training = model.training
+    model.eval()
+    loss_sum, correct = 0.0, 0
+    try:
+        for _, batch in batches(loaded, records, batch_size, max_length):
+            logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+            targets = task.loss_targets(model, batch["labels"], batch["attention_mask"])
+            loss_sum += float(task.per_example_losses(logits, targets).sum())
+            if task.has_classes:
+                correct += int((logits.argmax(-1) == targets).sum())
+    finally:
+        model.train(was_training)
+    n = len(records)
+    return EvalResult(examples=n, loss=loss_sum / n, accuracy=correct / n if task.has_classes else None)
+
+
+def majority_baseline(train_labels: Sequence[str], eval_labels: Sequence[str]) -> MajorityBaseline:
+    """The constant predictor of the most common training label (ties: the first in sorted order), scored on
+    `eval_labels`."""
+    if not train_labels or not eval_labels:
+        raise ValueError("the majority baseline needs training and evaluated labels")
+    counts = Counter(map(str, train_labels))
+    label = min(counts, key=lambda c: (-counts[c], c))
+    return MajorityBaseline(label=label, accuracy=sum(str(y) == label for y in eval_labels) / len(eval_labels))
