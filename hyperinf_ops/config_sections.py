@@ -1,0 +1,172 @@
+"""The sections of the YAML configuration (`config.py` composes them into `HyperinfConfig`) and the checks a
+section makes on its own: paths resolved against the config file's folder and checked to exist, `where:`
+predicates parsed by DuckDB, curation queries known to `sql/`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+from pydantic import BeforeValidator, Field, ValidationInfo, field_validator, model_validator
+
+from hyperinf_ops.config_problems import did_you_mean
+from hyperinf_ops.settings import PipelineMethod, Settings
+
+__all__ = [
+    "AdapterSection",
+    "ConfigPath",
+    "CurationSection",
+    "DataSection",
+    "EvaluationSection",
+    "TargetSection",
+    "TestFile",
+    "curation_queries",
+    "resolve_config_path",
+    "where_predicate_problem",
+]
+
+
+def resolve_config_path(value: Any, info: ValidationInfo) -> Any:
+    """A config path relative to the config file's folder (validation context `base_dir`)."""
+    if isinstance(value, Path):
+        value = str(value)
+    if not isinstance(value, str) or not value:
+        return value  # the Path type check reports it
+    if "://" in value:
+        raise ValueError("object-store URIs are not supported yet; use a local path")
+    base = Path((info.context or {}).get("base_dir") or Path.cwd())
+    return (base / Path(value).expanduser()).resolve()
+
+
+ConfigPath = Annotated[Path, BeforeValidator(resolve_config_path)]
+
+
+def _require_file(path: Path | None) -> Path | None:
+    if path is not None and not path.is_file():
+        raise ValueError(f"{str(path)!r} is not a file")
+    return path
+
+
+class DataSection(Settings):
+    """The candidate pool: one file, or a folder whose .parquet/.csv/.jsonl files are the shards."""
+
+    path: ConfigPath
+    text_column: str = "text"
+    label_column: str | None = "label"  # causal_lm: optional (None = no label)
+    id_column: str | None = None  # None = sample ids are content hashes
+    prompt_column: str | None = None  # causal_lm only; defaults to "prompt"
+    response_column: str | None = None  # causal_lm only; defaults to "response"
+
+    @field_validator("path")
+    @classmethod
+    def _exists(cls, path: Path) -> Path:
+        if not path.exists():
+            raise ValueError(f"{str(path)!r} does not exist")
+        return path
+
+
+class TargetSection(Settings):
+    """One target set: a file with the pool's columns, or a DuckDB predicate selecting pool rows.
+
+    `where` is evaluated over the `examples` table (columns sample_id, text / prompt, response, label, shard
+    and every extra pool column); the selected rows stay in the pool, e.g. `label = 'sport'`.
+    """
+
+    path: ConfigPath | None = None
+    where: str | None = None
+
+    _is_file = field_validator("path")(_require_file)
+
+    @field_validator("where")
+    @classmethod
+    def _parses(cls, where: str | None) -> str | None:
+        problem = None if where is None else where_predicate_problem(where)
+        if problem:
+            raise ValueError(problem)
+        return where
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> TargetSection:
+        if (self.path is None) == (self.where is None):
+            raise ValueError("give exactly one of `path` (a file) or `where` (a SQL predicate over the pool)")
+        return self
+
+
+class AdapterSection(Settings):
+    """`path`: a saved peft adapter folder to use instead of warm-up training."""
+
+    path: ConfigPath | None = None
+
+    @field_validator("path")
+    @classmethod
+    def _is_adapter(cls, path: Path | None) -> Path | None:
+        if path is not None and not (path / "adapter_config.json").is_file():
+            raise ValueError(f"{str(path)!r} is not a saved peft adapter (no adapter_config.json)")
+        return path
+
+
+Scalar = str | bool | int | float
+
+
+class CurationSection(Settings):
+    """Which `sql/<query>.sql` selects the curated subset, and its DuckDB parameters.
+
+    `target_set` and `method` default to the first target set and the first estimator."""
+
+    query: str = "top_fraction"
+    params: dict[str, Scalar] = Field(default_factory=lambda: {"fraction": 0.8})
+
+    @field_validator("query")
+    @classmethod
+    def _known_query(cls, query: str) -> str:
+        queries = curation_queries()
+        if query not in queries:
+            raise ValueError(f"no query {query!r}{did_you_mean(query, queries)}; available: {sorted(queries)}")
+        return query
+
+
+class TestFile(Settings):
+    """A labelled file with the pool's columns, never trained on nor scored."""
+
+    path: ConfigPath
+
+    _is_file = field_validator("path")(_require_file)
+
+
+class EvaluationSection(Settings):
+    """Does curation help? Fresh adapters fine-tuned with the warm-up recipe (`train`, `lora`) on each method's
+    curated subset (`top_fraction` of `target_set`'s ranking, class-balanced with `balance`), on random subsets
+    of the same size (one per seed) and on the whole pool, evaluated on `test`. Every fit is repeated for
+    `seeds` training seeds (train.seed, train.seed + 1, ...). `methods` default to the estimators, `target_set`
+    to the curation's."""
+
+    test: TestFile
+    fractions: tuple[Annotated[float, Field(gt=0, le=1)], ...] = Field((0.5, 0.8), strict=False, min_length=1)
+    seeds: int = Field(2, ge=1)
+    methods: tuple[PipelineMethod, ...] | None = Field(None, strict=False, min_length=1)
+    target_set: str | None = None
+    balance: bool = False
+    full: bool = True
+
+
+def curation_queries() -> dict[str, Any]:
+    """The curation queries of sql/ (name -> QueryInfo), without the internal export join."""
+    from hyperinf_ops.export import EXPORT_QUERY
+    from hyperinf_ops.query import list_queries
+
+    return {name: q for name, q in list_queries().items() if name != EXPORT_QUERY}
+
+
+def where_predicate_problem(predicate: str) -> str | None:
+    """Why `predicate` is not a single SQL boolean expression (parsed by DuckDB, not executed), or None."""
+    import duckdb
+
+    if not predicate.strip():
+        return "empty predicate"
+    try:
+        statements = duckdb.connect().extract_statements(f"SELECT * FROM examples WHERE ({predicate})")
+    except duckdb.Error as err:
+        return f"does not parse as a SQL predicate: {str(err).splitlines()[0]}"
+    if len(statements) != 1 or statements[0].type != duckdb.StatementType.SELECT:
+        return "must be one boolean expression, not several statements"
+    return None
