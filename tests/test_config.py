@@ -162,3 +162,23 @@ def test_keys_of_earlier_versions_name_their_replacement(project: Path):
     assert any(p.startswith("projection_dim: replaced by compression.sketch_dim") for p in found), found
     assert "projection_dtype: replaced by compression.dtype" in found
     assert any(p.startswith("device:") for p in found) and len(found) == 3
+
+
+def test_evaluation_block(project: Path):
+    """The evaluation block: defaults, relative test path, and every problem with the others."""
+    cfg = load_config({**minimal(), "evaluation": {"test": {"path": "data/val.parquet"}}}, base_dir=project)
+    ev = cfg.evaluation
+    assert ev.test.path == project / "data" / "val.parquet" and ev.fractions == (0.5, 0.8) and ev.seeds == 2
+    assert cfg.evaluation_methods == cfg.estimators and cfg.evaluation_target == "clean_val"
+    assert load_config(cfg.to_dict()) == cfg
+    found = problems({**minimal(), "evaluation": {
+        "test": {"path": "data/nope.parquet"}, "fractions": [0, 1.5], "seeds": 0, "methods": ["lissa", "hyperinff"],
+        "target_set": "clean_vall"}}, base_dir=project)
+    text = "\n".join(found)
+    assert "evaluation.test.path:" in text and "nope.parquet' is not a file" in text
+    assert "evaluation.fractions[0]: must be > 0" in text and "evaluation.fractions[1]: must be <= 1" in text
+    assert "evaluation.seeds: must be >= 1" in text
+    assert "evaluation.methods[1]: 'hyperinff' is not one of" in text
+    assert "evaluation.target_set: 'clean_vall' is not a configured target set" in text
+    assert "did you mean 'clean_val'" in text
+    assert "evaluation.methods: ['lissa', 'hyperinff'] are not configured estimators" in text
