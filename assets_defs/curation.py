@@ -15,7 +15,7 @@ _PREVIEW_ROWS = 10
 
 
 @step_asset(
-    group="curation", kinds={"duckdb", "parquet"}, code_version="2",
+    group="curation", kinds={"duckdb", "parquet"}, code_version="3",
     deps=[influence_scores],
     description="The configured `sql/` curation query over the scores, exported as Parquet + JSONL + "
                 "manifest.json (query text, parameters, Lance versions); the DuckDB file is re-synced.",
@@ -80,10 +80,10 @@ def curated_subset_size(hyperinf: HyperinfResource) -> dg.AssetCheckResult:
 
 
 @step_asset(
-    group="curation", kinds=set(), code_version="3",
+    group="curation", kinds=set(), code_version="4",
     deps=[influence_scores],
     description="How well each estimator's most harmful examples find mislabeled ones: AUROC and share of "
-                "flips found in the 10% / 20% most harmful (needs a boolean `flipped` pool column; with raw "
+                "flips found in the 10% / 20% / 30% most harmful (needs a boolean `flipped` pool column; with raw "
                 "gradients also the self-influence rankings of target set `self`), plus the most harmful "
                 "examples with text and label. Reads the stored scores only.",
 )

@@ -1,7 +1,7 @@
 """Stage: what a person checks after scoring.
 
     mislabel_report   how well each ranking's most harmful examples find planted label flips (a boolean
-                      `flipped` pool column): AUROC and the share of flips among the 10% / 20% most harmful; with
+                      `flipped` pool column): AUROC and the share of flips among the 10% / 20% / 30% most harmful; with
                       the target-free self-influence rankings (the scores of target set "self")
     agreement_check   Spearman between stored scores and exact scores (the stored fp64 Cholesky inverse of the
                       same curvature, the stored rows) on a seeded sample: the solver's error
@@ -30,10 +30,13 @@ from hyperinf_ops.stages.queries import target_gradient
 from hyperinf_ops.stages.scores import extremes, read_scores, self_influence_pairs
 from hyperinf_ops.store import LanceStore
 
-__all__ = ["SELF_INFLUENCE_PREFIX", "AgreementSummary", "MislabelReport", "agreement_check", "mislabel_report"]
+__all__ = ["DETECTION_CUTS", "SELF_INFLUENCE_PREFIX", "AgreementSummary", "MislabelReport", "agreement_check",
+           "detection_metrics", "mislabel_report"]
 
 # Report key of a self-influence ranking: "self_influence_hyperinf", "self_influence_tracin".
 SELF_INFLUENCE_PREFIX = "self_influence_"
+# Inspection budgets of the detection rate: the share of all flips among the p% most harmful examples.
+DETECTION_CUTS = (10, 20, 30)
 
 
 @dataclass
@@ -42,7 +45,7 @@ class MislabelReport(Summary):
     has_truth: bool  # the pool has a `flipped` column
     examples: int
     flipped: int
-    # ranking -> auroc, detection_at_10, detection_at_20: the configured methods (by name) and
+    # ranking -> auroc, detection_at_10, _20, _30: the configured methods (by name) and
     # "self_influence_hyperinf" and "self_influence_tracin" (no target set)
     methods: dict[str, dict[str, float]]
     most_harmful: list[dict[str, Any]]
@@ -67,11 +70,12 @@ def _auroc(harm: np.ndarray, positive: np.ndarray) -> float:
     return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
-def _detection(harm: np.ndarray, flipped: np.ndarray) -> dict[str, float]:
-    """AUROC of `harm` vs flipped, and the share of all flips among the 10% / 20% most harmful."""
+def detection_metrics(harm: np.ndarray, flipped: np.ndarray) -> dict[str, float]:
+    """AUROC of `harm` vs flipped, and the share of all flips among the ceil(n p / 100) most harmful (stable
+    order) for p in DETECTION_CUTS: `detection_at_<p>`."""
     order = np.argsort(-harm, kind="stable")
     found = {f"detection_at_{p}": float(flipped[order[: math.ceil(len(harm) * p / 100)]].sum()
-                                        / max(flipped.sum(), 1)) for p in (10, 20)}
+                                        / max(flipped.sum(), 1)) for p in DETECTION_CUTS}
     return {"auroc": _auroc(harm, flipped), **found}
 
 
@@ -94,7 +98,7 @@ def mislabel_report(store: LanceStore, settings: GradientSettings, methods: Sequ
             raise DataError(f"no scores for {target}/{method}: materialize influence_scores first")
         if truth is not None:  # harm = -score: the most negative score (for self: the largest self-influence)
             flipped = truth.reindex(s["sample_id"], fill_value=False).to_numpy(dtype=bool)
-            rankings[name] = _detection(-s["score"].to_numpy(), flipped)
+            rankings[name] = detection_metrics(-s["score"].to_numpy(), flipped)
     return MislabelReport(target_set=target_set, has_truth=has_truth, examples=examples.count_rows(),
                           flipped=int(truth.sum()) if truth is not None else 0, methods=rankings,
                           most_harmful=extremes(store, task, target_set, methods[0].method, helpful=False))
