@@ -29,7 +29,7 @@ def evaluation(context: dg.AssetExecutionContext, hyperinf: HyperinfResource):
 
     ev = cfg.evaluation
     plan = EvaluationPlan(test_path=str(ev.test.path), target_set=cfg.evaluation_target,
-                          methods=cfg.evaluation_methods, fractions=ev.fractions, seeds=ev.seeds, balance=ev.balance,
+                          methods=cfg.evaluation_methods, fractions=ev.fractions, seeds=ev.seeds, balance=ev.balance_variants,
                           full=ev.full)
     summary, wall = timed(run_evaluation, hyperinf.store, cfg.model_spec, cfg.lora, cfg.train, cfg.data, plan,
                           log=context.log.info)
@@ -48,7 +48,8 @@ def evaluation(context: dg.AssetExecutionContext, hyperinf: HyperinfResource):
 def _label(row: dict) -> str:
     if row["subset"] == "full":
         return "full"
-    return f"{row['subset']}{'_' + row['method'] if row['method'] else ''}_{row['fraction']:g}"
+    return (f"{row['subset']}{'_' + row['method'] if row['method'] else ''}{'_balanced' if row['balance'] else ''}"
+            f"_{row['fraction']:g}")
 
 
 def _accuracy_plot(rows: list[dict]) -> dg.MetadataValue:
@@ -59,7 +60,7 @@ def _accuracy_plot(rows: list[dict]) -> dg.MetadataValue:
     series: dict[str, list[float | None]] = {}
     for r in rows:
         if r["subset"] != "full":
-            name = f"curated ({r['method']})" if r["method"] else "random"
+            name = f"curated ({r['method']}{', balanced' if r['balance'] else ''})" if r["method"] else "random"
             series.setdefault(name, [None] * len(fractions))[fractions.index(r["fraction"])] = r[key]
     full = {f"full pool: {r[key]:.3f}": r[key] for r in rows if r["subset"] == "full"}
     return lines_markdown(fractions, series, title=f"mean {key.replace('_', ' ')} over seeds", xlabel="fraction kept",

@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Any
 
-from pydantic import BeforeValidator, Field, ValidationInfo, field_validator, model_validator
+from pydantic import BeforeValidator, Field, StrictBool, ValidationInfo, field_validator, model_validator
 
 from hyperinf_ops.config_problems import did_you_mean
 from hyperinf_ops.settings import PipelineMethod, Settings
@@ -135,8 +135,9 @@ class TestFile(Settings):
 
 class EvaluationSection(Settings):
     """Does curation help? Fresh adapters fine-tuned with the warm-up recipe (`train`, `lora`) on each method's
-    curated subset (`top_fraction` of `target_set`'s ranking, class-balanced with `balance`), on random subsets
-    of the same size (one per seed) and on the whole pool, evaluated on `test`. Every fit is repeated for
+    curated subset (`top_fraction` of `target_set`'s ranking, class-balanced with `balance: true`, both variants
+    with `balance: [false, true]`), on random subsets of the same size (one per seed) and on the whole pool,
+    evaluated on `test`. Every fit is repeated for
     `seeds` training seeds (train.seed, train.seed + 1, ...). `methods` default to the estimators, `target_set`
     to the curation's."""
 
@@ -145,8 +146,13 @@ class EvaluationSection(Settings):
     seeds: int = Field(2, ge=1)
     methods: tuple[PipelineMethod, ...] | None = Field(None, strict=False, min_length=1)
     target_set: str | None = None
-    balance: bool = False
+    balance: bool | Annotated[tuple[StrictBool, ...], Field(strict=False, min_length=1)] = False
     full: bool = True
+
+    @property
+    def balance_variants(self) -> tuple[bool, ...]:
+        """The curated variants to fit: `balance: [false, true]` compares both."""
+        return tuple(dict.fromkeys(self.balance)) if isinstance(self.balance, tuple) else (self.balance,)
 
 
 def curation_queries() -> dict[str, Any]:

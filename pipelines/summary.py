@@ -51,10 +51,11 @@ def print_summary(instance: dg.DagsterInstance, cfg: HyperinfConfig, config_path
     if evaluation.get("results") is not None:
         print(f"\nEvaluation on the test split ({evaluation.get('test_examples')} examples), mean over seeds:")
         for r in (rec.data for rec in evaluation["results"].records):
-            name = f"{r['subset']}{' (' + r['method'] + ')' if r['method'] else ''}"
+            variant = f" ({r['method']}{', balanced' if r['balance'] else ''})" if r["method"] else ""
+            name = r["subset"] + variant
             acc = "" if r["test_accuracy"] is None else f"accuracy {r['test_accuracy']:.3f}" + (
                 f" ± {r['test_accuracy_std']:.3f}" if r["test_accuracy_std"] is not None else "") + ", "
-            print(f"  {name:<20} fraction {r['fraction']:<4g} {r['n_examples']:>6} examples  {acc}loss "
+            print(f"  {name:<30} fraction {r['fraction']:<4g} {r['n_examples']:>6} examples  {acc}loss "
                   f"{r['test_loss']:.4f}" + (f", {r['n_flipped']:.0f} flipped kept" if r["n_flipped"] is not None
                                              else ""))
     config = str(config_path)

@@ -29,8 +29,9 @@ from pipelines.launcher import failure_message
 from pipelines.runner import failed_checks, materialize_all
 
 ROW_TABLES = ("examples", "targets", "gradients", "curvature", "queries", "scores", "evaluation")
-# The built project's evaluation: 2 seeds x (full + 2 curated + random) at one fraction = 8 fits.
-EVALUATION = {"test": {"path": "test/test.parquet"}, "fractions": [0.5], "seeds": 2, "methods": ["hyperinf", "tracin"]}
+# The built project's evaluation: 2 seeds x (full + 2 methods x 2 curated variants + random) at one fraction = 12 fits.
+EVALUATION = {"test": {"path": "test/test.parquet"}, "fractions": [0.5], "seeds": 2, "methods": ["hyperinf", "tracin"],
+              "balance": [False, True]}
 
 
 @pytest.fixture(scope="module")
@@ -137,17 +138,20 @@ def test_evaluation_table_has_one_row_per_fit_on_the_planned_subsets(built):
     cfg = load_config(cfg_path)
     store = LanceStore(str(cfg.storage_root))
     con = connect(store)  # what `hyperinf sql` reads
-    rows = con.sql("SELECT * FROM evaluation ORDER BY seed, subset, method").to_arrow_table().to_pylist()
-    curated = {m: sorted(run_query(con, "top_fraction", {"target_set": "clean", "method": m, "fraction": 0.5,
-                                                         "balance": False})["sample_id"].to_pylist())
-               for m in ("hyperinf", "tracin")}
+    rows = con.sql("SELECT * FROM evaluation ORDER BY seed, subset, method, balance").to_arrow_table().to_pylist()
+    curated = {(m, b): sorted(run_query(con, "top_fraction", {"target_set": "clean", "method": m, "fraction": 0.5,
+                                                              "balance": b})["sample_id"].to_pylist())
+               for m in ("hyperinf", "tracin") for b in (False, True)}
     flipped = dict(con.sql("SELECT sample_id, flipped FROM examples").fetchall())
+    pool_labels = dict(con.sql("SELECT label, count(*) FROM examples GROUP BY label").fetchall())
     con.close()
-    assert [(r["subset"], r["method"], r["seed"]) for r in rows] == [
-        (s, m, seed) for seed in (0, 1) for s, m in
-        (("curated", "hyperinf"), ("curated", "tracin"), ("full", None), ("random", None))]
+    assert [(r["subset"], r["method"], r["balance"], r["seed"]) for r in rows] == [
+        (s, m, b, seed) for seed in (0, 1) for s, m, b in
+        (("curated", "hyperinf", False), ("curated", "hyperinf", True), ("curated", "tracin", False),
+         ("curated", "tracin", True), ("full", None, False), ("random", None, False))]
+    balanced_size = sum(math.ceil(0.5 * n) for n in pool_labels.values())
     for r in rows:
-        assert r["n_examples"] == (200 if r["subset"] == "full" else math.ceil(0.5 * 200))
+        assert r["n_examples"] == {"full": 200, "random": 100}.get(r["subset"], balanced_size if r["balance"] else 100)
         assert r["fraction"] == (1.0 if r["subset"] == "full" else 0.5) and r["test_examples"] == 40
         assert 0 <= r["test_accuracy"] <= 1 and r["test_loss"] > 0
         assert sum(json.loads(r["label_counts"]).values()) == r["n_examples"]
@@ -155,19 +159,22 @@ def test_evaluation_table_has_one_row_per_fit_on_the_planned_subsets(built):
         if r["subset"] == "full":
             assert r["n_flipped"] == 40
         if r["subset"] == "curated":  # the flips counted are exactly those of the query's rows
-            assert r["n_flipped"] == sum(flipped[i] for i in curated[r["method"]])
+            assert r["n_flipped"] == sum(flipped[i] for i in curated[r["method"], r["balance"]])
+        if r["balance"]:  # every label keeps its share of the pool
+            assert json.loads(r["label_counts"]) == {k: math.ceil(0.5 * n) for k, n in pool_labels.items()}
     # the two random subsets differ (one per seed); curated subsets repeat with another training seed only
     randoms = [r for r in rows if r["subset"] == "random"]
     assert randoms[0]["n_flipped"] != randoms[1]["n_flipped"] or randoms[0]["label_counts"] != randoms[1]["label_counts"]
     meta = _meta(instance, "evaluation")
-    assert meta["fits"] == 8 and meta["reused"] == 0 and meta["plot"].startswith("![mean test accuracy")
+    assert meta["fits"] == 12 and meta["reused"] == 0 and meta["plot"].startswith("![mean test accuracy")
     results = [r.data for r in meta["results"].records]
-    assert [(r["subset"], r["method"]) for r in results] == [("full", None), ("curated", "hyperinf"),
-                                                           ("curated", "tracin"), ("random", None)]
+    assert [(r["subset"], r["method"], r["balance"]) for r in results] == [
+        ("full", None, False), ("curated", "hyperinf", False), ("curated", "tracin", False),
+        ("curated", "hyperinf", True), ("curated", "tracin", True), ("random", None, False)]
     full = [r["test_accuracy"] for r in rows if r["subset"] == "full"]
     assert results[0]["test_accuracy"] == pytest.approx(sum(full) / 2, abs=1e-4)
     manifest = json.loads((cfg.storage_root / "exports" / "top_fraction" / "manifest.json").read_text())
-    assert [r["subset"] for r in manifest["report"]["evaluation"]] == ["full", "curated", "curated", "random"]
+    assert [r["subset"] for r in manifest["report"]["evaluation"]] == ["full"] + ["curated"] * 4 + ["random"]
     assert manifest["report"]["flipped"]["pool"] == 40 and len(manifest["report"]["labels"]) == 2
 
 
@@ -207,7 +214,7 @@ def test_rerun_launches_one_refresh_and_duplicates_nothing(built):
     after = store.open("scores").to_table().to_pandas().sort_values(["method", "sample_id"])
     assert after["score"].to_numpy() == pytest.approx(scores_before["score"].to_numpy(), rel=1e-6)
     assert _meta(instance, "preconditioners")["prepared"] == []  # the stored inverses still fit
-    assert (_meta(instance, "evaluation")["fits"], _meta(instance, "evaluation")["reused"]) == (8, 8)
+    assert (_meta(instance, "evaluation")["fits"], _meta(instance, "evaluation")["reused"]) == (12, 12)
 
 
 def test_added_shard_computes_only_that_shard_and_one_solve_per_refresh(tmp_path, tiny_model):

@@ -3,8 +3,10 @@
 For every training seed s in (train.seed, train.seed + 1, ...) and fraction f, with N pool examples and
 n = ceil(f N) (or, class-balanced, the sum over labels c of ceil(f N_c)):
 
-    curated  the rows `sql/top_fraction.sql` selects from one method's ranking of the evaluation target set
-    random   n pool rows drawn with seed s (one subset per seed: the spread a selection has to beat)
+    curated  the rows `sql/top_fraction.sql` selects from one method's ranking of the evaluation target set,
+             once per `balance` variant (false: the top n; true: the top ceil(f N_c) of every label c)
+    random   n pool rows drawn with seed s (one subset per seed: the spread a selection has to beat; n is the
+             size of the unbalanced curated subset when both variants are asked for)
     full     the whole pool (once per seed)
 
 each fit is a fresh LoRA adapter trained with the warm-up recipe (`TrainSettings` with seed s) and evaluated on
@@ -77,7 +79,7 @@ class EvaluationPlan:
     methods: tuple[str, ...]
     fractions: tuple[float, ...]
     seeds: int = 2
-    balance: bool = False
+    balance: tuple[bool, ...] = (False,)  # the curated variants: plain top fraction and / or class-balanced
     full: bool = True
 
 
@@ -88,6 +90,7 @@ class _Fit:
     fraction: float
     seed: int
     ids: tuple[str, ...]
+    balance: bool = False  # curated subsets only
 
 
 @dataclass
@@ -114,15 +117,16 @@ def run_evaluation(store: LanceStore, spec: ModelSpec, lora: LoraSettings, train
     stored = _stored_keys(store)
     keys, reused = set(), 0
     for i, fit in enumerate(fits, 1):
-        key = _fit_key(fit, plan, recipe)
+        key = _fit_key(fit, recipe)
         keys.add((key,))
         if key in stored:
             reused += 1
             continue
-        what = f"{fit.subset}{'/' + fit.method if fit.method else ''} fraction {fit.fraction:g} seed {fit.seed}"
+        what = (f"{fit.subset}{'/' + fit.method if fit.method else ''}{' balanced' if fit.balance else ''} "
+                f"fraction {fit.fraction:g} seed {fit.seed}")
         log(f"evaluation fit {i}/{len(fits)}: {what}, {len(fit.ids)} examples")
         row = _fit_and_test(spec, lora, train, labels, [by_id[j] for j in fit.ids], test, fit, log)
-        row.update(fit_key=key, target_set=plan.target_set if fit.method else None, balance=plan.balance)
+        row.update(fit_key=key, target_set=plan.target_set if fit.method else None, balance=fit.balance)
         store.replace_where(EVALUATION_TABLE, {"fit_key": key}, pa.Table.from_pylist([row], evaluation_schema()),
                             schema=evaluation_schema(), unique=None)
         log(f"  test accuracy {row['test_accuracy']}, test loss {row['test_loss']:.4f} ({row['seconds']:.0f} s)")
@@ -136,15 +140,16 @@ def run_evaluation(store: LanceStore, spec: ModelSpec, lora: LoraSettings, train
 
 def summarize(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     """Mean and sample std over seeds of test accuracy and loss, and the mean flips kept, per (subset, method,
-    fraction); ordered full, then by fraction, curated before random."""
+    balance, fraction); ordered full, then by fraction, curated before random."""
     groups: dict[tuple, list[Mapping[str, Any]]] = {}
     for row in rows:
-        groups.setdefault((row["subset"], row["method"], row["fraction"]), []).append(row)
+        groups.setdefault((row["subset"], row["method"], row["balance"], row["fraction"]), []).append(row)
     out = []
-    for (subset, method, fraction), members in groups.items():
+    for (subset, method, balance, fraction), members in groups.items():
         acc = [m["test_accuracy"] for m in members if m["test_accuracy"] is not None]
         flipped = [m["n_flipped"] for m in members if m["n_flipped"] is not None]
-        out.append({"subset": subset, "method": method, "fraction": fraction, "fits": len(members),
+        out.append({"subset": subset, "method": method, "balance": balance, "fraction": fraction,
+                    "fits": len(members),
                     "n_examples": members[0]["n_examples"],
                     "n_flipped": float(np.mean(flipped)) if flipped else None,
                     "test_accuracy": float(np.mean(acc)) if acc else None,
@@ -153,7 +158,8 @@ def summarize(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
                     "test_loss_std": float(np.std([m["test_loss"] for m in members], ddof=1))
                     if len(members) > 1 else None})
     order = {s: i for i, s in enumerate(SUBSETS)}
-    return sorted(out, key=lambda r: (r["subset"] != "full", r["fraction"], order[r["subset"]], r["method"] or ""))
+    return sorted(out, key=lambda r: (r["subset"] != "full", r["fraction"], order[r["subset"]], r["balance"],
+                                      r["method"] or ""))
 
 
 # ------------------------------------------------------------------------------------------------ helpers
@@ -183,12 +189,12 @@ def _plan_fits(store: LanceStore, plan: EvaluationPlan, pool_ids: Sequence[str])
     subsets and the random one (so early rows already compare)."""
     con = connect(store)
     try:
-        curated = {(m, f): tuple(sorted(run_query(con, "top_fraction", {
-            "target_set": plan.target_set, "method": m, "fraction": f, "balance": plan.balance,
-        })["sample_id"].to_pylist())) for m in plan.methods for f in plan.fractions}
+        curated = {(m, f, b): tuple(sorted(run_query(con, "top_fraction", {
+            "target_set": plan.target_set, "method": m, "fraction": f, "balance": b,
+        })["sample_id"].to_pylist())) for m in plan.methods for f in plan.fractions for b in plan.balance}
     finally:
         con.close()
-    for (method, fraction), ids in curated.items():
+    for (method, fraction, _), ids in curated.items():
         if not ids:
             raise DataError(f"no scores of target set {plan.target_set!r} and method {method!r} to curate "
                             f"{fraction:g} of the pool from: materialize influence_scores first")
@@ -197,8 +203,9 @@ def _plan_fits(store: LanceStore, plan: EvaluationPlan, pool_ids: Sequence[str])
         if plan.full:
             fits.append(_Fit("full", None, 1.0, s, tuple(pool_ids)))
         for f in plan.fractions:
-            fits += [_Fit("curated", m, f, s, curated[m, f]) for m in plan.methods]
-            n = len(curated[plan.methods[0], f])  # the curated size (class-balanced: the sum of per-label ceils)
+            fits += [_Fit("curated", m, f, s, curated[m, f, b], b) for b in plan.balance for m in plan.methods]
+            # the curated size (class-balanced alone: the sum of the per-label ceils)
+            n = len(curated[plan.methods[0], f, plan.balance[0]])
             chosen = np.random.default_rng(s).choice(len(pool_ids), size=n, replace=False)
             fits.append(_Fit("random", None, f, s, tuple(sorted(pool_ids[i] for i in chosen))))
     return fits
@@ -232,8 +239,8 @@ def _recipe_digest(spec: ModelSpec, lora: LoraSettings, train: TrainSettings, te
     return h.hexdigest()
 
 
-def _fit_key(fit: _Fit, plan: EvaluationPlan, recipe: str) -> str:
-    h = hashlib.sha256(f"{recipe}|{fit.subset}|{fit.method}|{fit.fraction!r}|{fit.seed}|{plan.balance}".encode())
+def _fit_key(fit: _Fit, recipe: str) -> str:
+    h = hashlib.sha256(f"{recipe}|{fit.subset}|{fit.method}|{fit.fraction!r}|{fit.seed}|{fit.balance}".encode())
     for i in fit.ids:
         h.update(i.encode() + b"\0")
     return h.hexdigest()
