@@ -109,12 +109,12 @@ def _config_path(arg: Path | None) -> Path:
 # ---------------------------------------------------------------------------------------------- demo / run
 
 def _demo(args: argparse.Namespace) -> int:
-    from hyperinf_ops.data.demo import build_demo_dataset, write_demo_config
+    from hyperinf_ops.data.demo import DEMO_EVALUATION, build_demo_dataset, write_demo_config
 
     started = time.perf_counter()
     workdir = args.workdir.resolve()
     paths = build_demo_dataset(workdir, n_pool=args.n_pool, n_target=args.n_target)
-    config = write_demo_config(paths, evaluation={} if args.evaluate else None)
+    config = write_demo_config(paths, evaluation=DEMO_EVALUATION if args.evaluate else None)
     print(f"demo data: {paths.n_pool} Rotten Tomatoes snippets in {len(paths.shards)} shards "
           f"({paths.n_flipped} labels flipped), {paths.n_target} clean target examples; config {config}")
     status = _materialize(config, args.dagster_home)

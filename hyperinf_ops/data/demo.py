@@ -128,8 +128,8 @@ def write_demo_config(paths: DatasetPaths, config_path: str | Path | None = None
     """Write a YAML config for the demo data (default `<root>/hyperinf.yaml`) and return its path.
 
     Paths in the file are relative to its folder; `overrides` replace top-level keys (nested
-    mappings are merged one level deep, e.g. {"train": {"epochs": 1}}). `evaluation` (e.g. {} or
-    {"fractions": [0.8]}) adds an `evaluation:` block on the dataset's test split."""
+    mappings are merged one level deep, e.g. {"train": {"epochs": 1}}). `evaluation` (e.g. DEMO_EVALUATION, or
+    {} for the section's defaults) adds an `evaluation:` block on the dataset's test split."""
     config_path = Path(config_path or paths.root / "hyperinf.yaml").resolve()
     base = config_path.parent
     doc: dict[str, Any] = {
@@ -140,7 +140,7 @@ def write_demo_config(paths: DatasetPaths, config_path: str | Path | None = None
         "targets": {"clean_val": {"path": _relative(paths.target, base)}},
     }
     if evaluation is not None:
-        doc["evaluation"] = {"test": {"path": _relative(paths.test, base)}, **DEMO_EVALUATION, **evaluation}
+        doc["evaluation"] = {"test": {"path": _relative(paths.test, base)}, **evaluation}
     for key, value in (overrides or {}).items():
         doc[key] = {**doc[key], **value} if isinstance(value, Mapping) and isinstance(doc.get(key), dict) else value
     config_path.parent.mkdir(parents=True, exist_ok=True)

@@ -131,7 +131,9 @@ def run_evaluation(store: LanceStore, spec: ModelSpec, lora: LoraSettings, train
                             schema=evaluation_schema(), unique=None)
         log(f"  test accuracy {row['test_accuracy']}, test loss {row['test_loss']:.4f} ({row['seconds']:.0f} s)")
         release_memory()
-    drop_stale(store, EVALUATION_TABLE, ["fit_key"], keys)
+    dropped = drop_stale(store, EVALUATION_TABLE, ["fit_key"], keys)
+    if dropped:
+        log(f"removed {len(dropped)} stored fits the current evaluation plan no longer asks for")
     table = store.open(EVALUATION_TABLE)
     return EvaluationSummary(fits=len(fits), reused=reused, test_examples=len(test),
                              rows=summarize(table.to_table().to_pylist()), table_version=table.version,
