@@ -35,6 +35,7 @@ from hyperinf_ops.errors import DataError
 from hyperinf_ops.evaluation import evaluate_model
 from hyperinf_ops.memory import release_memory
 from hyperinf_ops.models import load_lora_model, model_hash, resolve_model
+from hyperinf_ops.progress import ProgressMeter
 from hyperinf_ops.query import connect, run_query
 from hyperinf_ops.settings import LoraSettings, ModelSpec, TrainSettings
 from hyperinf_ops.stages.adapter import pool_labels
@@ -115,12 +116,12 @@ def run_evaluation(store: LanceStore, spec: ModelSpec, lora: LoraSettings, train
     recipe = _recipe_digest(spec, lora, train, test)
     by_id = {r["sample_id"]: r for r in pool}
     stored = _stored_keys(store)
-    keys, reused = set(), 0
+    keys = {_fit_key(fit, recipe) for fit in fits}
+    reused = len(keys & stored)
+    meter = ProgressMeter("evaluation", len(keys) - reused, lambda e: log(str(e)), unit="fits", every=1)
     for i, fit in enumerate(fits, 1):
         key = _fit_key(fit, recipe)
-        keys.add((key,))
         if key in stored:
-            reused += 1
             continue
         what = (f"{fit.subset}{'/' + fit.method if fit.method else ''}{' balanced' if fit.balance else ''} "
                 f"fraction {fit.fraction:g} seed {fit.seed}")
@@ -131,7 +132,8 @@ def run_evaluation(store: LanceStore, spec: ModelSpec, lora: LoraSettings, train
                             schema=evaluation_schema(), unique=None)
         log(f"  test accuracy {row['test_accuracy']}, test loss {row['test_loss']:.4f} ({row['seconds']:.0f} s)")
         release_memory()
-    dropped = drop_stale(store, EVALUATION_TABLE, ["fit_key"], keys)
+        meter.update(1)  # the whole evaluation's ETA, at the mean time of a fit so far
+    dropped = drop_stale(store, EVALUATION_TABLE, ["fit_key"], {(k,) for k in keys})
     if dropped:
         log(f"removed {len(dropped)} stored fits the current evaluation plan no longer asks for")
     table = store.open(EVALUATION_TABLE)
