@@ -61,7 +61,7 @@ from hyperinf_ops.preconditioners import EstimatorOptions, Prepared, prepare  # 
 from hyperinf_ops.row_format import RowFormat  # noqa: E402
 from hyperinf_ops.settings import CompressionSpec  # noqa: E402
 from hyperinf_ops.sketch import Sketch  # noqa: E402
-from hyperinf_ops.stages.reports import _detection  # noqa: E402
+from hyperinf_ops.stages.reports import detection_metrics  # noqa: E402
 from hyperinf_ops.whitening import Whitening  # noqa: E402
 
 METHODS = ("hyperinf", "datainf", "lissa", "tracin")
@@ -388,7 +388,7 @@ def evaluate(pool: Pool, settings: Sequence[Setting], *, lissa_iterations: int =
         per_ranking = {}
         for name in RANKINGS:
             rho = float(spearmanr(harm[name], reference[name]).statistic)
-            per_ranking[name] = {**_detection(harm[name], pool.flipped), "spearman_vs_raw": rho}
+            per_ranking[name] = {**detection_metrics(harm[name], pool.flipped), "spearman_vs_raw": rho}
         raw_auroc = results[0]["rankings"] if results else per_ranking
         drops = [raw_auroc[r]["auroc"] - per_ranking[r]["auroc"] for r in RANKINGS]
         result = {
@@ -415,7 +415,7 @@ def damping_check(pool: Pool, ratios: Sequence[float] = (0.1, 0.4, 1.6), k: int 
               ratio: float) -> float:
         pv = prepare(curvature, EstimatorOptions(method="hyperinf", damping_ratio=ratio)).apply_one(v)
         harm = -torch.cat([score_gradients(pv, b) for b in _batches(c)]).numpy()
-        return _detection(harm, pool.flipped)["auroc"]
+        return detection_metrics(harm, pool.flipped)["auroc"]
 
     raw_curvature = _curvature(pool.grads)
     out = {f"raw ratio {r:g}": auroc(pool.grads, pool.target, raw_curvature, r) for r in ratios}
