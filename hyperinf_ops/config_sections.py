@@ -146,7 +146,7 @@ class EvaluationSection(Settings):
     seeds: int = Field(2, ge=1)
     methods: tuple[PipelineMethod, ...] | None = Field(None, strict=False, min_length=1)
     target_set: str | None = None
-    balance: bool | Annotated[tuple[StrictBool, ...], Field(strict=False, min_length=1)] = False
+    balance: bool | Annotated[tuple[StrictBool, ...], Field(strict=False, min_length=1)] = True
     full: bool = True
 
     @property

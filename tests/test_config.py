@@ -48,8 +48,8 @@ def test_defaults_and_relative_paths(project: Path, monkeypatch: pytest.MonkeyPa
     partial = load_config({**minimal(), "compression": {"sketch_dim": 48}}, base_dir=project).compression
     assert (partial.sketch_dim, partial.whiten, partial.dtype) == (48, 0.25, "int4")
     assert cfg.curation.query == "top_fraction"
-    # the query's target set and method default to the first target set and estimator, balance to off
-    assert cfg.curation.params == {"target_set": "clean_val", "method": "hyperinf", "fraction": 0.8, "balance": False}
+    # the query's target set and method default to the first target set and estimator, balance to on
+    assert cfg.curation.params == {"target_set": "clean_val", "method": "hyperinf", "fraction": 0.8, "balance": True}
 
 
 def test_round_trip(project: Path):

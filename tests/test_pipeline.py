@@ -111,8 +111,10 @@ def test_metadata_and_data_versions(built):
     assert [r.data["epoch"] for r in adapter["training"].records] == list(range(11))  # 0 = before training
     assert adapter["curve"].startswith("![warm-up per epoch")
     subset = _meta(instance, "curated_subset")
-    assert sum(r.data["subset"] for r in subset["labels"].records) == 100 == subset["dagster/row_count"]
-    assert subset["flipped_pool"] == 40 and subset["flipped_removed_at_random"] == 20
+    kept = [r.data for r in subset["labels"].records]
+    assert sum(r["subset"] for r in kept) == subset["dagster/row_count"] == sum(math.ceil(0.5 * r["pool"]) for r in kept)
+    n = subset["dagster/row_count"]
+    assert subset["flipped_pool"] == 40 and subset["flipped_removed_at_random"] == pytest.approx(40 * (1 - n / 200), abs=0.01)
     assert _meta(instance, "pool_examples", "shard-0")["written"] is True
     # data versions: the adapter's is its hash, a gradient shard's is what it was computed under and from
     adapter = instance.get_latest_data_version_record(dg.AssetKey("lora_adapter"))
@@ -128,7 +130,8 @@ def test_curated_subset_matches_sql_on_scores(built):
     con = connect(LanceStore(str(cfg.storage_root)))
     expected = run_query(con, "top_fraction", cfg.curation.params).to_pandas()
     con.close()
-    assert len(subset) == 100
+    labels = LanceStore(str(cfg.storage_root)).open("examples").to_table(columns=["label"])["label"]
+    assert len(subset) == sum(math.ceil(0.5 * c["counts"]) for c in labels.value_counts().to_pylist())  # balanced
     assert subset["sample_id"].tolist() == expected["sample_id"].tolist()
     assert subset["influence_score"].tolist() == pytest.approx(expected["score"].tolist())
 

@@ -80,7 +80,7 @@ class EvaluationPlan:
     methods: tuple[str, ...]
     fractions: tuple[float, ...]
     seeds: int = 2
-    balance: tuple[bool, ...] = (False,)  # the curated variants: plain top fraction and / or class-balanced
+    balance: tuple[bool, ...] = (True,)  # the curated variants: class-balanced and / or the plain top fraction
     full: bool = True
 
 
