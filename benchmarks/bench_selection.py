@@ -206,8 +206,8 @@ def read_evaluation(root: str | Path) -> dict[str, Any]:
     # a target set named after a pool label (chatterbot: the topic): how many of its label each subset kept
     topic = next((r["target_set"] for r in rows if r["target_set"] in pool_counts), None)
     for s in summary:
-        members = [r for r in rows if (r["subset"], r["method"], r["fraction"]) == (s["subset"], s["method"],
-                                                                                       s["fraction"])]
+        members = [r for r in rows if (r["subset"], variant(r), r["fraction"]) == (s["subset"], variant(s),
+                                                                                     s["fraction"])]
         s["topic_kept"] = None if topic is None else \
             sum(json.loads(r["label_counts"]).get(topic, 0) for r in members) / len(members)
     return {"storage_root": str(store_root(root)), "n_pool": len(flipped), "topic": topic,
@@ -218,12 +218,19 @@ def read_evaluation(root: str | Path) -> dict[str, Any]:
             "summary": summary, "queries": list(queries.values()), "rows": rows}
 
 
+def variant(row: Mapping[str, Any]) -> str | None:
+    """The curated subset's method, marked when class-balanced (`balance`); None for random and full."""
+    if not row["method"]:
+        return None
+    return f"{row['method']}, balanced" if row.get("balance") else row["method"]
+
+
 def versus_random(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     """Per curated (method, fraction) and metric: curated minus random, per seed (the same training seed) and on
     average, beside the spread over seeds of each (accuracy: higher is better; loss: lower is better)."""
     out = []
     for metric in ("test_accuracy", "test_loss"):
-        by = {(r["subset"], r["method"], r["fraction"], r["seed"]): r[metric] for r in rows if r[metric] is not None}
+        by = {(r["subset"], variant(r), r["fraction"], r["seed"]): r[metric] for r in rows if r[metric] is not None}
         for (subset, method, fraction, _) in sorted({k[:3] + (0,) for k in by if k[0] == "curated"}):
             seeds = sorted(k[3] for k in by if k[:3] == (subset, method, fraction) and ("random", None, fraction, k[3])
                            in by)
@@ -282,7 +289,7 @@ def markdown_table(summary: Sequence[Mapping[str, Any]], topic: str | None = Non
     for r in summary:
         flips = "-" if r["n_flipped"] is None else f"{r['n_flipped']:.1f}"
         kept = f" {r['topic_kept']:.1f} |" if topic and r.get("topic_kept") is not None else (" - |" if topic else "")
-        lines.append(f"| {r['subset']} | {r['method'] or '-'} | {r['fraction']:g} | {r['n_examples']} | {r['fits']} "
+        lines.append(f"| {r['subset']} | {variant(r) or '-'} | {r['fraction']:g} | {r['n_examples']} | {r['fits']} "
                      f"| {_pm(r['test_accuracy'], r['test_accuracy_std'])} "
                      f"| {_pm(r['test_loss'], r['test_loss_std'])} | {flips} |" + kept)
     return "\n".join(lines)
@@ -316,7 +323,7 @@ def plot(name: str, summary: Sequence[Mapping[str, Any]], path: Path) -> Path:
     series: dict[str, list[Mapping[str, Any]]] = {}
     for r in summary:
         if r["subset"] != "full":
-            series.setdefault(f"curated ({r['method']})" if r["method"] else "random", []).append(r)
+            series.setdefault(f"curated ({variant(r)})" if r["method"] else "random", []).append(r)
     fractions = sorted({r["fraction"] for r in summary if r["subset"] != "full"})
     for i, (label, rows) in enumerate(sorted(series.items(), key=lambda kv: kv[0] == "random")):
         rows = sorted(rows, key=lambda r: r["fraction"])

@@ -61,7 +61,7 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--n-target", type=int, default=500, help="clean target examples (default 500)")
     demo.add_argument("--evaluate", action="store_true",
                       help="also fit fresh adapters on curated, random and full subsets and test them (the "
-                           "`evaluation` asset: 10 more warm-ups on half the pool)")
+                           "`evaluation` asset: 6 more warm-ups on 80%% of the pool)")
     demo.add_argument("--workdir", type=Path, default=Path(DEMO_WORKDIR),
                       help=f"where data, store and instance go (default {DEMO_WORKDIR})")
     _home_option(demo)
