@@ -116,10 +116,13 @@ def run_sql(
             f"{name}: missing parameters {missing}, unknown parameters {unknown}; it takes {sorted(wanted)}"
         )
     # con.sql is lazy and fully materialised here, so no half-read result is left on the connection.
-    rel = con.sql(sql, params=dict(params) if params else None)
-    if rel is None:
-        raise ConfigError(f"{name}: the SQL returned no rows (not a SELECT)")
-    return rel.to_arrow_table()
+    try:
+        rel = con.sql(sql, params=dict(params) if params else None)
+        if rel is None:
+            raise ConfigError(f"{name}: the SQL returned no rows (not a SELECT)")
+        return rel.to_arrow_table()
+    except duckdb.Error as err:  # e.g. a parameter of the wrong type: one line naming the query
+        raise ConfigError(f"{name}: {str(err).splitlines()[0]} (parameters: {dict(params)})") from err
 
 
 def run_query(

@@ -92,6 +92,26 @@ def test_sql_over_the_demo_tables(demo, capsys):
     assert capsys.readouterr().out.split() == ["n", "300"]
 
 
+@pytest.mark.slow
+@pytest.mark.real_weights
+def test_sql_mistakes_are_one_line_with_what_exists(demo, capsys):
+    config = str(demo[0] / "hyperinf.yaml")
+    cases = [
+        (["top_fractoin"], "hyperinf: error: no query 'top_fractoin' in sql/ (did you mean 'top_fraction'?); queries: "),
+        (["mislabel_candidates", "--param", "target_set=clean_val", "--param", "method=hyperinff", "--param", "n=5"],
+         "hyperinf: error: --param method=hyperinff: no scores for method 'hyperinff' (did you mean 'hyperinf'?); "
+         "scored: ['datainf', 'hyperinf', 'lissa', 'tracin']"),
+        (["mislabel_candidates", "--param", "target_set=clean", "--param", "method=hyperinf", "--param", "n=5"],
+         "hyperinf: error: --param target_set=clean: no scores for target set 'clean' (did you mean 'clean_val'?)"),
+        (["mislabel_candidates", "--param", "target_set=clean_val", "--param", "method=hyperinf", "--param", "n=five"],
+         "hyperinf: error: mislabel_candidates: Conversion Error: Could not convert string 'five' to INT64"),
+    ]
+    for args, message in cases:
+        assert main(["sql", "--config", config, *args]) == 2, args
+        err = capsys.readouterr().err
+        assert err.startswith(message) and err.count("\n") == 1 and "Traceback" not in err, err
+
+
 def test_bad_config_is_one_line_and_exit_2(tmp_path, capsys):
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump({"data": {"path": "nowhere.parquet"}, "targets": {}, "compresion": {"sketch_dim": 3}}))
