@@ -76,27 +76,14 @@ DEFAULT_N_TARGET = {"demo": 500, "bbc": 300, "quick": 40}
 DATASET_ORDER = {"demo": 0, "bbc": 1}
 
 
-def per_example_losses(storage_root: str | Path, spec: Any, records: Sequence[Mapping[str, Any]],
-                       batch_size: int = 64) -> np.ndarray:
-    """Cross-entropy of every record on its stored (noisy) label under the current adapter (eval mode, no grad)."""
-    from hyperinf_ops.models.lora import batches
+def per_example_losses(storage_root: str | Path, spec: Any, records: Sequence[Mapping[str, Any]]) -> np.ndarray:
+    """Cross-entropy of every record on its stored (noisy) label under the current adapter
+    (`evaluation.example_losses`: eval mode, no grad)."""
+    from hyperinf_ops.evaluation import example_losses
     from hyperinf_ops.stages.loading import load_current_model
 
     loaded, _ = load_current_model(storage_root, spec)
-    model = loaded.model
-    modes = {mod: mod.training for mod in model.modules()}
-    model.eval()
-    out = []
-    try:
-        with torch.no_grad():
-            for _, batch in batches(loaded, records, batch_size, spec.max_length):
-                labels = batch.pop("labels")
-                logits = model(**batch).logits
-                out.append(loaded.task.per_example_losses(logits, labels).float().cpu())
-    finally:
-        for mod, training in modes.items():
-            mod.training = training
-    return torch.cat(out).numpy().astype(np.float64)
+    return example_losses(loaded, records, max_length=spec.max_length)[0].numpy()
 
 
 def evaluate_store(config_path: Path) -> dict[str, Any]:

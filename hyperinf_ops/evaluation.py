@@ -16,10 +16,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch import Tensor
 
 from hyperinf_ops.models.lora import LoadedModel, batches
 
-__all__ = ["EvalResult", "MajorityBaseline", "evaluate_model", "majority_baseline"]
+__all__ = ["EvalResult", "MajorityBaseline", "evaluate_model", "example_losses", "majority_baseline"]
 
 
 @dataclass(frozen=True)
@@ -40,26 +41,34 @@ class MajorityBaseline:
 
 
 @torch.no_grad()
-def evaluate_model(loaded: LoadedModel, records: Sequence[Mapping[str, Any]], *, batch_size: int = 64,
-                   max_length: int = 128) -> EvalResult:
-    """Loss and accuracy of `loaded.model` on `records` in eval mode (dropout off); the model's mode is restored."""
+def example_losses(loaded: LoadedModel, records: Sequence[Mapping[str, Any]], *, batch_size: int = 64,
+                   max_length: int = 128) -> tuple[Tensor, Tensor | None]:
+    """Per-example loss (N,) of `loaded.model` on `records` in eval mode (dropout off), and for tasks with classes
+    whether its argmax is the record's label (N,) bool; the model's mode is restored."""
     if not records:
         raise ValueError("nothing to evaluate: no records")
     model, task = loaded.model, loaded.task
     was_training = model.training
     model.eval()
-    loss_sum, correct = 0.0, 0
+    losses, correct = [], []
     try:
         for _, batch in batches(loaded, records, batch_size, max_length):
             logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
             targets = task.loss_targets(model, batch["labels"], batch["attention_mask"])
-            loss_sum += float(task.per_example_losses(logits, targets).sum())
+            losses.append(task.per_example_losses(logits, targets).double().cpu())
             if task.has_classes:
-                correct += int((logits.argmax(-1) == targets).sum())
+                correct.append((logits.argmax(-1) == targets).cpu())
     finally:
         model.train(was_training)
-    n = len(records)
-    return EvalResult(examples=n, loss=loss_sum / n, accuracy=correct / n if task.has_classes else None)
+    return torch.cat(losses), torch.cat(correct) if correct else None
+
+
+def evaluate_model(loaded: LoadedModel, records: Sequence[Mapping[str, Any]], *, batch_size: int = 64,
+                   max_length: int = 128) -> EvalResult:
+    """Mean loss and accuracy (`example_losses`) of `loaded.model` on `records`."""
+    losses, correct = example_losses(loaded, records, batch_size=batch_size, max_length=max_length)
+    return EvalResult(examples=len(records), loss=float(losses.mean()),
+                      accuracy=None if correct is None else float(correct.double().mean()))
 
 
 def majority_baseline(train_labels: Sequence[str], eval_labels: Sequence[str]) -> MajorityBaseline:
