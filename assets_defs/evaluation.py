@@ -55,13 +55,14 @@ def _label(row: dict) -> str:
 def _accuracy_plot(rows: list[dict]) -> dg.MetadataValue:
     """Mean test accuracy (test loss for tasks without classes) against the fraction kept: a line per ranking
     and random, the full pool dashed."""
+    from hyperinf_ops.stages.evaluation import subset_label
+
     key = "test_accuracy" if any(r["test_accuracy"] is not None for r in rows) else "test_loss"
     fractions = sorted({r["fraction"] for r in rows if r["subset"] != "full"})
     series: dict[str, list[float | None]] = {}
     for r in rows:
         if r["subset"] != "full":
-            name = f"curated ({r['method']}{', balanced' if r['balance'] else ''})" if r["method"] else "random"
-            series.setdefault(name, [None] * len(fractions))[fractions.index(r["fraction"])] = r[key]
+            series.setdefault(subset_label(r), [None] * len(fractions))[fractions.index(r["fraction"])] = r[key]
     full = {f"full pool: {r[key]:.3f}": r[key] for r in rows if r["subset"] == "full"}
     return lines_markdown(fractions, series, title=f"mean {key.replace('_', ' ')} over seeds", xlabel="fraction kept",
                           hlines=full)

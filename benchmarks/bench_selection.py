@@ -318,12 +318,14 @@ def plot(name: str, summary: Sequence[Mapping[str, Any]], path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from hyperinf_ops.stages.evaluation import subset_label
+
     key = "test_accuracy" if any(r["test_accuracy"] is not None for r in summary) else "test_loss"
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     series: dict[str, list[Mapping[str, Any]]] = {}
     for r in summary:
         if r["subset"] != "full":
-            series.setdefault(f"curated ({variant(r)})" if r["method"] else "random", []).append(r)
+            series.setdefault(subset_label(r), []).append(r)
     fractions = sorted({r["fraction"] for r in summary if r["subset"] != "full"})
     for i, (label, rows) in enumerate(sorted(series.items(), key=lambda kv: kv[0] == "random")):
         rows = sorted(rows, key=lambda r: r["fraction"])

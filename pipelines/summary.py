@@ -49,10 +49,11 @@ def print_summary(instance: dg.DagsterInstance, cfg: HyperinfConfig, config_path
         print(f"  {subset.get('parquet')}\n  {subset.get('jsonl')}\n  {subset.get('manifest')}")
     evaluation = latest_metadata(instance, "evaluation")
     if evaluation.get("results") is not None:
+        from hyperinf_ops.stages.evaluation import subset_label
+
         print(f"\nEvaluation on the test split ({evaluation.get('test_examples')} examples), mean over seeds:")
         for r in (rec.data for rec in evaluation["results"].records):
-            variant = f" ({r['method']}{', balanced' if r['balance'] else ''})" if r["method"] else ""
-            name = r["subset"] + variant
+            name = subset_label(r)
             acc = "" if r["test_accuracy"] is None else f"accuracy {r['test_accuracy']:.3f}" + (
                 f" ± {r['test_accuracy_std']:.3f}" if r["test_accuracy_std"] is not None else "") + ", "
             print(f"  {name:<30} fraction {r['fraction']:<4g} {r['n_examples']:>6} examples  {acc}loss "

@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -43,7 +44,8 @@ from hyperinf_ops.stages.common import Log, Summary, drop_stale, require_table
 from hyperinf_ops.store import LanceStore
 from hyperinf_ops.training import warmup_train
 
-__all__ = ["EVALUATION_TABLE", "EvaluationPlan", "EvaluationSummary", "evaluation_schema", "run_evaluation"]
+__all__ = ["EVALUATION_TABLE", "EvaluationPlan", "EvaluationSummary", "evaluation_schema", "run_evaluation",
+           "subset_label", "summarize"]
 
 EVALUATION_TABLE = "evaluation"
 SUBSETS = ("curated", "random", "full")
@@ -116,11 +118,10 @@ def run_evaluation(store: LanceStore, spec: ModelSpec, lora: LoraSettings, train
     recipe = _recipe_digest(spec, lora, train, test)
     by_id = {r["sample_id"]: r for r in pool}
     stored = _stored_keys(store)
-    keys = {_fit_key(fit, recipe) for fit in fits}
-    reused = len(keys & stored)
+    keys = [_fit_key(fit, recipe) for fit in fits]
+    reused = len(set(keys) & stored)
     meter = ProgressMeter("evaluation", len(keys) - reused, lambda e: log(str(e)), unit="fits", every=1)
-    for i, fit in enumerate(fits, 1):
-        key = _fit_key(fit, recipe)
+    for i, (fit, key) in enumerate(zip(fits, keys, strict=True), 1):
         if key in stored:
             continue
         what = (f"{fit.subset}{'/' + fit.method if fit.method else ''}{' balanced' if fit.balance else ''} "
@@ -140,6 +141,13 @@ def run_evaluation(store: LanceStore, spec: ModelSpec, lora: LoraSettings, train
     return EvaluationSummary(fits=len(fits), reused=reused, test_examples=len(test),
                              rows=summarize(table.to_table().to_pylist()), table_version=table.version,
                              seconds=time.perf_counter() - start)
+
+
+def subset_label(row: Mapping[str, Any]) -> str:
+    """How a fit's subset is shown: `full`, `random`, `curated (hyperinf)`, `curated (hyperinf, balanced)`."""
+    if not row["method"]:
+        return row["subset"]
+    return f"{row['subset']} ({row['method']}{', balanced' if row['balance'] else ''})"
 
 
 def summarize(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
@@ -223,9 +231,7 @@ def _fit_and_test(spec: ModelSpec, lora: LoraSettings, train: TrainSettings, lab
     stats = warmup_train(loaded, records, recipe, max_length=spec.max_length, progress=lambda e: log(f"  {e}"))
     result = evaluate_model(loaded, test, max_length=spec.max_length)
     flips = [r["flipped"] for r in records if r.get("flipped") is not None]
-    counts: dict[str, int] = {}
-    for r in records:
-        counts[str(r.get("label"))] = counts.get(str(r.get("label")), 0) + 1
+    counts = Counter(str(r.get("label")) for r in records)
     return {"subset": fit.subset, "method": fit.method, "fraction": fit.fraction, "seed": fit.seed,
             "n_examples": len(records), "n_flipped": int(sum(flips)) if flips else None,
             "label_counts": json.dumps(dict(sorted(counts.items()))), "test_examples": result.examples,
