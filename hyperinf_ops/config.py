@@ -2,8 +2,8 @@
 
 `load_config(path_or_mapping)` validates every key (pydantic models: the sections of `config_sections.py` and
 the settings of `settings.py`), then the checks that relate two sections (data columns vs task, curation and
-evaluation parameters vs target sets and estimators), and raises one `ConfigError` listing *every* problem as `key: message`, with a
-did-you-mean for misspelled keys and choices, so a user fixes the file in one round. Relative paths (data,
+evaluation parameters vs target sets and estimators), and raises one `ConfigError` listing *every* problem as
+`key: message`, with a did-you-mean for misspelled keys and choices, so a user fixes the file in one round. Relative paths (data,
 targets, storage root, adapter, a model folder) resolve against the config file's folder (or `base_dir` for
 a mapping), so a config means the same thing from any cwd. `cfg.to_dict()` gives back a mapping that
 `load_config` turns into an equal config.
@@ -12,7 +12,7 @@ a mapping), so a config means the same thing from any cwd. `cfg.to_dict()` gives
 from __future__ import annotations
 
 import typing
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -251,8 +251,7 @@ def _evaluation_problems(evaluation: Mapping[str, Any], targets: Any, estimators
     problems = []
     target = evaluation.get("target_set")
     if target is not None and isinstance(targets, Mapping) and target not in targets:
-        problems.append(f"evaluation.target_set: {target!r} is not a configured target set {sorted(targets)}"
-                        f"{did_you_mean(str(target), targets)}")
+        problems.append(_unknown_target("evaluation.target_set", target, targets))
     methods = evaluation.get("methods")
     estimators = HyperinfConfig.model_fields["estimators"].default if estimators is None else estimators
     if isinstance(methods, list | tuple) and isinstance(estimators, list | tuple):
@@ -300,8 +299,7 @@ def _curation_problems(curation: Mapping[str, Any], targets: Any, estimators: An
             problems.append(f"{where}: query {info.name!r} takes no such parameter {list(info.params)}"
                             f"{did_you_mean(key, info.params)}")
         elif key in TARGET_PARAMS and targets is not None and value not in targets:
-            problems.append(f"{where}: {value!r} is not a configured target set {sorted(targets)}"
-                            f"{did_you_mean(str(value), targets)}")
+            problems.append(_unknown_target(where, value, targets))
         elif key == "method" and on_self and value not in SELF_INFLUENCE_METHODS:
             problems.append(f"{where}: target set {SELF_TARGET!r} is scored with {list(SELF_INFLUENCE_METHODS)}, "
                             f"not {value!r}")
@@ -311,3 +309,7 @@ def _curation_problems(curation: Mapping[str, Any], targets: Any, estimators: An
     if missing:
         problems.append(f"curation.params: query {info.name!r} needs {missing}")
     return problems
+
+
+def _unknown_target(where: str, value: Any, targets: Collection[str]) -> str:
+    return f"{where}: {value!r} is not a configured target set {sorted(targets)}{did_you_mean(str(value), targets)}"
