@@ -161,14 +161,16 @@ def _sql(args: argparse.Namespace) -> int:
 
     cfg = load_config(_config_path(args.config))
     store = LanceStore(str(cfg.storage_root))
-    if not store.versions():
+    versions = store.versions()
+    if not versions:
         raise FileNotFoundError(f"no tables under {cfg.storage_root} yet: run `hyperinf run` (or demo) first")
-    con = connect(store)
+    con = connect(store, versions=versions)
     try:
         queries = list_queries()
         if args.query in queries:
             params = dict(_parse_param(p) for p in args.param)
-            _check_scored(con, params)
+            if "scores" in versions:
+                _check_scored(con, params)
             table = run_query(con, args.query, params)
         elif re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", args.query):  # a name, not SQL text
             raise HyperinfError(f"no query {args.query!r} in sql/{did_you_mean(args.query, queries)}; queries: "
@@ -187,18 +189,13 @@ def _check_scored(con, params: dict) -> None:
     """A `method` or target-set parameter naming nothing in `scores` would select nothing: say what exists."""
     from hyperinf_ops.config import TARGET_PARAMS
 
-    pairs = con.sql("SELECT DISTINCT target_set, method FROM scores").fetchall() if "scores" in _tables(con) else []
+    pairs = con.sql("SELECT DISTINCT target_set, method FROM scores").fetchall()
     known = {"method": sorted({m for _, m in pairs}), "target set": sorted({t for t, _ in pairs})}
     for key, value in params.items():
         kind = "method" if key == "method" else "target set" if key in TARGET_PARAMS else None
         if kind and pairs and value not in known[kind]:
             raise HyperinfError(f"--param {key}={value}: no scores for {kind} {value!r}"
                                 f"{did_you_mean(str(value), known[kind])}; scored: {known[kind]}")
-
-
-def _tables(con) -> set[str]:
-    return {row[0] for row in con.sql("SELECT table_name FROM duckdb_tables() UNION SELECT view_name FROM "
-                                      "duckdb_views()").fetchall()}
 
 
 def _run_sql_text(con, query: str):

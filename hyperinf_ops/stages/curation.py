@@ -48,8 +48,9 @@ def curate(store: LanceStore, query: str, params: Mapping[str, Any], *, log: Log
     require_table(store, "scores", "materialize influence_scores first")
     out_dir = export_dir(store.root, query)
     manifest = export_subset(store, query, params, out_dir, overwrite=True)
-    columns = [c for c in ("label", "flipped") if c in store.open("examples").schema.names]
-    pool = store.open("examples").to_table(columns=columns)
+    examples = store.open("examples")
+    columns = [c for c in ("label", "flipped") if c in examples.schema.names]
+    pool = examples.to_table(columns=columns)
     labels, flipped = subset_report(pool, pq.read_table(out_dir / manifest.files["parquet"], columns=columns))
     update_manifest(out_dir, labels=labels, flipped=flipped)
     sync_duckdb(store)
