@@ -7,11 +7,9 @@ import dagster as dg
 import pyarrow.parquet as pq
 
 from assets_defs.automation import step_asset
-from assets_defs.influence import curation_pair, examples_table, influence_scores
-from assets_defs.metadata import markdown_table, summary_metadata, table_metadata, timed
+from assets_defs.influence import curation_pair, influence_scores
+from assets_defs.metadata import column_schema, summary_metadata, table_metadata, timed
 from assets_defs.resources import HyperinfResource
-
-_PREVIEW_ROWS = 10
 
 
 @step_asset(
@@ -21,23 +19,23 @@ _PREVIEW_ROWS = 10
                 "manifest.json (query text, parameters, Lance versions); the DuckDB file is re-synced.",
 )
 def curated_subset(context: dg.AssetExecutionContext, hyperinf: HyperinfResource) -> dg.MaterializeResult:
-    from hyperinf_ops.stages.curation import curate
+    from hyperinf_ops.stages.curation import curate, subset_preview
 
     cfg = hyperinf.config
     summary, wall = timed(curate, hyperinf.store, cfg.curation.query, cfg.curation.params, log=context.log.info)
     parquet = summary.files["parquet"]
-    preview = pq.read_table(parquet).slice(0, _PREVIEW_ROWS).to_pylist()
     flipped = summary.flipped or {}
     return dg.MaterializeResult(metadata={
         "dagster/row_count": summary.rows,
+        "labels": table_metadata(summary.labels),
+        **{f"flipped_{k}": dg.MetadataValue.float(float(v)) for k, v in flipped.items() if v is not None},
+        "preview": table_metadata(subset_preview(hyperinf.store, parquet, cfg.task)),
         "parquet": dg.MetadataValue.path(parquet),
         "jsonl": dg.MetadataValue.path(summary.files["jsonl"]),
         "manifest": dg.MetadataValue.path(str(Path(summary.out_dir) / "manifest.json")),
         **summary_metadata(summary, skip=("seconds", "files", "out_dir", "labels", "flipped")),
-        "labels": table_metadata(summary.labels),
-        **{f"flipped_{k}": dg.MetadataValue.float(float(v)) for k, v in flipped.items() if v is not None},
-        "preview": markdown_table(preview),
         "wall_time_s": wall,
+        "dagster/column_schema": column_schema(pq.read_schema(parquet)),
     })
 
 
@@ -99,9 +97,9 @@ def mislabel_report(context: dg.AssetExecutionContext, hyperinf: HyperinfResourc
     if report.has_truth:
         context.log.info("mislabel AUROC: " + ", ".join(f"{m} {r['auroc']:.3f}" for m, r in report.methods.items()))
     return dg.MaterializeResult(metadata={
+        "detection": table_metadata(rows),
+        "most_harmful": table_metadata(report.most_harmful),
         **summary_metadata(report, skip=("methods", "most_harmful")),
         **{f"auroc/{m}": dg.MetadataValue.float(r["auroc"]) for m, r in report.methods.items()},
-        "detection": markdown_table(rows),
-        "most_harmful": examples_table(report.most_harmful),
         "wall_time_s": wall,
     })

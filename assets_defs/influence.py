@@ -5,7 +5,7 @@ import dagster as dg
 import numpy as np
 
 from assets_defs.automation import step_asset
-from assets_defs.metadata import histogram_markdown, markdown_table, summary_metadata, timed
+from assets_defs.metadata import column_schema, histogram_markdown, summary_metadata, table_metadata, timed
 from assets_defs.model import lora_adapter, lora_gradients
 from assets_defs.pool import target_sets
 from assets_defs.resources import HyperinfResource
@@ -13,7 +13,6 @@ from assets_defs.resources import HyperinfResource
 # An agreement check below this Spearman correlation fails: sketch or solver error too large to trust.
 MIN_AGREEMENT_SPEARMAN = 0.9
 AGREEMENT_SAMPLE = 64
-_EXAMPLE_COLUMNS = ("rank", "score", "sample_id", "label", "flipped", "text", "prompt", "response")
 
 
 def _short(matrix: str) -> str:
@@ -49,7 +48,7 @@ def preconditioners(context: dg.AssetExecutionContext, hyperinf: HyperinfResourc
     return dg.MaterializeResult(
         data_version=dg.DataVersion(summary.data_version),
         metadata={**summary_metadata(summary, skip=("seconds", "diagnostics", "data_version")),
-                  "solver_health": markdown_table(rows), "wall_time_s": wall},
+                  "solver_health": table_metadata(rows), "wall_time_s": wall},
         check_results=[check],
     )
 
@@ -70,7 +69,7 @@ def target_queries(context: dg.AssetExecutionContext, hyperinf: HyperinfResource
     return dg.MaterializeResult(
         data_version=dg.DataVersion(summary.digest),
         metadata={**summary_metadata(summary, skip=("seconds", "diagnostics", "digest")),
-                  "solver_health": markdown_table(rows), "wall_time_s": wall})
+                  "solver_health": table_metadata(rows), "wall_time_s": wall})
 
 
 @step_asset(
@@ -82,32 +81,29 @@ def target_queries(context: dg.AssetExecutionContext, hyperinf: HyperinfResource
                 "most suspicious), from the same scan.",
 )
 def influence_scores(context: dg.AssetExecutionContext, hyperinf: HyperinfResource) -> dg.MaterializeResult:
-    from hyperinf_ops.stages.scores import score
+    from hyperinf_ops.stages.scores import read_scores, score
 
     cfg, store = hyperinf.config, hyperinf.store
     pairs = [(t, m) for t in cfg.targets for m in cfg.estimators]
-    summary, wall = timed(score, store, cfg.gradient_settings, pairs, task=cfg.task,
-                          shown=curation_pair(hyperinf),
+    shown = curation_pair(hyperinf)
+    summary, wall = timed(score, store, cfg.gradient_settings, pairs, task=cfg.task, shown=shown,
                           self_influence=cfg.self_influence_estimators,
                           device=None if cfg.device == "auto" else cfg.device, log=context.log.info)
-    scores = store.open("scores").to_table(columns=["target_set", "method", "score"]).to_pandas()
-    histograms = {
-        f"histogram/{target}/{method}": histogram_markdown(group["score"].to_numpy(), title=f"{target} / {method}")
-        for (target, method), group in scores.groupby(["target_set", "method"])
-    }
     stats = [{"target/method": key, **values} for key, values in sorted(summary.score_stats.items())]
     return dg.MaterializeResult(
         data_version=dg.DataVersion(summary.digest),
         metadata={
             "dagster/row_count": summary.rows,
+            # the one picture: the pair the curation query reads (every pair's quantiles are in score_stats)
+            "histogram": histogram_markdown(read_scores(store, *shown)["score"].to_numpy(), title=" / ".join(shown)),
+            "score_stats": table_metadata(stats),
+            "most_harmful (curation target/method)": table_metadata(summary.most_harmful),
+            "most_helpful (curation target/method)": table_metadata(summary.most_helpful),
+            "pairs": dg.MetadataValue.text(", ".join(summary.pairs)),
             **summary_metadata(summary, skip=("seconds", "score_stats", "most_helpful", "most_harmful", "pairs",
                                               "digest")),
-            "pairs": dg.MetadataValue.json(summary.pairs),
-            "score_stats": markdown_table(stats),
-            **histograms,
-            "most_helpful (curation target/method)": examples_table(summary.most_helpful),
-            "most_harmful (curation target/method)": examples_table(summary.most_harmful),
             "wall_time_s": wall,
+            "dagster/column_schema": column_schema(store.open("scores").schema),
         })
 
 
@@ -117,11 +113,6 @@ def curation_pair(hyperinf: HyperinfResource) -> tuple[str, str]:
     params = cfg.curation.params
     return (str(params.get("target_set", params.get("set_a", next(iter(cfg.targets))))),
             str(params.get("method", cfg.estimators[0])))
-
-
-def examples_table(rows: list[dict]) -> dg.MetadataValue:
-    columns = [c for c in _EXAMPLE_COLUMNS if rows and c in rows[0]]
-    return markdown_table(rows, columns)
 
 
 @dg.asset_check(

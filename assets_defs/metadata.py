@@ -12,12 +12,17 @@ from pathlib import Path
 from typing import Any
 
 import dagster as dg
+import numpy as np
+import pyarrow as pa
 
-_TEXT_CHARS = 140
+# A table cell stays one line: the UI neither wraps nor cuts a wide table, it scrolls sideways.
+_TEXT_CHARS = 80
+_ID_CHARS = 12
 
 
 def summary_metadata(summary: Any, *, skip: Sequence[str] = ()) -> dict[str, Any]:
-    """Every scalar, path and small mapping field of a step summary dataclass, as metadata values."""
+    """Every scalar, path and small mapping field of a step summary dataclass, as metadata values (floats to 4
+    significant digits: what a person reads, and still what the UI plots over runs)."""
     fields = dataclasses.asdict(summary) if dataclasses.is_dataclass(summary) else dict(summary)
     out: dict[str, Any] = {}
     for key, value in fields.items():
@@ -28,7 +33,8 @@ def summary_metadata(summary: Any, *, skip: Sequence[str] = ()) -> dict[str, Any
         elif isinstance(value, int):
             out[key] = dg.MetadataValue.int(value)
         elif isinstance(value, float):
-            out[key] = dg.MetadataValue.float(value) if math.isfinite(value) else dg.MetadataValue.text(str(value))
+            out[key] = dg.MetadataValue.float(float(f"{value:.4g}")) if math.isfinite(value) else \
+                dg.MetadataValue.text(str(value))
         elif isinstance(value, Path):
             out[key] = dg.MetadataValue.path(str(value))
         elif isinstance(value, str):
@@ -38,23 +44,30 @@ def summary_metadata(summary: Any, *, skip: Sequence[str] = ()) -> dict[str, Any
     return out
 
 
-def markdown_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str] | None = None) -> dg.MetadataValue:
-    """A Markdown table (long texts shortened, pipes escaped) for rows such as top/bottom examples."""
-    if not rows:
-        return dg.MetadataValue.md("_no rows_")
-    columns = list(columns or rows[0].keys())
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(_cell(row.get(c)) for c in columns) + " |" for row in rows]
-    return dg.MetadataValue.md("\n".join(lines))
-
-
-def table_metadata(rows: Sequence[Mapping[str, Any]], columns: Sequence[str] | None = None) -> dg.MetadataValue:
-    """A native table (schema + records: sortable, every column shown) for small tables of numbers and labels;
-    floats rounded to 4 significant digits, long texts shortened."""
-    columns = list(columns or (rows[0].keys() if rows else ()))
-    values = [{c: _table_value(row.get(c)) for c in columns} for row in rows]
+def table_metadata(rows: Sequence[Mapping[str, Any]], columns: Sequence[str] | None = None, *,
+                   ids: Sequence[str] = ("sample_id",)) -> dg.MetadataValue:
+    """A native table (schema + records), which the UI shows inline with every column, for small tables of
+    numbers, labels and examples: columns default to every key in order of first appearance, floats are
+    rounded to 4 significant digits, texts shortened to one line, and the `ids` columns get `short_id`."""
+    columns = list(columns or dict.fromkeys(key for row in rows for key in row))
+    values = [{c: short_id(row.get(c)) if c in ids else _table_value(row.get(c)) for c in columns} for row in rows]
     schema = dg.TableSchema(columns=[dg.TableColumn(c, _column_type([v[c] for v in values])) for c in columns])
     return dg.MetadataValue.table([dg.TableRecord(v) for v in values], schema=schema)
+
+
+def short_id(value: Any) -> str | None:
+    """A sample id fit for a table cell: a hash id (the content-hash fallback) cut to its first 12 hex
+    characters, still enough to find the row (`WHERE sample_id LIKE '<short>%'`); a readable id kept."""
+    if value is None:
+        return None
+    text = str(value)
+    hashed = len(text) > _ID_CHARS and all(c in "0123456789abcdef" for c in text)
+    return text[:_ID_CHARS] if hashed else _cell(text)
+
+
+def column_schema(schema: pa.Schema) -> dg.TableSchema:
+    """The `dagster/column_schema` of a stored table: its columns with their Arrow types."""
+    return dg.TableSchema(columns=[dg.TableColumn(f.name, str(f.type)) for f in schema])
 
 
 def _table_value(value: Any) -> str | int | float | bool | None:
@@ -74,12 +87,30 @@ def _column_type(values: Sequence[Any]) -> str:
     return "float" if present <= {int, float} else "string"
 
 
-def histogram_markdown(values: Sequence[float], *, title: str, bins: int = 30) -> dg.MetadataValue:
-    """A PNG histogram embedded in Markdown (renders in the Dagster UI's metadata panel)."""
-    fig, ax = _figure()
-    ax.hist([v for v in values if math.isfinite(v)], bins=bins, color="#4f43dd")
-    ax.set_xlabel("score (higher = more helpful to the target set)", fontsize=8)
-    return _png_markdown(fig, ax, title)
+def histogram_markdown(values: Sequence[float], *, title: str, bins: int = 40) -> dg.MetadataValue:
+    """A score histogram short enough to show inline (the UI puts Markdown of 1000 characters or more behind
+    a link, and a matplotlib PNG is always longer): bars only, in a 2-bit palette PNG, bins below zero
+    (harmful) red, with the range and the negative share as text under it."""
+    from PIL import Image, ImageDraw
+
+    finite = np.asarray([v for v in values if math.isfinite(v)], dtype=float)
+    if finite.size == 0:
+        return dg.MetadataValue.md(f"**{title}**: no finite scores")
+    counts, edges = np.histogram(finite, bins=bins)
+    step, height = 8, 72  # pixels per bin (6 of bar, 2 of gap) and in all
+    image = Image.new("P", (step * bins, height), 0)
+    image.putpalette([255, 255, 255, 79, 67, 221, 214, 64, 64])  # background, helpful (>= 0), harmful (< 0)
+    draw = ImageDraw.Draw(image)
+    for i, count in enumerate(counts):
+        if count:
+            top = height - 1 - round((height - 2) * count / counts.max())
+            draw.rectangle((step * i, top, step * i + step - 3, height - 1), fill=2 if edges[i + 1] <= 0 else 1)
+    buf = io.BytesIO()
+    image.save(buf, format="PNG", optimize=True, bits=2)
+    encoded = base64.b64encode(buf.getvalue()).decode()
+    return dg.MetadataValue.md(
+        f"![{title}](data:image/png;base64,{encoded})\n\n**{title}**: {finite.size} scores from "
+        f"{finite.min():.3g} to {finite.max():.3g}, {(finite < 0).mean():.0%} below 0 (red: harmful)")
 
 
 def lines_markdown(x: Sequence[Any], series: Mapping[str, Sequence[float | None]], *, title: str, xlabel: str,
@@ -120,7 +151,7 @@ def _png_markdown(fig, ax, title: str) -> dg.MetadataValue:
 
 def _cell(value: Any) -> str:
     text = f"{value:.4g}" if isinstance(value, float) else "" if value is None else str(value)
-    text = " ".join(text.split()).replace("|", "\\|")
+    text = " ".join(text.split())
     return text if len(text) <= _TEXT_CHARS else text[: _TEXT_CHARS - 1] + "…"
 
 

@@ -5,7 +5,7 @@ import dagster as dg
 import pyarrow.compute as pc
 
 from assets_defs.automation import ON_NEW_ADAPTER, ONCE, step_asset
-from assets_defs.metadata import lines_markdown, summary_metadata, table_metadata, timed
+from assets_defs.metadata import column_schema, lines_markdown, summary_metadata, table_metadata, timed
 from assets_defs.partitions import pool_shards
 from assets_defs.pool import pool_examples
 from assets_defs.resources import HyperinfResource
@@ -120,6 +120,7 @@ def lora_gradients(context: dg.AssetExecutionContext, hyperinf: HyperinfResource
     return dg.MaterializeResult(
         data_version=dg.DataVersion(summary.data_version),
         metadata={"dagster/row_count": summary.rows,
+                  "dagster/column_schema": column_schema(hyperinf.store.open("gradients").schema),
                   **summary_metadata(summary, skip=("seconds", "shard", "nonfinite_ids", "data_version")),
                   "wall_time_s": wall},
         check_results=[finite],

@@ -3,7 +3,7 @@
 import dagster as dg
 
 from assets_defs.automation import step_asset
-from assets_defs.metadata import markdown_table, summary_metadata, timed
+from assets_defs.metadata import column_schema, summary_metadata, table_metadata, timed
 from assets_defs.partitions import pool_shards
 from assets_defs.resources import HyperinfResource
 from hyperinf_ops.data.io import discover_shards, file_digest
@@ -41,6 +41,7 @@ def pool_examples(context: dg.AssetExecutionContext, hyperinf: HyperinfResource)
     return dg.MaterializeResult(
         data_version=dg.DataVersion(summary.digest),
         metadata={"dagster/row_count": summary.rows, "source_file": dg.MetadataValue.path(str(files[shard])),
+                  "dagster/column_schema": column_schema(hyperinf.store.open("examples").schema),
                   **summary_metadata(summary, skip=("seconds", "shard", "digest")), "wall_time_s": wall})
 
 
@@ -57,5 +58,6 @@ def target_sets(context: dg.AssetExecutionContext, hyperinf: HyperinfResource) -
     return dg.MaterializeResult(
         data_version=dg.DataVersion(summary.digest),
         metadata={"dagster/row_count": sum(summary.rows.values()),
-                  "target_sets": markdown_table([{"target set": k, "examples": v} for k, v in summary.rows.items()]),
+                  "dagster/column_schema": column_schema(hyperinf.store.open("targets").schema),
+                  "target_sets": table_metadata([{"target set": k, "examples": v} for k, v in summary.rows.items()]),
                   **summary_metadata(summary, skip=("seconds", "rows", "digest")), "wall_time_s": wall})

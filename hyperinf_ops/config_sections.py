@@ -69,7 +69,8 @@ class TargetSection(Settings):
     """One target set: a file with the pool's columns, or a DuckDB predicate selecting pool rows.
 
     `where` is evaluated over the `examples` table (columns sample_id, text / prompt, response, label, shard
-    and every extra pool column); the selected rows stay in the pool, e.g. `label = 'sport'`.
+    and every extra pool column); the selected rows stay in the pool, e.g. `label = 'sport'`. It runs in the
+    user-SQL sandbox (`query.sandbox`): it cannot read files or load extensions.
     """
 
     path: ConfigPath | None = None
@@ -157,8 +158,7 @@ class EvaluationSection(Settings):
 
 def curation_queries() -> dict[str, Any]:
     """The curation queries of sql/ (name -> QueryInfo), without the internal export join."""
-    from hyperinf_ops.export import EXPORT_QUERY
-    from hyperinf_ops.query import list_queries
+    from hyperinf_ops.sql_files import EXPORT_QUERY, list_queries
 
     return {name: q for name, q in list_queries().items() if name != EXPORT_QUERY}
 

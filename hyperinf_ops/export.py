@@ -18,17 +18,20 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, date, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from hyperinf_ops.query import connect, load_sql, run_sql, sql_params
-from hyperinf_ops.store import LanceStore, json_safe, sql_literal
+from hyperinf_ops.sql_files import EXPORT_QUERY
+from hyperinf_ops.store import json_safe, sql_literal
+
+if TYPE_CHECKING:  # the store's writers need torch; the config's check of query names imports this module
+    from hyperinf_ops.store import LanceStore
 
 __all__ = ["Manifest", "export_subset", "reproduce", "update_manifest"]
 
-EXPORT_QUERY = "export_subset"
 
 
 @dataclass
@@ -196,6 +199,8 @@ def reproduce(manifest: Manifest | str | Path, *, store: LanceStore | None = Non
     store: where the tables live now (default: the manifest's store_root). Old versions must not have
     been removed by `cleanup_old_versions` (tag them to keep them).
     """
+    from hyperinf_ops.store import LanceStore
+
     m = manifest if isinstance(manifest, Manifest) else Manifest.load(manifest)
     store = store or LanceStore(m.store_root)
     con = connect(store, versions=m.table_versions)

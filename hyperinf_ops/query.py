@@ -1,49 +1,77 @@
-"""DuckDB over the Lance tables: a synced database file for the shell, live views for fresh reads, and
-the parameterised curation queries of `sql/`.
+"""DuckDB over the Lance tables: live views for fresh reads, a synced database file for DuckDB's own
+shell, the parameterised curation queries of `sql/`, and the sandbox every piece of user SQL runs in.
 
 DuckDB cannot read Lance without its `lance` extension, which is not installable offline, so:
-  - `sync_duckdb` copies the non-vector tables into `<root>/hyperinf.duckdb` in one transaction, with a
-    `_lance_versions` table saying which Lance version each copy came from (`duckdb <root>/hyperinf.duckdb`
-    then works from a shell);
   - `connect(live=True)` registers the Lance datasets themselves (DuckDB's replacement scan over a
     pyarrow Dataset: projection pushdown keeps vectors unread unless selected), optionally pinned to
-    given versions for time travel.
-User values only ever reach SQL as DuckDB named parameters (`$name`), never through string building.
+    given versions for time travel; `hyperinf sql` and `hyperinf shell` read these;
+  - `sync_duckdb` copies the non-vector tables into `<root>/hyperinf.duckdb`, with a `_lance_versions`
+    table saying which Lance version each copy came from, in a storage format every DuckDB 1.x CLI reads;
+    `open_snapshot` opens it when it still holds every table's latest version (`hyperinf sql` reads it then:
+    no Lance import, a third of the memory), else the caller reads live.
+
+User SQL (`where:` target predicates, `hyperinf sql`, `hyperinf shell`, the curation queries) runs on a
+`sandbox` connection: DuckDB's external access is off and its configuration locked, so SQL cannot read or
+write files (read_csv, read_text, glob, COPY, EXPORT), ATTACH databases, INSTALL or LOAD extensions, or turn
+that back on; and `run_sql` runs only queries (`require_queries`), so the registered tables cannot be
+changed or dropped. The Lance tables are never written through DuckDB. User values only ever reach SQL as
+DuckDB named parameters (`$name`), never through string building.
 """
 
 from __future__ import annotations
 
-import importlib.resources
-import re
+import os
+import uuid
 from collections.abc import Mapping
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import duckdb
 import pyarrow as pa
 
 from hyperinf_ops.errors import ConfigError
-from hyperinf_ops.store import TABLES, LanceStore
+from hyperinf_ops.sql_files import (
+    SQL_DIR,
+    QueryInfo,
+    list_queries,
+    load_sql,
+    sql_params,
+    strip_comments_and_strings,
+)
+from hyperinf_ops.store import TABLES
+
+if TYPE_CHECKING:  # lance is imported by a live connection's store, not by readers of the synced file
+    from hyperinf_ops.store.transactions import LanceTables
 
 __all__ = [
     "DUCKDB_FILE",
+    "DUCKDB_FILE_STORAGE",
+    "QUERY_KEYWORDS",
     "SQL_DIR",
     "QueryInfo",
     "connect",
     "list_queries",
     "load_sql",
+    "open_snapshot",
+    "require_queries",
     "run_query",
     "run_sql",
+    "sandbox",
     "sql_params",
+    "strip_comments_and_strings",
     "sync_duckdb",
 ]
 
 DUCKDB_FILE = "hyperinf.duckdb"
-# sql/ ships inside the package as `hyperinf_ops.sql` (pyproject's package-dir): the same lookup finds the
-# installed copy and, in an editable install, the repository's sql/ folder.
-SQL_DIR = Path(str(importlib.resources.files("hyperinf_ops.sql")))
+# Storage format of the synced file: DuckDB 2.x writes format 69 by default, which no 1.x CLI opens (the newest
+# on PyPI, 1.5.x, reads 64-68); "v1.0.0" writes format 64, which every DuckDB from 1.0 on reads.
+DUCKDB_FILE_STORAGE = "v1.0.0"
+# Every user-SQL connection: no file system, network or extension access, and no SET to turn it back on.
+_SANDBOX_CONFIG = {"enable_external_access": False, "lock_configuration": True}
+# Statements user SQL may run: SELECT also covers WITH, FROM, SHOW, DESCRIBE and SUMMARIZE.
+_QUERY_STATEMENTS = frozenset({duckdb.StatementType.SELECT, duckdb.StatementType.EXPLAIN})
+QUERY_KEYWORDS = "SELECT, WITH, FROM, SHOW, DESCRIBE, SUMMARIZE, EXPLAIN"
 # Columns copied by sync_duckdb (None = all): the vectors and d x d sums stay in Lance.
 _SYNC_COLUMNS: dict[str, list[str] | None] = {
     "examples": None,
@@ -56,59 +84,44 @@ _SYNC_COLUMNS: dict[str, list[str] | None] = {
     "target_gradients": ["target_set", "count", "content_digest", "fingerprint"],
     "gradients": ["sample_id", "shard", "grad_scale", "fingerprint"],
 }
-_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
-@dataclass(frozen=True)
-class QueryInfo:
-    """A query file of sql/: its name, header comment, and the named parameters it takes."""
+def sandbox(
+    relations: Mapping[str, Any] | None = None, *, database: str | None = None
+) -> duckdb.DuckDBPyConnection:
+    """A DuckDB connection for user SQL: external access off and the configuration locked from the start.
 
-    name: str
-    description: str
-    params: tuple[str, ...]
-    path: Path
-
-
-def _strip_comments_and_strings(sql: str) -> str:
-    sql = re.sub(r"'(?:[^']|'')*'", "''", sql)
-    sql = re.sub(r"--[^\n]*", "", sql)
-    return re.sub(r"/\*.*?\*/", "", sql, flags=re.S)
-
-
-def sql_params(sql: str) -> tuple[str, ...]:
-    """Named parameters (`$name`) used by `sql`, outside comments and string literals, sorted."""
-    return tuple(sorted(set(re.findall(r"\$([A-Za-z_][A-Za-z0-9_]*)", _strip_comments_and_strings(sql)))))
+    relations: name -> Arrow table, pyarrow or Lance dataset, or DataFrame, registered as views (their reads
+    are done by Arrow or Lance, not by DuckDB's file system, so they work inside the sandbox). database: a
+    DuckDB file to open read-only instead of an in-memory database.
+    """
+    con = duckdb.connect(database or ":memory:", read_only=database is not None, config=dict(_SANDBOX_CONFIG))
+    for name, relation in (relations or {}).items():
+        con.register(name, relation)
+    return con
 
 
-def load_sql(name: str, sql_dir: Path | None = None) -> str:
-    """Text of `sql/<name>.sql` (names are identifiers: no paths)."""
-    if not _NAME.match(name):
-        raise ConfigError(f"query name {name!r} must be an identifier (a file of sql/ without .sql)")
-    path = (sql_dir or SQL_DIR) / f"{name}.sql"
-    if not path.is_file():
-        known = ", ".join(sorted(list_queries(sql_dir))) or "none"
-        raise ConfigError(f"no query {name!r} in {path.parent} (known: {known})")
-    return path.read_text()
+def require_queries(con: duckdb.DuckDBPyConnection, sql: str) -> None:
+    """Raise ConfigError unless every statement of `sql` is a query (see QUERY_KEYWORDS); parses, runs nothing.
 
-
-def list_queries(sql_dir: Path | None = None) -> dict[str, QueryInfo]:
-    """Every query of sql/: name -> QueryInfo (description = its leading `--` comment lines)."""
-    out = {}
-    for path in sorted((sql_dir or SQL_DIR).glob("*.sql")):
-        text = path.read_text()
-        header = []
-        for line in text.splitlines():
-            if not line.startswith("--"):
-                break
-            header.append(line[2:].strip())
-        out[path.stem] = QueryInfo(path.stem, "\n".join(header), sql_params(text), path)
-    return out
+    The sandbox alone would let `DROP VIEW scores` or `CREATE TABLE` through (in-memory objects), so user SQL
+    is limited to reads; a parse error raises duckdb.ParserException.
+    """
+    for statement in con.extract_statements(sql):
+        if statement.type not in _QUERY_STATEMENTS:
+            keyword = statement.query.split(None, 1)[0].rstrip(";").upper()
+            raise ConfigError(f"{keyword} is refused: SQL here only reads ({QUERY_KEYWORDS}); the tables are "
+                              "read-only")
 
 
 def run_sql(
     con: duckdb.DuckDBPyConnection, sql: str, params: Mapping[str, Any], *, name: str = "query"
 ) -> pa.Table:
-    """Execute `sql` with DuckDB named parameters; every `$name` must be given, and nothing else."""
+    """Execute the query `sql` with DuckDB named parameters; every `$name` must be given, and nothing else.
+
+    Raises ConfigError, one line starting with `name`, for anything but a query (`require_queries`) and for
+    every DuckDB error; a text of several queries returns the last one's rows.
+    """
     wanted = set(sql_params(sql))
     missing, unknown = sorted(wanted - set(params)), sorted(set(params) - wanted)
     if missing or unknown:
@@ -117,12 +130,13 @@ def run_sql(
         )
     # con.sql is lazy and fully materialised here, so no half-read result is left on the connection.
     try:
-        rel = con.sql(sql, params=dict(params) if params else None)
-        if rel is None:
-            raise ConfigError(f"{name}: the SQL returned no rows (not a SELECT)")
-        return rel.to_arrow_table()
+        require_queries(con, sql)
+        return con.sql(sql, params=dict(params) if params else None).to_arrow_table()
+    except ConfigError as err:
+        raise ConfigError(f"{name}: {err}") from err
     except duckdb.Error as err:  # e.g. a parameter of the wrong type: one line naming the query
-        raise ConfigError(f"{name}: {str(err).splitlines()[0]} (parameters: {dict(params)})") from err
+        given = f" (parameters: {dict(params)})" if params else ""
+        raise ConfigError(f"{name}: {str(err).splitlines()[0]}{given}") from err
 
 
 def run_query(
@@ -133,13 +147,13 @@ def run_query(
 
 
 def connect(
-    store: LanceStore,
+    store: LanceTables,
     live: bool = True,
     *,
     versions: Mapping[str, int] | None = None,
     database: str | None = None,
 ) -> duckdb.DuckDBPyConnection:
-    """A DuckDB connection over the store's tables.
+    """A `sandbox` connection over the store's tables.
 
     live=True: in-memory DuckDB with each Lance table registered as a view (fresh reads; `versions` pins
     tables to Lance versions: time travel, and only those tables are registered), plus `_lance_versions`.
@@ -147,55 +161,79 @@ def connect(
     live=False: the synced database file (read-only), `database` or `<root>/hyperinf.duckdb`.
     """
     if not live:
-        return duckdb.connect(database or f"{store.root}/{DUCKDB_FILE}", read_only=True)
-    con = duckdb.connect()
+        return sandbox(database=database or f"{store.root}/{DUCKDB_FILE}")
     pinned = dict(versions) if versions is not None else store.versions()
+    relations: dict[str, Any] = {}
     for table, version in pinned.items():
         if table not in TABLES:
             raise ConfigError(f"unknown table {table!r} (tables: {', '.join(TABLES)})")
         ds = store.open(table, version)
-        if table == "gradients":
-            # DuckDB has no float16 type and refuses the whole dataset: expose the non-vector columns.
-            con.register(table, ds.to_table(columns=_SYNC_COLUMNS[table]))
-        else:
-            con.register(table, ds)
-    con.register(
-        "_lance_versions",
-        pa.table({"table_name": list(pinned), "version": pa.array(list(pinned.values()), pa.int64())}),
+        # DuckDB has no float16 type and refuses the whole gradients dataset: expose its non-vector columns.
+        relations[table] = ds.to_table(columns=_SYNC_COLUMNS[table]) if table == "gradients" else ds
+    relations["_lance_versions"] = pa.table(
+        {"table_name": list(pinned), "version": pa.array(list(pinned.values()), pa.int64())}
     )
-    return con
+    return sandbox(relations)
 
 
-def sync_duckdb(store: LanceStore, database: str | None = None) -> dict[str, int]:
-    """Copy the non-vector tables into the DuckDB file in one transaction; returns table -> Lance version.
+def open_snapshot(root: str) -> tuple[duckdb.DuckDBPyConnection, dict[str, int]] | None:
+    """A `sandbox` connection on the synced file `<root>/hyperinf.duckdb` and its table -> Lance version, when
+    the file holds the latest version of every table; else None (read the live tables instead).
 
-    Readers of the file see either the previous sync or this one. `_lance_versions(table_name, version,
+    Current means: no table's `_versions` folder changed since the sync began (every Lance commit adds a
+    manifest there) and no table appeared since. It costs a few `stat`s and no Lance import, which is what makes
+    `hyperinf sql` light (benchmarks/bench_sql_cli.py). Object-storage roots always read live.
+    """
+    path = Path(root) / DUCKDB_FILE
+    if "://" in root or not path.is_file():
+        return None
+    con = sandbox(database=str(path))
+    try:
+        synced = con.execute("SELECT table_name, version, uri, synced_at FROM _lance_versions").fetchall()
+    except duckdb.Error:  # a file of an older layout, or one being replaced
+        con.close()
+        return None
+    tables = {uri: table for table, _, uri, _ in synced}
+    started = min((at.timestamp() for *_, at in synced), default=0.0)
+    folders = {str(p) for p in (Path(root) / "lance").glob("*.lance")}
+    changed = [uri for uri in tables if not Path(uri, "_versions").is_dir()
+               or Path(uri, "_versions").stat().st_mtime > started]
+    if not synced or changed or folders != set(tables):
+        con.close()
+        return None
+    return con, {table: version for table, version, _, _ in synced}
+
+
+def sync_duckdb(store: LanceTables, database: str | None = None) -> dict[str, int]:
+    """Copy the non-vector tables into the DuckDB file; returns table -> Lance version.
+
+    The copy is written to a temporary file in storage format DUCKDB_FILE_STORAGE (a DuckDB 1.x CLI opens
+    it) and renamed over the old file, so readers see either the previous sync or this one, and a file
+    written by an older sync in another format is replaced whole. `_lance_versions(table_name, version,
     uri, synced_at)` records where every copy came from.
     """
+    synced_at = datetime.now(UTC)  # before the versions are read: a commit after it makes the copy stale
     versions = store.versions()
-    synced_at = datetime.now(UTC)
-    con = duckdb.connect(database or f"{store.root}/{DUCKDB_FILE}")
+    target = Path(database or f"{store.root}/{DUCKDB_FILE}")
+    tmp = target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex}")
     try:
-        con.execute("BEGIN TRANSACTION")
-        for table, version in versions.items():
-            ds = store.open(table, version)
-            columns = _SYNC_COLUMNS[table] or ds.schema.names
-            con.register("_hyperinf_src", ds.scanner(columns=columns, batch_size=65536).to_reader())
-            # `table` comes from TABLES (fixed identifiers), never from user input.
-            con.execute(f'CREATE OR REPLACE TABLE "{table}" AS SELECT * FROM _hyperinf_src')
-            con.unregister("_hyperinf_src")
-        con.execute(
-            "CREATE OR REPLACE TABLE _lance_versions "
-            "(table_name VARCHAR, version BIGINT, uri VARCHAR, synced_at TIMESTAMPTZ)"
-        )
-        con.executemany(
-            "INSERT INTO _lance_versions VALUES (?, ?, ?, ?)",
-            [[t, v, store.uri(t), synced_at] for t, v in versions.items()],
-        )
-        con.execute("COMMIT")
+        with duckdb.connect(str(tmp), config={"storage_compatibility_version": DUCKDB_FILE_STORAGE}) as con:
+            for table, version in versions.items():
+                ds = store.open(table, version)
+                columns = _SYNC_COLUMNS[table] or ds.schema.names
+                con.register("_hyperinf_src", ds.scanner(columns=columns, batch_size=65536).to_reader())
+                # `table` comes from TABLES (fixed identifiers), never from user input.
+                con.execute(f'CREATE TABLE "{table}" AS SELECT * FROM _hyperinf_src')
+                con.unregister("_hyperinf_src")
+            con.execute("CREATE TABLE _lance_versions (table_name VARCHAR, version BIGINT, uri VARCHAR, "
+                        "synced_at TIMESTAMPTZ)")
+            con.executemany(
+                "INSERT INTO _lance_versions VALUES (?, ?, ?, ?)",
+                [[t, v, store.uri(t), synced_at] for t, v in versions.items()],
+            )
+        os.replace(tmp, target)
     except BaseException:
-        con.execute("ROLLBACK")
+        tmp.unlink(missing_ok=True)
+        tmp.with_name(tmp.name + ".wal").unlink(missing_ok=True)  # left by a write cut short
         raise
-    finally:
-        con.close()
     return versions

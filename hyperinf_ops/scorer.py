@@ -45,6 +45,7 @@ from hyperinf_ops.errors import (
 from hyperinf_ops.fingerprint import Fingerprint, require_match
 from hyperinf_ops.memory import release_memory
 from hyperinf_ops.preconditioners import Prepared
+from hyperinf_ops.progress import ProgressCallback, ProgressMeter
 from hyperinf_ops.row_format import RowFormat
 from hyperinf_ops.settings import SELF_TARGET
 from hyperinf_ops.store import LanceStore, Query, scores_schema
@@ -240,6 +241,7 @@ def score_store(
     run_id: str | None = None,
     version: int | None = None,
     dtype: torch.dtype = torch.float32,
+    progress: ProgressCallback | None = None,
 ) -> ScoreSummary:
     """Score every gradient row against every query, and its self-influence under every prepared inverse, in
     one scan; write `scores` (one commit per (target_set, method)).
@@ -251,7 +253,8 @@ def score_store(
     written); each writes target set SELF_TARGET, method = its method, score = -sum_l <b_l M_l, b_l>_F.
     whitening: the one the rows are stored under (their fingerprint names it; GradientMismatchError for any
     other), undone before self-influence. version: the gradients table version to scan (default latest;
-    recorded as `gradients_version`). dtype: matmul dtype of the queries.
+    recorded as `gradients_version`). dtype: matmul dtype of the queries. progress: rows scanned, with rate and
+    ETA, about ten times over the scan.
     """
     if not queries and not self_influence:
         raise DataError("nothing to score: no queries and no self-influence")
@@ -290,6 +293,8 @@ def score_store(
     codes = (IntegerCodeProduct(fmt, q, chunk_rows) if queries and dev.type == "cpu" and dtype == torch.float32
              and IntegerCodeProduct.supports(fmt) else None)
     converted = torch.empty((chunk_rows, dim), dtype=dtype) if dev.type == "cpu" and codes is None else None
+    total = ds.count_rows()
+    meter = ProgressMeter("scoring", total, progress, unit="rows", every=max(1, math.ceil(total / batch_rows) // 10))
     with _one_cpu_thread(dev):
         for batch, (meta, values) in enumerate(iter_fixed_rows(ds, "grad", _meta_columns(fmt), batch_rows), 1):
             rows = _tensor(values)
@@ -302,8 +307,10 @@ def score_store(
                 self_chunks.append(torch.stack(selfs, 1).cpu().numpy())
             # A copy: the ids must not keep the batch's (or a fragment's) other buffers alive.
             id_chunks.append(pa.concat_arrays([meta.column("sample_id")]))
+            meter.update(len(rows))
             if batch % _TRIM_EVERY == 0:
                 release_memory()
+    meter.finish()
     scores = np.concatenate(score_chunks) if score_chunks else np.zeros((0, len(queries)))
     if not np.isfinite(scores).all():
         raise NonFiniteGradientError("non-finite scores: a query or a gradient row holds NaN/inf")

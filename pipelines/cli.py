@@ -1,17 +1,18 @@
-"""The ``hyperinf`` command line: demo, run, sql, ui.
+"""The ``hyperinf`` command line: demo, run, sql, shell, ui.
 
 Every command reads one YAML config (validated before any work) and one Dagster instance
 (``--dagster-home``, else ``$DAGSTER_HOME``, else ``<config folder>/.dagster_home``), so runs made here
 show up in ``hyperinf ui``. Problems with the input end in one ``hyperinf: error: ...`` line and exit 2;
 runs that succeed with a failed asset check exit 1 after listing the checks.
+
+The top-level imports stay light and every command imports what it needs: ``sql`` and ``shell``
+(`sql_commands.py`) answer in about a second because they never import torch, transformers or Dagster.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import re
 import signal
 import sys
 import time
@@ -19,7 +20,6 @@ import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
-from hyperinf_ops.config_problems import did_you_mean
 from hyperinf_ops.errors import HyperinfError
 
 DEMO_WORKDIR = ".hyperinf_demo"
@@ -39,15 +39,31 @@ def main(argv: Sequence[str] | None = None) -> int:
     for key, value in _QUIET_ENV.items():
         os.environ.setdefault(key, value)
     warnings.filterwarnings("ignore", category=FutureWarning)  # transformers/peft deprecation chatter
-    from pipelines.launcher import PipelineRunError
-
+    warnings.filterwarnings("ignore", message=".* is currently in beta")  # Dagster's BetaWarning on import
     try:
         return args.command(args)
-    except (HyperinfError, PipelineRunError, FileNotFoundError) as err:
+    except (HyperinfError, FileNotFoundError) as err:  # bad input, or a failed run (launcher.PipelineRunError)
         print(f"hyperinf: error: {err}", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:
         return 130
+    except Exception as err:  # a bug: one line here, the trace in a file (or on the terminal with --verbose)
+        if getattr(args, "verbose", False):
+            raise
+        print(f"hyperinf: error: unexpected {type(err).__name__}: {err} (full trace: {_write_trace()}; please "
+              "report it)", file=sys.stderr)
+        return EXIT_ERROR
+
+
+def _write_trace() -> Path:
+    """The current exception's trace in a new file under the temp folder; returns its path."""
+    import tempfile
+    import traceback
+
+    fd, name = tempfile.mkstemp(prefix="hyperinf-error-", suffix=".log")
+    with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        fh.write(traceback.format_exc())
+    return Path(name)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -67,11 +83,13 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--workdir", type=Path, default=Path(DEMO_WORKDIR),
                       help=f"where data, store and instance go (default {DEMO_WORKDIR})")
     _home_option(demo)
+    _verbose_option(demo)
     demo.set_defaults(command=_demo)
 
     run = sub.add_parser("run", help="materialize every asset on your config")
     run.add_argument("--config", type=Path, required=True, help="the hyperinf YAML file")
     _home_option(run)
+    _verbose_option(run)
     run.set_defaults(command=_run)
 
     sql = sub.add_parser("sql", help="DuckDB SQL over the tables (examples, targets, scores, ...)")
@@ -80,7 +98,14 @@ def _parser() -> argparse.ArgumentParser:
     sql.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
                      help="a named parameter of a sql/ query (repeatable)")
     sql.add_argument("--format", choices=("table", "csv", "json"), default="table")
+    sql.add_argument("--live", action="store_true",
+                     help="read the Lance tables even when the synced hyperinf.duckdb is current (default: the "
+                          "file when current, it needs a third of the memory)")
     sql.set_defaults(command=_sql)
+
+    shell = sub.add_parser("shell", help="interactive SQL prompt over the same tables (.help lists its commands)")
+    _config_option(shell)
+    shell.set_defaults(command=_shell)
 
     ui = sub.add_parser("ui", help="start the Dagster UI (dagster dev) on 127.0.0.1 for this project")
     _config_option(ui)
@@ -93,6 +118,12 @@ def _parser() -> argparse.ArgumentParser:
 def _home_option(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dagster-home", type=Path, default=None,
                    help="Dagster instance folder (default $DAGSTER_HOME, else <config folder>/.dagster_home)")
+
+
+def _verbose_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--verbose", action="store_true",
+                   help="print every Dagster event, stack traces included (default: the steps' progress lines; "
+                        "a failure names the log file with its trace)")
 
 
 def _config_option(p: argparse.ArgumentParser) -> None:
@@ -119,32 +150,35 @@ def _demo(args: argparse.Namespace) -> int:
     config = write_demo_config(paths, evaluation=DEMO_EVALUATION if args.evaluate else None)
     print(f"demo data: {paths.n_pool} Rotten Tomatoes snippets in {len(paths.shards)} shards "
           f"({paths.n_flipped} labels flipped), {paths.n_target} clean target examples; config {config}")
-    status = _materialize(config, args.dagster_home)
+    status = _materialize(config, args.dagster_home, verbose=args.verbose)
     print(f"demo wall time: {time.perf_counter() - started:.0f} s")
     return status
 
 
 def _run(args: argparse.Namespace) -> int:
     started = time.perf_counter()
-    status = _materialize(_config_path(args.config), args.dagster_home)
+    status = _materialize(_config_path(args.config), args.dagster_home, verbose=args.verbose)
     print(f"wall time: {time.perf_counter() - started:.0f} s")
     return status
 
 
-def _materialize(config_path: Path, dagster_home: Path | None) -> int:
+def _materialize(config_path: Path, dagster_home: Path | None, *, verbose: bool) -> int:
     from transformers.utils import logging as hf_logging
 
     from hyperinf_ops.config import load_config
+    from hyperinf_ops.stages.preflight import preflight
+    from hyperinf_ops.store import LanceStore
     from pipelines.instance import dagster_home_for, open_instance
     from pipelines.runner import failed_checks, materialize_all
     from pipelines.summary import print_summary
 
     cfg = load_config(config_path)  # every config problem, before any work
+    checked = preflight(LanceStore(str(cfg.storage_root)), cfg, log=_say)  # the data: before anything is written
     hf_logging.disable_progress_bar()  # no "Loading weights" bar at every model load
     home = dagster_home_for(config_path, dagster_home)
     print(f"Dagster instance: {home}")
     with open_instance(home) as instance:
-        report = materialize_all(instance, config_path, cfg)
+        report = materialize_all(instance, config_path, cfg, log=_say, verbose=verbose, checked=checked)
         print_summary(instance, cfg, config_path, home)
         failed = failed_checks(instance, report.runs)
     for line in failed:
@@ -152,86 +186,28 @@ def _materialize(config_path: Path, dagster_home: Path | None) -> int:
     return EXIT_CHECK_FAILED if failed else 0
 
 
-# ---------------------------------------------------------------------------------------------- sql
+def _say(line: str) -> None:
+    """The runner's lines: warnings to stderr as `hyperinf: warning: ...`, the rest to stdout."""
+    if line.startswith("warning: "):
+        print(f"hyperinf: {line}", file=sys.stderr)
+    else:
+        print(line, flush=True)
+
+
+# ---------------------------------------------------------------------------------------------- sql / shell
 
 def _sql(args: argparse.Namespace) -> int:
-    from hyperinf_ops.config import load_config
-    from hyperinf_ops.query import connect, list_queries, run_query
-    from hyperinf_ops.store import LanceStore
+    """`hyperinf sql`: imported on use, so the command never loads the pipeline's heavy modules."""
+    from pipelines.sql_commands import sql_command
 
-    cfg = load_config(_config_path(args.config))
-    store = LanceStore(str(cfg.storage_root))
-    versions = store.versions()
-    if not versions:
-        raise FileNotFoundError(f"no tables under {cfg.storage_root} yet: run `hyperinf run` (or demo) first")
-    con = connect(store, versions=versions)
-    try:
-        queries = list_queries()
-        if args.query in queries:
-            params = dict(_parse_param(p) for p in args.param)
-            if "scores" in versions:
-                _check_scored(con, params)
-            table = run_query(con, args.query, params)
-        elif re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", args.query):  # a name, not SQL text
-            raise HyperinfError(f"no query {args.query!r} in sql/{did_you_mean(args.query, queries)}; queries: "
-                                f"{sorted(queries)} (or give SQL text, e.g. \"SELECT * FROM scores LIMIT 5\")")
-        else:
-            if args.param:
-                raise HyperinfError("--param only applies to the named queries of sql/")
-            table = _run_sql_text(con, args.query)
-    finally:
-        con.close()
-    _print_table(table, args.format)
-    return 0
+    return sql_command(_config_path(args.config), args.query, args.param, args.format, live=args.live)
 
 
-def _check_scored(con, params: dict) -> None:
-    """A `method` or target-set parameter naming nothing in `scores` would select nothing: say what exists."""
-    from hyperinf_ops.config import TARGET_PARAMS
+def _shell(args: argparse.Namespace) -> int:
+    """`hyperinf shell`: the interactive prompt over the same sandboxed live tables as `hyperinf sql`."""
+    from pipelines.sql_commands import shell_command
 
-    pairs = con.sql("SELECT DISTINCT target_set, method FROM scores").fetchall()
-    known = {"method": sorted({m for _, m in pairs}), "target set": sorted({t for t, _ in pairs})}
-    for key, value in params.items():
-        kind = "method" if key == "method" else "target set" if key in TARGET_PARAMS else None
-        if kind and pairs and value not in known[kind]:
-            raise HyperinfError(f"--param {key}={value}: no scores for {kind} {value!r}"
-                                f"{did_you_mean(str(value), known[kind])}; scored: {known[kind]}")
-
-
-def _run_sql_text(con, query: str):
-    import duckdb
-
-    try:
-        rel = con.sql(query)
-    except duckdb.Error as err:
-        raise HyperinfError(f"SQL error: {str(err).splitlines()[0]}") from err
-    if rel is None:
-        raise HyperinfError("the statement returned no rows (hyperinf sql runs queries, e.g. SELECT ...)")
-    return rel.to_arrow_table()
-
-
-def _parse_param(text: str) -> tuple[str, object]:
-    name, sep, raw = text.partition("=")
-    if not sep or not name:
-        raise HyperinfError(f"--param {text!r}: expected NAME=VALUE")
-    try:
-        value = json.loads(raw)  # numbers, true/false, null
-    except json.JSONDecodeError:
-        value = raw
-    return name, value
-
-
-def _print_table(table, fmt: str) -> None:
-    import pandas as pd
-
-    df = table.to_pandas()
-    if fmt == "csv":
-        sys.stdout.write(df.to_csv(index=False))
-    elif fmt == "json":
-        sys.stdout.write(df.to_json(orient="records", force_ascii=False, date_format="iso") + "\n")
-    else:
-        with pd.option_context("display.max_colwidth", 60, "display.width", 200, "display.max_rows", 200):
-            print(df.to_string(index=False) if len(df) else "(no rows)")
+    return shell_command(_config_path(args.config))
 
 
 # ---------------------------------------------------------------------------------------------- ui
@@ -244,6 +220,7 @@ def _ui(args: argparse.Namespace) -> int:
 
     config_path = _config_path(args.config)
     load_config(config_path)
+    _require_free_port(args.port)
     home = prepare_dagster_home(dagster_home_for(config_path, args.dagster_home))
     url = f"http://127.0.0.1:{args.port}"
 
@@ -266,6 +243,20 @@ def _ui(args: argparse.Namespace) -> int:
         return 0
     finally:
         stop_dagster_dev(proc)
+
+
+def _require_free_port(port: int) -> None:
+    """HyperinfError unless `port` is a valid port free on 127.0.0.1 (else dagster dev fails after a minute)."""
+    import socket
+
+    if not 1 <= port <= 65535:
+        raise HyperinfError(f"--port {port}: a port is a number from 1 to 65535")
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError as err:
+            raise HyperinfError(f"--port {port}: cannot listen on 127.0.0.1:{port} ({err.strerror}); is another "
+                                "`hyperinf ui` running? pick another port with --port") from err
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ import dagster as dg
 from assets_defs import ASSET_CHECKS, ASSETS
 from assets_defs.resources import CONFIG_ENV_VAR, HyperinfResource
 from pipelines.jobs import adapter_job, refresh_job, shard_job
+from pipelines.loggers import LOGGERS
 from pipelines.schedules import nightly_refresh
 from pipelines.sensors import automation_sensor, pool_folder_sensor
 
@@ -29,6 +30,7 @@ def build_definitions(config_path: str | None = None) -> dg.Definitions:
         sensors=[pool_folder_sensor, automation_sensor],
         schedules=[nightly_refresh],
         resources={"hyperinf": resource},
+        loggers=LOGGERS,
         executor=dg.in_process_executor,
     )
 

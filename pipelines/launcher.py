@@ -23,32 +23,36 @@ from dagster._core.remote_origin import InProcessCodeLocationOrigin
 from dagster._core.remote_representation.code_location import CodeLocation
 from dagster._core.storage.tags import PARTITION_NAME_TAG
 from dagster._core.types.loadable_target_origin import LoadableTargetOrigin
+from dagster._utils.error import SerializableErrorInfo
 from dagster._utils.hosted_user_process import recon_job_from_origin
 
 from assets_defs.resources import CONFIG_ENV_VAR
+from hyperinf_ops.errors import HyperinfError
 from pipelines.instance import LOCATION_NAME
+from pipelines.loggers import run_config_loggers
 
 __all__ = ["Launcher", "PipelineRunError", "failure_message"]
 
 DEFINITIONS_MODULE = "pipelines.definitions"
-# Only user log lines (progress, warnings) reach the console; Dagster's own events stay in the instance.
-QUIET_RUN_CONFIG = {"loggers": {"console": {"config": {"log_level": "INFO"}}}}
+LOG_FOLDER = "logs"  # under the instance's folder: the full trace of every failed CLI run
 
 
-class PipelineRunError(Exception):
-    """A run failed; the message names the step and the error that stopped it."""
+class PipelineRunError(HyperinfError):
+    """A run failed; the message names the step, the error that stopped it and the file with its trace."""
 
 
 class Launcher:
     """Creates and executes runs of the ``hyperinf`` code location in one Dagster instance."""
 
-    def __init__(self, instance: dg.DagsterInstance, location: CodeLocation) -> None:
+    def __init__(self, instance: dg.DagsterInstance, location: CodeLocation, *, verbose: bool = False) -> None:
         self.instance, self.location = instance, location
         self.repository = location.get_repository("__repository__")
+        # Quiet: only the steps' own lines reach the terminal (pipelines/loggers.py); verbose: every event.
+        self.run_config = {"loggers": run_config_loggers(verbose)}
 
     @classmethod
     @contextmanager
-    def open(cls, instance: dg.DagsterInstance, config_path: str | Path) -> Iterator[Launcher]:
+    def open(cls, instance: dg.DagsterInstance, config_path: str | Path, *, verbose: bool = False) -> Iterator[Launcher]:
         """A launcher whose runs read the config at `config_path` (through ``$HYPERINF_CONFIG``, as the code
         location's resource does in every process), restored afterwards."""
         origin = InProcessCodeLocationOrigin(
@@ -59,7 +63,7 @@ class Launcher:
         os.environ[CONFIG_ENV_VAR] = str(config_path)
         try:
             with origin.create_location(instance) as location:
-                yield cls(instance, location)
+                yield cls(instance, location, verbose=verbose)
         finally:
             if previous is None:
                 os.environ.pop(CONFIG_ENV_VAR, None)
@@ -73,13 +77,13 @@ class Launcher:
             location_name=self.location.name, repository_name=self.repository.name, job_name=job_name,
             op_selection=None, asset_selection=[dg.AssetKey(a) for a in assets] if assets else None)
         remote_job = self.location.get_job(selector)
-        plan = self.location.get_execution_plan(remote_job, QUIET_RUN_CONFIG, step_keys_to_execute=None,
+        plan = self.location.get_execution_plan(remote_job, self.run_config, step_keys_to_execute=None,
                                                 known_state=None, instance=self.instance)
         run_tags = {**remote_job.tags, **(tags or {})}
         if partition_key is not None:
             run_tags[PARTITION_NAME_TAG] = partition_key
         run = self.instance.create_run(
-            job_name=job_name, run_id=None, run_config=QUIET_RUN_CONFIG,
+            job_name=job_name, run_id=None, run_config=self.run_config,
             resolved_op_selection=remote_job.resolved_op_selection,
             step_keys_to_execute=plan.execution_plan_snapshot.step_keys_to_execute, op_selection=None,
             status=None, root_run_id=None, parent_run_id=None, tags=run_tags, job_snapshot=remote_job.job_snapshot,
@@ -95,15 +99,36 @@ class Launcher:
 
 
 def failure_message(instance: dg.DagsterInstance, run: dg.DagsterRun) -> str:
-    """``<step>[<partition>] failed: <message of the error the step raised>`` for the first failed step."""
+    """``<step>[<partition>] failed: <message of the error the step raised> (full trace: <file>)`` for the first
+    failed step; the file (``<instance>/logs/<run id>.log``) holds the error with its causes and stack traces."""
     partition = run.tags.get(PARTITION_NAME_TAG)
     where = f"[{partition}]" if partition else ""
     records = instance.get_records_for_run(run.run_id, of_type=dg.DagsterEventType.STEP_FAILURE).records
     for record in records:
         event = record.event_log_entry.dagster_event
         error = event.step_failure_data.error if event is not None and event.step_failure_data else None
-        while error is not None and error.cause is not None and error.cls_name.startswith("Dagster"):
+        if error is None:
+            continue
+        trace = _write_trace(instance, run, error.to_string())
+        while error.cause is not None and error.cls_name.startswith("Dagster"):
             error = error.cause
-        if error is not None:
-            return f"{event.step_key}{where} failed: {error.message.strip()}"
-    return f"run {run.run_id} of {run.job_name}{where} failed"
+        return f"{event.step_key}{where} failed: {_error_text(error)} (full trace: {trace})"
+    return f"run {run.run_id} of {run.job_name}{where} failed (its events: `hyperinf ui`, Runs)"
+
+
+def _error_text(error: SerializableErrorInfo) -> str:
+    """hyperinf's own errors whole, without their module path (their message is written for a person, e.g. every
+    config problem on its own line); any other error's first line, with its class (the trace file has the rest)."""
+    text = error.message.strip()
+    own = f"hyperinf_ops.errors.{error.cls_name}: "
+    if text.startswith(own):
+        return text.removeprefix(own)
+    return text.splitlines()[0] if text else error.cls_name
+
+
+def _write_trace(instance: dg.DagsterInstance, run: dg.DagsterRun, trace: str) -> Path:
+    folder = Path(instance.root_directory) / LOG_FOLDER
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{run.run_id}.log"
+    path.write_text(f"run {run.run_id} of {run.job_name} {dict(run.tags)}\n\n{trace}", encoding="utf-8")
+    return path

@@ -1,7 +1,8 @@
 """``hyperinf run`` / ``hyperinf demo`` as Dagster runs: decide what is needed with the core's own rules, then
 launch exactly that through the code location (runs the UI shows on its timeline and job pages).
 
-    pool shards whose file changed       shard_job [pool_examples]    stages.pool.ingest_pending
+    (nothing, if a check fails)          -                            stages.preflight.preflight
+    pool shards whose file changed       shard_job [pool_examples]    stages.preflight (rows differ)
     the adapter, if not the asked one,   adapter_job                  stages.adapter.adapter_pending,
     or the rows' whitening if missing                                  stages.codec.codec_pending
     shards whose gradients are stale     shard_job [lora_gradients]   stages.freshness.gradient_shard_current
@@ -22,7 +23,8 @@ import dagster as dg
 
 from assets_defs.partitions import POOL_SHARDS, missing_partitions
 from hyperinf_ops.config import HyperinfConfig
-from hyperinf_ops.data.io import discover_shards
+from hyperinf_ops.progress import ProgressMeter
+from hyperinf_ops.stages.preflight import PreflightSummary, preflight
 from hyperinf_ops.store import LanceStore
 from pipelines.jobs import adapter_job, refresh_job, shard_job
 from pipelines.launcher import Launcher
@@ -45,23 +47,26 @@ class RunReport:
 
 
 def materialize_all(instance: dg.DagsterInstance, config_path: str | Path, cfg: HyperinfConfig, *,
-                    log: Callable[[str], None] = print) -> RunReport:
-    """Everything the config asks for, as the fewest runs the rules of the module docstring allow."""
+                    log: Callable[[str], None] = print, verbose: bool = False,
+                    checked: PreflightSummary | None = None) -> RunReport:
+    """Everything the config asks for, as the fewest runs the rules of the module docstring allow, after the
+    preflight checks (`checked`, run here when not given): a mistake in the data ends there, before any run or
+    write. `verbose`: every Dagster event on the console (default: the steps' own lines)."""
     from hyperinf_ops.stages.adapter import adapter_pending
     from hyperinf_ops.stages.codec import codec_pending, row_fingerprint
     from hyperinf_ops.stages.freshness import gradient_shard_current
-    from hyperinf_ops.stages.pool import ingest_pending
 
-    files = discover_shards(cfg.data.path)
+    store = LanceStore(str(cfg.storage_root))
+    if checked is None:
+        checked = preflight(store, cfg, log=log)
+    files = checked.shards
     new = missing_partitions(instance, files)
     if new:
         instance.add_dynamic_partitions(POOL_SHARDS, new)
     _observe_changed(instance, files)
-    store = LanceStore(str(cfg.storage_root))
-    report = RunReport()
+    report = RunReport(ingested=checked.pending)
     tags = {INVOCATION_TAG: uuid.uuid4().hex[:12]}
-    with Launcher.open(instance, config_path) as launcher:
-        report.ingested = [s for s, path in files.items() if ingest_pending(store, s, path, cfg.data, cfg.task)]
+    with Launcher.open(instance, config_path, verbose=verbose) as launcher:
         for shard in report.ingested:
             log(f"ingest shard {shard}")
             report.runs.append(launcher.run(shard_job.name, partition_key=shard, assets=["pool_examples"], tags=tags))
@@ -73,10 +78,13 @@ def materialize_all(instance: dg.DagsterInstance, config_path: str | Path, cfg: 
             report.runs.append(launcher.run(adapter_job.name, tags=tags))
         fingerprint = row_fingerprint(store, settings)
         report.gradients = [s for s in files if not gradient_shard_current(store, s, fingerprint)]
+        # One line per shard run with the rate and ETA of the whole gradient pass (the run logs its own rows).
+        meter = ProgressMeter("gradient pass", len(report.gradients), lambda e: log(str(e)), unit="shards", every=1)
         for shard in report.gradients:
             log(f"gradients of shard {shard}")
             report.runs.append(launcher.run(shard_job.name, partition_key=shard, assets=["lora_gradients"],
                                             tags=tags))
+            meter.update(1)
         skipped = sorted(set(files) - set(report.gradients))
         log("refresh: target sets, preconditioners, queries, scores, curated subset, mislabel report"
             + (f" (gradients of {len(skipped)} shards were current: {skipped})" if skipped else ""))

@@ -66,5 +66,6 @@ def print_summary(instance: dg.DagsterInstance, cfg: HyperinfConfig, config_path
     target = report.get("target_set") or next(iter(cfg.targets))
     print(f"  hyperinf sql --config {config} mislabel_candidates --param target_set={target} "
           f"--param method={cfg.estimators[0]} --param n=10")
-    print(f"  duckdb {cfg.storage_root / DUCKDB_FILE}     # the synced tables, from any DuckDB shell")
+    print(f"  hyperinf shell --config {config}     # an SQL prompt over the tables ({DUCKDB_FILE}: the same tables "
+          "for any DuckDB 1.x shell)")
     print(f"  (Dagster instance: DAGSTER_HOME={home})")

@@ -44,7 +44,7 @@ def test_demo_runs_every_asset_into_the_instance(demo):
     manifest = json.loads((subset.parent / "manifest.json").read_text())
     rows = sum(math.ceil(0.8 * label["pool"]) for label in manifest["report"]["labels"])  # top 80% of every label
     assert str(subset) in out and pq.read_metadata(subset).num_rows == rows and 240 <= rows <= 241
-    assert "hyperinf ui --config" in out and "hyperinf.duckdb" in out
+    assert "hyperinf ui --config" in out and "hyperinf shell --config" in out
     # the summary says whether the warm-up learned, what the numbers mean and what curation removed
     warmup = re.search(r"Warm-up adapter on target set clean_val \(not trained on\): accuracy (0\.\d+) \(always "
                        r"predicting the majority class: (0\.\d+)\)", out)

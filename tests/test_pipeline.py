@@ -97,11 +97,9 @@ def test_whole_graph_runs_as_code_location_runs_and_every_check_passes(built):
 def test_metadata_and_data_versions(built):
     cfg_path, instance, _ = built
     assert _meta(instance, "preconditioners")["all_converged"] is True
-    assert "| matrix | iterations | residual |" in _meta(instance, "preconditioners")["solver_health"]
     scores = _meta(instance, "influence_scores")
-    assert scores["histogram/clean/hyperinf"].startswith("![clean / hyperinf](data:image/png;base64,")
-    assert scores["most_harmful (curation target/method)"].count("\n") == 11  # header + rule + 10 rows
-    assert "flipped" in scores["most_harmful (curation target/method)"].splitlines()[0]
+    assert scores["histogram"].startswith("![clean / hyperinf](data:image/png;base64,")
+    assert len(scores["most_harmful (curation target/method)"].records) == 10
     assert scores["dagster/row_count"] == 200
     report = _meta(instance, "mislabel_report")
     assert set(report) >= {"auroc/hyperinf", "auroc/datainf", "auroc/tracin", "detection", "most_harmful"}
@@ -121,6 +119,76 @@ def test_metadata_and_data_versions(built):
     assert adapter.asset_materialization.tags["dagster/data_version"] == _meta(instance, "lora_adapter")["adapter_hash"]
     shard = instance.get_latest_data_version_record(dg.AssetKey("lora_gradients"), partition_key="shard-0")
     assert len(shard.asset_materialization.tags["dagster/data_version"]) == 32
+
+
+def _metadata_values(instance: dg.DagsterInstance, asset: str) -> dict[str, dg.MetadataValue]:
+    """The latest materialization's metadata as stored (typed values, not their contents)."""
+    records = instance.fetch_materializations(dg.AssetKey(asset), limit=1).records
+    return dict(records[0].asset_materialization.metadata)
+
+
+def _columns(table: dg.TableMetadataValue) -> list[str]:
+    return [c.name for c in table.schema.columns]
+
+
+def test_asset_pages_show_tables_inline(built):
+    """What the UI shows at a glance: native tables with a schema (inline, every column) instead of Markdown
+    tables, at most one Markdown block per asset and none of 1000 characters or more (the UI hides those
+    behind a link) but the warm-up and evaluation line plots, examples with the pool's `flipped` column,
+    the subset preview without the 64-character content hash, and the tables' column schemas."""
+    _, instance, _ = built
+    plotted = {"lora_adapter": "curve", "evaluation": "plot"}  # matplotlib PNGs: one link each
+    for asset in ("pool_examples", "target_sets", "lora_adapter", "row_codec", "preconditioners", "target_queries",
+                  "influence_scores", "curated_subset", "mislabel_report", "evaluation"):
+        markdown = {k: v.value for k, v in _metadata_values(instance, asset).items()
+                    if isinstance(v, dg.MarkdownMetadataValue)}
+        assert len(markdown) <= 1, (asset, list(markdown))
+        assert all(len(md) < 1000 for k, md in markdown.items() if k != plotted.get(asset)), asset
+    tables = {asset: {k: v for k, v in _metadata_values(instance, asset).items()
+                      if isinstance(v, dg.TableMetadataValue)}
+              for asset in ("target_sets", "preconditioners", "target_queries", "influence_scores",
+                            "curated_subset", "mislabel_report")}
+    assert all(t.schema is not None and t.records for ts in tables.values() for t in ts.values())
+    assert _columns(tables["preconditioners"]["solver_health"])[:3] == ["matrix", "iterations", "residual"]
+    assert len(tables["influence_scores"]["score_stats"].records) == 5  # 3 estimators + 2 self-influence
+    example_tables = [tables["influence_scores"]["most_harmful (curation target/method)"],
+                      tables["influence_scores"]["most_helpful (curation target/method)"],
+                      tables["mislabel_report"]["most_harmful"]]
+    for table in example_tables:  # the pool's carry column `flipped`, typed, before the text
+        assert _columns(table) == ["rank", "score", "sample_id", "label", "flipped", "text"]
+        assert {c.name: c.type for c in table.schema.columns}["flipped"] == "bool"
+    harmful = [r.data for r in tables["mislabel_report"]["most_harmful"].records]
+    assert [r["rank"] for r in harmful] == list(range(200, 190, -1))  # most harmful first
+    assert sum(r["flipped"] for r in harmful) >= 1
+    preview = tables["curated_subset"]["preview"]
+    assert _columns(preview) == ["rank", "score", "sample_id", "label", "flipped", "text"]  # no content_hash
+    assert [r.data["rank"] for r in preview.records] == list(range(1, 11))
+    detection = [r.data["ranking"] for r in tables["mislabel_report"]["detection"].records]
+    assert detection == ["hyperinf", "datainf", "tracin", "self_influence_hyperinf", "self_influence_tracin"]
+    schemas = {asset: _metadata_values(instance, asset)["dagster/column_schema"].schema
+               for asset in ("target_sets", "influence_scores", "curated_subset")}
+    assert {"sample_id", "target_set", "method", "score", "rank"} <= {c.name for c in schemas["influence_scores"].columns}
+    assert "influence_score" in {c.name for c in schemas["curated_subset"].columns}
+    shard = instance.fetch_materializations(dg.AssetRecordsFilter(asset_key=dg.AssetKey("pool_examples"),
+                                                                  asset_partitions=["shard-0"]), limit=1).records[0]
+    assert "flipped" in {c.name for c in shard.asset_materialization.metadata["dagster/column_schema"].schema.columns}
+
+
+def test_short_ids_and_inline_histogram():
+    """Hash ids shrink to 12 characters in tables, readable ids stay; the histogram stays under the UI's
+    1000-character inline limit whatever the number of scores."""
+    import numpy as np
+
+    from assets_defs.metadata import histogram_markdown, short_id, table_metadata
+
+    assert short_id("0123456789abcdef") == "0123456789ab"
+    assert short_id("shard-0-0001") == "shard-0-0001" and short_id(None) is None
+    row = table_metadata([{"sample_id": "f" * 64, "text": "word " * 100}]).records[0].data
+    assert row["sample_id"] == "f" * 12 and len(row["text"]) == 80
+    rng = np.random.default_rng(0)
+    for values in (rng.normal(size=20), rng.uniform(-1, 1, size=100_000)):
+        markdown = histogram_markdown(values, title="clean / hyperinf").value
+        assert markdown.startswith("![clean / hyperinf](data:image/png;base64,") and len(markdown) < 1000
 
 
 def test_curated_subset_matches_sql_on_scores(built):

@@ -88,7 +88,7 @@ def build_bbc_dataset(out_dir: str | Path, n_target: int = 300, flip_fraction: f
     `<out_dir>/targets/clean_val.parquet`. Same arguments, same files.
     """
     if not 0 <= flip_fraction <= 1 or min(n_target, n_test) < len(BBC_TOPICS) or n_shards < 1:
-        raise ValueError("need 0 <= flip_fraction <= 1, n_target >= 5, n_test >= 5 and n_shards >= 1")
+        raise DataError("need 0 <= flip_fraction <= 1, n_target >= 5, n_test >= 5 and n_shards >= 1")
     articles = load_bbc_articles()
     rng = np.random.default_rng(seed)
     per_target, per_test = n_target // len(BBC_TOPICS), n_test // len(BBC_TOPICS)
@@ -96,7 +96,7 @@ def build_bbc_dataset(out_dir: str | Path, n_target: int = 300, flip_fraction: f
     for topic in BBC_TOPICS:
         idx = np.flatnonzero(articles["label"].to_numpy() == topic)
         if len(idx) <= per_target + per_test:
-            raise ValueError(f"topic {topic!r} has {len(idx)} articles; asked for {per_target} in the target and "
+            raise DataError(f"topic {topic!r} has {len(idx)} articles; asked for {per_target} in the target and "
                              f"{per_test} in the test split")
         chosen = rng.choice(idx, size=per_target + per_test, replace=False)
         target_idx.extend(chosen[:per_target].tolist())
@@ -106,14 +106,14 @@ def build_bbc_dataset(out_dir: str | Path, n_target: int = 300, flip_fraction: f
     pool_idx = np.flatnonzero(~held)
     if n_pool is not None:
         if not n_shards <= n_pool <= len(pool_idx):
-            raise ValueError(f"n_pool must be between {n_shards} and {len(pool_idx)}")
+            raise DataError(f"n_pool must be between {n_shards} and {len(pool_idx)}")
         pool_idx = np.sort(rng.choice(pool_idx, size=n_pool, replace=False))
     pool = articles.iloc[pool_idx].reset_index(drop=True)
     target = articles.iloc[np.sort(target_idx)].reset_index(drop=True)
     test = articles.iloc[np.sort(test_idx)].reset_index(drop=True)
     n = len(pool)
     if n < n_shards:
-        raise ValueError(f"the pool has {n} articles, fewer than {n_shards} shards")
+        raise DataError(f"the pool has {n} articles, fewer than {n_shards} shards")
 
     flip = np.zeros(n, dtype=bool)
     flip[rng.choice(n, size=round(flip_fraction * n), replace=False)] = True

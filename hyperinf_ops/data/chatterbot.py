@@ -61,7 +61,7 @@ def build_chatterbot_dataset(out_dir: str | Path, *, n_pool: int = 400, n_target
     target, test = topical.iloc[order[:n_target]], topical.iloc[order[n_target:n_target + n_test]]
     rest = pairs.drop(index=target.index.append(test.index))
     if len(rest) < n_pool:
-        raise ValueError(f"the corpus has {len(rest)} pairs outside the target set; asked for {n_pool}")
+        raise DataError(f"the corpus has {len(rest)} pairs outside the target set; asked for {n_pool}")
     pool = rest.iloc[rng.permutation(len(rest))[:n_pool]].reset_index(drop=True)
     pool_dir, shards, target_path, test_path = write_pool_and_target(pool, target, test, out_dir, n_shards,
                                                                      target_topic)

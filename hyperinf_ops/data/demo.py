@@ -51,7 +51,9 @@ def build_demo_dataset(out_dir: str | Path, n_pool: int = 4000, n_target: int = 
     `<out_dir>/targets/clean_val.parquet`, `<out_dir>/test/test.parquet`.
     """
     if not 0 <= flip_fraction <= 1 or n_pool < n_shards or n_target < 2 or n_test < 1 or n_shards < 1:
-        raise ValueError("need 0 <= flip_fraction <= 1, n_pool >= n_shards >= 1, n_target >= 2 and n_test >= 1")
+        raise DataError(f"need 0 <= flip_fraction <= 1, n_pool >= n_shards >= 1, n_target >= 2 and n_test >= 1 (got "
+                        f"flip_fraction {flip_fraction}, n_pool {n_pool}, n_shards {n_shards}, n_target {n_target}, "
+                        f"n_test {n_test})")
     raw = pd.read_csv(rotten_tomatoes_csv())
     raw = raw[raw["category"].isin(["fresh", "rotten"])].dropna(subset=["text", "movie_name"])
     raw = raw[raw["text"].str.strip().ne("")].drop_duplicates(subset="text")
@@ -72,7 +74,7 @@ def build_demo_dataset(out_dir: str | Path, n_pool: int = 4000, n_target: int = 
     raw_role = raw["movie_name"].map(role)
     target_rows, test_rows, pool_rows = (raw[raw_role == r] for r in ("target", "test", "pool"))
     if len(pool_rows) < n_pool or len(test_rows) < n_test or not enough.any():
-        raise ValueError(f"the corpus has {len(raw)} usable snippets; asked for {n_pool} + {n_target} + {n_test}")
+        raise DataError(f"the corpus has {len(raw)} usable snippets; asked for {n_pool} + {n_target} + {n_test}")
     target = pd.concat([g.sample(n=per_label, random_state=seed) for _, g in target_rows.groupby("label")])
     target = target.sample(frac=1, random_state=seed)
     test = test_rows.sample(n=n_test, random_state=seed + 2)

@@ -16,7 +16,8 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
+from pathlib import Path
 from typing import Any
 
 import duckdb
@@ -25,10 +26,11 @@ import pandas as pd
 import pyarrow as pa
 
 from hyperinf_ops.errors import DataError
+from hyperinf_ops.query import sandbox
 from hyperinf_ops.tasks import get_task
 
-__all__ = ["RESERVED_COLUMNS", "content_digest", "prepare_examples", "prepare_targets", "record_columns",
-           "table_digest"]
+__all__ = ["RESERVED_COLUMNS", "content_digest", "prepare_examples", "prepare_targets", "prepare_test",
+           "record_columns", "table_digest"]
 
 # Columns hyperinf adds to every prepared table; an input column of the same name would be shadowed.
 RESERVED_COLUMNS = ("sample_id", "content_hash", "text", "prompt", "response", "label", "shard")
@@ -91,7 +93,8 @@ def prepare_targets(targets: Mapping[str, Any], data: Any, task: str,
 
     `targets` maps names to the config's `TargetSection`s; `pool` is the prepared pool (all shards). File
     targets are prepared like the pool (a missing id column falls back to content hashes: validation files
-    often have none); `where:` targets select pool rows with a DuckDB predicate over the pool's columns.
+    often have none); `where:` targets select pool rows with a DuckDB predicate over the pool's columns, run in
+    the user-SQL sandbox (`query.sandbox`: it cannot read files or load extensions).
     Raises DataError for an empty target set, a predicate DuckDB cannot bind, or labels the pool does not
     have (tasks with classes).
     """
@@ -124,6 +127,20 @@ def prepare_targets(targets: Mapping[str, Any], data: Any, task: str,
     return out
 
 
+def prepare_test(path: str | Path, data: Any, task: str, labels: Collection[str]) -> pa.Table:
+    """An evaluation test file prepared like the pool; DataError when it has no examples or labels the pool
+    (`labels`) does not have."""
+    from hyperinf_ops.data.io import read_table
+
+    source = f"evaluation test file {path}"
+    table = prepare_examples(read_table(path), data, task, "test", source=source, require_id=False)
+    unknown = sorted(set(map(str, table["label"].to_pylist())) - set(labels)) if labels else []
+    if unknown:
+        raise DataError(f"{source} has labels the pool does not have: {unknown[:_SHOWN]} (pool labels: "
+                        f"{sorted(labels)})")
+    return table
+
+
 def table_digest(table: pa.Table) -> str:
     """sha256 over every column of every row, in sample_id order: equal for equal content, whatever the
     row order or chunking (a re-read of stored rows gives the digest of the prepared table)."""
@@ -139,10 +156,11 @@ def content_digest(sample_ids: Iterable[str], content_hashes: Iterable[str]) -> 
 
 
 def _select_where(pool_df: pd.DataFrame, predicate: str, source: str) -> pd.DataFrame:
-    con = duckdb.connect()
-    con.register("examples", pool_df)
+    """The pool rows `predicate` selects; it runs in the user-SQL sandbox (no files, no extensions), and the
+    config check has parsed it as one boolean expression, so the text spliced here is the user's own."""
+    con = sandbox({"examples": pool_df})
     try:
-        ids = con.execute(f"SELECT sample_id FROM examples WHERE ({predicate})").fetchall()  # the user's own config
+        ids = con.execute(f"SELECT sample_id FROM examples WHERE ({predicate})").fetchall()
     except duckdb.Error as err:
         raise DataError(f"{source}: `where: {predicate}` failed over the pool: {str(err).splitlines()[0]}; "
                         f"pool columns: {list(pool_df.columns)}") from err

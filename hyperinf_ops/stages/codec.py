@@ -144,7 +144,8 @@ def prepare_row_codec(store: LanceStore, spec: ModelSpec, settings: GradientSett
     sketch = Sketch(manifest.selected_shapes(settings.modules), c, device=loaded.device)
     log(f"pilot for the row whitening: gradients of {len(records)} pool examples")
     curvature: dict[str, CurvaturePartial] = {}
-    for _ids, grads in gradient_batches(loaded, records, settings, spec.max_length):
+    for _ids, grads in gradient_batches(loaded, records, settings, spec.max_length, phase="whitening pilot",
+                                        log=log):
         keep = finite_rows(grads)
         if bool(keep.any()):
             for name, part in curvature_partials(sketch.apply({k: g[keep] for k, g in grads.items()})).items():

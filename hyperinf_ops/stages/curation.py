@@ -18,9 +18,12 @@ import pyarrow.parquet as pq
 from hyperinf_ops.export import export_subset, update_manifest
 from hyperinf_ops.query import sync_duckdb
 from hyperinf_ops.stages.common import Log, Summary, require_table
+from hyperinf_ops.stages.scores import display_columns
 from hyperinf_ops.store import LanceStore
 
-__all__ = ["CurateSummary", "curate", "export_dir"]
+__all__ = ["CurateSummary", "curate", "export_dir", "subset_preview"]
+
+PREVIEW_ROWS = 10
 
 
 @dataclass
@@ -47,6 +50,8 @@ def curate(store: LanceStore, query: str, params: Mapping[str, Any], *, log: Log
     start = time.perf_counter()
     require_table(store, "scores", "materialize influence_scores first")
     out_dir = export_dir(store.root, query)
+    log(f"curation {query}{dict(params)}: selecting over {store.open('scores').count_rows()} score rows, "
+        f"exporting to {out_dir} ...")
     manifest = export_subset(store, query, params, out_dir, overwrite=True)
     examples = store.open("examples")
     columns = [c for c in ("label", "flipped") if c in examples.schema.names]
@@ -58,11 +63,20 @@ def curate(store: LanceStore, query: str, params: Mapping[str, Any], *, log: Log
                             files={k: str(out_dir / v) for k, v in manifest.files.items()},
                             table_versions=manifest.table_versions, labels=labels, flipped=flipped,
                             seconds=time.perf_counter() - start)
-    log(f"curated subset {query}{summary.params}: {summary.rows} examples -> {out_dir}; kept per label: "
+    log(f"curated subset {query}{summary.params}: {summary.rows} examples -> {out_dir} in {summary.seconds:.1f}s; "
+        "kept per label: "
         + ", ".join(f"{r['label']} {r['subset']}/{r['pool']}" for r in labels)
         + (f"; removed {flipped['removed']} of {flipped['pool']} flipped labels (random: "
            f"{flipped['removed_at_random']:.1f})" if flipped else ""))
     return summary
+
+
+def subset_preview(store: LanceStore, parquet: str | Path, task: str, k: int = PREVIEW_ROWS) -> list[dict[str, Any]]:
+    """The exported subset's first k rows shown like the scores' extremes: rank, score (of the exported
+    method) and the examples' `display_columns`."""
+    columns = display_columns(store.open("examples").schema.names, task)
+    rows = pq.read_table(parquet, columns=["influence_rank", "influence_score", *columns]).slice(0, k).to_pylist()
+    return [{"rank": r.pop("influence_rank"), "score": r.pop("influence_score"), **r} for r in rows]
 
 
 def subset_report(pool: pa.Table, subset: pa.Table) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:

@@ -30,14 +30,13 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from hyperinf_ops.data.io import read_table
-from hyperinf_ops.data.prepare import prepare_examples, record_columns
+from hyperinf_ops.data.prepare import prepare_test, record_columns
 from hyperinf_ops.errors import DataError
 from hyperinf_ops.evaluation import evaluate_model
 from hyperinf_ops.memory import release_memory
 from hyperinf_ops.models import load_lora_model, model_hash, resolve_model
 from hyperinf_ops.progress import ProgressMeter
-from hyperinf_ops.query import connect, run_query
+from hyperinf_ops.query import connect, run_query, sync_duckdb
 from hyperinf_ops.settings import LoraSettings, ModelSpec, TrainSettings
 from hyperinf_ops.stages.adapter import pool_labels
 from hyperinf_ops.stages.common import Log, Summary, drop_stale, require_table
@@ -113,7 +112,7 @@ def run_evaluation(store: LanceStore, spec: ModelSpec, lora: LoraSettings, train
     require_table(store, "scores", "materialize influence_scores first")
     labels = pool_labels(store, spec.task)
     pool = _pool_records(store, spec.task)
-    test = _test_records(plan.test_path, data, spec.task, labels)
+    test = prepare_test(plan.test_path, data, spec.task, labels).select(record_columns(spec.task)).to_pylist()
     fits = _plan_fits(store, plan, [r["sample_id"] for r in pool])
     recipe = _recipe_digest(spec, lora, train, test)
     by_id = {r["sample_id"]: r for r in pool}
@@ -137,6 +136,8 @@ def run_evaluation(store: LanceStore, spec: ModelSpec, lora: LoraSettings, train
     dropped = drop_stale(store, EVALUATION_TABLE, ["fit_key"], {(k,) for k in keys})
     if dropped:
         log(f"removed {len(dropped)} stored fits the current evaluation plan no longer asks for")
+    if reused < len(keys) or dropped:
+        sync_duckdb(store)  # the synced file stays current (query.open_snapshot): `hyperinf sql` reads it
     table = store.open(EVALUATION_TABLE)
     return EvaluationSummary(fits=len(fits), reused=reused, test_examples=len(test),
                              rows=summarize(table.to_table().to_pylist()), table_version=table.version,
@@ -182,18 +183,6 @@ def _pool_records(store: LanceStore, task: str) -> list[dict[str, Any]]:
     if "flipped" in examples.schema.names:
         columns.append("flipped")
     return sorted(examples.to_table(columns=columns).to_pylist(), key=lambda r: r["sample_id"])
-
-
-def _test_records(path: str, data: Any, task: str, labels: Sequence[str]) -> list[dict[str, Any]]:
-    source = f"evaluation test file {path}"
-    table = prepare_examples(read_table(path), data, task, "test", source=source, require_id=False)
-    records = table.select(record_columns(task)).to_pylist()
-    if not records:
-        raise DataError(f"{source} has no examples")
-    unknown = sorted({str(r["label"]) for r in records} - set(labels)) if labels else []
-    if unknown:
-        raise DataError(f"{source} has labels the pool does not have: {unknown[:5]} (pool labels: {list(labels)})")
-    return records
 
 
 def _plan_fits(store: LanceStore, plan: EvaluationPlan, pool_ids: Sequence[str]) -> list[_Fit]:

@@ -22,7 +22,6 @@ from hyperinf_ops.data.prepare import content_digest, record_columns
 from hyperinf_ops.errors import DataError, GradientMismatchError
 from hyperinf_ops.gradients import lora_matrix_shapes
 from hyperinf_ops.memory import release_memory
-from hyperinf_ops.progress import ProgressMeter
 from hyperinf_ops.settings import GradientSettings, ModelSpec
 from hyperinf_ops.sketch import Sketch
 from hyperinf_ops.stages.codec import current_whitening, row_fingerprint
@@ -75,14 +74,13 @@ def compute_gradient_shard(store: LanceStore, shard: str, spec: ModelSpec, setti
         raise GradientMismatchError(f"the loaded model's LoRA matrices {shapes} differ from the adapter manifest's")
     sketch = Sketch(shapes, settings.compression, device=loaded.device)
     whitening = current_whitening(store, settings)
-    meter = ProgressMeter(f"gradients of shard {shard}", len(records), lambda e: log(str(e)),
-                          every=max(1, math.ceil(len(records) / settings.batch_size) // 10))
     curvature: dict[str, CurvaturePartial] = {}
     bad_ids: list[str] = []
 
     def rows() -> Iterator[GradientBatch]:
         # Consumed by the store while it streams the shard into Lance: memory stays one batch deep.
-        for ids, grads in gradient_batches(loaded, records, settings, spec.max_length):
+        for ids, grads in gradient_batches(loaded, records, settings, spec.max_length,
+                                           phase=f"gradients of shard {shard}", log=log):
             keep = finite_rows(grads)
             bad_ids.extend(i for i, ok in zip(ids, keep.tolist(), strict=True) if not ok)
             if bool(keep.any()):
@@ -92,12 +90,12 @@ def compute_gradient_shard(store: LanceStore, shard: str, spec: ModelSpec, setti
                 kept = [i for i, ok in zip(ids, keep.tolist(), strict=True) if ok]
                 stored = whitening.apply(blocks) if whitening is not None else blocks
                 yield GradientBatch(kept, sketch.flatten(stored), sketch.sq_norms(blocks))
-            meter.update(len(ids))
 
+    pass_start = time.perf_counter()
     grad_version = store.write_gradients(shard, rows(), fp, overwrite=True)  # no rows at all: DataError
     curv_version = store.write_curvature(shard, curvature, fp, examples_digest=digest, overwrite=True)
     release_memory()  # the pass's freed batches stay in glibc's heaps otherwise, under every later stage
-    done = meter.finish()
+    pass_seconds = time.perf_counter() - pass_start
     if bad_ids:
         log(f"shard {shard}: {len(bad_ids)} examples with non-finite gradients left out: {bad_ids[:5]}")
     log(f"gradients of shard {shard}: {len(records) - len(bad_ids)} rows x {sketch.width} floats, "
@@ -105,4 +103,4 @@ def compute_gradient_shard(store: LanceStore, shard: str, spec: ModelSpec, setti
     return GradientSummary(shard=shard, computed=True, rows=len(records) - len(bad_ids), nonfinite_rows=len(bad_ids),
                            nonfinite_ids=bad_ids[:20], fingerprint=fp.digest(), data_version=gradient_version(fp, digest),
                            gradients_version=grad_version, curvature_version=curv_version,
-                           seconds=time.perf_counter() - start, examples_per_s=done.rate)
+                           seconds=time.perf_counter() - start, examples_per_s=len(records) / pass_seconds)

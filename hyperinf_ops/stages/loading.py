@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,9 @@ from hyperinf_ops.errors import ModelLoadError
 from hyperinf_ops.gradients import per_example_lora_gradients
 from hyperinf_ops.memory import release_memory
 from hyperinf_ops.models.lora import LoadedModel, adapter_hash, batches, load_lora_model
+from hyperinf_ops.progress import ProgressMeter
 from hyperinf_ops.settings import GradientSettings, ModelSpec
+from hyperinf_ops.stages.common import Log
 
 __all__ = ["finite_rows", "gradient_batches", "load_current_model"]
 
@@ -43,12 +46,20 @@ def load_current_model(storage_root: str | Path, spec: ModelSpec) -> tuple[Loade
 
 
 def gradient_batches(loaded: LoadedModel, records: Sequence[Mapping[str, Any]], settings: GradientSettings,
-                     max_length: int) -> Iterator[tuple[list[str], dict[str, Tensor]]]:
-    """(sample_ids, per-example LoRA gradients name -> (b, r, d)) batch by batch (memory: one batch deep)."""
+                     max_length: int, *, phase: str = "gradients", log: Log | None = None
+                     ) -> Iterator[tuple[list[str], dict[str, Tensor]]]:
+    """(sample_ids, per-example LoRA gradients name -> (b, r, d)) batch by batch (memory: one batch deep).
+
+    With `log`, reports `phase: done/total examples (rate, ETA)` about ten times over the pass and at its end."""
+    n_batches = math.ceil(len(records) / settings.batch_size)
+    meter = ProgressMeter(phase, len(records), (lambda e: log(str(e))) if log else None,
+                          every=max(1, n_batches // 10))
     for chunk, batch in batches(loaded, records, settings.batch_size, max_length):
         grads = per_example_lora_gradients(loaded.model, batch, modules=settings.modules)
         release_memory()  # the pass's activations and graph are freed: return their pages (memory.py)
+        meter.update(len(chunk))
         yield [str(r["sample_id"]) for r in chunk], grads
+    meter.finish()
 
 
 def finite_rows(grads: Mapping[str, Tensor]) -> Tensor:

@@ -23,7 +23,7 @@ from hyperinf_ops.errors import DataError
 from hyperinf_ops.stages.common import Log, Summary, drop_stale, require_table, shard_filter
 from hyperinf_ops.store import LanceStore, sql_literal
 
-__all__ = ["IngestSummary", "TargetsSummary", "ingest_pending", "ingest_shard", "ingest_targets", "prepare_shard",
+__all__ = ["IngestSummary", "TargetsSummary", "ingest_shard", "ingest_targets", "prepare_shard",
            "stored_digest"]
 
 
@@ -74,11 +74,6 @@ def stored_digest(store: LanceStore, shard: str) -> str | None:
         return None
     rows = store.open("examples").to_table(filter=shard_filter(shard))
     return table_digest(rows) if rows.num_rows else None
-
-
-def ingest_pending(store: LanceStore, shard: str, path: str | Path, data: Any, task: str) -> bool:
-    """Whether ingesting the file would change what `examples` holds for the shard (DataError on bad input)."""
-    return table_digest(prepare_shard(store, shard, path, data, task)[0]) != stored_digest(store, shard)
 
 
 def ingest_shard(store: LanceStore, shard: str, path: str | Path, data: Any, task: str,

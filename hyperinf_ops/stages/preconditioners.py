@@ -30,6 +30,7 @@ from hyperinf_ops.preconditioners import (
     prepared_from_table,
     prepared_to_table,
 )
+from hyperinf_ops.progress import ProgressMeter
 from hyperinf_ops.settings import EstimatorOptions, GradientSettings
 from hyperinf_ops.stages.codec import row_fingerprint
 from hyperinf_ops.stages.common import Log, Summary, require_table
@@ -112,12 +113,13 @@ def prepare_preconditioners(store: LanceStore, settings: GradientSettings, metho
         wanted.setdefault(method, base.model_copy(update={"method": method}))
     curvature: dict[str, CurvaturePartial] | None = None
     hyperinf: Prepared | None = None  # its diagnostics, for the summary (operators dropped once stored)
-    prepared, reused, keys = [], [], []
+    keys = {method: _artifact_key(identity, options) for method, options in sorted(wanted.items())}
+    reused = [method for method, key in keys.items() if store.read_preconditioner(key) is not None]
+    prepared = []
+    meter = ProgressMeter("inverses", len(keys) - len(reused), lambda e: log(str(e)), unit="methods", every=1)
     for method, options in sorted(wanted.items()):
-        key = _artifact_key(identity, options)
-        keys.append(key)
-        if store.read_preconditioner(key) is not None:
-            reused.append(method)
+        key = keys[method]
+        if method in reused:
             continue
         curvature = curvature or store.read_curvature(fp)
         made = prepare(curvature, options)
@@ -125,6 +127,7 @@ def prepare_preconditioners(store: LanceStore, settings: GradientSettings, metho
         if method == "hyperinf":
             hyperinf = dataclasses.replace(made, operators=dict.fromkeys(made.operators))
         prepared.append(method)
+        meter.update(1)
         del made
         release_memory()  # a method's stacks and its stored copy are freed: return their pages (memory.py)
     del curvature
@@ -139,7 +142,7 @@ def prepare_preconditioners(store: LanceStore, settings: GradientSettings, metho
         matrices=len(hyperinf.shapes), prepared=prepared, reused=reused, all_converged=hyperinf.converged,
         max_residual=max(residuals, default=math.nan), max_condition_estimate=max(conditions, default=math.nan),
         diagnostics=diagnostics, curvature=identity,
-        data_version=hashlib.sha256("|".join(sorted(keys)).encode()).hexdigest()[:32],
+        data_version=hashlib.sha256("|".join(sorted(keys.values())).encode()).hexdigest()[:32],
         preconditioners_version=store.open("preconditioners").version, seconds=time.perf_counter() - start)
     log(f"curvature of {summary.examples} examples over {len(summary.shards)} shards, {summary.matrices} matrices; "
         f"prepared {prepared or 'nothing'}, reused {reused or 'nothing'}; Schulz max residual "

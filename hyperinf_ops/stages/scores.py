@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from hyperinf_ops.data.prepare import record_columns
+from hyperinf_ops.data.prepare import RESERVED_COLUMNS
 from hyperinf_ops.errors import DataError
 from hyperinf_ops.scorer import score_store
 from hyperinf_ops.settings import SELF_INFLUENCE_METHODS, SELF_TARGET, EstimatorOptions, GradientSettings
@@ -21,10 +21,12 @@ from hyperinf_ops.stages.codec import current_whitening
 from hyperinf_ops.stages.common import Log, Summary, drop_stale
 from hyperinf_ops.stages.preconditioners import checked_fingerprint, load_preconditioner
 from hyperinf_ops.store import LanceStore, sql_literal
+from hyperinf_ops.tasks import get_task
 
-__all__ = ["ScoreStepSummary", "extremes", "read_scores", "score", "self_influence_pairs"]
+__all__ = ["ScoreStepSummary", "display_columns", "extremes", "read_scores", "score", "self_influence_pairs"]
 
 SHOWN = 10  # rows in "most helpful / most harmful" lists
+SHOWN_CARRY = 4  # carry columns in them: a pool may carry dozens
 
 
 @dataclass
@@ -51,18 +53,25 @@ def read_scores(store: LanceStore, target: str, method: str) -> pd.DataFrame:
         filter=f"target_set = {sql_literal(target)} AND method = {sql_literal(method)}").to_pandas()
 
 
+def display_columns(names: Sequence[str], task: str) -> list[str]:
+    """The columns an example is shown with, out of a prepared table's column names: sample_id, label, the
+    first `SHOWN_CARRY` columns the pool only carries along (`flipped` first: the truth the mislabel report is
+    judged by; a pool may carry dozens), then the text columns (the widest, last)."""
+    carried = sorted((c for c in names if c not in RESERVED_COLUMNS), key=lambda c: c != "flipped")
+    return ["sample_id", "label", *carried[:SHOWN_CARRY], *get_task(task).text_columns]
+
+
 def extremes(store: LanceStore, task: str, target: str, method: str, *, helpful: bool,
              k: int = SHOWN) -> list[dict[str, Any]]:
-    """The k most helpful (or harmful) examples with their text and label, most extreme first."""
+    """The k most helpful (or harmful) examples, most extreme first: rank, score and the `display_columns`."""
     ranked = read_scores(store, target, method).sort_values("rank", ascending=helpful).head(k)
     if ranked.empty:
         return []
     ids = ", ".join(sql_literal(i) for i in ranked["sample_id"])
-    extra = [c for c in ("flipped",) if c in store.open("examples").schema.names]
-    rows = store.open("examples").to_table(columns=record_columns(task) + extra, filter=f"sample_id IN ({ids})")
-    info = {r["sample_id"]: r for r in rows.to_pylist()}
-    return [{**{col: (v[:200] if isinstance(v, str) else v) for col, v in info[sid].items()},
-             "score": float(s), "rank": int(rk)}
+    examples = store.open("examples")
+    columns = display_columns(examples.schema.names, task)
+    info = {r["sample_id"]: r for r in examples.to_table(columns=columns, filter=f"sample_id IN ({ids})").to_pylist()}
+    return [{"rank": int(rk), "score": float(s), **info[sid]}
             for sid, s, rk in zip(ranked["sample_id"], ranked["score"], ranked["rank"], strict=True)]
 
 
@@ -86,7 +95,7 @@ def score(store: LanceStore, settings: GradientSettings, pairs: Sequence[tuple[s
         raise DataError(f"no stored queries for {missing}: materialize target_queries first")
     prepared = [load_preconditioner(store, fp, o) for o in self_influence]
     result = score_store(store, queries, self_influence=prepared, whitening=current_whitening(store, settings),
-                         device=device)
+                         device=device, progress=lambda e: log(str(e)))
     written = wanted | {(SELF_TARGET, p.method) for p in prepared}
     drop_stale(store, "scores", ["target_set", "method"], written)
     n_examples = store.open("examples").count_rows()

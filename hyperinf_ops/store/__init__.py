@@ -1,5 +1,14 @@
 """hyperinf's Lance tables: schemas (`schemas`), exactly-once writes (`transactions`), fingerprints on rows
-(`fingerprints`), and the typed readers and writers the pipeline uses (`tables`)."""
+(`fingerprints`), and the typed readers and writers the pipeline uses (`tables`).
+
+`GradientBatch`, `LanceStore` and `Query` are imported on first use: `tables` needs torch, and a reader of the
+tables that only needs `transactions.LanceTables` (`hyperinf sql`, `hyperinf shell`) must not pay for it.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 from hyperinf_ops.store.schemas import (
     TABLES,
@@ -10,7 +19,17 @@ from hyperinf_ops.store.schemas import (
     scores_schema,
     sql_literal,
 )
-from hyperinf_ops.store.tables import GradientBatch, LanceStore, Query
+
+if TYPE_CHECKING:
+    from hyperinf_ops.store.tables import GradientBatch, LanceStore, Query
+
+_LAZY = ("GradientBatch", "LanceStore", "Query")
 
 __all__ = ["TABLES", "GradientBatch", "LanceStore", "Query", "curvature_schema", "gradients_schema", "json_safe",
            "queries_schema", "scores_schema", "sql_literal"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module("hyperinf_ops.store.tables"), name)
+    raise AttributeError(f"module 'hyperinf_ops.store' has no attribute {name!r}")

@@ -6,11 +6,12 @@ Table layouts and meanings are documented in docs/tables.md.
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 
-from hyperinf_ops.row_format import RowFormat
+if TYPE_CHECKING:  # an annotation only: row_format needs torch, and the table readers must not
+    from hyperinf_ops.row_format import RowFormat
 
 __all__ = ["TABLES", "curvature_schema", "gradients_schema", "json_safe", "queries_schema", "scores_schema",
            "sql_literal", "target_gradients_schema"]

@@ -39,6 +39,14 @@ def _same_fields(a: pa.Schema, b: pa.Schema) -> bool:
     return a.remove_metadata().equals(b.remove_metadata())
 
 
+def _filterable(schema: pa.Schema) -> pa.Schema:
+    """`schema` with `large_string` fields as `string`: DuckDB pushes a WHERE on a registered Lance dataset down
+    as Substrait, which Lance cannot convert for large strings ("not yet supported by Substrait conversion"), and
+    pandas 3 hands every text column over as large_string. Batches are cast to the stored schema on write."""
+    return pa.schema([f.with_type(pa.string()) if pa.types.is_large_string(f.type) else f for f in schema],
+                     metadata=schema.metadata)
+
+
 class _Guarded:
     """Wraps a batch stream: conforms each batch to the table schema and remembers the first error.
 
@@ -128,8 +136,10 @@ class LanceTables:
         return {t: self.open(t).version for t in TABLES if self.exists(t)}
 
     def _ensure_table(self, table: str, schema: pa.Schema) -> lance.LanceDataset:
-        """Open `table`, creating it empty with `schema` first; concurrent first writers all succeed."""
+        """Open `table`, creating it empty with `schema` first (large strings stored as strings, see
+        `_filterable`); concurrent first writers all succeed."""
         if not self.exists(table):
+            schema = _filterable(schema)
             try:
                 lance.write_dataset(
                     schema.empty_table(),

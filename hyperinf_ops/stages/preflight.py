@@ -1,0 +1,103 @@
+"""Stage 0: everything a run can check from the config and its files, before any training or writing.
+
+`load_config` has already checked the file itself; this checks it against the data, with the stages' own
+functions, so a mistake costs seconds and no table changes:
+
+    device            `device: cuda` on a machine without CUDA (devices.resolve_device)
+    every pool file   readable, the configured columns present, no empty text / missing label, ids unique in
+                      the file and across files (pool.prepare_shard: what ingest would write)
+    target sets       files prepared like the pool; `where:` predicates run over the new pool (sandboxed, as
+                      the target_sets asset runs them); no set empty; labels the pool has (prepare_targets)
+    evaluation test   prepared like the pool, labels the pool has (prepare_test)
+
+Warnings (returned, not raised): target or test examples that are also in the pool (a target example scores
+itself; a test example measures memorization).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+
+from hyperinf_ops.data.io import discover_shards
+from hyperinf_ops.data.prepare import prepare_targets, prepare_test, table_digest
+from hyperinf_ops.devices import resolve_device
+from hyperinf_ops.errors import ConfigError, DataError
+from hyperinf_ops.stages.common import Log, Summary
+from hyperinf_ops.stages.pool import prepare_shard, stored_digest
+from hyperinf_ops.store import LanceStore
+
+__all__ = ["PreflightSummary", "preflight"]
+
+_SHOWN = 5
+
+
+@dataclass
+class PreflightSummary(Summary):
+    shards: dict[str, Path]  # every pool file, by shard key
+    pending: list[str]  # shards whose prepared rows differ from what `examples` holds (to ingest)
+    pool_rows: int
+    target_rows: dict[str, int]
+    warnings: list[str] = field(default_factory=list)
+
+
+def preflight(store: LanceStore, cfg: Any, *, log: Log = print) -> PreflightSummary:
+    """Check the config `cfg` (a loaded HyperinfConfig) against its files and this machine; DataError /
+    ConfigError naming the first problem, nothing written; each warning is logged as `warning: ...`. See the
+    module docstring for what is checked."""
+    try:
+        resolve_device(cfg.device)
+    except ValueError as err:
+        raise ConfigError(f"device: {err}") from err
+    shards = discover_shards(cfg.data.path)
+    tables, pending = {}, []
+    for shard, path in shards.items():
+        tables[shard] = prepare_shard(store, shard, path, cfg.data, cfg.task)[0]
+        if table_digest(tables[shard]) != stored_digest(store, shard):
+            pending.append(shard)
+    pool = _new_pool(tables, id_column=cfg.data.id_column)
+    targets = prepare_targets(cfg.targets, cfg.data, cfg.task, pool)
+    labels = sorted(set(pool["label"].to_pylist()) - {None})
+    in_pool = set(pool["content_hash"].to_pylist())
+    warnings = [_overlap_warning(f"target set {name!r}", table, in_pool, "their scores include their own gradient")
+                for name, table in targets.items() if cfg.targets[name].path is not None]
+    if cfg.evaluation is not None:
+        test = prepare_test(cfg.evaluation.test.path, cfg.data, cfg.task, labels)
+        warnings.append(_overlap_warning("evaluation test file", test, in_pool, "the evaluation trains on them"))
+    summary = PreflightSummary(shards=shards, pending=pending, pool_rows=pool.num_rows,
+                               target_rows={n: t.num_rows for n, t in targets.items()},
+                               warnings=[w for w in warnings if w])
+    for warning in summary.warnings:
+        log(f"warning: {warning}")
+    return summary
+
+
+def _new_pool(tables: dict[str, pa.Table], *, id_column: str | None) -> pa.Table:
+    """The pool as the files define it now. With an id column, an id in two files is an error (ingest would
+    fail at the second file, after writing the first); without one, the same content in two files is one
+    example (ingest keeps the first shard's)."""
+    pool = pa.concat_tables(list(tables.values()), promote_options="permissive")
+    ids = pool["sample_id"].to_pylist()
+    if len(set(ids)) == len(ids):
+        return pool
+    shard_of: dict[str, str] = {}
+    clashes: list[str] = []
+    for sid, shard in zip(ids, pool["shard"].to_pylist(), strict=True):
+        if sid in shard_of and shard_of[sid] != shard:
+            clashes.append(f"{sid!r} ({shard_of[sid]}, {shard})")
+        shard_of.setdefault(sid, shard)
+    if clashes and id_column is not None:
+        raise DataError(f"ids used by more than one pool file: {', '.join(clashes[:_SHOWN])} ({len(clashes)} in all); "
+                        f"ids in column {id_column!r} must be unique across the pool")
+    first = {sid: i for i, sid in reversed(list(enumerate(ids)))}
+    return pool.take(sorted(first.values()))
+
+
+def _overlap_warning(source: str, table: pa.Table, in_pool: set[str], consequence: str) -> str:
+    shared = sum(h in in_pool for h in table["content_hash"].to_pylist())
+    if not shared:
+        return ""
+    return f"{source}: {shared} of {table.num_rows} examples are also in the pool (same text and label): {consequence}"

@@ -1,0 +1,229 @@
+"""`hyperinf sql` and `hyperinf shell`: SQL over the live tables, in the user-SQL sandbox.
+
+Both open the Lance tables of the config's `storage_root` as live DuckDB views (`query.connect`: external
+access off, configuration locked) and run only queries (`query.require_queries`), so user SQL reads the
+tables and nothing else: no files, no other databases, no extensions, no writes. Problems end in one line:
+`hyperinf sql` raises HyperinfError (the CLI prints `hyperinf: error: ...`, exit 2); the shell prints
+`Error: ...` and shows the prompt again.
+
+This module and everything it imports stay free of torch, transformers and Dagster (tests/test_sandbox.py
+checks it), so a query answers in well under two seconds.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import IO, Any
+
+import duckdb
+import pyarrow as pa
+
+from hyperinf_ops.config import TARGET_PARAMS, load_config
+from hyperinf_ops.config_problems import did_you_mean
+from hyperinf_ops.errors import HyperinfError
+from hyperinf_ops.query import (
+    QUERY_KEYWORDS,
+    connect,
+    list_queries,
+    open_snapshot,
+    run_query,
+    run_sql,
+    strip_comments_and_strings,
+)
+
+__all__ = ["open_tables", "parse_param", "print_table", "run_shell", "shell_command", "sql_command"]
+
+PROMPT, CONTINUE = "hyperinf> ", "     ...> "
+SHELL_HELP = f"""SQL over the live tables (read-only: {QUERY_KEYWORDS}); end a statement with ';'.
+  .tables           table names, rows and Lance versions
+  .schema [TABLE]   columns and types (every table without TABLE)
+  .help             this text
+  .quit, .exit      leave (or Ctrl-D); Ctrl-C cancels the statement being typed"""
+
+
+def open_tables(config: Path, *, live: bool) -> tuple[duckdb.DuckDBPyConnection, dict[str, int]]:
+    """A sandboxed connection over the config's tables, and table -> Lance version.
+
+    live=False reads the synced file `hyperinf.duckdb` when it holds every table's latest version
+    (`query.open_snapshot`: no Lance import, about a third of the memory), else the live Lance tables, as
+    live=True always does. Raises FileNotFoundError when the store has no tables yet.
+    """
+    cfg = load_config(config)
+    snapshot = None if live else open_snapshot(str(cfg.storage_root))
+    if snapshot is not None:
+        return snapshot
+    from hyperinf_ops.store.transactions import LanceTables  # imports lance: only for live reads
+
+    store = LanceTables(str(cfg.storage_root))
+    versions = store.versions()
+    if not versions:
+        raise FileNotFoundError(f"no tables under {cfg.storage_root} yet: run `hyperinf run` (or demo) first")
+    return connect(store, versions=versions), versions
+
+
+# ---------------------------------------------------------------------------------------------- hyperinf sql
+
+def sql_command(config: Path, query: str, params: list[str], fmt: str, *, live: bool = False) -> int:
+    """`hyperinf sql`: run SQL text, or a named query of sql/ with `--param NAME=VALUE`s; print the rows.
+    Reads the synced file when it is current, else (or with `live`) the Lance tables (`open_tables`)."""
+    con, versions = open_tables(config, live=live)
+    try:
+        queries = list_queries()
+        if query in queries:
+            values = dict(parse_param(p) for p in params)
+            if "scores" in versions:
+                _check_scored(con, values)
+            table = run_query(con, query, values)
+        elif re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", query):  # a name, not SQL text
+            raise HyperinfError(f"no query {query!r} in sql/{did_you_mean(query, queries)}; queries: "
+                                f"{sorted(queries)} (or give SQL text, e.g. \"SELECT * FROM scores LIMIT 5\")")
+        elif params:
+            raise HyperinfError("--param only applies to the named queries of sql/")
+        else:
+            table = run_sql(con, query, {}, name="SQL error")
+    finally:
+        con.close()
+    print_table(table, fmt)
+    return 0
+
+
+def _check_scored(con: duckdb.DuckDBPyConnection, params: dict[str, Any]) -> None:
+    """A `method` or target-set parameter naming nothing in `scores` would select nothing: say what exists."""
+    pairs = con.sql("SELECT DISTINCT target_set, method FROM scores").fetchall()
+    known = {"method": sorted({m for _, m in pairs}), "target set": sorted({t for t, _ in pairs})}
+    for key, value in params.items():
+        kind = "method" if key == "method" else "target set" if key in TARGET_PARAMS else None
+        if kind and pairs and value not in known[kind]:
+            raise HyperinfError(f"--param {key}={value}: no scores for {kind} {value!r}"
+                                f"{did_you_mean(str(value), known[kind])}; scored: {known[kind]}")
+
+
+def parse_param(text: str) -> tuple[str, object]:
+    """`NAME=VALUE` -> (name, value); VALUE is read as JSON when it is (numbers, true/false, null)."""
+    name, sep, raw = text.partition("=")
+    if not sep or not name:
+        raise HyperinfError(f"--param {text!r}: expected NAME=VALUE")
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError:
+        value = raw
+    return name, value
+
+
+def print_table(table: pa.Table, fmt: str, out: IO[str] | None = None) -> None:
+    """Rows as an aligned table (at most 200 rows, cells cut at 60 characters), CSV, or JSON records."""
+    import pandas as pd
+
+    out = out or sys.stdout
+    df = table.to_pandas()
+    if fmt == "csv":
+        out.write(df.to_csv(index=False))
+    elif fmt == "json":
+        out.write(df.to_json(orient="records", force_ascii=False, date_format="iso") + "\n")
+    else:
+        with pd.option_context("display.max_colwidth", 60, "display.width", 200, "display.max_rows", 200):
+            out.write((df.to_string(index=False) if len(df) else "(no rows)") + "\n")
+
+
+# ---------------------------------------------------------------------------------------------- hyperinf shell
+
+def shell_command(config: Path) -> int:
+    """`hyperinf shell`: the prompt of `run_shell`; on a terminal with line editing and history."""
+    con, versions = open_tables(config, live=True)
+    try:
+        tty = sys.stdin.isatty()
+        if tty:
+            import readline  # noqa: F401  (its side effect: input() gains line editing and history)
+
+            print(f"hyperinf shell: DuckDB {duckdb.__version__}, live read-only views of {len(versions)} tables "
+                  f"({', '.join(versions)}). .help for commands, .quit to leave.")
+        return run_shell(con, read=input if tty else _read_quietly)
+    finally:
+        con.close()
+
+
+def _read_quietly(prompt: str) -> str:
+    """input() without the prompt: piped input (`hyperinf shell < queries.sql`) prints only results."""
+    line = sys.stdin.readline()
+    if not line:
+        raise EOFError
+    return line.rstrip("\n")
+
+
+def run_shell(con: duckdb.DuckDBPyConnection, *, read: Callable[[str], str] = input,
+              out: IO[str] | None = None, err: IO[str] | None = None) -> int:
+    """Read statements until `.quit` or end of input, run each, print its rows; returns the exit status (0).
+
+    A statement ends at a `;` outside strings and comments (lines before it are continued); a line starting
+    with `.` is a shell command. Every error prints one line (`SQL error: ...`, `.schema: ...`) and the prompt
+    comes back; Ctrl-C drops the statement being typed (or cancels the running one).
+    """
+    out, err = out or sys.stdout, err or sys.stderr
+    lines: list[str] = []
+    while True:
+        try:
+            line = read(CONTINUE if lines else PROMPT)
+            if not lines and line.strip().startswith("."):
+                if not _dot_command(con, line.strip(), out):
+                    return 0
+                continue
+            lines.append(line)
+            text = "\n".join(lines)
+            if not _complete(text):
+                continue
+            lines.clear()
+            for statement in _statements(con, text):
+                print_table(run_sql(con, statement, {}, name="SQL error"), "table", out)
+        except EOFError:
+            out.write("\n")
+            return 0
+        except KeyboardInterrupt:
+            lines.clear()
+            out.write("^C\n")
+        except HyperinfError as problem:
+            lines.clear()
+            err.write(str(problem).splitlines()[0] + "\n")
+
+
+def _complete(text: str) -> bool:
+    """Whether `text` ends a statement: its last character outside strings and comments is `;`."""
+    return strip_comments_and_strings(text).rstrip().endswith(";")
+
+
+def _statements(con: duckdb.DuckDBPyConnection, text: str) -> list[str]:
+    """The statements of `text`, each run (and its rows printed) on its own."""
+    try:
+        return [statement.query for statement in con.extract_statements(text)]
+    except duckdb.Error as problem:
+        raise HyperinfError(f"SQL error: {str(problem).splitlines()[0]}") from problem
+
+
+def _dot_command(con: duckdb.DuckDBPyConnection, line: str, out: IO[str]) -> bool:
+    """Run a `.command`; False means leave the shell. Raises HyperinfError for an unknown command or table."""
+    command, _, arg = line.partition(" ")
+    arg = arg.strip().rstrip(";")
+    tables = [name for (name,) in con.sql("SELECT table_name FROM _lance_versions ORDER BY 1").fetchall()]
+    if command in (".quit", ".exit"):
+        return False
+    if command == ".help":
+        out.write(SHELL_HELP + "\n")
+    elif command == ".tables":
+        rows = [(t, con.sql(f'SELECT count(*) FROM "{t}"').fetchall()[0][0]) for t in tables]  # names of TABLES
+        versions = dict(con.sql("SELECT table_name, version FROM _lance_versions").fetchall())
+        print_table(pa.table({"table": tables, "rows": [n for _, n in rows],
+                              "lance_version": [versions[t] for t in tables]}), "table", out)
+    elif command == ".schema":
+        for table in [arg] if arg else tables:
+            if table not in tables:
+                raise HyperinfError(f".schema: no table {table!r}{did_you_mean(table, tables)}; tables: {tables}")
+            described = con.sql(f'DESCRIBE "{table}"').to_arrow_table().select(["column_name", "column_type"])
+            out.write(f"{table}:\n")
+            print_table(described, "table", out)
+    else:
+        commands = [".tables", ".schema", ".help", ".quit", ".exit"]
+        raise HyperinfError(f"{command}: unknown command{did_you_mean(command, commands)}; .help lists them")
+    return True

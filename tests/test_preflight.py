@@ -1,0 +1,152 @@
+"""Bad input ends in one `hyperinf: error: ...` line, exit 2, before anything is written (stages/preflight.py),
+and a run that fails inside a step says which step, in one line that names the file holding the trace."""
+
+import re
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+import yaml
+from hyperinf_project import make_project, sentences, write_shard
+from tiny_models import save_tiny_model
+
+from pipelines.cli import main
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory) -> Path:
+    return save_tiny_model(tmp_path_factory.mktemp("tiny_bert"))
+
+
+def _project(root: Path, model: Path, edit) -> Path:
+    """A tiny project whose config (a dict) `edit` changes; returns the config file."""
+    path = make_project(root, model, n_pool=40, n_target=10)
+    doc = yaml.safe_load(path.read_text())
+    edit(doc, root)
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return path
+
+
+def _labels_meh(doc, root):
+    frame = sentences(10, seed=3)
+    frame.loc[0, "label"] = "meh"
+    frame.to_parquet(root / "targets" / "odd.parquet", index=False)
+    doc["targets"]["odd"] = {"path": "targets/odd.parquet"}
+
+
+def _duplicate_id_in_a_later_shard(doc, root):
+    later = pd.read_parquet(write_shard(root / "pool", "shard-2", 20, seed=7))
+    later.loc[3, "id"] = "shard-0-0001"  # an id of the first shard
+    later.to_parquet(root / "pool" / "shard-2.parquet", index=False)
+
+
+def _test_file_without_label(doc, root):
+    sentences(10, seed=5).drop(columns=["label"]).to_parquet(root / "test" / "nolabel.parquet", index=False)
+    doc["evaluation"] = {"test": {"path": "test/nolabel.parquet"}, "seeds": 1, "fractions": [0.5]}
+
+
+CASES = {
+    "a misspelled data column": (
+        lambda doc, root: doc["data"].update(text_column="txt"),
+        "pool file shard-0.parquet: column 'txt' not found (did you mean 'text'?); available columns: "
+        "['id', 'text', 'label', 'flipped']"),
+    "a misspelled column in a where: target": (
+        lambda doc, root: doc["targets"].update(pos={"where": "lable = 'pos'"}),
+        "target set 'pos': `where: lable = 'pos'` failed over the pool: Binder Error: Referenced column \"lable\" "
+        "not found in FROM clause!"),
+    "a where: target that selects nothing": (
+        lambda doc, root: doc["targets"].update(none={"where": "label = 'neutral'"}),
+        "target set 'none' is empty: `where: label = 'neutral'` selects no pool rows"),
+    "a target label the pool does not have": (
+        _labels_meh, "target set 'odd' has labels the pool does not have: ['meh'] (pool labels: ['neg', 'pos'])"),
+    "an id in two pool files": (
+        _duplicate_id_in_a_later_shard,
+        "ids used by more than one pool file: 'shard-0-0001' (shard-0, shard-2) (1 in all); ids in column 'id' "
+        "must be unique across the pool"),
+    "an evaluation test file without the label column": (
+        _test_file_without_label, "evaluation test file "),
+}
+if not torch.cuda.is_available():
+    CASES["device: cuda without CUDA"] = (
+        lambda doc, root: doc.update(device="cuda"),
+        "device: device 'cuda' was asked for, but this torch build sees no CUDA device; use `device: auto` or `cpu`")
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_bad_input_is_one_line_before_any_work(case, tmp_path, tiny_model, capsys):
+    edit, message = CASES[case]
+    config = _project(tmp_path, tiny_model, edit)
+    assert main(["run", "--config", str(config)]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.startswith(f"hyperinf: error: {message}"), captured.err
+    assert captured.err.count("\n") == 1 and "Traceback" not in captured.err
+    assert "warm-up" not in captured.out and "Dagster instance" not in captured.out  # no training, no run
+    assert not (tmp_path / "store").exists() and not (tmp_path / ".dagster_home").exists()  # nothing written
+
+
+def test_a_target_file_that_repeats_pool_examples_is_a_warning(tmp_path, tiny_model, capsys):
+    from hyperinf_ops.config import load_config
+    from hyperinf_ops.stages.preflight import preflight
+    from hyperinf_ops.store import LanceStore
+
+    def overlap(doc, root):
+        pool = pd.read_parquet(root / "pool" / "shard-0.parquet").head(4).drop(columns=["id"])
+        pd.concat([pool, sentences(6, seed=11)]).to_parquet(root / "targets" / "mixed.parquet", index=False)
+        doc["targets"]["mixed"] = {"path": "targets/mixed.parquet"}
+
+    cfg = load_config(_project(tmp_path, tiny_model, overlap))
+    lines: list[str] = []
+    checked = preflight(LanceStore(str(cfg.storage_root)), cfg, log=lines.append)
+    assert lines == ["warning: target set 'mixed': 4 of 10 examples are also in the pool (same text and label): "
+                     "their scores include their own gradient"]
+    assert checked.pending == ["shard-0", "shard-1"] and checked.pool_rows == 40
+    assert checked.target_rows == {"clean": 10, "mixed": 10}
+
+
+def test_a_failed_step_is_one_line_naming_the_step_and_the_trace_file(tmp_path, tiny_model, capsys, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("disk on fire")
+
+    monkeypatch.setattr("hyperinf_ops.stages.pool.ingest_targets", broken)
+    config = _project(tmp_path, tiny_model, lambda doc, root: None)
+    assert main(["run", "--config", str(config)]) == 2
+    captured = capsys.readouterr()
+    match = re.fullmatch(r"hyperinf: error: target_sets failed: RuntimeError: disk on fire \(full trace: (\S+)\)\n",
+                         captured.err)
+    assert match, captured.err
+    trace = Path(match[1]).read_text()
+    assert "Traceback" not in captured.out + captured.err and "disk on fire" in trace and "broken" in trace
+    # The terminal had the steps' own lines (progress), not Dagster's event dump.
+    assert re.search(r"^\d\d:\d\d:\d\d lora_adapter: warm-up: \d+/\d+ examples", captured.out, flags=re.M)
+    assert "STEP_FAILURE" not in captured.out and "DagsterExecutionStepExecutionError" not in captured.out
+
+
+@pytest.mark.parametrize(("n_pool", "message"), [
+    ("0", "need 0 <= flip_fraction <= 1, n_pool >= n_shards >= 1"),
+    ("-5", "need 0 <= flip_fraction <= 1, n_pool >= n_shards >= 1"),
+    ("10000000", "the corpus has 12752 usable snippets; asked for 10000000 + 500 + 500"),
+])
+@pytest.mark.real_weights
+def test_demo_sizes_out_of_range_are_one_line(n_pool, message, tmp_path, capsys):
+    workdir = tmp_path / "demo"
+    assert main(["demo", "--n-pool", n_pool, "--workdir", str(workdir)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"hyperinf: error: {message}") and err.count("\n") == 1, err
+    assert not workdir.exists()
+
+
+def test_ui_port_out_of_range_or_in_use_is_one_line(tmp_path, tiny_model, capsys):
+    import socket
+
+    config = _project(tmp_path, tiny_model, lambda doc, root: None)
+    assert main(["ui", "--config", str(config), "--port", "70000"]) == 2
+    assert capsys.readouterr().err == "hyperinf: error: --port 70000: a port is a number from 1 to 65535\n"
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        assert main(["ui", "--config", str(config), "--port", str(port)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"hyperinf: error: --port {port}: cannot listen on 127.0.0.1:{port} (Address already in use)")
+    assert err.count("\n") == 1 and not (tmp_path / ".dagster_home").exists()
