@@ -27,12 +27,14 @@ ON_NEW_ADAPTER = AC.eager().replace(
 
 def step_asset(*, group: str, code_version: str, description: str, kinds: set[str], deps=(), partitions_def=None,
                checks: dict[str, str] | None = None, advisory_checks: dict[str, str] | None = None,
-               automation: dg.AutomationCondition = ON_NEW_DATA, optional: bool = False):
+               automation: dg.AutomationCondition = ON_NEW_DATA, optional: bool = False,
+               op_tags: dict | None = None):
     """``dg.asset`` with the project's conventions: an explicit code version (a changed step marks its output
     stale in the UI), declarative automation (ON_NEW_DATA unless said), ``checks`` (name -> description) as
     blocking checks the asset evaluates itself and ``advisory_checks`` as non-blocking ones (a failure shows in
     the UI and `hyperinf run` exits with the check-failed status, downstream assets still run). An `optional`
-    asset is a generator that yields its MaterializeResult only when the config asks for it."""
+    asset is a generator that yields its MaterializeResult only when the config asks for it. `op_tags`: the step's
+    tags for the executor (e.g. the pod a Kubernetes executor gives it)."""
 
     def decorate(fn):
         specs = [dg.AssetCheckSpec(name, asset=fn.__name__, blocking=blocking, description=text)
@@ -40,6 +42,6 @@ def step_asset(*, group: str, code_version: str, description: str, kinds: set[st
                  for name, text in (group or {}).items()]
         return dg.asset(deps=list(deps), partitions_def=partitions_def, group_name=group, kinds=kinds,
                         code_version=code_version, automation_condition=automation, check_specs=specs,
-                        description=description, output_required=not optional)(fn)
+                        description=description, output_required=not optional, op_tags=op_tags)(fn)
 
     return decorate

@@ -1,15 +1,14 @@
 """The curated fine-tuning subset (a `sql/` query over the scores) and the mislabel report."""
 
 import math
-from pathlib import Path
 
 import dagster as dg
-import pyarrow.parquet as pq
 
 from assets_defs.automation import step_asset
 from assets_defs.influence import curation_pair, influence_scores
 from assets_defs.metadata import column_schema, summary_metadata, table_metadata, timed
 from assets_defs.resources import HyperinfResource
+from hyperinf_ops.location import Location
 
 
 @step_asset(
@@ -32,10 +31,10 @@ def curated_subset(context: dg.AssetExecutionContext, hyperinf: HyperinfResource
         "preview": table_metadata(subset_preview(hyperinf.store, parquet, cfg.task)),
         "parquet": dg.MetadataValue.path(parquet),
         "jsonl": dg.MetadataValue.path(summary.files["jsonl"]),
-        "manifest": dg.MetadataValue.path(str(Path(summary.out_dir) / "manifest.json")),
+        "manifest": dg.MetadataValue.path(str(Location(summary.out_dir) / "manifest.json")),
         **summary_metadata(summary, skip=("seconds", "files", "out_dir", "labels", "flipped")),
         "wall_time_s": wall,
-        "dagster/column_schema": column_schema(pq.read_schema(parquet)),
+        "dagster/column_schema": column_schema(Location(parquet).parquet_schema()),
     })
 
 
@@ -51,7 +50,7 @@ def curated_subset_size(hyperinf: HyperinfResource) -> dg.AssetCheckResult:
     cfg, store = hyperinf.config, hyperinf.store
     path = export_dir(cfg.storage_root, cfg.curation.query) / "subset.parquet"
     n_pool = store.open("examples").count_rows()
-    ids = pq.read_table(path, columns=["sample_id"])["sample_id"].to_pylist()
+    ids = path.read_parquet(["sample_id"])["sample_id"].to_pylist()
     fraction = cfg.curation.params.get("fraction")
     expected = None
     if isinstance(fraction, int | float):

@@ -96,14 +96,21 @@ def row_codec(context: dg.AssetExecutionContext, hyperinf: HyperinfResource) -> 
                                 metadata={**summary_metadata(summary, skip=("seconds",)), "wall_time_s": wall})
 
 
+# Under the Kubernetes executor (dagster-k8s) every gradient shard's step is its own pod with one GPU; the
+# in-process and dask executors ignore the tag (docs/deploy.md).
+GPU_STEP_TAGS = {"dagster-k8s/config": {"container_config": {"resources": {"limits": {"nvidia.com/gpu": 1}}}}}
+
+
 @step_asset(
-    group="model", kinds={"pytorch", "lance"}, code_version="3",
-    partitions_def=pool_shards,
+    group="model", kinds={"pytorch", "lance"}, code_version="4",
+    partitions_def=pool_shards, op_tags=GPU_STEP_TAGS,
     deps=[pool_examples, lora_adapter, row_codec],
     checks={"gradients_finite": "Every example of the shard has a finite gradient (non-finite ones are left out)."},
     description="Per-example LoRA gradients of one shard under the current adapter: rows in `gradients`, exact "
                 "curvature partial sums in `curvature`. Skipped when the shard's rows are current (same "
-                "fingerprint and examples). Data version: fingerprint + the shard's examples digest.",
+                "fingerprint and examples); otherwise only new and edited examples get a gradient pass (rows of "
+                "unchanged content are kept, the sums updated exactly). Data version: fingerprint + the shard's "
+                "examples digest.",
 )
 def lora_gradients(context: dg.AssetExecutionContext, hyperinf: HyperinfResource) -> dg.MaterializeResult:
     from hyperinf_ops.stages.gradients import compute_gradient_shard

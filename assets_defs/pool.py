@@ -7,7 +7,6 @@ from assets_defs.metadata import column_schema, summary_metadata, table_metadata
 from assets_defs.partitions import pool_shards
 from assets_defs.resources import HyperinfResource
 from hyperinf_ops.data.io import discover_shards, file_digest
-from hyperinf_ops.errors import DataError
 
 
 @dg.observable_source_asset(
@@ -23,21 +22,27 @@ def pool_files(context: dg.AssetExecutionContext, hyperinf: HyperinfResource) ->
 
 
 @step_asset(
-    group="pool", kinds={"lance"}, code_version="2",
+    group="pool", kinds={"lance"}, code_version="3",
     partitions_def=pool_shards,
     deps=[pool_files],
     description="One data file of the candidate pool, validated and id'd, as its shard of the `examples` table "
-                "(written only when its content changed). Data version: digest of the shard's rows.",
+                "(written only when its content changed); shards whose file is gone and that hold its ids are "
+                "removed first. A partition whose file is gone removes its shard (examples, gradient rows, "
+                "curvature sums). Data version: digest of the shard's rows ('removed' for a gone file).",
 )
 def pool_examples(context: dg.AssetExecutionContext, hyperinf: HyperinfResource) -> dg.MaterializeResult:
-    from hyperinf_ops.stages.pool import ingest_shard
+    from hyperinf_ops.stages.pool import drop_shard, ingest_shard
 
     cfg, shard = hyperinf.config, context.partition_key
     files = discover_shards(cfg.data.path)
     if shard not in files:
-        raise DataError(f"shard {shard!r} has no data file in {cfg.data.path} (files: {sorted(files)})")
+        drop_shard(hyperinf.store, shard)
+        context.log.info(f"shard {shard}: no data file in {cfg.data.path}: its examples, gradient rows and curvature "
+                         "sums are removed")
+        return dg.MaterializeResult(data_version=dg.DataVersion("removed"),
+                                    metadata={"dagster/row_count": 0, "removed": True})
     summary, wall = timed(ingest_shard, hyperinf.store, shard, files[shard], cfg.data, cfg.task,
-                          log=context.log.info)
+                          log=context.log.info, files=list(files))
     return dg.MaterializeResult(
         data_version=dg.DataVersion(summary.digest),
         metadata={"dagster/row_count": summary.rows, "source_file": dg.MetadataValue.path(str(files[shard])),

@@ -3,8 +3,8 @@
     <root>/adapters/<hash[:16]>/     peft files + manifest.json (AdapterManifest)
     <root>/adapters/current.json     the manifest of the adapter every stored gradient row is taken under
 
-A new adapter is written into a temporary folder and renamed into place whole; `current.json` is replaced
-atomically only after that, so a crash never leaves half an adapter, and the adapter that made the stored
+A new adapter is written into a temporary folder and published whole (renamed into place; on S3 uploaded with
+its manifest last); `current.json` is replaced atomically only after that, so a crash never leaves half an adapter, and the adapter that made the stored
 rows stays on disk until it is no longer current. The manifest records everything the gradient fingerprint
 needs (model identity, adapter hash, LoRA matrices and their shapes), so steps that only read stored rows
 (curvature, scoring, SQL) never load a model to know what made them.
@@ -19,9 +19,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import tempfile
-import uuid
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -30,6 +27,7 @@ from pydantic import BaseModel, ConfigDict
 
 from hyperinf_ops.errors import ModelLoadError
 from hyperinf_ops.fingerprint import Fingerprint
+from hyperinf_ops.location import Location
 from hyperinf_ops.settings import BUNDLED_MODELS, CompressionSpec
 from hyperinf_ops.stacks import select_matrices
 
@@ -97,14 +95,19 @@ def folder_digest(folder: Path) -> str:
 
 
 class AdapterStore:
-    """The adapters folder of a storage root."""
+    """The adapters folder of a storage root (a local folder or an S3 prefix, `location.Location`)."""
 
-    def __init__(self, storage_root: str | os.PathLike) -> None:
-        self.dir = Path(storage_root) / "adapters"
+    def __init__(self, storage_root: str | os.PathLike[str]) -> None:
+        self.dir = Location(storage_root) / "adapters"
+
+    def location(self, manifest: AdapterManifest) -> Location:
+        """Where this adapter's peft files are stored."""
+        return self.dir / manifest.short_hash
 
     def path(self, manifest: AdapterManifest) -> Path:
-        """The folder holding this adapter's peft files."""
-        return self.dir / manifest.short_hash
+        """A local folder holding this adapter's peft files (for an S3 root: a cached download, since peft
+        loads from a folder)."""
+        return self.location(manifest).local_copy()
 
     def current(self) -> AdapterManifest | None:
         """The adapter stored gradient rows are taken under, or None before the first one."""
@@ -115,42 +118,40 @@ class AdapterStore:
         """The current adapter; ModelLoadError before the first one."""
         manifest = self.current()
         if manifest is None:
-            raise ModelLoadError(f"no adapter under {self.dir.parent} yet: materialize lora_adapter first")
+            raise ModelLoadError(f"no adapter under {self.dir} yet: materialize lora_adapter first")
         return manifest
 
     def find(self, key: str) -> AdapterManifest | None:
         """A stored adapter made by the recipe `key`, if any (the newest such folder)."""
         found = []
-        for file in self.dir.glob(f"*/{MANIFEST}"):
+        for folder in self.dir.folders():
+            file = folder / MANIFEST
+            if not file.is_file():
+                continue
             manifest = AdapterManifest.model_validate_json(file.read_text())
-            if manifest.recipe_key == key and (file.parent / "adapter_config.json").is_file():
-                found.append((file.stat().st_mtime_ns, manifest))
+            if manifest.recipe_key == key and (folder / "adapter_config.json").is_file():
+                found.append((file.mtime_ns(), manifest))
         return max(found, key=lambda item: item[0])[1] if found else None
 
-    def save(self, model: Any, manifest: AdapterManifest) -> Path:
-        """Write the peft adapter of `model` (a PeftModel) and its manifest, whole or not at all.
+    def save(self, model: Any, manifest: AdapterManifest) -> Location:
+        """Write the peft adapter of `model` (a PeftModel) and its manifest, whole or not at all (the manifest
+        is written last: a folder without one is never used).
 
-        An adapter with this hash already on disk is kept as it is (same tensors, same folder)."""
-        target = self.path(manifest)
+        An adapter with this hash already stored is kept as it is (same tensors, same folder)."""
+        target = self.location(manifest)
         if (target / MANIFEST).is_file():
             return target
-        self.dir.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=self.dir))
         try:
-            model.save_pretrained(tmp)
-            (tmp / MANIFEST).write_text(manifest.model_dump_json(indent=2))
-            tmp.rename(target)
+            with target.staged_folder(last=MANIFEST) as tmp:
+                model.save_pretrained(tmp)
+                (tmp / MANIFEST).write_text(manifest.model_dump_json(indent=2))
         except OSError:
             if not (target / MANIFEST).is_file():  # a concurrent writer of the same adapter won: fine
                 raise
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
         return target
 
     def set_current(self, manifest: AdapterManifest) -> None:
         """Make a saved adapter the current one (atomic replace of current.json)."""
-        if not (self.path(manifest) / MANIFEST).is_file():
+        if not (self.location(manifest) / MANIFEST).is_file():
             raise FileNotFoundError(f"adapter {manifest.short_hash} is not saved under {self.dir}")
-        tmp = self.dir / f".{CURRENT}.{uuid.uuid4().hex}"
-        tmp.write_text(manifest.model_dump_json(indent=2))
-        os.replace(tmp, self.dir / CURRENT)
+        (self.dir / CURRENT).write_text(manifest.model_dump_json(indent=2))

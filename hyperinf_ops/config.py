@@ -19,6 +19,9 @@ from typing import Annotated, Any
 import yaml
 from pydantic import (
     Field,
+    StrictBool,
+    StrictInt,
+    TypeAdapter,
     ValidationError,
     ValidationInfo,
     field_validator,
@@ -28,10 +31,10 @@ from pydantic import (
 from hyperinf_ops.config_problems import did_you_mean, problem_text, renamed_key_problems
 from hyperinf_ops.config_sections import (
     AdapterSection,
-    ConfigPath,
     CurationSection,
     DataSection,
     EvaluationSection,
+    StorageRoot,
     TargetSection,
     curation_queries,
     resolve_config_path,
@@ -69,6 +72,17 @@ __all__ = [
 _TARGET_NAME = r"^[A-Za-z_][A-Za-z0-9_\-]*$"
 # Query parameters that name a target set; `target_set` and `method` get defaults when a query takes them.
 TARGET_PARAMS = ("target_set", "set_a", "set_b")
+# Types and ranges of the curation queries' numeric and flag parameters (by query, else by name), checked with
+# the config: a wrong type would fail in DuckDB after the whole run, and an empty subset (top_fraction's
+# fraction 0, drop_harmful's fraction 1) would replace the last good export.
+_UNIT = Annotated[float, Field(strict=True)]  # a number, not a string DuckDB would refuse late
+_PARAM_TYPES: dict[tuple[str | None, str], Any] = {
+    ("top_fraction", "fraction"): Annotated[_UNIT, Field(gt=0, le=1)],
+    ("drop_harmful", "fraction"): Annotated[_UNIT, Field(ge=0, lt=1)],
+    (None, "k"): Annotated[StrictInt, Field(ge=1)],
+    (None, "n"): Annotated[StrictInt, Field(ge=1)],
+    (None, "balance"): StrictBool,
+}
 
 
 class HyperinfConfig(Settings):
@@ -76,7 +90,7 @@ class HyperinfConfig(Settings):
 
     data: DataSection
     targets: dict[Annotated[str, Field(pattern=_TARGET_NAME)], TargetSection] = Field(min_length=1)
-    storage_root: ConfigPath = Field(Path("hyperinf_data"), validate_default=True)
+    storage_root: StorageRoot = Field(Path("hyperinf_data"), validate_default=True)  # a folder or s3://bucket/prefix
     model: str = "minilm"  # a bundled name, or a local Hugging Face folder (absolute once loaded)
     task: TaskName = "classification"
     lora: LoraSettings = Field(default_factory=LoraSettings)
@@ -104,6 +118,13 @@ class HyperinfConfig(Settings):
             raise ValueError(f"{model!r} is neither a bundled model {list(BUNDLED_MODELS)} nor an existing folder"
                              f"{did_you_mean(model, BUNDLED_MODELS)}")
         return str(folder)
+
+    @field_validator("storage_root")
+    @classmethod
+    def _not_a_file(cls, root: Any) -> Any:
+        if isinstance(root, Path) and root.exists() and not root.is_dir():
+            raise ValueError(f"{str(root)!r} is a file; give a folder (created when missing)")
+        return root
 
     @field_validator("estimators")
     @classmethod
@@ -305,6 +326,11 @@ def _curation_problems(curation: Mapping[str, Any], targets: Any, estimators: An
                             f"not {value!r}")
         elif key == "method" and not on_self and isinstance(estimators, list | tuple) and value not in estimators:
             problems.append(f"{where}: {value!r} is not one of the configured estimators {list(estimators)}")
+        elif (kind := _PARAM_TYPES.get((info.name, key), _PARAM_TYPES.get((None, key)))) is not None:
+            try:
+                TypeAdapter(kind).validate_python(value)
+            except ValidationError as err:
+                problems.append(f"{where}: {err.errors()[0]['msg'].lower()}, got {value!r}")
     missing = [k for k in info.params if k not in params]
     if missing:
         problems.append(f"curation.params: query {info.name!r} needs {missing}")

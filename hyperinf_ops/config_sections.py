@@ -10,6 +10,7 @@ from typing import Annotated, Any
 from pydantic import BeforeValidator, Field, StrictBool, ValidationInfo, field_validator, model_validator
 
 from hyperinf_ops.config_problems import did_you_mean
+from hyperinf_ops.location import Location, is_object_store
 from hyperinf_ops.settings import PipelineMethod, Settings
 
 __all__ = [
@@ -18,10 +19,12 @@ __all__ = [
     "CurationSection",
     "DataSection",
     "EvaluationSection",
+    "StorageRoot",
     "TargetSection",
     "TestFile",
     "curation_queries",
     "resolve_config_path",
+    "resolve_storage_root",
     "where_predicate_problem",
 ]
 
@@ -32,13 +35,25 @@ def resolve_config_path(value: Any, info: ValidationInfo) -> Any:
         value = str(value)
     if not isinstance(value, str) or not value:
         return value  # the Path type check reports it
-    if "://" in value:
-        raise ValueError("object-store URIs are not supported yet; use a local path")
+    if is_object_store(value):
+        raise ValueError("object-store URIs are only supported for storage_root; use a local path")
     base = Path((info.context or {}).get("base_dir") or Path.cwd())
     return (base / Path(value).expanduser()).resolve()
 
 
 ConfigPath = Annotated[Path, BeforeValidator(resolve_config_path)]
+
+
+def resolve_storage_root(value: Any, info: ValidationInfo) -> Any:
+    """`storage_root`: an `s3://bucket/prefix` URI is kept as given (never resolved as a relative path), anything
+    else is a config path (`resolve_config_path`)."""
+    if isinstance(value, str) and is_object_store(value):
+        return Location(value).uri  # ValueError for another scheme or a URI without a bucket
+    return resolve_config_path(value, info)
+
+
+# A local folder (absolute once loaded) or an `s3://bucket/prefix` string.
+StorageRoot = Annotated[Path | str, BeforeValidator(resolve_storage_root)]
 
 
 def _require_file(path: Path | None) -> Path | None:

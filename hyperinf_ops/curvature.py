@@ -49,6 +49,19 @@ class CurvaturePartial:
 
     def merge(self, other: CurvaturePartial) -> CurvaturePartial:
         """Sums of both parts (a new object; neither input changes). Both must describe the same matrix."""
+        return self._combine(other, 1)
+
+    def subtract(self, other: CurvaturePartial) -> CurvaturePartial:
+        """These sums without the examples of `other`, which must be among them (a new object).
+
+        What keeps a shard's sums current when examples leave it (deleted, or edited: their old content) without
+        summing the examples that stay again; float64 cancellation leaves ~1e-16 of the removed terms' size."""
+        if other.count > self.count:
+            raise GradientMismatchError(f"cannot take {other.count} examples out of sums over {self.count}")
+        return self._combine(other, -1)
+
+    def _combine(self, other: CurvaturePartial, sign: int) -> CurvaturePartial:
+        """self + sign * other, sums and count alike (sign: 1 or -1)."""
         if self.gfim_sum.shape != other.gfim_sum.shape or self.numel != other.numel:
             raise GradientMismatchError(
                 f"cannot merge curvature of shape {tuple(self.gfim_sum.shape)} (numel {self.numel}) with "
@@ -59,11 +72,11 @@ class CurvaturePartial:
             raise GradientMismatchError("cannot merge a curvature part with full_sum and one without")
         full = None
         if self.full_sum is not None and other.full_sum is not None:
-            full = self.full_sum + other.full_sum.to(self.full_sum.device)
+            full = self.full_sum + sign * other.full_sum.to(self.full_sum.device)
         return CurvaturePartial(
-            gfim_sum=self.gfim_sum + other.gfim_sum.to(self.gfim_sum.device),
-            sq_sum=self.sq_sum + other.sq_sum,
-            count=self.count + other.count,
+            gfim_sum=self.gfim_sum + sign * other.gfim_sum.to(self.gfim_sum.device),
+            sq_sum=self.sq_sum + sign * other.sq_sum,
+            count=self.count + sign * other.count,
             numel=self.numel,
             full_sum=full,
         )

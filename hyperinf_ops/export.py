@@ -4,16 +4,13 @@ The export pins every Lance table to its current version first, runs the selecti
 `export_subset.sql` against those versions, and records them in the manifest: `reproduce(manifest)`
 reruns the recorded SQL text against the recorded versions and returns the same rows, whatever was
 written since. Files are written into a temporary sibling directory that is renamed into place at the
-end, so a crash never leaves a half export.
+end, so a crash never leaves a half export (an S3 export is uploaded with manifest.json last).
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
-import shutil
-import uuid
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, date, datetime
@@ -23,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from hyperinf_ops.location import Location
 from hyperinf_ops.query import connect, load_sql, run_sql, sql_params
 from hyperinf_ops.sql_files import EXPORT_QUERY
 from hyperinf_ops.store import json_safe, sql_literal
@@ -62,10 +60,10 @@ class Manifest:
         return cls(**json.loads(text))
 
     @classmethod
-    def load(cls, path: str | Path) -> Manifest:
-        """From a manifest.json file or the export directory holding one."""
-        path = Path(path)
-        return cls.from_json((path / "manifest.json" if path.is_dir() else path).read_text())
+    def load(cls, path: str | Path | Location) -> Manifest:
+        """From a manifest.json file or the export directory holding one (local or on S3)."""
+        where = Location(path)
+        return cls.from_json((where if where.is_file() else where / "manifest.json").read_text())
 
 
 def _json_default(value: Any) -> Any:
@@ -120,7 +118,7 @@ def export_subset(
     store: LanceStore,
     query_name: str,
     params: Mapping[str, Any],
-    out_dir: str | Path,
+    out_dir: str | Path | Location,
     *,
     estimator_info: Mapping[str, Any] | None = None,
     overwrite: bool = False,
@@ -132,9 +130,10 @@ def export_subset(
 
     estimator_info: estimator + parameters to record (damping, iterations, residual, ...); None records
     the diagnostics stored with the queries of the selected target set(s) and method.
-    out_dir must not exist unless overwrite=True (the old export is replaced only once the new one is whole).
+    out_dir (a local folder or an s3:// URI) must not exist unless overwrite=True. Locally the old export is
+    replaced only once the new one is whole; on S3 file by file, manifest.json last (Location.staged_folder).
     """
-    out = Path(out_dir)
+    out = Location(out_dir)
     if out.exists() and not overwrite:
         raise FileExistsError(f"export directory {out} exists (pass overwrite=True to replace it)")
     sql, export_sql = load_sql(query_name, sql_dir), load_sql(EXPORT_QUERY, sql_dir)
@@ -161,35 +160,20 @@ def export_subset(
         created_at=datetime.now(UTC).isoformat(),
         store_root=store.root,
     )
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex}"
-    tmp.mkdir()
-    try:
+    with out.staged_folder(last="manifest.json", replace=True) as tmp:
         pq.write_table(subset, tmp / manifest.files["parquet"])
         _write_jsonl(subset, tmp / manifest.files["jsonl"])
         (tmp / "manifest.json").write_text(manifest.to_json())
-        if out.exists():
-            old = out.parent / f".{out.name}.old-{uuid.uuid4().hex}"
-            os.rename(out, old)
-            os.rename(tmp, out)
-            shutil.rmtree(old)
-        else:
-            os.rename(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return manifest
 
 
-def update_manifest(out_dir: str | Path, **sections: Any) -> Manifest:
+def update_manifest(out_dir: str | Path | Location, **sections: Any) -> Manifest:
     """Set `sections` in the export's manifest `report` (replacing those keys) and rewrite manifest.json
-    atomically (a temporary file renamed over it)."""
-    path = Path(out_dir) / "manifest.json"
+    atomically (Location.write_text: a local rename, one PUT on S3)."""
+    path = Location(out_dir) / "manifest.json"
     manifest = Manifest.load(path)
     manifest.report = {**manifest.report, **json_safe(sections)}
-    tmp = path.with_name(f".manifest.json.tmp-{uuid.uuid4().hex}")
-    tmp.write_text(manifest.to_json())
-    os.replace(tmp, path)
+    path.write_text(manifest.to_json())
     return manifest
 
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import os
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -54,6 +54,7 @@ __all__ = [
     "list_queries",
     "load_sql",
     "open_snapshot",
+    "refresh_duckdb",
     "require_queries",
     "run_query",
     "run_sql",
@@ -161,7 +162,7 @@ def connect(
     live=False: the synced database file (read-only), `database` or `<root>/hyperinf.duckdb`.
     """
     if not live:
-        return sandbox(database=database or f"{store.root}/{DUCKDB_FILE}")
+        return sandbox(database=database or str(_synced_file(store)))
     pinned = dict(versions) if versions is not None else store.versions()
     relations: dict[str, Any] = {}
     for table, version in pinned.items():
@@ -204,6 +205,23 @@ def open_snapshot(root: str) -> tuple[duckdb.DuckDBPyConnection, dict[str, int]]
     return con, {table: version for table, version, _, _ in synced}
 
 
+def _synced_file(store: LanceTables) -> Path:
+    """`<root>/hyperinf.duckdb`; ValueError for an object-store root (DuckDB writes only local files)."""
+    if store.remote:
+        raise ValueError(f"{store.root} is on an object store: there is no synced DuckDB file; read the tables live")
+    return Path(store.root) / DUCKDB_FILE
+
+
+def refresh_duckdb(store: LanceTables, log: Callable[[str], None]) -> None:
+    """`sync_duckdb` into `<root>/hyperinf.duckdb`; skipped (and logged) for an object-store root, whose tables
+    `hyperinf sql` reads live (`open_snapshot` returns None there)."""
+    if store.remote:
+        log(f"{store.root} is on an object store: no {DUCKDB_FILE} copy is synced; `hyperinf sql` reads the "
+            "tables live")
+        return
+    sync_duckdb(store)
+
+
 def sync_duckdb(store: LanceTables, database: str | None = None) -> dict[str, int]:
     """Copy the non-vector tables into the DuckDB file; returns table -> Lance version.
 
@@ -214,7 +232,7 @@ def sync_duckdb(store: LanceTables, database: str | None = None) -> dict[str, in
     """
     synced_at = datetime.now(UTC)  # before the versions are read: a commit after it makes the copy stale
     versions = store.versions()
-    target = Path(database or f"{store.root}/{DUCKDB_FILE}")
+    target = Path(database) if database else _synced_file(store)
     tmp = target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex}")
     try:
         with duckdb.connect(str(tmp), config={"storage_compatibility_version": DUCKDB_FILE_STORAGE}) as con:

@@ -1,4 +1,4 @@
-"""The ``hyperinf`` command line: demo, run, sql, shell, ui.
+"""The ``hyperinf`` command line: demo, run, sql, shell, plan, ui.
 
 Every command reads one YAML config (validated before any work) and one Dagster instance
 (``--dagster-home``, else ``$DAGSTER_HOME``, else ``<config folder>/.dagster_home``), so runs made here
@@ -107,6 +107,12 @@ def _parser() -> argparse.ArgumentParser:
     _config_option(shell)
     shell.set_defaults(command=_shell)
 
+    plan = sub.add_parser("plan", help="bytes, storage, time and memory of a run over N examples (runs nothing)")
+    plan.add_argument("--config", type=Path, required=True, help="the hyperinf YAML file")
+    plan.add_argument("--examples", type=int, required=True, help="pool examples to plan for")
+    plan.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    plan.set_defaults(command=_plan)
+
     ui = sub.add_parser("ui", help="start the Dagster UI (dagster dev) on 127.0.0.1 for this project")
     _config_option(ui)
     ui.add_argument("--port", type=int, default=3000)
@@ -208,6 +214,13 @@ def _shell(args: argparse.Namespace) -> int:
     from pipelines.sql_commands import shell_command
 
     return shell_command(_config_path(args.config))
+
+
+def _plan(args: argparse.Namespace) -> int:
+    """`hyperinf plan`: hyperinf_ops/capacity.py."""
+    from hyperinf_ops.capacity import plan_command
+
+    return plan_command(_config_path(args.config), args.examples, args.device)
 
 
 # ---------------------------------------------------------------------------------------------- ui

@@ -3,9 +3,11 @@
 Load it with ``dagster dev -w workspace.yaml`` (or ``hyperinf ui``). The YAML config reaches every run through
 the ``hyperinf`` resource; in this module its path is ``$HYPERINF_CONFIG``, read when a run starts.
 
-Executor: in-process. Steps are torch-heavy and the target machines have few cores; one process per run
-avoids re-importing torch/transformers per step (~350 MB and ~3 s each) and the instance's run queue
-(``max_concurrent_runs: 1`` in pipelines/dagster.yaml) keeps runs from competing for the cores.
+Executor: in-process unless ``$HYPERINF_EXECUTOR`` says ``dask`` or ``k8s`` (pipelines/executors.py; the code
+location is the same either way). On one machine steps are torch-heavy and cores few: one process per run avoids
+re-importing torch/transformers per step (~350 MB and ~3 s each) and the instance's run queue
+(``max_concurrent_runs: 1`` in pipelines/dagster.yaml) keeps runs from competing for the cores. With several
+machines, the gradient shards run in parallel on a dask cluster or as Kubernetes Jobs (docs/deploy.md).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import dagster as dg
 
 from assets_defs import ASSET_CHECKS, ASSETS
 from assets_defs.resources import CONFIG_ENV_VAR, HyperinfResource
+from pipelines.executors import executor_from_env
 from pipelines.jobs import adapter_job, refresh_job, shard_job
 from pipelines.loggers import LOGGERS
 from pipelines.schedules import nightly_refresh
@@ -21,7 +24,8 @@ from pipelines.sensors import automation_sensor, pool_folder_sensor
 
 
 def build_definitions(config_path: str | None = None) -> dg.Definitions:
-    """The Definitions, on ``config_path`` when given, else on ``$HYPERINF_CONFIG`` at run time."""
+    """The Definitions, on ``config_path`` when given, else on ``$HYPERINF_CONFIG`` at run time; the executor
+    ``$HYPERINF_EXECUTOR`` names."""
     resource = HyperinfResource(config_path=config_path or dg.EnvVar(CONFIG_ENV_VAR))
     return dg.Definitions(
         assets=ASSETS,
@@ -31,7 +35,7 @@ def build_definitions(config_path: str | None = None) -> dg.Definitions:
         schedules=[nightly_refresh],
         resources={"hyperinf": resource},
         loggers=LOGGERS,
-        executor=dg.in_process_executor,
+        executor=executor_from_env(),
     )
 
 

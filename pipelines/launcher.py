@@ -4,27 +4,35 @@ A run made by ``execute_in_process`` has no code-location origin, so the UI leav
 and off its job's Runs tab. Here every run is created from the *remote* job of the ``hyperinf`` code location
 (an in-process location of ``pipelines.definitions``, named like the one ``workspace.yaml`` loads), exactly as
 ``dagster job launch`` or a UI launch creates it (origin, repository tag, partition tag, asset selection), and
-is then executed synchronously in this process with Dagster's own ``execute_run``: the steps of one
-``hyperinf run`` share one Python process (torch imported once, the model loaded once).
+is then executed synchronously in this process with Dagster's own ``execute_run``: with the in-process executor
+the steps of one ``hyperinf run`` share one Python process (torch imported once, the model loaded once); with a
+distributed one (pipelines/executors.py) this process orchestrates and the steps run in the workers, and
+``run_many`` executes several runs at once (the gradient shards), each orchestrated in its own process by
+``dagster api execute_run``, the command Dagster's own run launchers start.
 """
 
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from contextlib import contextmanager
 from pathlib import Path
 
 import dagster as dg
 from dagster._core.definitions.selector import JobSubsetSelector
 from dagster._core.execution.api import execute_run
+from dagster._core.instance.ref import InstanceRef
 from dagster._core.remote_origin import InProcessCodeLocationOrigin
 from dagster._core.remote_representation.code_location import CodeLocation
 from dagster._core.storage.tags import PARTITION_NAME_TAG
 from dagster._core.types.loadable_target_origin import LoadableTargetOrigin
+from dagster._grpc.types import ExecuteRunArgs
 from dagster._utils.error import SerializableErrorInfo
 from dagster._utils.hosted_user_process import recon_job_from_origin
+from dagster_shared.serdes import serialize_value
 
 from assets_defs.resources import CONFIG_ENV_VAR
 from hyperinf_ops.errors import HyperinfError
@@ -44,17 +52,21 @@ class PipelineRunError(HyperinfError):
 class Launcher:
     """Creates and executes runs of the ``hyperinf`` code location in one Dagster instance."""
 
-    def __init__(self, instance: dg.DagsterInstance, location: CodeLocation, *, verbose: bool = False) -> None:
+    def __init__(self, instance: dg.DagsterInstance, location: CodeLocation, config_path: str | Path, *,
+                 verbose: bool = False) -> None:
         self.instance, self.location = instance, location
         self.repository = location.get_repository("__repository__")
         # Quiet: only the steps' own lines reach the terminal (pipelines/loggers.py); verbose: every event.
-        self.run_config = {"loggers": run_config_loggers(verbose)}
+        # The config file is named in the run config, not only in this process's environment: a step that runs
+        # in another process (a dask worker, a Kubernetes pod) reads the same file.
+        self.run_config = {"loggers": run_config_loggers(verbose),
+                           "resources": {"hyperinf": {"config": {"config_path": str(config_path)}}}}
 
     @classmethod
     @contextmanager
     def open(cls, instance: dg.DagsterInstance, config_path: str | Path, *, verbose: bool = False) -> Iterator[Launcher]:
-        """A launcher whose runs read the config at `config_path` (through ``$HYPERINF_CONFIG``, as the code
-        location's resource does in every process), restored afterwards."""
+        """A launcher whose runs read the config at `config_path` (named in each run's config, and in
+        ``$HYPERINF_CONFIG`` while it is open, restored afterwards)."""
         origin = InProcessCodeLocationOrigin(
             LoadableTargetOrigin(executable_path=sys.executable, module_name=DEFINITIONS_MODULE,
                                  working_directory=str(Path(__file__).resolve().parents[1])),
@@ -63,7 +75,7 @@ class Launcher:
         os.environ[CONFIG_ENV_VAR] = str(config_path)
         try:
             with origin.create_location(instance) as location:
-                yield cls(instance, location, verbose=verbose)
+                yield cls(instance, location, Path(config_path).resolve(), verbose=verbose)
         finally:
             if previous is None:
                 os.environ.pop(CONFIG_ENV_VAR, None)
@@ -73,6 +85,34 @@ class Launcher:
     def run(self, job_name: str, *, partition_key: str | None = None, assets: Sequence[str] | None = None,
             tags: Mapping[str, str] | None = None) -> dg.DagsterRun:
         """Create the run as a UI launch would and execute it here; PipelineRunError if it fails."""
+        return self._execute(self._create(job_name, partition_key, assets, tags))
+
+    def run_many(self, job_name: str, partition_keys: Iterable[str], *, assets: Sequence[str] | None = None,
+                 tags: Mapping[str, str] | None = None) -> Iterator[dg.DagsterRun]:
+        """One run per partition, all executing at once, yielded as they succeed; PipelineRunError for the first
+        that failed, once every run has finished.
+
+        Each run is orchestrated by its own ``dagster api execute_run`` process (its steps go to the distributed
+        executor's workers). Not threads: a run's start configures Python logging (``dictConfig`` of the
+        instance's ``python_logs`` settings), which closes other runs' handlers and deadlocks against a thread
+        that is logging an event."""
+        runs = [self._create(job_name, key, assets, tags) for key in partition_keys]
+        ref = self.instance.get_ref()
+        failure: PipelineRunError | None = None
+        # The threads only wait for the processes; every Dagster call stays in this thread.
+        with ThreadPoolExecutor(max_workers=max(len(runs), 1), thread_name_prefix="hyperinf-run") as pool:
+            waits = {pool.submit(subprocess.run, _execute_run_command(run, ref)): run for run in runs}
+            for done in as_completed(waits):
+                done.result()  # the process ran (its exit status says nothing the run's status does not)
+                try:
+                    yield self._finished(waits[done])
+                except PipelineRunError as err:
+                    failure = failure or err
+        if failure is not None:
+            raise failure
+
+    def _create(self, job_name: str, partition_key: str | None, assets: Sequence[str] | None,
+                tags: Mapping[str, str] | None) -> dg.DagsterRun:
         selector = JobSubsetSelector(
             location_name=self.location.name, repository_name=self.repository.name, job_name=job_name,
             op_selection=None, asset_selection=[dg.AssetKey(a) for a in assets] if assets else None)
@@ -82,7 +122,7 @@ class Launcher:
         run_tags = {**remote_job.tags, **(tags or {})}
         if partition_key is not None:
             run_tags[PARTITION_NAME_TAG] = partition_key
-        run = self.instance.create_run(
+        return self.instance.create_run(
             job_name=job_name, run_id=None, run_config=self.run_config,
             resolved_op_selection=remote_job.resolved_op_selection,
             step_keys_to_execute=plan.execution_plan_snapshot.step_keys_to_execute, op_selection=None,
@@ -91,11 +131,24 @@ class Launcher:
             remote_job_origin=remote_job.get_remote_origin(), job_code_origin=remote_job.get_python_origin(),
             asset_selection=frozenset(selector.asset_selection) if assets else None, asset_check_selection=None,
             asset_graph=self.repository.asset_graph)
+
+    def _execute(self, run: dg.DagsterRun) -> dg.DagsterRun:
         execute_run(recon_job_from_origin(run.job_code_origin), run, self.instance)
+        return self._finished(run)
+
+    def _finished(self, run: dg.DagsterRun) -> dg.DagsterRun:
+        """The run as stored after it ended; PipelineRunError if it did not succeed."""
         finished = self.instance.get_run_by_id(run.run_id)
         if not finished.is_success:
             raise PipelineRunError(failure_message(self.instance, finished))
         return finished
+
+
+def _execute_run_command(run: dg.DagsterRun, instance_ref: InstanceRef) -> list[str]:
+    """``python -m dagster api execute_run <args>`` for `run`, with this interpreter (its origin names the bare
+    ``dagster`` entry point, which is on PATH only in an activated virtual environment)."""
+    args = ExecuteRunArgs(job_origin=run.job_code_origin, run_id=run.run_id, instance_ref=instance_ref)
+    return [sys.executable, "-m", "dagster", "api", "execute_run", serialize_value(args)]
 
 
 def failure_message(instance: dg.DagsterInstance, run: dg.DagsterRun) -> str:

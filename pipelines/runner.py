@@ -3,19 +3,22 @@ launch exactly that through the code location (runs the UI shows on its timeline
 
     (nothing, if a check fails)          -                            stages.preflight.preflight
     pool shards whose file changed       shard_job [pool_examples]    stages.preflight (rows differ)
+    shards whose file is gone (unless    shard_job [pool_examples]    stages.pool.gone_shards (an ingest first
+    an ingest removed them)              (removes the shard)          removes those holding its ids: a rename)
     the adapter, if not the asked one,   adapter_job                  stages.adapter.adapter_pending,
     or the rows' whitening if missing                                  stages.codec.codec_pending
     shards whose gradients are stale     shard_job [lora_gradients]   stages.freshness.gradient_shard_current
     always                               refresh_job                  (its assets reuse what did not change)
 
 The assets apply the same rules when launched from the UI or by automation, so a current shard is never
-recomputed whoever asks.
+recomputed whoever asks. With a distributed executor (``$HYPERINF_EXECUTOR``, pipelines/executors.py) the stale
+shards' gradient runs execute at once, their steps spread over the workers; in-process they run one after another.
 """
 
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,6 +29,7 @@ from hyperinf_ops.config import HyperinfConfig
 from hyperinf_ops.progress import ProgressMeter
 from hyperinf_ops.stages.preflight import PreflightSummary, preflight
 from hyperinf_ops.store import LanceStore
+from pipelines.executors import executor_kind
 from pipelines.jobs import adapter_job, refresh_job, shard_job
 from pipelines.launcher import Launcher
 from pipelines.sensors import pool_file_observation
@@ -42,6 +46,7 @@ class RunReport:
 
     runs: list[dg.DagsterRun] = field(default_factory=list)
     ingested: list[str] = field(default_factory=list)  # shards whose rows changed
+    removed: list[str] = field(default_factory=list)  # shards whose pool file was gone: their rows were removed
     adapter: bool = False  # the adapter step ran (train, copy, or switch to a stored one)
     gradients: list[str] = field(default_factory=list)  # shards whose gradients were computed
 
@@ -55,20 +60,26 @@ def materialize_all(instance: dg.DagsterInstance, config_path: str | Path, cfg: 
     from hyperinf_ops.stages.adapter import adapter_pending
     from hyperinf_ops.stages.codec import codec_pending, row_fingerprint
     from hyperinf_ops.stages.freshness import gradient_shard_current
+    from hyperinf_ops.stages.pool import gone_shards
 
     store = LanceStore(str(cfg.storage_root))
     if checked is None:
         checked = preflight(store, cfg, log=log)
     files = checked.shards
-    new = missing_partitions(instance, files)
+    # A gone shard keeps its partition (its history stays; a file of that name again reuses it): the removal is
+    # that partition's pool_examples materialization.
+    new = missing_partitions(instance, [*files, *checked.gone])
     if new:
         instance.add_dynamic_partitions(POOL_SHARDS, new)
     _observe_changed(instance, files)
-    report = RunReport(ingested=checked.pending)
+    report = RunReport(ingested=checked.pending, removed=checked.gone)
     tags = {INVOCATION_TAG: uuid.uuid4().hex[:12]}
     with Launcher.open(instance, config_path, verbose=verbose) as launcher:
         for shard in report.ingested:
             log(f"ingest shard {shard}")
+            report.runs.append(launcher.run(shard_job.name, partition_key=shard, assets=["pool_examples"], tags=tags))
+        for shard in gone_shards(store, files):  # those no ingest removed (none held the ingested ids)
+            log(f"remove shard {shard} (its pool file is gone)")
             report.runs.append(launcher.run(shard_job.name, partition_key=shard, assets=["pool_examples"], tags=tags))
         settings = cfg.gradient_settings
         if adapter_pending(store, cfg.model_spec, cfg.lora, cfg.train, cfg.adapter.path) or \
@@ -80,16 +91,27 @@ def materialize_all(instance: dg.DagsterInstance, config_path: str | Path, cfg: 
         report.gradients = [s for s in files if not gradient_shard_current(store, s, fingerprint)]
         # One line per shard run with the rate and ETA of the whole gradient pass (the run logs its own rows).
         meter = ProgressMeter("gradient pass", len(report.gradients), lambda e: log(str(e)), unit="shards", every=1)
-        for shard in report.gradients:
-            log(f"gradients of shard {shard}")
-            report.runs.append(launcher.run(shard_job.name, partition_key=shard, assets=["lora_gradients"],
-                                            tags=tags))
+        if executor_kind() == "in_process":
+            runs = _one_by_one(launcher, report.gradients, tags, log)
+        else:
+            log(f"gradients of shards {report.gradients} in parallel ({executor_kind()} executor)")
+            runs = launcher.run_many(shard_job.name, report.gradients, assets=["lora_gradients"], tags=tags)
+        for run in runs:
+            report.runs.append(run)
             meter.update(1)
         skipped = sorted(set(files) - set(report.gradients))
         log("refresh: target sets, preconditioners, queries, scores, curated subset, mislabel report"
             + (f" (gradients of {len(skipped)} shards were current: {skipped})" if skipped else ""))
         report.runs.append(launcher.run(refresh_job.name, tags=tags))
     return report
+
+
+def _one_by_one(launcher: Launcher, shards: list[str], tags: dict[str, str],
+                log: Callable[[str], None]) -> Iterator[dg.DagsterRun]:
+    """The shards' gradient runs one after another, each announced as it starts."""
+    for shard in shards:
+        log(f"gradients of shard {shard}")
+        yield launcher.run(shard_job.name, partition_key=shard, assets=["lora_gradients"], tags=tags)
 
 
 def _observe_changed(instance: dg.DagsterInstance, files: dict[str, Path]) -> None:

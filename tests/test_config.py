@@ -122,11 +122,11 @@ def test_task_specific_columns(project: Path):
 
 
 def test_other_value_checks(project: Path):
-    found = problems({**minimal(), "storage_root": "s3://bucket/x", "device": "tpu", "compression": {"dtype": "int2"},
+    found = problems({**minimal(), "storage_root": "gs://bucket/x", "device": "tpu", "compression": {"dtype": "int2"},
                       "estimators": ["tracin", "tracin"], "estimator_options": {"lissa_iters": 3},
                       "curation": {"query": "top_k", "params": {"kk": 3, "method": "lissa"}}}, base_dir=project)
     text = "\n".join(found)
-    for expected in ("storage_root: object-store URIs are not supported", "device: 'tpu'", "compression.dtype",
+    for expected in ("storage_root: 'gs://bucket/x': object-store roots must be s3://bucket/prefix", "device: 'tpu'", "compression.dtype",
                      "estimators: listed more than once: ['tracin']", "estimator_options.lissa_iters: unknown",
                      "curation.params.kk: query 'top_k' takes no such parameter",
                      "curation.params.method: 'lissa' is not one of the configured estimators",
@@ -182,3 +182,31 @@ def test_evaluation_block(project: Path):
     assert "evaluation.target_set: 'clean_vall' is not a configured target set" in text
     assert "did you mean 'clean_val'" in text
     assert "evaluation.methods: ['lissa', 'hyperinff'] are not configured estimators" in text
+
+
+@pytest.mark.parametrize(("curation", "problem"), [
+    ({"params": {"fraction": "lots"}}, "curation.params.fraction: input should be a valid number, got 'lots'"),
+    ({"params": {"fraction": "0.8"}}, "curation.params.fraction: input should be a valid number, got '0.8'"),
+    ({"params": {"fraction": 0}}, "curation.params.fraction: input should be greater than 0, got 0"),
+    ({"params": {"fraction": 1.5}}, "curation.params.fraction: input should be less than or equal to 1, got 1.5"),
+    ({"params": {"balance": "yes"}}, "curation.params.balance: input should be a valid boolean, got 'yes'"),
+    ({"query": "drop_harmful", "params": {"fraction": 1}},
+     "curation.params.fraction: input should be less than 1, got 1"),
+    ({"query": "top_k", "params": {"k": 0}}, "curation.params.k: input should be greater than or equal to 1, got 0"),
+    ({"query": "mislabel_candidates", "params": {"n": 2.5}}, "curation.params.n: input should be a valid integer, got 2.5"),
+])
+def test_curation_parameter_types_and_ranges(project: Path, curation: dict, problem: str):
+    """A wrong type fails with the config (not in DuckDB after the run); an empty subset is refused (it would
+    replace the last good export)."""
+    assert problem in problems({**minimal(), "curation": curation}, base_dir=project)
+
+
+def test_curation_parameters_in_range_pass(project: Path):
+    for curation in ({"params": {"fraction": 1}}, {"params": {"fraction": 0.25, "balance": False}},
+                     {"query": "drop_harmful", "params": {"fraction": 0}}, {"query": "top_k", "params": {"k": 3}}):
+        load_config({**minimal(), "curation": curation}, base_dir=project)
+
+
+def test_a_storage_root_that_is_a_file(project: Path):
+    assert problems({**minimal(), "storage_root": "data/pool.parquet"}, base_dir=project) == [
+        f"storage_root: '{project / 'data' / 'pool.parquet'}' is a file; give a folder (created when missing)"]

@@ -1,6 +1,7 @@
 """Bad input ends in one `hyperinf: error: ...` line, exit 2, before anything is written (stages/preflight.py),
 and a run that fails inside a step says which step, in one line that names the file holding the trace."""
 
+import json
 import re
 from pathlib import Path
 
@@ -150,3 +151,30 @@ def test_ui_port_out_of_range_or_in_use_is_one_line(tmp_path, tiny_model, capsys
     err = capsys.readouterr().err
     assert err.startswith(f"hyperinf: error: --port {port}: cannot listen on 127.0.0.1:{port} (Address already in use)")
     assert err.count("\n") == 1 and not (tmp_path / ".dagster_home").exists()
+
+
+def _saved_adapter(folder: Path, rank: int) -> Path:
+    """A peft adapter folder as peft writes it: adapter_config.json and its safetensors weights."""
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True)
+    (folder / "adapter_config.json").write_text(json.dumps(
+        {"r": rank, "lora_alpha": 8, "target_modules": ["query", "value"]}))
+    save_file({"w": torch.zeros(rank, 2)}, folder / "adapter_model.safetensors")
+    return folder
+
+
+@pytest.mark.parametrize(("case", "message"), [
+    ("rank", "adapter.path: the adapter in {folder} has rank 2 where the config has 4: set lora to match it "
+             "(or remove adapter.path to train one)"),
+    ("garbage", "adapter.path: {folder}/adapter_model.safetensors is not a readable safetensors file ("),
+])
+def test_a_given_adapter_of_another_shape_or_with_garbage_weights(case, message, tmp_path, tiny_model, capsys):
+    folder = _saved_adapter(tmp_path / "adapter", rank=2 if case == "rank" else 4)
+    if case == "garbage":
+        (folder / "adapter_model.safetensors").write_bytes(b"\x00garbage" * 10)
+    config = _project(tmp_path, tiny_model, lambda doc, root: doc.update(adapter={"path": str(folder)}))
+    assert main(["run", "--config", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"hyperinf: error: {message.format(folder=folder)}") and err.count("\n") == 1, err
+    assert not (tmp_path / "store").exists() and not (tmp_path / ".dagster_home").exists()

@@ -151,7 +151,7 @@ def train_or_load_adapter(store: LanceStore, spec: ModelSpec, lora: LoraSettings
         adapters.save(loaded.model, manifest)
     adapters.set_current(manifest)
     return AdapterSummary(source=source, changed=before is None or before.adapter_hash != manifest.adapter_hash,
-                          path=str(adapters.path(manifest)), adapter_hash=manifest.adapter_hash,
+                          path=str(adapters.location(manifest)), adapter_hash=manifest.adapter_hash,
                           model_hash=manifest.model_hash, labels=list(manifest.labels),
                           trained_on=manifest.trained_on, pool_examples=examples.count_rows(), train=manifest.train,
                           seconds=time.perf_counter() - start)

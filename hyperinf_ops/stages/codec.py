@@ -15,6 +15,7 @@ adapter or other compression settings give a new key and a new whitening.
 from __future__ import annotations
 
 import json
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +25,7 @@ from hyperinf_ops.curvature import CurvaturePartial, curvature_partials
 from hyperinf_ops.data.prepare import record_columns
 from hyperinf_ops.errors import DataError
 from hyperinf_ops.fingerprint import Fingerprint
+from hyperinf_ops.location import Location
 from hyperinf_ops.settings import GradientSettings, ModelSpec
 from hyperinf_ops.sketch import Sketch
 from hyperinf_ops.stages.common import Log, Summary, require_table, sample_filter
@@ -59,8 +61,8 @@ def _key(manifest: AdapterManifest, settings: GradientSettings) -> str:
                        "seed": c.seed, "whiten": c.whiten, "pilot_examples": c.pilot_examples})[:16]
 
 
-def _paths(store: LanceStore, key: str) -> tuple[Path, Path]:
-    folder = Path(store.root) / CODECS
+def _paths(store: LanceStore, key: str) -> tuple[Location, Location]:
+    folder = Location(store.root) / CODECS
     return folder / f"{key}.safetensors", folder / f"{key}.json"
 
 
@@ -95,10 +97,10 @@ def current_whitening(store: LanceStore, settings: GradientSettings) -> Whitenin
         return None
     key, manifest = _require_manifest(store, settings)
     path = _paths(store, key)[0]
-    cache_key = (str(path), path.stat().st_mtime_ns)
+    cache_key = (str(path), path.mtime_ns())
     if cache_key not in _LOADED:
         _LOADED.clear()
-        whitening = Whitening.load(path)
+        whitening = Whitening.load(path.local_copy())
         if whitening.digest() != manifest["digest"]:
             raise DataError(f"{path} does not hold the whitening its manifest names: it was changed after it was "
                             "saved; delete both files and materialize row_codec")
@@ -161,13 +163,13 @@ def prepare_row_codec(store: LanceStore, spec: ModelSpec, settings: GradientSett
             f"{MIN_ROWS_PER_DIRECTION}): its small eigenvalues are poorly estimated; raise "
             f"compression.pilot_examples (now {c.pilot_examples}) if the pool allows, or store int8 rows")
     tensors, meta = _paths(store, key)
-    whitening.save(tensors)
+    with tempfile.TemporaryDirectory() as tmp:  # safetensors writes a local file; Location uploads it
+        whitening.save(Path(tmp) / tensors.name)
+        tensors.write_bytes((Path(tmp) / tensors.name).read_bytes())
     document = {"key": key, "digest": whitening.digest(), "power": c.whiten, "adapter_hash": manifest.adapter_hash,
                 "pilot_examples": count, "rows_per_direction": per_direction, "largest_root_ratio": ratio,
                 "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    tmp = meta.with_name(meta.name + ".tmp")
-    tmp.write_text(json.dumps(document, indent=2))
-    tmp.replace(meta)  # the manifest last: a whitening without one is never used
+    meta.write_text(json.dumps(document, indent=2))  # the manifest last: a whitening without one is never used
     log(f"whitening {document['digest']} (p = {c.whiten}) from {document['pilot_examples']} pilot examples; "
         f"per-direction scales spread up to {ratio:.3g}x")
     return CodecSummary(whitened=True, created=True, key=key, digest=document["digest"], power=c.whiten,

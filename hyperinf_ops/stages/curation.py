@@ -13,10 +13,10 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from hyperinf_ops.export import export_subset, update_manifest
-from hyperinf_ops.query import sync_duckdb
+from hyperinf_ops.location import Location
+from hyperinf_ops.query import refresh_duckdb
 from hyperinf_ops.stages.common import Log, Summary, require_table
 from hyperinf_ops.stages.scores import display_columns
 from hyperinf_ops.store import LanceStore
@@ -39,9 +39,9 @@ class CurateSummary(Summary):
     seconds: float
 
 
-def export_dir(storage_root: str | Path, query: str) -> Path:
-    """Where the export of a curation query goes: `<storage_root>/exports/<query>/`."""
-    return Path(storage_root) / "exports" / query
+def export_dir(storage_root: str | Path, query: str) -> Location:
+    """Where the export of a curation query goes: `<storage_root>/exports/<query>/` (local or on S3)."""
+    return Location(storage_root) / "exports" / query
 
 
 def curate(store: LanceStore, query: str, params: Mapping[str, Any], *, log: Log = print) -> CurateSummary:
@@ -56,9 +56,9 @@ def curate(store: LanceStore, query: str, params: Mapping[str, Any], *, log: Log
     examples = store.open("examples")
     columns = [c for c in ("label", "flipped") if c in examples.schema.names]
     pool = examples.to_table(columns=columns)
-    labels, flipped = subset_report(pool, pq.read_table(out_dir / manifest.files["parquet"], columns=columns))
+    labels, flipped = subset_report(pool, (out_dir / manifest.files["parquet"]).read_parquet(columns))
     update_manifest(out_dir, labels=labels, flipped=flipped)
-    sync_duckdb(store)
+    refresh_duckdb(store, log)
     summary = CurateSummary(query=query, params=dict(params), rows=manifest.row_count, out_dir=str(out_dir),
                             files={k: str(out_dir / v) for k, v in manifest.files.items()},
                             table_versions=manifest.table_versions, labels=labels, flipped=flipped,
@@ -72,10 +72,11 @@ def curate(store: LanceStore, query: str, params: Mapping[str, Any], *, log: Log
 
 
 def subset_preview(store: LanceStore, parquet: str | Path, task: str, k: int = PREVIEW_ROWS) -> list[dict[str, Any]]:
-    """The exported subset's first k rows shown like the scores' extremes: rank, score (of the exported
-    method) and the examples' `display_columns`."""
+    """The exported subset's first k rows (`parquet`: a local path or an s3:// URI) shown like the scores'
+    extremes: rank, score (of the exported method) and the examples' `display_columns`."""
     columns = display_columns(store.open("examples").schema.names, task)
-    rows = pq.read_table(parquet, columns=["influence_rank", "influence_score", *columns]).slice(0, k).to_pylist()
+    table = Location(parquet).read_parquet(["influence_rank", "influence_score", *columns])
+    rows = table.slice(0, k).to_pylist()
     return [{"rank": r.pop("influence_rank"), "score": r.pop("influence_score"), **r} for r in rows]
 
 

@@ -36,7 +36,7 @@ from hyperinf_ops.evaluation import evaluate_model
 from hyperinf_ops.memory import release_memory
 from hyperinf_ops.models import load_lora_model, model_hash, resolve_model
 from hyperinf_ops.progress import ProgressMeter
-from hyperinf_ops.query import connect, run_query, sync_duckdb
+from hyperinf_ops.query import connect, refresh_duckdb, run_query
 from hyperinf_ops.settings import LoraSettings, ModelSpec, TrainSettings
 from hyperinf_ops.stages.adapter import pool_labels
 from hyperinf_ops.stages.common import Log, Summary, drop_stale, require_table
@@ -137,7 +137,7 @@ def run_evaluation(store: LanceStore, spec: ModelSpec, lora: LoraSettings, train
     if dropped:
         log(f"removed {len(dropped)} stored fits the current evaluation plan no longer asks for")
     if reused < len(keys) or dropped:
-        sync_duckdb(store)  # the synced file stays current (query.open_snapshot): `hyperinf sql` reads it
+        refresh_duckdb(store, log)  # the synced file stays current (query.open_snapshot): `hyperinf sql` reads it
     table = store.open(EVALUATION_TABLE)
     return EvaluationSummary(fits=len(fits), reused=reused, test_examples=len(test),
                              rows=summarize(table.to_table().to_pylist()), table_version=table.version,

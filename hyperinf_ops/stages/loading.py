@@ -34,12 +34,13 @@ def load_current_model(storage_root: str | Path, spec: ModelSpec) -> tuple[Loade
     """The model with the current adapter (labels as it was trained with), checked against its manifest."""
     adapters = AdapterStore(storage_root)
     manifest = adapters.require_current()
-    key = (spec, manifest.adapter_hash, _folder_stamp(adapters.path(manifest)))
+    folder = adapters.path(manifest)  # local (for an S3 root: a cached download, re-fetched when changed)
+    key = (spec, manifest.adapter_hash, _folder_stamp(folder))
     if key not in _LOADED:
         _LOADED.clear()
-        loaded = load_lora_model(spec, manifest.labels, adapter_dir=adapters.path(manifest))
+        loaded = load_lora_model(spec, manifest.labels, adapter_dir=folder)
         if adapter_hash(loaded.model) != manifest.adapter_hash:
-            raise ModelLoadError(f"adapter folder {adapters.path(manifest)} does not hold the tensors its manifest "
+            raise ModelLoadError(f"adapter folder {adapters.location(manifest)} does not hold the tensors its manifest "
                                  f"names ({manifest.short_hash}); it was changed after it was saved")
         _LOADED[key] = loaded
     return _LOADED[key], manifest

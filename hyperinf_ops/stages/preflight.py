@@ -4,8 +4,11 @@
 functions, so a mistake costs seconds and no table changes:
 
     device            `device: cuda` on a machine without CUDA (devices.resolve_device)
+    adapter.path      its adapter_config.json has the configured LoRA rank, alpha and modules, and its weights
+                      file is a readable safetensors file (named when it is not)
     every pool file   readable, the configured columns present, no empty text / missing label, ids unique in
-                      the file and across files (pool.prepare_shard: what ingest would write)
+                      the file and across files (pool.prepare_shard: what ingest would write; the rows of shards
+                      whose file is gone do not count, ingest removes them)
     target sets       files prepared like the pool; `where:` predicates run over the new pool (sandboxed, as
                       the target_sets asset runs them); no set empty; labels the pool has (prepare_targets)
     evaluation test   prepared like the pool, labels the pool has (prepare_test)
@@ -16,6 +19,7 @@ itself; a test example measures memorization).
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,7 +31,7 @@ from hyperinf_ops.data.prepare import prepare_targets, prepare_test, table_diges
 from hyperinf_ops.devices import resolve_device
 from hyperinf_ops.errors import ConfigError, DataError
 from hyperinf_ops.stages.common import Log, Summary
-from hyperinf_ops.stages.pool import prepare_shard, stored_digest
+from hyperinf_ops.stages.pool import gone_shards, prepare_shard, stored_digest
 from hyperinf_ops.store import LanceStore
 
 __all__ = ["PreflightSummary", "preflight"]
@@ -39,6 +43,7 @@ _SHOWN = 5
 class PreflightSummary(Summary):
     shards: dict[str, Path]  # every pool file, by shard key
     pending: list[str]  # shards whose prepared rows differ from what `examples` holds (to ingest)
+    gone: list[str]  # stored shards whose pool file is gone (deleted or renamed): to remove
     pool_rows: int
     target_rows: dict[str, int]
     warnings: list[str] = field(default_factory=list)
@@ -52,10 +57,13 @@ def preflight(store: LanceStore, cfg: Any, *, log: Log = print) -> PreflightSumm
         resolve_device(cfg.device)
     except ValueError as err:
         raise ConfigError(f"device: {err}") from err
+    if cfg.adapter.path is not None:
+        _check_adapter(Path(cfg.adapter.path), cfg.lora)
     shards = discover_shards(cfg.data.path)
+    gone = gone_shards(store, shards)
     tables, pending = {}, []
     for shard, path in shards.items():
-        tables[shard] = prepare_shard(store, shard, path, cfg.data, cfg.task)[0]
+        tables[shard] = prepare_shard(store, shard, path, cfg.data, cfg.task, gone=gone)[0]
         if table_digest(tables[shard]) != stored_digest(store, shard):
             pending.append(shard)
     pool = _new_pool(tables, id_column=cfg.data.id_column)
@@ -67,7 +75,7 @@ def preflight(store: LanceStore, cfg: Any, *, log: Log = print) -> PreflightSumm
     if cfg.evaluation is not None:
         test = prepare_test(cfg.evaluation.test.path, cfg.data, cfg.task, labels)
         warnings.append(_overlap_warning("evaluation test file", test, in_pool, "the evaluation trains on them"))
-    summary = PreflightSummary(shards=shards, pending=pending, pool_rows=pool.num_rows,
+    summary = PreflightSummary(shards=shards, pending=pending, gone=gone, pool_rows=pool.num_rows,
                                target_rows={n: t.num_rows for n, t in targets.items()},
                                warnings=[w for w in warnings if w])
     for warning in summary.warnings:
@@ -101,3 +109,31 @@ def _overlap_warning(source: str, table: pa.Table, in_pool: set[str], consequenc
     if not shared:
         return ""
     return f"{source}: {shared} of {table.num_rows} examples are also in the pool (same text and label): {consequence}"
+
+
+def _check_adapter(folder: Path, lora: Any) -> None:
+    """ConfigError unless the saved peft adapter in `folder` is the configured LoRA shape and its weights load."""
+    try:
+        saved = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ConfigError(f"adapter.path: {folder / 'adapter_config.json'} is not a readable JSON file ({err})") from err
+    differs = [f"{key} {saved.get(name)!r} where the config has {mine!r}"
+               for key, name, mine in (("rank", "r", lora.rank), ("alpha", "lora_alpha", lora.alpha))
+               if saved.get(name) != mine]
+    if lora.modules is not None and sorted(saved.get("target_modules") or []) != sorted(lora.modules):
+        differs.append(f"modules {sorted(saved.get('target_modules') or [])} where the config has {sorted(lora.modules)}")
+    if differs:
+        raise ConfigError(f"adapter.path: the adapter in {folder} has {'; '.join(differs)}: set lora to match it "
+                          "(or remove adapter.path to train one)")
+    weights = folder / "adapter_model.safetensors"
+    if not weights.is_file():
+        if (folder / "adapter_model.bin").is_file():
+            return  # an older peft's pickle: torch reads it when the adapter loads
+        raise ConfigError(f"adapter.path: {weights} is missing (peft saves the weights there)")
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(weights), framework="pt") as tensors:
+            tensors.keys()
+    except (SafetensorError, OSError) as err:
+        raise ConfigError(f"adapter.path: {weights} is not a readable safetensors file ({err})") from err

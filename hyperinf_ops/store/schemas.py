@@ -38,10 +38,13 @@ def json_safe(value: Any) -> Any:
 
 def gradients_schema(fmt: RowFormat) -> pa.Schema:
     """grad: fixed_size_list<value type>[stored width] (row_format.py), grad_scale: float32 per row,
-    block_scales: float32[L] per matrix block (integer codes only), sq_norms: float32[L] of the blocks."""
+    block_scales: float32[L] per matrix block (integer codes only), sq_norms: float32[L] of the blocks.
+    content_hash: the example's content (text + label) the row was computed from; null when the writer did not
+    say, and such a row is never reused by content."""
     fields = [
         pa.field("sample_id", pa.string(), nullable=False),
         pa.field("shard", pa.string(), nullable=False),
+        pa.field("content_hash", pa.string(), nullable=True),
         pa.field("grad", pa.list_(fmt.value_type, fmt.stored_width), nullable=False),
         pa.field("grad_scale", pa.float32(), nullable=False),
     ]
@@ -55,8 +58,9 @@ def gradients_schema(fmt: RowFormat) -> pa.Schema:
 
 
 def curvature_schema() -> pa.Schema:
-    """One row per (shard, LoRA matrix): the mergeable GFIM sums of curvature.CurvaturePartial, and the
-    `content_digest` of the shard's examples they were summed over (what makes the shard current)."""
+    """One row per (shard, LoRA matrix): the mergeable GFIM sums of curvature.CurvaturePartial, the
+    `content_digest` of the shard's examples the pass covered (what makes the shard current) and `rows_digest`,
+    the `content_digest` of the gradient rows summed (null: unknown, the sums are never updated in place)."""
     return pa.schema(
         [
             pa.field("shard", pa.string(), nullable=False),
@@ -68,6 +72,7 @@ def curvature_schema() -> pa.Schema:
             pa.field("d", pa.int32(), nullable=False),
             pa.field("full_sum", pa.list_(pa.float64()), nullable=True),
             pa.field("examples_digest", pa.string(), nullable=False),
+            pa.field("rows_digest", pa.string(), nullable=True),
             pa.field("fingerprint", pa.string(), nullable=False),
         ]
     )

@@ -35,11 +35,13 @@ __all__ = ["GradientBatch", "LanceStore", "Query"]
 @dataclass
 class GradientBatch:
     """Rows for the gradients table. grad: (n, width) float32 rows (every matrix's block, raw, sketched or
-    whitened, sorted names), stored in the fingerprint's row format; sq_norms: (n, L) of the blocks."""
+    whitened, sorted names), stored in the fingerprint's row format; sq_norms: (n, L) of the blocks;
+    content_hashes: (n,) the examples' content hashes (None: unknown, the rows are never reused by content)."""
 
     sample_ids: Sequence[str]
     grad: Tensor | np.ndarray
     sq_norms: Tensor | np.ndarray
+    content_hashes: Sequence[str] | None = None
 
 
 @dataclass
@@ -81,33 +83,42 @@ class LanceStore(FingerprintedTables):
         fingerprint: Fingerprint,
         *,
         overwrite: bool = False,
+        kept: Iterable[pa.RecordBatch] = (),
     ) -> int:
         """Replace one shard's gradient rows (streamed batch by batch) in one commit. Returns the version.
 
         Each batch's float32 rows are stored in the fingerprint's row format (row_format.py: float16 with a
-        per-row scale, int8 / int4 codes with a per-block scale). Refuses rows of another width, non-finite
-        values, and rows of another fingerprint unless overwrite=True.
+        per-row scale, int8 / int4 codes with a per-block scale). `kept`: rows of this table, as stored, carried
+        into the new shard unchanged (an incremental pass keeps the rows of unchanged examples); they must carry
+        this fingerprint. Refuses rows of another width, non-finite values, no rows at all, and rows of another
+        fingerprint unless overwrite=True.
         """
         items = iter([batches] if isinstance(batches, GradientBatch) else batches)
         first = next(items, None)
-        if first is None:
-            raise DataError(f"no gradient rows for shard {shard!r}")
         fmt = fingerprint.row_format
-        dim, n_mat = _to_numpy(first.grad).shape[1], _to_numpy(first.sq_norms).shape[1]
-        if dim != fmt.width:
-            raise DataError(f"gradient rows have {dim} floats, the fingerprint says {fmt.width}")
+        dim, n_mat = fmt.width, len(fmt.blocks)
+        if first is not None and _to_numpy(first.grad).shape[1] != dim:
+            raise DataError(f"gradient rows have {_to_numpy(first.grad).shape[1]} floats, the fingerprint says {dim}")
         schema = gradients_schema(fmt)
         digest = fingerprint.digest()
 
         def record_batches() -> Iterator[pa.RecordBatch]:
-            for item in itertools.chain([first], items):
+            rows = 0
+            for batch in kept:
+                if batch.num_rows and not pc.all(pc.equal(batch.column("fingerprint"), digest)).as_py():
+                    raise DataError(f"kept gradient rows of shard {shard!r} carry another fingerprint than {digest}")
+                rows += batch.num_rows
+                yield batch
+            for item in itertools.chain([] if first is None else [first], items):
                 sq = _to_numpy(item.sq_norms).astype(np.float32)
                 n = len(item.sample_ids)
                 grad = np.ascontiguousarray(_to_numpy(item.grad), dtype=np.float32)
-                if grad.shape != (n, dim) or sq.shape != (n, n_mat) or n_mat != len(fmt.blocks):
+                hashes = item.content_hashes
+                if grad.shape != (n, dim) or sq.shape != (n, n_mat) or (hashes is not None and len(hashes) != n):
                     raise DataError(
                         f"batch shapes grad {grad.shape}, sq_norms {sq.shape} for {n} ids; "
-                        f"expected ({n}, {dim}) and ({n}, {len(fmt.blocks)})"
+                        f"expected ({n}, {dim}) and ({n}, {n_mat})"
+                        + ("" if hashes is None else f", {len(hashes)} content hashes")
                     )
                 try:
                     encoded = fmt.encode(grad)
@@ -121,6 +132,7 @@ class LanceStore(FingerprintedTables):
                     [
                         pa.array(list(map(str, item.sample_ids)), pa.string()),
                         pa.repeat(pa.scalar(shard, pa.string()), n),
+                        pa.array(hashes, pa.string()) if hashes is not None else pa.nulls(n, pa.string()),
                         _fixed_list(encoded.values, fmt.value_type),
                         pa.array(encoded.grad_scale, pa.float32()),
                         *scales,
@@ -129,6 +141,9 @@ class LanceStore(FingerprintedTables):
                     ],
                     schema=schema,
                 )
+                rows += n
+            if rows == 0:
+                raise DataError(f"no gradient rows for shard {shard!r}")
 
         return self._guarded_write(
             "gradients", {"shard": shard}, record_batches(), schema, fingerprint, overwrite
@@ -141,10 +156,12 @@ class LanceStore(FingerprintedTables):
         fingerprint: Fingerprint,
         *,
         examples_digest: str,
+        rows_digest: str | None = None,
         overwrite: bool = False,
     ) -> int:
         """Replace one shard's curvature sums (one row per LoRA matrix) in one commit; `examples_digest` is the
-        `content_digest` of the examples the pass covered (non-finite ones included)."""
+        `content_digest` of the examples the pass covered (non-finite ones included), `rows_digest` that of the
+        gradient rows summed (None: unknown)."""
         schema = curvature_schema()
         digest = fingerprint.digest()
 
@@ -165,6 +182,7 @@ class LanceStore(FingerprintedTables):
                         "d": [int(p.gfim_sum.shape[0])],
                         "full_sum": full if full is not None else pa.nulls(1, pa.list_(pa.float64())),
                         "examples_digest": [examples_digest],
+                        "rows_digest": pa.array([rows_digest], pa.string()),
                         "fingerprint": [digest],
                     },
                     schema=schema,
@@ -175,9 +193,10 @@ class LanceStore(FingerprintedTables):
         )
 
     def read_curvature(
-        self, fingerprint: Fingerprint, version: int | None = None
+        self, fingerprint: Fingerprint, version: int | None = None, *, shard: str | None = None
     ) -> dict[str, CurvaturePartial]:
-        """Curvature merged over every shard: name -> CurvaturePartial. Refuses rows of other fingerprints.
+        """Curvature merged over every shard (or only `shard`'s sums): name -> CurvaturePartial. Refuses rows of
+        other fingerprints.
 
         Streams a few matrices' rows at a time, in sorted shard order (so the sums are the same as a merge of
         all shards at once): memory holds the merged sums and a few (d, d) rows, whatever the number of shards
@@ -185,6 +204,8 @@ class LanceStore(FingerprintedTables):
         self.check_fingerprint("curvature", fingerprint, version)
         ds = self.open("curvature", version)
         shards = sorted(pc.unique(ds.to_table(columns=["shard"])["shard"]).to_pylist())
+        if shard is not None:
+            shards = [s for s in shards if s == shard]
         if not shards:
             raise DataError("the curvature table has no rows")
 

@@ -22,6 +22,7 @@ from lance.commit import CommitConflictError
 from lance.fragment import FragmentMetadata, write_fragments
 
 from hyperinf_ops.errors import DataError
+from hyperinf_ops.location import is_object_store, lance_storage_options
 from hyperinf_ops.store.schemas import TABLES, sql_literal
 
 __all__ = ["Data", "LanceTables"]
@@ -110,11 +111,19 @@ def _iter_batches(data: Data) -> Iterator[pa.RecordBatch]:
 
 
 class LanceTables:
-    """Lance tables under `<root>/lance/<name>.lance` (root: local path or object-store URI)."""
+    """Lance tables under `<root>/lance/<name>.lance` (root: local path or `s3://bucket/prefix`).
+
+    `storage_options` default to the S3 settings of the environment for an object-store root
+    (`location.lance_storage_options`)."""
 
     def __init__(self, root: str, storage_options: dict[str, str] | None = None) -> None:
         self.root = str(root).rstrip("/")
-        self.storage_options = storage_options
+        self.storage_options = storage_options if storage_options is not None else lance_storage_options(self.root)
+
+    @property
+    def remote(self) -> bool:
+        """Whether the tables live on an object store (no local files: no DuckDB copy, no mapped reads)."""
+        return is_object_store(self.root)
 
     # ------------------------------------------------------------------ tables and versions
     def uri(self, table: str) -> str:
