@@ -21,7 +21,8 @@ def curated_subset(context: dg.AssetExecutionContext, hyperinf: HyperinfResource
     from hyperinf_ops.stages.curation import curate, subset_preview
 
     cfg = hyperinf.config
-    summary, wall = timed(curate, hyperinf.store, cfg.curation.query, cfg.curation.params, log=context.log.info)
+    summary, wall = timed(curate, hyperinf.store, cfg.curation.query, cfg.curation.params, retention=cfg.retention,
+                          log=context.log.info)
     parquet = summary.files["parquet"]
     flipped = summary.flipped or {}
     return dg.MaterializeResult(metadata={

@@ -5,6 +5,9 @@ from collections.abc import Iterable
 import dagster as dg
 
 POOL_SHARDS = "pool_shards"
+# The data version of a partition whose pool file is gone (deleted or renamed): the pool_files observation the
+# sensor reports, and pool_examples / lora_gradients once they removed the shard's rows.
+REMOVED = "removed"
 
 pool_shards = dg.DynamicPartitionsDefinition(name=POOL_SHARDS)
 

@@ -1,10 +1,12 @@
 """The candidate pool (its files, one partition each, and their validated rows) and the target sets."""
 
+from collections.abc import Sequence
+
 import dagster as dg
 
 from assets_defs.automation import step_asset
 from assets_defs.metadata import column_schema, summary_metadata, table_metadata, timed
-from assets_defs.partitions import pool_shards
+from assets_defs.partitions import REMOVED, pool_shards
 from assets_defs.resources import HyperinfResource
 from hyperinf_ops.data.io import discover_shards, file_digest
 
@@ -18,7 +20,21 @@ from hyperinf_ops.data.io import discover_shards, file_digest
 def pool_files(context: dg.AssetExecutionContext, hyperinf: HyperinfResource) -> dg.DataVersionsByPartition:
     files = discover_shards(hyperinf.config.data.path)
     known = context.instance.get_dynamic_partitions(pool_shards.name)
-    return dg.DataVersionsByPartition({key: dg.DataVersion(file_digest(files[key])) for key in known if key in files})
+    return dg.DataVersionsByPartition({key: dg.DataVersion(file_digest(files[key]) if key in files else REMOVED)
+                                       for key in known})
+
+
+def removed_shard(context: dg.AssetExecutionContext, hyperinf: HyperinfResource,
+                  check_results: Sequence[dg.AssetCheckResult] = ()) -> dg.MaterializeResult:
+    """A partition whose pool file is gone: remove its shard (examples, gradient rows, curvature sums; a removal
+    cut short is finished by the next one) and record the data version REMOVED."""
+    from hyperinf_ops.stages.pool import drop_shard
+
+    drop_shard(hyperinf.store, context.partition_key)
+    context.log.info(f"shard {context.partition_key}: no data file in {hyperinf.config.data.path}: its examples, "
+                     "gradient rows and curvature sums are removed")
+    return dg.MaterializeResult(data_version=dg.DataVersion(REMOVED), metadata={"dagster/row_count": 0, "removed": True},
+                                check_results=list(check_results))
 
 
 @step_asset(
@@ -31,16 +47,12 @@ def pool_files(context: dg.AssetExecutionContext, hyperinf: HyperinfResource) ->
                 "curvature sums). Data version: digest of the shard's rows ('removed' for a gone file).",
 )
 def pool_examples(context: dg.AssetExecutionContext, hyperinf: HyperinfResource) -> dg.MaterializeResult:
-    from hyperinf_ops.stages.pool import drop_shard, ingest_shard
+    from hyperinf_ops.stages.pool import ingest_shard
 
     cfg, shard = hyperinf.config, context.partition_key
     files = discover_shards(cfg.data.path)
     if shard not in files:
-        drop_shard(hyperinf.store, shard)
-        context.log.info(f"shard {shard}: no data file in {cfg.data.path}: its examples, gradient rows and curvature "
-                         "sums are removed")
-        return dg.MaterializeResult(data_version=dg.DataVersion("removed"),
-                                    metadata={"dagster/row_count": 0, "removed": True})
+        return removed_shard(context, hyperinf)
     summary, wall = timed(ingest_shard, hyperinf.store, shard, files[shard], cfg.data, cfg.task,
                           log=context.log.info, files=list(files))
     return dg.MaterializeResult(

@@ -6,13 +6,17 @@
 
 from __future__ import annotations
 
+from contextlib import ExitStack
 from functools import cached_property
 from pathlib import Path
 
 import dagster as dg
+from pydantic import PrivateAttr
 
 from hyperinf_ops.config import HyperinfConfig, load_config
+from hyperinf_ops.errors import HyperinfError
 from hyperinf_ops.store import LanceStore
+from hyperinf_ops.store.lease import INVOCATION_TAG, share_root
 
 __all__ = ["CONFIG_ENV_VAR", "HyperinfResource"]
 
@@ -23,6 +27,23 @@ class HyperinfResource(dg.ConfigurableResource):
     """The hyperinf YAML config (validated on first use) and the Lance store under its ``storage_root``."""
 
     config_path: str
+    _lease: ExitStack = PrivateAttr(default_factory=ExitStack)
+
+    def setup_for_execution(self, context: dg.InitResourceContext) -> None:
+        """In a run: the storage root's lease, shared (store/lease.py). A run launched from the UI or by
+        automation fails here, before its step writes anything, while a `hyperinf run` holds the root; the
+        steps of that `hyperinf run`'s own runs (tagged with its invocation) go ahead. A sensor only reads."""
+        run = context.run
+        if run is None:
+            return
+        try:
+            root = self.config.storage_root
+        except HyperinfError:
+            return  # the step raises it, naming every problem, before it could write anything
+        self._lease.enter_context(share_root(root, run.tags.get(INVOCATION_TAG)))
+
+    def teardown_after_execution(self, context: dg.InitResourceContext) -> None:
+        self._lease.close()
 
     @cached_property
     def config(self) -> HyperinfConfig:

@@ -126,8 +126,18 @@ def spectrum(store: LanceStore, queries: list[Query], dims: int, sample_rows: in
     return out
 
 
-def run(store: LanceStore, queries: list[Query], *, k: int, dims: int, configs: list[tuple[str, int]],
-        sample_rows: int, nprobes: int | None, ef: int | None) -> dict:
+def parse_configs(text: str) -> list[dict]:
+    """"flat:5000,lance:1000:nprobes=16:refine_factor=2" -> [{search, candidates, options}, ...]."""
+    out = []
+    for item in text.split(","):
+        search, candidates, *options = item.split(":")
+        out.append({"search": search, "candidates": int(candidates),
+                    "options": {key: int(value) for key, value in (o.split("=") for o in options)}})
+    return out
+
+
+def run(store: LanceStore, queries: list[Query], *, k: int, dims: int, configs: list[dict], sample_rows: int,
+        nprobes: int | None, ef: int | None) -> dict:
     """Build the index, then per query, configuration (search, candidates) and side: the exact scan vs the
     index query; prints one line per configuration and query (helpful / harmful side by side)."""
     info = build_index(store, dims=dims, sample_rows=sample_rows)
@@ -145,7 +155,10 @@ def run(store: LanceStore, queries: list[Query], *, k: int, dims: int, configs: 
     for query in queries:
         exact_seconds, exact = _exact(store, query)
         ranked = sorted(exact, key=exact.get)
-        for search, candidates in configs:
+        for config in configs:
+            search, candidates = config["search"], config["candidates"]
+            options = {"nprobes": nprobes, "ef": ef, **config["options"]}
+            label = ":".join([search, *(f"{key}={value}" for key, value in config["options"].items())])
             if search == "flat" and index.projections is None:
                 t = time.perf_counter()
                 index.projections = index._load_projections()
@@ -154,11 +167,10 @@ def run(store: LanceStore, queries: list[Query], *, k: int, dims: int, configs: 
             sides = []
             for harmful, truth in ((False, ranked[::-1][:k]), (True, ranked[:k])):
                 start = time.perf_counter()
-                got = index.top_k(query, k, harmful=harmful, candidates=candidates, nprobes=nprobes, ef=ef,
-                                  search=search)
+                got = index.top_k(query, k, harmful=harmful, candidates=candidates, search=search, **options)
                 seconds = time.perf_counter() - start
                 line = {"query": f"{query.target_set}/{query.method}", "side": "harmful" if harmful else "helpful",
-                        "search": search, "candidates": got.candidates, "exact_scan_s": exact_seconds,
+                        "search": label, "candidates": got.candidates, "exact_scan_s": exact_seconds,
                         "search_s": got.search_seconds, "rerank_s": got.rerank_seconds, "index_query_s": seconds,
                         "speedup": exact_seconds / seconds, f"recall@{k}": len(set(got.sample_ids) & set(truth)) / k}
                 lines.append(line)
@@ -168,10 +180,12 @@ def run(store: LanceStore, queries: list[Query], *, k: int, dims: int, configs: 
             def pair(key: str, form: str, h=h, x=x) -> str:
                 return f"{format(h[key], form)} / {format(x[key], form)}"
 
-            print(f"  {h['query']:<20} {search:<6} {candidates:>6} | {exact_seconds:6.2f}s | {pair('search_s', '7.3f')} | "
+            print(f"  {h['query']:<20} {label:<6} {candidates:>6} | {exact_seconds:6.2f}s | {pair('search_s', '7.3f')} | "
                   f"{pair('rerank_s', '7.3f')} | {pair('index_query_s', '7.3f')} | {pair('speedup', '5.1f')}x | "
                   f"{pair(f'recall@{k}', '.2f')}", flush=True)
-    for search, candidates in configs:
+    for config in configs:
+        search = ":".join([config["search"], *(f"{key}={value}" for key, value in config["options"].items())])
+        candidates = config["candidates"]
         mine = [line for line in lines if line["search"] == search and line["candidates"] == min(candidates, info.rows)]
         recalls = [line[f"recall@{k}"] for line in mine]
         speedups = [line["speedup"] for line in mine]
@@ -195,7 +209,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--k", type=int, default=100)
     parser.add_argument("--dims", type=int, default=256)
     parser.add_argument("--configs", default="lance:1000,lance:5000,flat:1000,flat:5000,flat:20000",
-                        help="search:candidates pairs, comma separated (search: lance = IVF_HNSW_SQ, flat)")
+                        help="search:candidates[:option=value...] entries, comma separated (search: lance = "
+                             "IVF_HNSW_SQ, options nprobes / ef / refine_factor; flat)")
     parser.add_argument("--decay", type=float, default=1.5, help="synthetic latent variances (1 + i)^-decay")
     parser.add_argument("--noise", type=float, default=0.1, help="synthetic isotropic noise share of a row's energy")
     parser.add_argument("--damping", default="0.1", help="synthetic queries' lambda / mean variance, comma "
@@ -226,7 +241,7 @@ def main(argv: list[str] | None = None) -> dict:
           f"{measured['dims']} directions hold {measured['row_energy_in_top_m']:.1%} of the rows' energy; per query: "
           + ", ".join(f"{t}: {v['energy_in_top_m']:.1%} of its energy in them, reduced-score corr "
                       f"{v['score_corr']:.3f}" for t, v in measured["queries"].items()), flush=True)
-    configs = [(c.split(":")[0], int(c.split(":")[1])) for c in args.configs.split(",")]
+    configs = parse_configs(args.configs)
     result = {"source": source, "spectrum": measured,
               **run(store, queries, k=args.k, dims=args.dims, configs=configs, sample_rows=args.sample_rows,
                     nprobes=args.nprobes, ef=args.ef)}

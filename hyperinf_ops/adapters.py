@@ -151,7 +151,10 @@ class AdapterStore:
         return target
 
     def set_current(self, manifest: AdapterManifest) -> None:
-        """Make a saved adapter the current one (atomic replace of current.json)."""
-        if not (self.location(manifest) / MANIFEST).is_file():
-            raise FileNotFoundError(f"adapter {manifest.short_hash} is not saved under {self.dir}")
+        """Make a saved adapter the current one (atomic replace of current.json). Only a whole one: its manifest
+        (written last) and peft's adapter_config.json must be there; the previous current adapter's folder is never
+        touched, so the rows taken under it keep their adapter."""
+        folder = self.location(manifest)
+        if not ((folder / MANIFEST).is_file() and (folder / "adapter_config.json").is_file()):
+            raise FileNotFoundError(f"adapter {manifest.short_hash} is not saved whole under {self.dir}")
         (self.dir / CURRENT).write_text(manifest.model_dump_json(indent=2))

@@ -34,6 +34,7 @@ from hyperinf_ops.config_sections import (
     CurationSection,
     DataSection,
     EvaluationSection,
+    RetentionSection,
     StorageRoot,
     TargetSection,
     curation_queries,
@@ -64,6 +65,7 @@ __all__ = [
     "DataSection",
     "EvaluationSection",
     "HyperinfConfig",
+    "RetentionSection",
     "TargetSection",
     "load_config",
 ]
@@ -107,6 +109,7 @@ class HyperinfConfig(Settings):
     device: Device = "auto"
     curation: CurationSection = Field(default_factory=CurationSection)
     evaluation: EvaluationSection | None = None
+    retention: RetentionSection = Field(default_factory=RetentionSection)  # what each refresh cleans up
 
     @field_validator("model")
     @classmethod

@@ -19,6 +19,7 @@ __all__ = [
     "CurationSection",
     "DataSection",
     "EvaluationSection",
+    "RetentionSection",
     "StorageRoot",
     "TargetSection",
     "TestFile",
@@ -139,6 +140,17 @@ class CurationSection(Settings):
         if query not in queries:
             raise ValueError(f"no query {query!r}{did_you_mean(query, queries)}; available: {sorted(queries)}")
         return query
+
+
+class RetentionSection(Settings):
+    """What the end of each refresh keeps (hyperinf_ops/retention.py; docs/tables.md, "Retention").
+
+    keep_hours: Lance versions younger than this survive cleanup (the latest version, and every version an export
+    manifest under `<storage_root>/exports/` names, always do). keep_exports: replaced exports kept under
+    `exports/<query>.history/` (0: the latest only)."""
+
+    keep_hours: float = Field(24.0, ge=0)
+    keep_exports: int = Field(5, ge=0)
 
 
 class TestFile(Settings):

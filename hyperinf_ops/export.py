@@ -4,7 +4,8 @@ The export pins every Lance table to its current version first, runs the selecti
 `export_subset.sql` against those versions, and records them in the manifest: `reproduce(manifest)`
 reruns the recorded SQL text against the recorded versions and returns the same rows, whatever was
 written since. Files are written into a temporary sibling directory that is renamed into place at the
-end, so a crash never leaves a half export (an S3 export is uploaded with manifest.json last).
+end, so a crash never leaves a half export (an S3 export is uploaded with manifest.json last). With
+`keep_previous`, the export being replaced is copied to `<query>.history/<UTC time>/` first.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from hyperinf_ops.store import json_safe, sql_literal
 if TYPE_CHECKING:  # the store's writers need torch; the config's check of query names imports this module
     from hyperinf_ops.store import LanceStore
 
-__all__ = ["Manifest", "export_subset", "reproduce", "update_manifest"]
+__all__ = ["Manifest", "export_subset", "history_dir", "reproduce", "update_manifest"]
 
 
 
@@ -122,6 +123,7 @@ def export_subset(
     *,
     estimator_info: Mapping[str, Any] | None = None,
     overwrite: bool = False,
+    keep_previous: int = 0,
     sql_dir: Path | None = None,
 ) -> Manifest:
     """Run `sql/<query_name>.sql` (a selection: sample_id, target_set, method, score, rank, ...) with
@@ -132,6 +134,8 @@ def export_subset(
     the diagnostics stored with the queries of the selected target set(s) and method.
     out_dir (a local folder or an s3:// URI) must not exist unless overwrite=True. Locally the old export is
     replaced only once the new one is whole; on S3 file by file, manifest.json last (Location.staged_folder).
+    keep_previous: the export being replaced is first copied to `history_dir(out_dir)` and the newest
+    `keep_previous` such copies are kept (0: none), so a bad new export never destroys the last good one.
     """
     out = Location(out_dir)
     if out.exists() and not overwrite:
@@ -160,11 +164,35 @@ def export_subset(
         created_at=datetime.now(UTC).isoformat(),
         store_root=store.root,
     )
+    if keep_previous and (out / "manifest.json").is_file():
+        _archive_export(out)
     with out.staged_folder(last="manifest.json", replace=True) as tmp:
         pq.write_table(subset, tmp / manifest.files["parquet"])
         _write_jsonl(subset, tmp / manifest.files["jsonl"])
         (tmp / "manifest.json").write_text(manifest.to_json())
+    if keep_previous:
+        for old in history_dir(out).folders()[:-keep_previous]:  # oldest first: the names are timestamps
+            old.remove_tree()
     return manifest
+
+
+def history_dir(out_dir: str | Path | Location) -> Location:
+    """Where replaced exports of `out_dir` are kept: the sibling `<name>.history/`, one folder per export named
+    by its UTC creation time (so sorting the names sorts them by age)."""
+    return Location(f"{Location(out_dir).uri}.history")
+
+
+def _archive_export(out: Location) -> Location:
+    """Copy the export in `out` (its files and manifest.json, the manifest last) to a new folder of
+    `history_dir(out)`; a copy already there (same creation time) is kept as it is."""
+    old = Manifest.load(out)
+    stamp = datetime.fromisoformat(old.created_at).astimezone(UTC).strftime("%Y%m%dT%H%M%S.%fZ")
+    target = history_dir(out) / stamp
+    if not (target / "manifest.json").is_file():
+        with target.staged_folder(last="manifest.json", replace=True) as tmp:
+            for name in [*old.files.values(), "manifest.json"]:
+                (tmp / name).write_bytes((out / name).read_bytes())
+    return target
 
 
 def update_manifest(out_dir: str | Path | Location, **sections: Any) -> Manifest:
@@ -180,8 +208,9 @@ def update_manifest(out_dir: str | Path | Location, **sections: Any) -> Manifest
 def reproduce(manifest: Manifest | str | Path, *, store: LanceStore | None = None) -> pa.Table:
     """Rerun a manifest's recorded SQL against its recorded Lance versions: the same rows as its export.
 
-    store: where the tables live now (default: the manifest's store_root). Old versions must not have
-    been removed by `cleanup_old_versions` (tag them to keep them).
+    store: where the tables live now (default: the manifest's store_root). The recorded versions must still
+    exist: the retention rule (retention.py) keeps every version a manifest under `<root>/exports/` names; a
+    manifest kept elsewhere needs its versions tagged by hand.
     """
     from hyperinf_ops.store import LanceStore
 

@@ -222,6 +222,14 @@ class Location:
     def write_text(self, text: str) -> None:
         self.write_bytes(text.encode("utf-8"))
 
+    def remove_tree(self) -> None:
+        """Delete this folder and every file below it (nothing to do when it is not there)."""
+        if self.remote:
+            for info in self._files():
+                _s3().delete_file(info.path)
+        else:
+            shutil.rmtree(self.path, ignore_errors=True)
+
     @contextmanager
     def staged_folder(self, *, last: str, replace: bool = False) -> Iterator[Path]:
         """Yield a local folder to fill; on a clean exit it becomes this folder, and on an exception nothing does.

@@ -280,13 +280,15 @@ class TopKIndex:
         return np.ascontiguousarray(vec.flatten().to_numpy().reshape(len(vec), -1))
 
     def top_k(self, query: Query, k: int = 100, *, harmful: bool = False, candidates: int | None = None,
-              nprobes: int | None = None, ef: int | None = None, search: str = "lance") -> TopK:
+              nprobes: int | None = None, ef: int | None = None, refine_factor: int | None = None,
+              search: str = "lance") -> TopK:
         """The k most helpful (largest score) or, with `harmful`, most harmful (most negative score) rows for
         `query` (a (D,) vector laid out like the decoded rows, as stored in `queries`).
 
         candidates: rows proposed for the exact rerank (default 10 k; more = higher recall, slower);
         search: "lance" (the IVF_HNSW_SQ index: nprobes IVF lists, default half of them, a quarter lost 16%
-        recall@50 on the test's table; ef: the HNSW search list, Lance's default when None) or "flat" (every
+        recall@50 on the test's table; ef: the HNSW search list, Lance's default when None; refine_factor: Lance
+        re-scores refine_factor x candidates unquantized projections, none when None) or "flat" (every
         row's projection in memory scored by one matrix-vector product: exact in the reduced space).
         The candidates' stored rows are read (memory-mapped where the pages allow) and scored exactly.
         Refuses (FingerprintMismatchError) a query of another fingerprint than the index's and
@@ -315,6 +317,8 @@ class TopKIndex:
                        "nprobes": nprobes or max(1, math.ceil(self.info.num_partitions / 2))}
             if ef is not None:
                 nearest["ef"] = ef
+            if refine_factor is not None:
+                nearest["refine_factor"] = refine_factor
             found = self._index.to_table(nearest=nearest, columns=["pos", "sample_id"],
                                          disable_scoring_autoprojection=True)
             positions = found.column("pos").to_numpy()

@@ -1,4 +1,4 @@
-"""The ``hyperinf`` command line: demo, run, sql, shell, plan, ui.
+"""The ``hyperinf`` command line: demo, run, migrate, sql, shell, plan, ui.
 
 Every command reads one YAML config (validated before any work) and one Dagster instance
 (``--dagster-home``, else ``$DAGSTER_HOME``, else ``<config folder>/.dagster_home``), so runs made here
@@ -19,8 +19,12 @@ import time
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from hyperinf_ops.errors import HyperinfError
+
+if TYPE_CHECKING:
+    import dagster as dg
 
 DEMO_WORKDIR = ".hyperinf_demo"
 EXIT_CHECK_FAILED = 1  # every run succeeded, but an asset check did not pass (listed on stderr)
@@ -91,6 +95,12 @@ def _parser() -> argparse.ArgumentParser:
     _home_option(run)
     _verbose_option(run)
     run.set_defaults(command=_run)
+
+    migrate = sub.add_parser("migrate", help="move the tables derived from gradient rows to <storage_root>/archive/ "
+                                             "(after a change of lora.rank or row compression)")
+    migrate.add_argument("--config", type=Path, required=True, help="the hyperinf YAML file")
+    migrate.add_argument("--yes", action="store_true", help="do it (default: only list what would move)")
+    migrate.set_defaults(command=_migrate)
 
     sql = sub.add_parser("sql", help="DuckDB SQL over the tables (examples, targets, scores, ...)")
     _config_option(sql)
@@ -174,22 +184,36 @@ def _materialize(config_path: Path, dagster_home: Path | None, *, verbose: bool)
     from hyperinf_ops.config import load_config
     from hyperinf_ops.stages.preflight import preflight
     from hyperinf_ops.store import LanceStore
+    from hyperinf_ops.store.lease import hold_root
     from pipelines.instance import dagster_home_for, open_instance
     from pipelines.runner import failed_checks, materialize_all
     from pipelines.summary import print_summary
 
     cfg = load_config(config_path)  # every config problem, before any work
-    checked = preflight(LanceStore(str(cfg.storage_root)), cfg, log=_say)  # the data: before anything is written
-    hf_logging.disable_progress_bar()  # no "Loading weights" bar at every model load
-    home = dagster_home_for(config_path, dagster_home)
-    print(f"Dagster instance: {home}")
-    with open_instance(home) as instance:
-        report = materialize_all(instance, config_path, cfg, log=_say, verbose=verbose, checked=checked)
-        print_summary(instance, cfg, config_path, home)
-        failed = failed_checks(instance, report.runs)
+    # One run per storage root, held before the preflight reads the store, so what it finds stays true.
+    with hold_root(cfg.storage_root, config_path) as lease:
+        checked = preflight(LanceStore(str(cfg.storage_root)), cfg, log=_say)  # the data: before any write
+        hf_logging.disable_progress_bar()  # no "Loading weights" bar at every model load
+        home = dagster_home_for(config_path, dagster_home)
+        print(f"Dagster instance: {home}")
+        with open_instance(home) as instance:
+            _fail_orphaned_runs(instance)
+            report = materialize_all(instance, config_path, cfg, log=_say, verbose=verbose, checked=checked,
+                                     lease=lease)
+            print_summary(instance, cfg, config_path, home)
+            failed = failed_checks(instance, report.runs)
     for line in failed:
         print(f"WARNING: asset check failed: {line}", file=sys.stderr)
     return EXIT_CHECK_FAILED if failed else 0
+
+
+def _fail_orphaned_runs(instance: dg.DagsterInstance) -> None:
+    """Free the run queue of runs left STARTED by a killed process (launcher.fail_orphaned_runs), one line each."""
+    from pipelines.launcher import PID_TAG, fail_orphaned_runs
+
+    for run in fail_orphaned_runs(instance):
+        print(f"run {run.run_id} of {run.job_name} was left {run.status.value} by process {run.tags[PID_TAG]}, "
+              "which is gone: marked failed", flush=True)
 
 
 def _say(line: str) -> None:
@@ -198,6 +222,27 @@ def _say(line: str) -> None:
         print(f"hyperinf: {line}", file=sys.stderr)
     else:
         print(line, flush=True)
+
+
+def _migrate(args: argparse.Namespace) -> int:
+    """`hyperinf migrate`: hyperinf_ops/migrate.py (a rename into the archive; nothing is deleted)."""
+    from hyperinf_ops.config import load_config
+    from hyperinf_ops.migrate import migrate
+    from hyperinf_ops.store.lease import hold_root
+
+    config = _config_path(args.config)
+    root = load_config(config).storage_root
+    with hold_root(root, config):  # no run may write while its tables move
+        summary = migrate(root, dry_run=not args.yes)
+    if not summary.moved:
+        print(f"nothing to migrate under {root}")
+    elif args.yes:
+        print(f"moved {', '.join(summary.moved)} to {summary.archive} (nothing deleted: move them back to undo); "
+              f"`hyperinf run --config {args.config}` recomputes them")
+    else:
+        print(f"would move {', '.join(summary.moved)} to {root}/archive/<time>/ (a rename, reversible); rerun with "
+              "--yes to do it")
+    return 0
 
 
 # ---------------------------------------------------------------------------------------------- sql / shell
@@ -229,12 +274,14 @@ def _ui(args: argparse.Namespace) -> int:
     from assets_defs.resources import CONFIG_ENV_VAR
     from hyperinf_ops.config import load_config
     from pipelines.devserver import start_dagster_dev, stop_dagster_dev, wait_until_ready
-    from pipelines.instance import WORKSPACE_YAML, dagster_home_for, prepare_dagster_home
+    from pipelines.instance import WORKSPACE_YAML, dagster_home_for, open_instance, prepare_dagster_home
 
     config_path = _config_path(args.config)
     load_config(config_path)
     _require_free_port(args.port)
     home = prepare_dagster_home(dagster_home_for(config_path, args.dagster_home))
+    with open_instance(home) as instance:
+        _fail_orphaned_runs(instance)  # else the daemon never starts a queued run (one at a time)
     url = f"http://127.0.0.1:{args.port}"
 
     def _interrupt(signum, frame):  # Ctrl-C or `kill <pid>` of this process: stop dagster dev with it

@@ -9,11 +9,16 @@ the steps of one ``hyperinf run`` share one Python process (torch imported once,
 distributed one (pipelines/executors.py) this process orchestrates and the steps run in the workers, and
 ``run_many`` executes several runs at once (the gradient shards), each orchestrated in its own process by
 ``dagster api execute_run``, the command Dagster's own run launchers start.
+
+Every run is tagged with the host and pid of the process that executes it (HOST_TAG, PID_TAG): a run whose
+process was killed stays STARTED in the instance and, with one run at a time (dagster.yaml), blocks the queue;
+`fail_orphaned_runs` marks such runs failed (``hyperinf run|demo|ui`` call it when they start).
 """
 
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -36,13 +41,16 @@ from dagster_shared.serdes import serialize_value
 
 from assets_defs.resources import CONFIG_ENV_VAR
 from hyperinf_ops.errors import HyperinfError
+from hyperinf_ops.store.lease import process_alive
 from pipelines.instance import LOCATION_NAME
 from pipelines.loggers import run_config_loggers
 
-__all__ = ["Launcher", "PipelineRunError", "failure_message"]
+__all__ = ["HOST_TAG", "PID_TAG", "Launcher", "PipelineRunError", "fail_orphaned_runs", "failure_message"]
 
 DEFINITIONS_MODULE = "pipelines.definitions"
 LOG_FOLDER = "logs"  # under the instance's folder: the full trace of every failed CLI run
+HOST_TAG = "hyperinf/host"  # the host of the process executing the run
+PID_TAG = "hyperinf/pid"  # that process's id
 
 
 class PipelineRunError(HyperinfError):
@@ -98,10 +106,16 @@ class Launcher:
         that is logging an event."""
         runs = [self._create(job_name, key, assets, tags) for key in partition_keys]
         ref = self.instance.get_ref()
+        started = []
+        for run in runs:
+            process = subprocess.Popen(_execute_run_command(run, ref))
+            # That process executes the run and outlives a kill of this one: its run is orphaned only once it ends.
+            self.instance.add_run_tags(run.run_id, {PID_TAG: str(process.pid)})
+            started.append((run, process))
         failure: PipelineRunError | None = None
         # The threads only wait for the processes; every Dagster call stays in this thread.
         with ThreadPoolExecutor(max_workers=max(len(runs), 1), thread_name_prefix="hyperinf-run") as pool:
-            waits = {pool.submit(subprocess.run, _execute_run_command(run, ref)): run for run in runs}
+            waits = {pool.submit(process.wait): run for run, process in started}
             for done in as_completed(waits):
                 done.result()  # the process ran (its exit status says nothing the run's status does not)
                 try:
@@ -119,7 +133,7 @@ class Launcher:
         remote_job = self.location.get_job(selector)
         plan = self.location.get_execution_plan(remote_job, self.run_config, step_keys_to_execute=None,
                                                 known_state=None, instance=self.instance)
-        run_tags = {**remote_job.tags, **(tags or {})}
+        run_tags = {**remote_job.tags, **(tags or {}), HOST_TAG: socket.gethostname(), PID_TAG: str(os.getpid())}
         if partition_key is not None:
             run_tags[PARTITION_NAME_TAG] = partition_key
         return self.instance.create_run(
@@ -142,6 +156,24 @@ class Launcher:
         if not finished.is_success:
             raise PipelineRunError(failure_message(self.instance, finished))
         return finished
+
+
+def fail_orphaned_runs(instance: dg.DagsterInstance) -> list[dg.DagsterRun]:
+    """Mark failed every run of this host still STARTING or STARTED whose executing process (PID_TAG) is gone,
+    e.g. a `hyperinf run` killed mid-step; returns them. Such a run holds the one run slot of the queue forever
+    (Dagster's run monitoring cannot see a dead worker of the default run launcher, dagster.yaml)."""
+    host = socket.gethostname()
+    records = instance.get_run_records(filters=dg.RunsFilter(
+        statuses=[dg.DagsterRunStatus.STARTING, dg.DagsterRunStatus.STARTED], tags={HOST_TAG: host}))
+    orphans = []
+    for record in records:
+        run = record.dagster_run
+        pid = int(run.tags.get(PID_TAG, "0"))
+        if pid and not process_alive(pid):
+            instance.report_run_failed(run, message=f"the process that executed this run (pid {pid} on {host}) "
+                                                    "ended without finishing it (killed or crashed)")
+            orphans.append(run)
+    return orphans
 
 
 def _execute_run_command(run: dg.DagsterRun, instance_ref: InstanceRef) -> list[str]:

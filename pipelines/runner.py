@@ -17,8 +17,8 @@ shards' gradient runs execute at once, their steps spread over the workers; in-p
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Callable, Iterator
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,15 +29,13 @@ from hyperinf_ops.config import HyperinfConfig
 from hyperinf_ops.progress import ProgressMeter
 from hyperinf_ops.stages.preflight import PreflightSummary, preflight
 from hyperinf_ops.store import LanceStore
+from hyperinf_ops.store.lease import INVOCATION_TAG, LeaseHolder, hold_root
 from pipelines.executors import executor_kind
 from pipelines.jobs import adapter_job, refresh_job, shard_job
 from pipelines.launcher import Launcher
 from pipelines.sensors import pool_file_observation
 
 __all__ = ["INVOCATION_TAG", "RunReport", "failed_checks", "materialize_all"]
-
-# Every run of one `hyperinf run` carries the same value: filter the UI's runs by it.
-INVOCATION_TAG = "hyperinf/invocation"
 
 
 @dataclass
@@ -53,10 +51,20 @@ class RunReport:
 
 def materialize_all(instance: dg.DagsterInstance, config_path: str | Path, cfg: HyperinfConfig, *,
                     log: Callable[[str], None] = print, verbose: bool = False,
-                    checked: PreflightSummary | None = None) -> RunReport:
+                    checked: PreflightSummary | None = None, lease: LeaseHolder | None = None) -> RunReport:
     """Everything the config asks for, as the fewest runs the rules of the module docstring allow, after the
     preflight checks (`checked`, run here when not given): a mistake in the data ends there, before any run or
-    write. `verbose`: every Dagster event on the console (default: the steps' own lines)."""
+    write. `verbose`: every Dagster event on the console (default: the steps' own lines). `lease`: the caller's
+    hold on the storage root (store/lease.py), else it is taken here (RootInUseError if another run has it);
+    every run is tagged with its invocation id."""
+    with nullcontext(lease) if lease is not None else hold_root(cfg.storage_root, config_path) as held:
+        return _materialize_all(instance, config_path, cfg, log=log, verbose=verbose, checked=checked,
+                                invocation=held.invocation)
+
+
+def _materialize_all(instance: dg.DagsterInstance, config_path: str | Path, cfg: HyperinfConfig, *,
+                     log: Callable[[str], None], verbose: bool, checked: PreflightSummary | None,
+                     invocation: str) -> RunReport:
     from hyperinf_ops.stages.adapter import adapter_pending
     from hyperinf_ops.stages.codec import codec_pending, row_fingerprint
     from hyperinf_ops.stages.freshness import gradient_shard_current
@@ -73,7 +81,7 @@ def materialize_all(instance: dg.DagsterInstance, config_path: str | Path, cfg: 
         instance.add_dynamic_partitions(POOL_SHARDS, new)
     _observe_changed(instance, files)
     report = RunReport(ingested=checked.pending, removed=checked.gone)
-    tags = {INVOCATION_TAG: uuid.uuid4().hex[:12]}
+    tags = {INVOCATION_TAG: invocation}
     with Launcher.open(instance, config_path, verbose=verbose) as launcher:
         for shard in report.ingested:
             log(f"ingest shard {shard}")

@@ -2,7 +2,8 @@
 
 ``pool_folder_sensor`` keeps the ``pool_shards`` partitions equal to the pool's data files (a new file adds its
 partition) and reports a ``pool_files`` observation whose data version is the file's sha256 whenever a file's
-size or mtime changed (the cursor holds the signatures). It launches nothing itself: ``hyperinf_automation``
+size or mtime changed (the cursor holds the signatures), and the data version ``removed`` when a file is gone
+(deleted or renamed: its partition's ``pool_examples`` and ``lora_gradients`` then remove the shard's rows). It launches nothing itself: ``hyperinf_automation``
 (declarative automation, assets_defs/automation.py) materializes what a new data version makes stale: the
 shard's rows, its gradients, then the preconditioners, queries, scores and curated subset once no shard is
 still running. Both start switched off, as Dagster's sensors do; turn them on in the UI.
@@ -14,7 +15,7 @@ import os
 import dagster as dg
 from dagster._core.definitions.data_version import DATA_VERSION_TAG
 
-from assets_defs.partitions import missing_partitions, pool_shards
+from assets_defs.partitions import REMOVED, missing_partitions, pool_shards
 from assets_defs.resources import HyperinfResource
 from hyperinf_ops.data.io import discover_shards, file_digest
 
@@ -40,15 +41,18 @@ def pool_folder_sensor(context: dg.SensorEvaluationContext, hyperinf: HyperinfRe
     files = discover_shards(hyperinf.config.data.path)
     signatures = {key: file_signature(path) for key, path in files.items()}
     changed = sorted(key for key, sig in signatures.items() if seen.get(key) != sig)
+    gone = sorted(set(seen) - set(signatures))
     new = missing_partitions(context.instance, changed)
     observations = [pool_file_observation(key, files[key]) for key in changed]
-    if changed:
-        context.log.info(f"pool files new or changed: {changed} (new partitions: {new})")
+    observations += [dg.AssetObservation("pool_files", partition=key, tags={DATA_VERSION_TAG: REMOVED})
+                     for key in gone]
+    if changed or gone:
+        context.log.info(f"pool files new or changed: {changed} (new partitions: {new}); gone: {gone}")
     return dg.SensorResult(
         dynamic_partitions_requests=[pool_shards.build_add_request(new)] if new else [],
         asset_events=observations,
         cursor=json.dumps(signatures, sort_keys=True),
-        skip_reason=None if changed else "no new or changed pool files",
+        skip_reason=None if changed or gone else "no new, changed or gone pool files",
     )
 
 

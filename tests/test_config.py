@@ -210,3 +210,25 @@ def test_curation_parameters_in_range_pass(project: Path):
 def test_a_storage_root_that_is_a_file(project: Path):
     assert problems({**minimal(), "storage_root": "data/pool.parquet"}, base_dir=project) == [
         f"storage_root: '{project / 'data' / 'pool.parquet'}' is a file; give a folder (created when missing)"]
+
+
+def test_relative_model_folder_resolves_against_the_config_folder(project: Path, monkeypatch: pytest.MonkeyPatch):
+    (project / "models" / "mine").mkdir(parents=True)
+    monkeypatch.chdir("/")
+    assert load_config(write(project, {**minimal(), "model": "models/mine"})).model == str(project / "models" / "mine")
+
+
+@pytest.mark.parametrize(("doc", "problem"), [
+    ({"estimator_options": {"schulz_order": 0}}, "estimator_options.schulz_order: must be >= 2, got 0"),
+    ({"damping_ratio": float("nan")}, "damping_ratio: must be a finite number, got nan"),
+    ({"train": {"lr": float("nan")}}, "train.lr: must be a finite number, got nan"),
+])
+def test_solver_options_and_nan_numbers(project: Path, doc: dict, problem: str):
+    assert problem in problems({**minimal(), **doc}, base_dir=project)
+
+
+def test_a_config_that_is_not_utf8(project: Path):
+    path = project / "latin1.yaml"
+    path.write_bytes(b"storage_root: \xff\xfe\n")
+    with pytest.raises(ConfigError, match=r"latin1.yaml: not a UTF-8 text file \(invalid start byte at byte 14\)"):
+        load_config(path)

@@ -178,3 +178,31 @@ def test_a_given_adapter_of_another_shape_or_with_garbage_weights(case, message,
     err = capsys.readouterr().err
     assert err.startswith(f"hyperinf: error: {message.format(folder=folder)}") and err.count("\n") == 1, err
     assert not (tmp_path / "store").exists() and not (tmp_path / ".dagster_home").exists()
+
+
+def test_a_bad_later_shard_changes_nothing_on_an_existing_store(tmp_path, tiny_model, capsys):
+    """Issue 12.1: adding `id_column` while the third shard repeats an id. Every shard is checked before any is
+    written, so the store keeps its versions and every score row still joins `examples`."""
+    from hyperinf_ops.config import load_config
+    from hyperinf_ops.store import LanceStore
+
+    config = make_project(tmp_path, tiny_model, n_pool=60, n_shards=3, n_target=10)
+    doc = yaml.safe_load(config.read_text())
+    doc["data"].pop("id_column")
+    config.write_text(yaml.safe_dump(doc, sort_keys=False))
+    assert main(["run", "--config", str(config)]) in (0, 1)
+    store = LanceStore(str(load_config(config).storage_root))
+    before = store.versions()
+    third = tmp_path / "pool" / "shard-2.parquet"
+    frame = pd.read_parquet(third)
+    frame.loc[5, "id"] = frame.loc[4, "id"]
+    frame.to_parquet(third, index=False)
+    doc["data"]["id_column"] = "id"
+    config.write_text(yaml.safe_dump(doc, sort_keys=False))
+    capsys.readouterr()
+    assert main(["run", "--config", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("hyperinf: error: pool file shard-2.parquet: duplicated id(s) in column 'id'"), err
+    assert store.versions() == before
+    ids = set(store.open("examples").to_table(columns=["sample_id"])["sample_id"].to_pylist())
+    assert set(store.open("scores").to_table(columns=["sample_id"])["sample_id"].to_pylist()) == ids

@@ -26,9 +26,10 @@ START = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
 
 
 def _tick(instance, cfg_path: Path, cursor: str | None) -> dg.SensorResult:
-    ctx = dg.build_sensor_context(instance=instance, cursor=cursor,
-                                  resources={"hyperinf": HyperinfResource(config_path=str(cfg_path))})
-    return pool_folder_sensor(ctx)
+    # A `with`: the resource has setup/teardown (the storage root's lease in runs), as the daemon opens it.
+    with dg.build_sensor_context(instance=instance, cursor=cursor,
+                                 resources={"hyperinf": HyperinfResource(config_path=str(cfg_path))}) as ctx:
+        return pool_folder_sensor(ctx)
 
 
 def _apply(instance, result: dg.SensorResult) -> None:
@@ -79,7 +80,7 @@ def test_new_file_becomes_a_partition_and_automation_computes_only_its_shard(tmp
         assert {(e.asset_key.to_user_string(), e.partition) for e in first.asset_events} == {
             ("pool_files", "shard-0"), ("pool_files", "shard-1")}
         _apply(instance, first)
-        assert _tick(instance, cfg_path, first.cursor).skip_reason.skip_message == "no new or changed pool files"
+        assert _tick(instance, cfg_path, first.cursor).skip_reason.skip_message == "no new, changed or gone pool files"
 
         new_file = write_shard(tmp_path / "project" / "pool", "shard-2", 40, seed=7)
         second = _tick(instance, cfg_path, first.cursor)
@@ -126,6 +127,34 @@ def test_changed_file_is_observed_again_and_unchanged_ones_are_not(tmp_path):
         assert not again.dynamic_partitions_requests  # the partition exists: only its content is new
         assert [(e.partition, e.tags["dagster/data_version"]) for e in again.asset_events] == [
             ("shard-1", file_digest(changed))]
+
+
+def test_gone_file_is_observed_removed_and_automation_removes_its_shard(tmp_path):
+    """Issue 12.7 through the sensor: a deleted pool file gets the data version `removed`; automation then runs its
+    partition's pool_examples and lora_gradients, which remove the shard's rows, and the refresh that follows
+    scores the remaining pool without failing."""
+    cfg_path = make_project(tmp_path / "project", save_tiny_model(tmp_path / "model"), n_pool=60, n_shards=3,
+                            n_target=10, compression={"whiten": 0, "dtype": "float32"})
+    defs = build_definitions(str(cfg_path))
+    with dg.instance_for_test() as instance:
+        materialize_all(instance, cfg_path, load_config(cfg_path), log=lambda _: None)
+        baseline = dg.evaluate_automation_conditions(defs=defs, instance=instance, evaluation_time=START)
+        first = _tick(instance, cfg_path, None)
+        _apply(instance, first)
+        (cfg_path.parent / "pool" / "shard-2.parquet").unlink()
+        gone = _tick(instance, cfg_path, first.cursor)
+        assert [(e.partition, e.tags["dagster/data_version"]) for e in gone.asset_events] == [("shard-2", "removed")]
+        _apply(instance, gone)
+        with Launcher.open(instance, cfg_path) as launcher:
+            requested = _automate(instance, defs, launcher, baseline.cursor)
+        assert ("pool_examples", "shard-2") in requested and ("lora_gradients", "shard-2") in requested
+        assert "influence_scores" in {a for a, _ in requested}
+        assert not {p for _, p in requested} & {"shard-0", "shard-1"}
+    store = LanceStore(str(cfg_path.parent / "store"))
+    for table in ("examples", "gradients", "curvature"):
+        shards = set(store.open(table).to_table(columns=["shard"])["shard"].to_pylist())
+        assert shards == {"shard-0", "shard-1"}, table
+    assert len(_scores(cfg_path.parent / "store")) == 40 * (3 + 2)  # the remaining 40 examples, every ranking
 
 
 def test_nightly_schedule_requests_a_refresh():

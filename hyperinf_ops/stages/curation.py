@@ -14,9 +14,11 @@ from typing import Any
 
 import pyarrow as pa
 
+from hyperinf_ops.config_sections import RetentionSection
 from hyperinf_ops.export import export_subset, update_manifest
 from hyperinf_ops.location import Location
 from hyperinf_ops.query import refresh_duckdb
+from hyperinf_ops.retention import apply_retention
 from hyperinf_ops.stages.common import Log, Summary, require_table
 from hyperinf_ops.stages.scores import display_columns
 from hyperinf_ops.store import LanceStore
@@ -37,6 +39,8 @@ class CurateSummary(Summary):
     labels: list[dict[str, Any]]  # label, pool, subset, kept (share of the label's pool examples kept)
     flipped: dict[str, Any] | None  # pool, kept, removed, removed_at_random (expected), vs_random (ratio)
     seconds: float
+    versions_removed: int = 0  # old Lance versions the retention rule removed after the export (retention.py)
+    bytes_removed: int = 0
 
 
 def export_dir(storage_root: str | Path, query: str) -> Location:
@@ -44,25 +48,32 @@ def export_dir(storage_root: str | Path, query: str) -> Location:
     return Location(storage_root) / "exports" / query
 
 
-def curate(store: LanceStore, query: str, params: Mapping[str, Any], *, log: Log = print) -> CurateSummary:
+def curate(store: LanceStore, query: str, params: Mapping[str, Any], *, retention: RetentionSection | None = None,
+           log: Log = print) -> CurateSummary:
     """Run `sql/<query>.sql` with `params`, export the subset to `export_dir` (replaced whole, atomically) and
-    refresh the DuckDB file."""
+    refresh the DuckDB file. `retention` (the config's): the replaced export is kept under `exports/<query>.history/`
+    and, once the new one is in place, old Lance versions are removed by its rule (retention.py); None: neither."""
     start = time.perf_counter()
     require_table(store, "scores", "materialize influence_scores first")
     out_dir = export_dir(store.root, query)
     log(f"curation {query}{dict(params)}: selecting over {store.open('scores').count_rows()} score rows, "
         f"exporting to {out_dir} ...")
-    manifest = export_subset(store, query, params, out_dir, overwrite=True)
+    manifest = export_subset(store, query, params, out_dir, overwrite=True,
+                             keep_previous=retention.keep_exports if retention else 0)
     examples = store.open("examples")
     columns = [c for c in ("label", "flipped") if c in examples.schema.names]
     pool = examples.to_table(columns=columns)
     labels, flipped = subset_report(pool, (out_dir / manifest.files["parquet"]).read_parquet(columns))
     update_manifest(out_dir, labels=labels, flipped=flipped)
     refresh_duckdb(store, log)
+    # Last, so the new manifest (and the kept ones) protect the versions they name.
+    cleaned = apply_retention(store, retention.keep_hours, log=log) if retention else None
     summary = CurateSummary(query=query, params=dict(params), rows=manifest.row_count, out_dir=str(out_dir),
                             files={k: str(out_dir / v) for k, v in manifest.files.items()},
                             table_versions=manifest.table_versions, labels=labels, flipped=flipped,
-                            seconds=time.perf_counter() - start)
+                            seconds=time.perf_counter() - start,
+                            versions_removed=cleaned.versions_removed if cleaned else 0,
+                            bytes_removed=cleaned.bytes_removed if cleaned else 0)
     log(f"curated subset {query}{summary.params}: {summary.rows} examples -> {out_dir} in {summary.seconds:.1f}s; "
         "kept per label: "
         + ", ".join(f"{r['label']} {r['subset']}/{r['pool']}" for r in labels)

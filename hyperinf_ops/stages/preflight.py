@@ -6,6 +6,8 @@ functions, so a mistake costs seconds and no table changes:
     device            `device: cuda` on a machine without CUDA (devices.resolve_device)
     adapter.path      its adapter_config.json has the configured LoRA rank, alpha and modules, and its weights
                       file is a readable safetensors file (named when it is not)
+    stored rows       the gradient rows stored under storage_root have the width and value type the LoRA and
+                      compression settings give (else: `hyperinf migrate`, migrate.row_layout_problem)
     every pool file   readable, the configured columns present, no empty text / missing label, ids unique in
                       the file and across files (pool.prepare_shard: what ingest would write; the rows of shards
                       whose file is gone do not count, ingest removes them)
@@ -30,6 +32,7 @@ from hyperinf_ops.data.io import discover_shards
 from hyperinf_ops.data.prepare import prepare_targets, prepare_test, table_digest
 from hyperinf_ops.devices import resolve_device
 from hyperinf_ops.errors import ConfigError, DataError
+from hyperinf_ops.migrate import row_layout_problem
 from hyperinf_ops.stages.common import Log, Summary
 from hyperinf_ops.stages.pool import gone_shards, prepare_shard, stored_digest
 from hyperinf_ops.store import LanceStore
@@ -59,6 +62,9 @@ def preflight(store: LanceStore, cfg: Any, *, log: Log = print) -> PreflightSumm
         raise ConfigError(f"device: {err}") from err
     if cfg.adapter.path is not None:
         _check_adapter(Path(cfg.adapter.path), cfg.lora)
+    problem = row_layout_problem(store, cfg)  # before the adapter step would train (and the gradient step fail)
+    if problem:
+        raise ConfigError(problem)
     shards = discover_shards(cfg.data.path)
     gone = gone_shards(store, shards)
     tables, pending = {}, []
