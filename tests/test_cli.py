@@ -77,8 +77,14 @@ def test_demo_ranks_flipped_labels_as_harmful(demo):
 @pytest.mark.slow
 @pytest.mark.real_weights
 def test_sql_over_the_demo_tables(demo, capsys):
+    from hyperinf_ops.query import open_snapshot
+
     workdir = demo[0]
     config = str(workdir / "hyperinf.yaml")
+    # The run ended with a sync that no later commit or cleanup made stale: `hyperinf sql` reads the synced file.
+    snapshot = open_snapshot(str(workdir / "store"))
+    assert snapshot is not None
+    snapshot[0].close()
     assert main(["sql", "--config", config, "SELECT method, count(*) AS n FROM scores GROUP BY 1 ORDER BY 1",
                  "--format", "json"]) == 0
     # hyperinf and tracin also rank self-influence (target set "self"): 300 rows more each

@@ -65,9 +65,10 @@ def curate(store: LanceStore, query: str, params: Mapping[str, Any], *, retentio
     pool = examples.to_table(columns=columns)
     labels, flipped = subset_report(pool, (out_dir / manifest.files["parquet"]).read_parquet(columns))
     update_manifest(out_dir, labels=labels, flipped=flipped)
-    refresh_duckdb(store, log)
-    # Last, so the new manifest (and the kept ones) protect the versions they name.
+    # After the export, so the new manifest (and the kept ones) protect the versions they name; before the sync,
+    # whose copy stays current only while no table's `_versions` folder changes (query.open_snapshot).
     cleaned = apply_retention(store, retention.keep_hours, log=log) if retention else None
+    refresh_duckdb(store, log)
     summary = CurateSummary(query=query, params=dict(params), rows=manifest.row_count, out_dir=str(out_dir),
                             files={k: str(out_dir / v) for k, v in manifest.files.items()},
                             table_versions=manifest.table_versions, labels=labels, flipped=flipped,
