@@ -32,7 +32,8 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _wait_for_port(port: int, proc: subprocess.Popen, timeout: float = 60) -> None:
+def wait_for_port(port: int, proc: subprocess.Popen, timeout: float = 60) -> None:
+    """Return once something listens on 127.0.0.1:`port`; RuntimeError if `proc` exits first."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -117,7 +118,7 @@ def dask_cluster(n_workers: int, env: Mapping[str, str], log_dir: Path) -> Itera
             [str(VENV_BIN / "dask"), "scheduler", "--host", "127.0.0.1", "--port", str(port), "--no-dashboard"],
             env=full_env, start_new_session=True, stdout=log, stderr=subprocess.STDOUT)
     try:
-        _wait_for_port(port, scheduler)
+        wait_for_port(port, scheduler)
         with (log_dir / "workers.log").open("wb") as log:
             workers = subprocess.Popen(
                 [str(VENV_BIN / "dask"), "worker", address, "--host", "127.0.0.1", "--nworkers", str(n_workers),

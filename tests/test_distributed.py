@@ -15,17 +15,14 @@ import pyarrow as pa
 import pytest
 from dask.distributed import Client
 from hyperinf_project import make_project
-from local_cluster import PG_BIN, dask_cluster, postgres_cluster
+from local_cluster import dask_cluster, postgres_cluster
 from tiny_models import save_tiny_model
 
 from hyperinf_ops.config import load_config
 from hyperinf_ops.store import LanceStore
 from pipelines.runner import materialize_all
 
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif(not (PG_BIN / "initdb").is_file(), reason=f"PostgreSQL server binaries not in {PG_BIN}"),
-]
+pytestmark = pytest.mark.slow
 
 SHARDS = [f"shard-{i}" for i in range(4)]
 PROJECT = {"n_pool": 160, "n_shards": 4, "n_target": 40}

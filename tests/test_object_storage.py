@@ -6,16 +6,16 @@ duplicate nothing."""
 from __future__ import annotations
 
 import multiprocessing
-import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import boto3
 import dagster as dg
 import pytest
 from hyperinf_project import make_project
+from local_cluster import free_port, wait_for_port
 from shard_writer import shard_ids, write_shard
 
 from hyperinf_ops.adapters import AdapterStore
@@ -25,30 +25,8 @@ from hyperinf_ops.store import LanceStore
 from pipelines.cli import main as cli_main
 from pipelines.runner import materialize_all
 
-boto3 = pytest.importorskip("boto3")
-pytest.importorskip("moto")
-
 BUCKET = "hyperinf-test"
 KEYS = {"AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test", "AWS_REGION": "us-east-1"}
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _wait_listening(port: int, server: subprocess.Popen, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if server.poll() is not None:
-            raise RuntimeError(f"moto server exited with {server.returncode}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                return
-        except OSError:
-            time.sleep(0.2)
-    raise TimeoutError(f"moto server not listening on {port} after {timeout}s")
 
 
 @pytest.fixture(scope="module")
@@ -56,11 +34,11 @@ def s3_endpoint(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A moto S3 server on a free local port with the bucket BUCKET; the AWS_* variables point at it (and the
     download cache at a temporary folder) while the module's tests run. The server is stopped (and waited for)
     at teardown."""
-    port = _free_port()
+    port = free_port()
     server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        _wait_listening(port, server)
+        wait_for_port(port, server)
         endpoint = f"http://127.0.0.1:{port}"
         with pytest.MonkeyPatch.context() as mp:
             for name, value in {**KEYS, "AWS_ENDPOINT_URL": endpoint, "RUST_LOG": "error"}.items():
