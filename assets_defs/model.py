@@ -29,9 +29,9 @@ def lora_adapter(context: dg.AssetExecutionContext, hyperinf: HyperinfResource) 
     from hyperinf_ops.stages.adapter import heldout_records, train_or_load_adapter, warmup_problem
 
     cfg, store = hyperinf.config, hyperinf.store
-    heldout = None if cfg.adapter.path else heldout_records(store, cfg.targets, cfg.data, cfg.task, cfg.train.seed)
-    summary, wall = timed(train_or_load_adapter, store, cfg.model_spec, cfg.lora, cfg.train,
-                          given=cfg.adapter.path, heldout=heldout, log=context.log.info)
+    summary, wall = timed(train_or_load_adapter, store, cfg.model_spec, cfg.lora, cfg.train, given=cfg.adapter.path,
+                          heldout=lambda: heldout_records(store, cfg.targets, cfg.data, cfg.task, cfg.train.seed),
+                          log=context.log.info)
     metadata = {**summary_metadata(summary, skip=("seconds", "path", "train")),
                 "path": dg.MetadataValue.path(summary.path), "wall_time_s": wall}
     train = summary.train or {}

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -114,10 +114,11 @@ def heldout_records(store: LanceStore, targets: Mapping[str, Any], data: Any, ta
 
 
 def train_or_load_adapter(store: LanceStore, spec: ModelSpec, lora: LoraSettings, train: TrainSettings, *,
-                          given: Path | None = None, retrain: bool = False, heldout: HeldOut | None = None,
-                          log: Log = print) -> AdapterSummary:
+                          given: Path | None = None, retrain: bool = False,
+                          heldout: Callable[[], HeldOut] | None = None, log: Log = print) -> AdapterSummary:
     """Make the adapter these settings ask for current: reused, copied from `given`, or trained (and evaluated
-    on `heldout` before training and after each epoch)."""
+    on the records `heldout()` gives, before training and after each epoch; called only when it trains: a
+    reused adapter needs no held-out records)."""
     start = time.perf_counter()
     adapters = AdapterStore(store.root)
     examples = require_table(store, "examples", "ingest the pool first")
@@ -138,6 +139,7 @@ def train_or_load_adapter(store: LanceStore, spec: ModelSpec, lora: LoraSettings
     else:
         loaded = load_lora_model(spec, labels, lora=lora, seed=train.seed)
         records = examples.to_table(columns=record_columns(spec.task)).to_pylist()
+        heldout = heldout() if heldout else None
         log(f"warm-up training on {len(records)} examples: {train.epochs} epochs, batch {train.batch_size}, "
             f"lr {train.lr}, device {loaded.device}"
             + (f"; evaluated on {len(heldout.records)} records of {heldout.source}" if heldout else ""))
