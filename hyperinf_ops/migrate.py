@@ -19,17 +19,18 @@ from typing import Any
 from hyperinf_ops.adapters import AdapterStore
 from hyperinf_ops.errors import ConfigError
 from hyperinf_ops.location import is_object_store
+from hyperinf_ops.query import DUCKDB_FILE
 from hyperinf_ops.row_format import RowFormat
 from hyperinf_ops.sketch import row_shapes
 from hyperinf_ops.store import LanceStore
 from hyperinf_ops.store.schemas import gradients_schema
+from hyperinf_ops.topk import BASIS_TABLE, INDEX_TABLE
 
 __all__ = ["ARCHIVED", "MigrateSummary", "migrate", "row_layout_problem"]
 
 # Every table whose rows are, or are computed from, gradient rows of one layout.
-ARCHIVED = ("gradients", "curvature", "preconditioners", "target_gradients", "queries", "scores", "topk_index",
-            "topk_basis")
-DUCKDB_FILE = "hyperinf.duckdb"
+ARCHIVED = ("gradients", "curvature", "preconditioners", "target_gradients", "queries", "scores", INDEX_TABLE,
+            BASIS_TABLE)
 
 
 @dataclass(frozen=True)

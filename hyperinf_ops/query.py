@@ -31,6 +31,7 @@ import duckdb
 import pyarrow as pa
 
 from hyperinf_ops.errors import ConfigError
+from hyperinf_ops.location import is_object_store
 from hyperinf_ops.sql_files import (
     SQL_DIR,
     QueryInfo,
@@ -186,7 +187,7 @@ def open_snapshot(root: str) -> tuple[duckdb.DuckDBPyConnection, dict[str, int]]
     `hyperinf sql` light (benchmarks/bench_sql_cli.py). Object-storage roots always read live.
     """
     path = Path(root) / DUCKDB_FILE
-    if "://" in root or not path.is_file():
+    if is_object_store(root) or not path.is_file():
         return None
     con = sandbox(database=str(path))
     try:

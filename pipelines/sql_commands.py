@@ -1,8 +1,10 @@
 """`hyperinf sql` and `hyperinf shell`: SQL over the live tables, in the user-SQL sandbox.
 
-Both open the Lance tables of the config's `storage_root` as live DuckDB views (`query.connect`: external
-access off, configuration locked) and run only queries (`query.require_queries`), so user SQL reads the
-tables and nothing else: no files, no other databases, no extensions, no writes. Problems end in one line:
+`hyperinf sql` reads the synced `hyperinf.duckdb` while it holds every table's latest version
+(`query.open_snapshot`), else (and with `--live`) the Lance tables as live DuckDB views (`query.connect`); the
+shell always reads live. Both connections are sandboxed (external access off, configuration locked) and run only
+queries (`query.require_queries`), so user SQL reads the tables and nothing else: no files, no other databases,
+no extensions, no writes. Problems end in one line:
 `hyperinf sql` raises HyperinfError (the CLI prints `hyperinf: error: ...`, exit 2); the shell prints
 `Error: ...` and shows the prompt again.
 

@@ -94,20 +94,17 @@ def _new_pool(tables: dict[str, pa.Table], *, id_column: str | None) -> pa.Table
     fail at the second file, after writing the first); without one, the same content in two files is one
     example (ingest keeps the first shard's)."""
     pool = pa.concat_tables(list(tables.values()), promote_options="permissive")
-    ids = pool["sample_id"].to_pylist()
-    if len(set(ids)) == len(ids):
-        return pool
-    shard_of: dict[str, str] = {}
+    first: dict[str, tuple[int, str]] = {}  # sample_id -> (row, shard) of its first occurrence, in row order
     clashes: list[str] = []
-    for sid, shard in zip(ids, pool["shard"].to_pylist(), strict=True):
-        if sid in shard_of and shard_of[sid] != shard:
-            clashes.append(f"{sid!r} ({shard_of[sid]}, {shard})")
-        shard_of.setdefault(sid, shard)
+    for row, (sid, shard) in enumerate(zip(pool["sample_id"].to_pylist(), pool["shard"].to_pylist(), strict=True)):
+        if sid not in first:
+            first[sid] = (row, shard)
+        elif first[sid][1] != shard:
+            clashes.append(f"{sid!r} ({first[sid][1]}, {shard})")
     if clashes and id_column is not None:
         raise DataError(f"ids used by more than one pool file: {', '.join(clashes[:_SHOWN])} ({len(clashes)} in all); "
                         f"ids in column {id_column!r} must be unique across the pool")
-    first = {sid: i for i, sid in reversed(list(enumerate(ids)))}
-    return pool.take(sorted(first.values()))
+    return pool if len(first) == pool.num_rows else pool.take([row for row, _ in first.values()])
 
 
 def _overlap_warning(source: str, table: pa.Table, in_pool: set[str], consequence: str) -> str:
