@@ -3,6 +3,8 @@
     pool_files[shard] -> pool_examples[shard] -> target_sets
     pool_examples[shard] -> lora_adapter -> row_codec -> lora_gradients[shard] -> preconditioners -> target_queries
         -> influence_scores -> curated_subset, mislabel_report; curated_subset -> evaluation (configured only)
+    pool_examples -> cross_fit (signals.folds), lora_adapter + target_sets -> checkpoint_scores
+        (signals.checkpoints) -> influence_scores
 
 Assets return ``MaterializeResult`` with metadata and a data version only: tensors and tables stay in Lance,
 never in an IO manager. Partitioned assets use the dynamic ``pool_shards`` partitions (one per data file of
@@ -22,6 +24,7 @@ from assets_defs.influence import (
 )
 from assets_defs.model import gradient_rows_match_pool, lora_adapter, lora_gradients, row_codec
 from assets_defs.pool import pool_examples, pool_files, target_sets
+from assets_defs.signals import checkpoint_scores, cross_fit
 
 ASSETS = [
     pool_files,
@@ -30,6 +33,8 @@ ASSETS = [
     lora_adapter,
     row_codec,
     lora_gradients,
+    cross_fit,
+    checkpoint_scores,
     preconditioners,
     target_queries,
     influence_scores,

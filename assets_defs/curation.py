@@ -1,32 +1,66 @@
-"""The curated fine-tuning subset (a `sql/` query over the scores) and the mislabel report."""
+"""The curated fine-tuning subset (a `sql/` query over the scores, or the evaluation's choice) and the mislabel
+report."""
 
 import math
 
 import dagster as dg
 
 from assets_defs.automation import step_asset
+from assets_defs.evaluation import evaluation, evaluation_plan
 from assets_defs.influence import curation_pair, influence_scores
 from assets_defs.metadata import column_schema, summary_metadata, table_metadata, timed
 from assets_defs.resources import HyperinfResource
 from hyperinf_ops.location import Location
 
 
+def chosen_curation(hyperinf: HyperinfResource, log=None) -> tuple[str, dict, dict]:
+    """(query, params, report) the export runs: the configured ones, or under `curation.method: auto` the
+    evaluation's choice (stages.evaluation.choose; the full pool = drop_harmful with fraction 0), with the
+    candidates' table for the manifest."""
+    cfg = hyperinf.config
+    if not cfg.curation_auto:
+        return cfg.curation.query, dict(cfg.curation.params), {}
+    from hyperinf_ops.stages.evaluation import EVALUATION_TABLE, choose
+    from hyperinf_ops.tasks import get_task
+
+    plan, store = evaluation_plan(cfg), hyperinf.store
+    rows = store.open(EVALUATION_TABLE).to_table().to_pylist() if store.exists(EVALUATION_TABLE) else []
+    choice = choose(rows, plan, has_classes=get_task(cfg.task).has_classes)
+    winner = choice.candidate or plan.candidates[0]
+    params = {**winner.params, "fraction": 0.0} if choice.candidate is None else winner.params
+    query = winner.query if choice.candidate is not None else "drop_harmful"
+    if choice.candidate is None:
+        params.pop("balance", None)
+    if log:
+        log(f"curation.method auto: {choice.name} has the best {choice.metric.replace('_', ' ')}; exporting "
+            f"{query}{params}")
+    return query, params, {"chosen": choice.name, "chosen_by": choice.metric, "evaluation": choice.table}
+
+
 @step_asset(
-    group="curation", kinds={"duckdb", "parquet"}, code_version="3",
-    deps=[influence_scores],
-    description="The configured `sql/` curation query over the scores, exported as Parquet + JSONL + "
-                "manifest.json (query text, parameters, Lance versions); the DuckDB file is re-synced.",
+    group="curation", kinds={"duckdb", "parquet"}, code_version="4",
+    deps=[influence_scores, evaluation],
+    description="The curated fine-tuning set, exported as Parquet + JSONL + manifest.json (query text, parameters, "
+                "Lance versions, what it did to the labels): the configured `sql/` curation query over the scores, "
+                "or under `curation.method: auto` the candidate the evaluation measured best on its validation "
+                "half (the manifest names it and lists every candidate). The DuckDB file is re-synced.",
 )
 def curated_subset(context: dg.AssetExecutionContext, hyperinf: HyperinfResource) -> dg.MaterializeResult:
+    from hyperinf_ops.export import update_manifest
     from hyperinf_ops.stages.curation import curate, subset_preview
 
     cfg = hyperinf.config
-    summary, wall = timed(curate, hyperinf.store, cfg.curation.query, cfg.curation.params, retention=cfg.retention,
+    query, params, report = chosen_curation(hyperinf, log=context.log.info)
+    summary, wall = timed(curate, hyperinf.store, query, params, name=cfg.export_name, retention=cfg.retention,
                           log=context.log.info)
+    if report:
+        update_manifest(summary.out_dir, **report)
     parquet = summary.files["parquet"]
     flipped = summary.flipped or {}
     return dg.MaterializeResult(metadata={
         "dagster/row_count": summary.rows,
+        **({"chosen": dg.MetadataValue.text(report["chosen"]),
+            "candidates": table_metadata(report["evaluation"])} if report else {}),
         "labels": table_metadata(summary.labels),
         **{f"flipped_{k}": dg.MetadataValue.float(float(v)) for k, v in flipped.items() if v is not None},
         "preview": table_metadata(subset_preview(hyperinf.store, parquet, cfg.task)),
@@ -41,25 +75,21 @@ def curated_subset(context: dg.AssetExecutionContext, hyperinf: HyperinfResource
 
 @dg.asset_check(
     asset=curated_subset,
-    description="The exported subset is non-empty, no larger than the pool, free of duplicate ids, and "
-                "(for a `fraction` parameter) holds ceil(fraction x pool) examples (with `balance`: the sum "
-                "over labels of ceil(fraction x label's pool examples)).",
+    description="The exported subset is non-empty, no larger than the pool, free of duplicate ids, and holds the "
+                "size its query promises: top_fraction ceil(fraction x pool) examples (with `balance`: the sum "
+                "over labels of ceil(fraction x label's pool examples)), drop_harmful the pool less "
+                "ceil(fraction x pool), relabel the whole pool.",
 )
 def curated_subset_size(hyperinf: HyperinfResource) -> dg.AssetCheckResult:
+    from hyperinf_ops.export import Manifest
     from hyperinf_ops.stages.curation import export_dir
 
     cfg, store = hyperinf.config, hyperinf.store
-    path = export_dir(cfg.storage_root, cfg.curation.query) / "subset.parquet"
+    folder = export_dir(cfg.storage_root, cfg.export_name)
+    manifest = Manifest.load(folder)
     n_pool = store.open("examples").count_rows()
-    ids = path.read_parquet(["sample_id"])["sample_id"].to_pylist()
-    fraction = cfg.curation.params.get("fraction")
-    expected = None
-    if isinstance(fraction, int | float):
-        sizes = [n_pool]
-        if cfg.curation.params.get("balance") is True:
-            sizes = store.open("examples").to_table(columns=["label"]).group_by("label").aggregate(
-                [("label", "count")])["label_count"].to_pylist()
-        expected = sum(math.ceil(fraction * n) for n in sizes)
+    ids = (folder / "subset.parquet").read_parquet(["sample_id"])["sample_id"].to_pylist()
+    expected = _expected_size(store, manifest.query_name, manifest.params, n_pool)
     problems = []
     if not ids:
         problems.append("the subset is empty")
@@ -68,7 +98,8 @@ def curated_subset_size(hyperinf: HyperinfResource) -> dg.AssetCheckResult:
     if len(set(ids)) != len(ids):
         problems.append(f"{len(ids) - len(set(ids))} duplicate sample ids")
     if expected is not None and len(ids) != expected:
-        problems.append(f"{len(ids)} rows, expected {expected} (fraction {fraction} of {n_pool})")
+        problems.append(f"{len(ids)} rows, expected {expected} ({manifest.query_name} {manifest.params} of "
+                        f"{n_pool})")
     return dg.AssetCheckResult(
         passed=not problems,
         description="; ".join(problems) or None,
@@ -77,21 +108,40 @@ def curated_subset_size(hyperinf: HyperinfResource) -> dg.AssetCheckResult:
     )
 
 
+def _expected_size(store, query: str, params: dict, n_pool: int) -> int | None:
+    """The row count `query` promises for `params` over a pool of n_pool scored examples (None: no promise)."""
+    fraction = params.get("fraction")
+    if query == "relabel":
+        return n_pool
+    if not isinstance(fraction, int | float) or query not in ("top_fraction", "drop_harmful"):
+        return None
+    if query == "drop_harmful":
+        return n_pool - math.ceil(fraction * n_pool)
+    sizes = [n_pool]
+    if params.get("balance") is True:
+        sizes = store.open("examples").to_table(columns=["label"]).group_by("label").aggregate(
+            [("label", "count")])["label_count"].to_pylist()
+    return sum(math.ceil(fraction * n) for n in sizes)
+
+
 @step_asset(
     group="curation", kinds=set(), code_version="4",
     deps=[influence_scores],
-    description="How well each estimator's most harmful examples find mislabeled ones: AUROC and share of "
-                "flips found in the 10% / 20% / 30% most harmful (needs a boolean `flipped` pool column; with raw "
-                "gradients also the self-influence rankings of target set `self`), plus the most harmful "
-                "examples with text and label. Reads the stored scores only.",
+    description="How well each ranking's most harmful examples find mislabeled ones: AUROC and share of flips "
+                "found in the 10% / 20% / 30% most harmful (needs a boolean `flipped` pool column), for the target "
+                "set's rankings (estimators, hyperinf_cp, fused) and the target-free ones (self-influence, loss, "
+                "margin, aum, confident); how many label issues are flips and how many suggested labels are the "
+                "truth; the most harmful examples with text and label. Reads the stored tables only.",
 )
 def mislabel_report(context: dg.AssetExecutionContext, hyperinf: HyperinfResource) -> dg.MaterializeResult:
     from hyperinf_ops.stages.reports import mislabel_report as report_of
 
-    cfg = hyperinf.config
-    target, method = curation_pair(hyperinf)
-    methods = [cfg.estimator(method)] + [cfg.estimator(m) for m in cfg.estimators if m != method]
-    report, wall = timed(report_of, hyperinf.store, cfg.gradient_settings, methods, target_set=target,
+    cfg, store = hyperinf.config, hyperinf.store
+    target, method = cfg.evaluation_target, curation_pair(hyperinf)[1]
+    stored = sorted(set(store.open("scores").to_table(columns=["method"], filter=f"target_set = '{target}'")
+                        ["method"].to_pylist()))
+    first = method if method in stored else "fused"
+    report, wall = timed(report_of, store, [first, *(m for m in stored if m != first)], target_set=target,
                          task=cfg.task)
     rows = [{"ranking": m, **r} for m, r in report.methods.items()]
     if report.has_truth:
@@ -99,7 +149,8 @@ def mislabel_report(context: dg.AssetExecutionContext, hyperinf: HyperinfResourc
     return dg.MaterializeResult(metadata={
         "detection": table_metadata(rows),
         "most_harmful": table_metadata(report.most_harmful),
-        **summary_metadata(report, skip=("methods", "most_harmful")),
+        **({"label_suggestions": table_metadata([report.suggestions])} if report.suggestions else {}),
+        **summary_metadata(report, skip=("methods", "most_harmful", "suggestions")),
         **{f"auroc/{m}": dg.MetadataValue.float(r["auroc"]) for m, r in report.methods.items()},
         "wall_time_s": wall,
     })

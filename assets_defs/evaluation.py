@@ -1,39 +1,45 @@
-"""Does curation help? The `evaluation` asset: fresh adapters fit on curated, random and full subsets, tested."""
+"""Does curation help, and which? The `evaluation` asset: fresh adapters fit on every candidate curation, random
+subsets, the full pool and the oracle; the candidate with the best validation score is what `curated_subset`
+exports under `curation.method: auto`."""
 
 import dagster as dg
 
 from assets_defs.automation import step_asset
-from assets_defs.curation import curated_subset
 from assets_defs.influence import influence_scores
 from assets_defs.metadata import lines_markdown, summary_metadata, table_metadata, timed
 from assets_defs.resources import HyperinfResource
 
 
+def evaluation_plan(cfg):
+    """The config's `evaluation:` block as a stages.evaluation.EvaluationPlan (None without one)."""
+    from hyperinf_ops.stages.evaluation import EvaluationPlan
+
+    ev = cfg.evaluation
+    if ev is None:
+        return None
+    return EvaluationPlan(test_path=str(ev.test.path), candidates=cfg.evaluation_candidates, seeds=ev.seeds,
+                          full=ev.full, validation=ev.validation)
+
+
 @step_asset(
-    group="curation", kinds={"pytorch", "lance"}, code_version="1", optional=True,
-    deps=[influence_scores, curated_subset],
+    group="curation", kinds={"pytorch", "lance"}, code_version="2", optional=True,
+    deps=[influence_scores],
     description="Only with an `evaluation:` block in the config: fresh LoRA adapters fine-tuned with the warm-up "
-                "recipe on each method's curated subset (top fraction of the target set's ranking), on random "
-                "subsets of the same size (one per seed) and on the whole pool, tested on the test file. One row "
-                "per fit in the `evaluation` table (finished fits are reused); the summary also goes into the "
-                "curated subset's manifest.json.",
+                "recipe on every candidate curation (query x ranking x fraction), on random subsets of the same "
+                "sizes, on the whole pool and on the pool without its planted flips, each tested on both halves of "
+                "the test file: the validation half chooses (`curation.method: auto` exports the winner), the "
+                "test half is reported. One row per fit in the `evaluation` table (finished fits are reused).",
 )
 def evaluation(context: dg.AssetExecutionContext, hyperinf: HyperinfResource):
     cfg = hyperinf.config
-    if cfg.evaluation is None:
+    plan = evaluation_plan(cfg)
+    if plan is None:
         context.log.info("no `evaluation:` block in the config: nothing to evaluate")
         return
-    from hyperinf_ops.export import update_manifest
-    from hyperinf_ops.stages.curation import export_dir
-    from hyperinf_ops.stages.evaluation import EvaluationPlan, run_evaluation
+    from hyperinf_ops.stages.evaluation import run_evaluation
 
-    ev = cfg.evaluation
-    plan = EvaluationPlan(test_path=str(ev.test.path), target_set=cfg.evaluation_target,
-                          methods=cfg.evaluation_methods, fractions=ev.fractions, seeds=ev.seeds, balance=ev.balance_variants,
-                          full=ev.full)
     summary, wall = timed(run_evaluation, hyperinf.store, cfg.model_spec, cfg.lora, cfg.train, cfg.data, plan,
                           log=context.log.info)
-    update_manifest(export_dir(cfg.storage_root, cfg.curation.query), evaluation=summary.rows)
     yield dg.MaterializeResult(metadata={
         "dagster/row_count": summary.fits,
         **summary_metadata(summary, skip=("seconds", "rows")),
@@ -46,23 +52,22 @@ def evaluation(context: dg.AssetExecutionContext, hyperinf: HyperinfResource):
 
 
 def _label(row: dict) -> str:
-    if row["subset"] == "full":
-        return "full"
-    return (f"{row['subset']}{'_' + row['method'] if row['method'] else ''}{'_balanced' if row['balance'] else ''}"
-            f"_{row['fraction']:g}")
+    """A metadata key for an option: `full`, `oracle`, `random_0.8`, `relabel_fused_0.2`."""
+    if row["candidate"]:
+        return f"{row['query']}_{row['method']}_{row['fraction']:g}"
+    return row["subset"] if row["subset"] != "random" else f"random_{row['fraction']:g}"
 
 
 def _accuracy_plot(rows: list[dict]) -> dg.MetadataValue:
-    """Mean test accuracy (test loss for tasks without classes) against the fraction kept: a line per ranking
-    and random, the full pool dashed."""
-    from hyperinf_ops.stages.evaluation import subset_label
-
+    """Mean test accuracy (test loss for tasks without classes) against the candidates' $fraction: a line per
+    query and ranking, random subsets against their size share; the full pool and the oracle as lines."""
     key = "test_accuracy" if any(r["test_accuracy"] is not None for r in rows) else "test_loss"
-    fractions = sorted({r["fraction"] for r in rows if r["subset"] != "full"})
+    fractions = sorted({r["fraction"] for r in rows if r["subset"] in ("curated", "random")})
     series: dict[str, list[float | None]] = {}
     for r in rows:
-        if r["subset"] != "full":
-            series.setdefault(subset_label(r), [None] * len(fractions))[fractions.index(r["fraction"])] = r[key]
-    full = {f"full pool: {r[key]:.3f}": r[key] for r in rows if r["subset"] == "full"}
-    return lines_markdown(fractions, series, title=f"mean {key.replace('_', ' ')} over seeds", xlabel="fraction kept",
-                          hlines=full)
+        if r["subset"] in ("curated", "random"):
+            name = f"{r['query']} ({r['method']})" if r["candidate"] else "random (x = size share)"
+            series.setdefault(name, [None] * len(fractions))[fractions.index(r["fraction"])] = r[key]
+    refs = {f"{r['subset']} pool: {r[key]:.3f}": r[key] for r in rows if r["subset"] in ("full", "oracle")}
+    return lines_markdown(fractions, series, title=f"mean {key.replace('_', ' ')} over seeds (test half)",
+                          xlabel="$fraction of the query", hlines=refs)

@@ -9,6 +9,7 @@ from assets_defs.metadata import column_schema, histogram_markdown, summary_meta
 from assets_defs.model import lora_adapter, lora_gradients
 from assets_defs.pool import target_sets
 from assets_defs.resources import HyperinfResource
+from assets_defs.signals import checkpoint_scores, cross_fit
 
 # An agreement check below this Spearman correlation fails: sketch or solver error too large to trust.
 MIN_AGREEMENT_SPEARMAN = 0.9
@@ -73,14 +74,19 @@ def target_queries(context: dg.AssetExecutionContext, hyperinf: HyperinfResource
 
 
 @step_asset(
-    group="influence", kinds={"lance"}, code_version="3",
-    deps=[target_queries, dg.AssetDep(lora_gradients, partition_mapping=dg.AllPartitionMapping())],
-    description="score = -influence of every pool example on every target set, for every configured "
-                "estimator (higher = more helpful; most negative = most harmful), in `scores`; also target "
-                "set `self`: -self-influence under the hyperinf and tracin preconditioners (most negative = "
-                "most suspicious), from the same scan.",
+    group="influence", kinds={"lance"}, code_version="4",
+    deps=[target_queries, dg.AssetDep(lora_gradients, partition_mapping=dg.AllPartitionMapping()), cross_fit,
+          checkpoint_scores],
+    description="Every ranking of the pool, in `scores`, one sign convention (higher = keep; most negative = most "
+                "harmful): score = -influence on every target set for every configured estimator; target set "
+                "`self`: -self-influence under the hyperinf and tracin preconditioners, from the same scan; and "
+                "the rankings beside influence (loss, margin, aum, confident, hyperinf_cp, fused; "
+                "stages/rankings.py) with `label_suggestions`.",
 )
 def influence_scores(context: dg.AssetExecutionContext, hyperinf: HyperinfResource) -> dg.MaterializeResult:
+    from hyperinf_ops.stages.checkpoints import checkpoint_source
+    from hyperinf_ops.stages.cross_fit import cross_fit_source
+    from hyperinf_ops.stages.rankings import write_rankings
     from hyperinf_ops.stages.scores import read_scores, score
 
     cfg, store = hyperinf.config, hyperinf.store
@@ -88,7 +94,15 @@ def influence_scores(context: dg.AssetExecutionContext, hyperinf: HyperinfResour
     shown = curation_pair(hyperinf)
     summary, wall = timed(score, store, cfg.gradient_settings, pairs, task=cfg.task, shown=shown,
                           self_influence=cfg.self_influence_estimators,
-                          device=None if cfg.device == "auto" else cfg.device, log=context.log.info)
+                          device=None if cfg.device == "auto" else cfg.device, log=context.log.info,
+                          rankings=lambda fp, version, run_id: write_rankings(
+                              store, fp, version, run_id, list(cfg.targets), cfg.estimators, cfg.signals,
+                              cfg.fusion_members,
+                              confident_source=cross_fit_source(store, cfg.model_spec, cfg.lora, cfg.train,
+                                                                cfg.signals.folds) if cfg.signals.folds else None,
+                              checkpoint_source=checkpoint_source(store, cfg.gradient_settings,
+                                                                  cfg.estimator("hyperinf"), list(cfg.targets))
+                              if cfg.signals.checkpoints else None, log=context.log.info))
     stats = [{"target/method": key, **values} for key, values in sorted(summary.score_stats.items())]
     return dg.MaterializeResult(
         data_version=dg.DataVersion(summary.digest),

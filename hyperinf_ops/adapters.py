@@ -1,6 +1,8 @@
 """Adapters as versioned artifacts: every adapter the store ever used, by hash, and which one is current.
 
-    <root>/adapters/<hash[:16]>/     peft files + manifest.json (AdapterManifest)
+    <root>/adapters/<hash[:16]>/     peft files + manifest.json (AdapterManifest), and
+                                     checkpoints/epoch-<e>.safetensors: the adapter's tensors after each
+                                     earlier warm-up epoch (what `hyperinf_cp` scores under)
     <root>/adapters/current.json     the manifest of the adapter every stored gradient row is taken under
 
 A new adapter is written into a temporary folder and published whole (renamed into place; on S3 uploaded with
@@ -35,6 +37,7 @@ __all__ = ["AdapterManifest", "AdapterStore", "folder_digest", "recipe_key"]
 
 MANIFEST = "manifest.json"
 CURRENT = "current.json"
+CHECKPOINTS = "checkpoints"
 
 
 class AdapterManifest(BaseModel):
@@ -133,22 +136,41 @@ class AdapterStore:
                 found.append((file.mtime_ns(), manifest))
         return max(found, key=lambda item: item[0])[1] if found else None
 
-    def save(self, model: Any, manifest: AdapterManifest) -> Location:
-        """Write the peft adapter of `model` (a PeftModel) and its manifest, whole or not at all (the manifest
+    def save(self, model: Any, manifest: AdapterManifest,
+             checkpoints: Mapping[int, Mapping[str, Any]] | None = None) -> Location:
+        """Write the peft adapter of `model` (a PeftModel), its earlier-epoch `checkpoints` (epoch -> the adapter's
+        tensors, `models.lora.adapter_parameters` names) and its manifest, whole or not at all (the manifest
         is written last: a folder without one is never used).
 
         An adapter with this hash already stored is kept as it is (same tensors, same folder)."""
+        from safetensors.torch import save_file
+
         target = self.location(manifest)
         if (target / MANIFEST).is_file():
             return target
         try:
             with target.staged_folder(last=MANIFEST) as tmp:
                 model.save_pretrained(tmp)
+                for epoch, tensors in sorted((checkpoints or {}).items()):
+                    (tmp / CHECKPOINTS).mkdir(parents=True, exist_ok=True)
+                    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()},
+                              str(tmp / CHECKPOINTS / f"epoch-{epoch}.safetensors"))
                 (tmp / MANIFEST).write_text(manifest.model_dump_json(indent=2))
         except OSError:
             if not (target / MANIFEST).is_file():  # a concurrent writer of the same adapter won: fine
                 raise
         return target
+
+    def checkpoints(self, manifest: AdapterManifest) -> dict[int, dict[str, Any]]:
+        """epoch -> the adapter's tensors after that earlier warm-up epoch (empty for a given adapter, or one
+        trained for a single epoch or before checkpoints were kept)."""
+        from safetensors.torch import load_file
+
+        folder = self.path(manifest) / CHECKPOINTS
+        if not folder.is_dir():
+            return {}
+        return {int(f.stem.removeprefix("epoch-")): load_file(str(f))
+                for f in sorted(folder.glob("epoch-*.safetensors"))}
 
     def set_current(self, manifest: AdapterManifest) -> None:
         """Make a saved adapter the current one (atomic replace of current.json). Only a whole one: its manifest

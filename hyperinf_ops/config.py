@@ -30,6 +30,7 @@ from pydantic import (
 
 from hyperinf_ops.config_problems import did_you_mean, problem_text, renamed_key_problems
 from hyperinf_ops.config_sections import (
+    DEFAULT_CURATION,
     AdapterSection,
     CurationSection,
     DataSection,
@@ -45,6 +46,7 @@ from hyperinf_ops.settings import (
     BUNDLED_MODELS,
     DEFAULT_COMPRESSION,
     SELF_INFLUENCE_METHODS,
+    SELF_SIGNALS,
     SELF_TARGET,
     CompressionSpec,
     Device,
@@ -54,9 +56,11 @@ from hyperinf_ops.settings import (
     ModelSpec,
     PipelineMethod,
     Settings,
+    SignalSettings,
     SolverOptions,
     TaskName,
     TrainSettings,
+    default_fusion,
 )
 
 __all__ = [
@@ -81,6 +85,7 @@ _UNIT = Annotated[float, Field(strict=True)]  # a number, not a string DuckDB wo
 _PARAM_TYPES: dict[tuple[str | None, str], Any] = {
     ("top_fraction", "fraction"): Annotated[_UNIT, Field(gt=0, le=1)],
     ("drop_harmful", "fraction"): Annotated[_UNIT, Field(ge=0, lt=1)],
+    ("relabel", "fraction"): Annotated[_UNIT, Field(gt=0, le=1)],
     (None, "k"): Annotated[StrictInt, Field(ge=1)],
     (None, "n"): Annotated[StrictInt, Field(ge=1)],
     (None, "balance"): StrictBool,
@@ -107,6 +112,7 @@ class HyperinfConfig(Settings):
     max_length: int = Field(128, ge=4)
     gradient_batch_size: int = Field(32, ge=1)
     device: Device = "auto"
+    signals: SignalSettings = Field(default_factory=SignalSettings)  # rankings beside influence (stages/rankings.py)
     curation: CurationSection = Field(default_factory=CurationSection)
     evaluation: EvaluationSection | None = None
     retention: RetentionSection = Field(default_factory=RetentionSection)  # what each refresh cleans up
@@ -167,16 +173,45 @@ class HyperinfConfig(Settings):
                                 **self.estimator_options.model_dump())
 
     @property
-    def evaluation_methods(self) -> tuple[str, ...]:
-        """The methods whose curated subsets the evaluation fits (its `methods`, default the estimators)."""
-        return (self.evaluation.methods if self.evaluation and self.evaluation.methods else self.estimators)
-
-    @property
     def evaluation_target(self) -> str:
-        """The target set whose rankings the evaluation's curated subsets come from."""
+        """The target set whose rankings the evaluation's candidates read (target-free rankings: `self`)."""
         if self.evaluation and self.evaluation.target_set:
             return self.evaluation.target_set
-        return str(self.curation.params.get("target_set", next(iter(self.targets))))
+        target = self.curation.params.get("target_set", next(iter(self.targets)))
+        return next(iter(self.targets)) if target == SELF_TARGET else str(target)
+
+    @property
+    def evaluation_candidates(self) -> tuple[Any, ...]:
+        """The evaluation's candidate curations (stages/evaluation.Candidate): every query x ranking x fraction
+        (x class-balance variant for top_fraction); empty without an `evaluation:` block."""
+        from hyperinf_ops.stages.evaluation import WITHOUT_FRACTION, Candidate
+
+        ev = self.evaluation
+        if ev is None:
+            return ()
+        written = rankings(self.to_dict())
+        candidates = (
+            Candidate(query=q, method=m, fraction=None if q in WITHOUT_FRACTION else f, balance=b,
+                      target_set=SELF_TARGET if written.get(m) == SELF_TARGET else self.evaluation_target)
+            for q in ev.queries for m in ev.methods or ("fused",) for f in ev.fractions
+            for b in (ev.balance_variants if q == "top_fraction" else (False,)))
+        return tuple(dict.fromkeys(candidates))  # drop_issues takes no fraction: one candidate per ranking
+
+    @property
+    def fusion_members(self) -> tuple[str, ...]:
+        """The rankings `fused` combines: `signals.fuse`, or `default_fusion` of the estimators."""
+        return self.signals.fuse or default_fusion(self.estimators, self.signals.checkpoints)
+
+    @property
+    def curation_auto(self) -> bool:
+        """Whether the export is the evaluation's choice (`curation.method: auto`, the default with an
+        `evaluation:` block) rather than the configured query."""
+        return self.curation.method == "auto" or (self.curation.method is None and self.evaluation is not None)
+
+    @property
+    def export_name(self) -> str:
+        """The export's folder under `<storage_root>/exports/`: `auto` for the evaluation's choice, else the query."""
+        return "auto" if self.curation_auto else self.curation.query
 
     @property
     def self_influence_estimators(self) -> list[EstimatorOptions]:
@@ -249,40 +284,89 @@ def _curation_with_defaults(raw: Mapping[str, Any]) -> Any:
     targets, estimators = raw.get("targets"), raw.get("estimators", HyperinfConfig.model_fields["estimators"].default)
     if not isinstance(curation, Mapping) or not isinstance(targets, Mapping) or not targets:
         return curation
-    params = curation.get("params", {"fraction": 0.8})
-    info = curation_queries().get(curation.get("query", "top_fraction"))
+    if "params" in curation and "query" not in curation:
+        return curation  # _curation_problems: params without the query they are for
+    query = curation.get("query", DEFAULT_CURATION["query"])
+    params = curation.get("params", DEFAULT_CURATION["params"] if query == DEFAULT_CURATION["query"] else {})
+    info = curation_queries().get(query)
     if info is None or not isinstance(params, Mapping) or not isinstance(estimators, list | tuple) or not estimators:
         return curation
     # class-balanced by default: measured better than the plain top fraction (docs/results.md, section 2)
     defaults = {"target_set": next(iter(targets)), "method": estimators[0], "balance": True}
-    return {**curation, "params": {**{k: v for k, v in defaults.items() if k in info.params}, **params}}
+    if isinstance(params.get("method"), str) and params["method"] in SELF_SIGNALS:
+        defaults["target_set"] = SELF_TARGET  # target-free rankings are stored under target set `self`
+    return {**curation, "query": query,
+            "params": {**{k: v for k, v in defaults.items() if k in info.params}, **params}}
 
 
 def _cross_section_problems(raw: Mapping[str, Any]) -> list[str]:
     """Checks that relate two sections, on whatever of them is well-formed (so they are reported together
     with the field errors)."""
     problems = _column_problems(raw.get("data"), raw.get("task", "classification"))
-    curation = raw.get("curation")
-    if isinstance(curation, Mapping):
-        problems += _curation_problems(curation, raw.get("targets"), raw.get("estimators"))
+    signals = raw.get("signals", {})
+    if isinstance(signals, Mapping):
+        problems += _signal_problems(signals, raw.get("task", "classification"), raw.get("estimators"))
+    if isinstance(raw.get("curation"), Mapping):
+        problems += _curation_problems(raw)
     evaluation = raw.get("evaluation")
     if isinstance(evaluation, Mapping):
-        problems += _evaluation_problems(evaluation, raw.get("targets"), raw.get("estimators"))
+        problems += _evaluation_problems(raw)
+    curation = raw.get("curation")
+    if isinstance(curation, Mapping) and curation.get("method") == "auto" and not isinstance(evaluation, Mapping):
+        problems.append("curation.method: auto chooses by the evaluation: add an `evaluation:` block (a labelled "
+                        "test file), or use method: fixed")
     return problems
 
 
-def _evaluation_problems(evaluation: Mapping[str, Any], targets: Any, estimators: Any) -> list[str]:
+def rankings(raw: Mapping[str, Any]) -> dict[str, str]:
+    """Every ranking a config's scoring writes: method -> the target set it is stored under (`self` for the
+    target-free ones, `*` for every configured target set); from the raw mapping with defaults."""
+    estimators = raw.get("estimators") or HyperinfConfig.model_fields["estimators"].default
+    signals = raw.get("signals", {})
+    signals = signals if isinstance(signals, Mapping) else {}
+    classes = raw.get("task", "classification") == "classification"
+    out = dict.fromkeys(estimators if isinstance(estimators, list | tuple) else [], "*")
+    out["loss"] = SELF_TARGET
+    if classes:
+        out.update(margin=SELF_TARGET, aum=SELF_TARGET)
+        if signals.get("folds", SignalSettings().folds):
+            out["confident"] = SELF_TARGET
+    if signals.get("checkpoints", SignalSettings().checkpoints) and "hyperinf" in out:
+        out["hyperinf_cp"] = "*"
+    out["fused"] = "*"
+    return out
+
+
+def _signal_problems(signals: Mapping[str, Any], task: Any, estimators: Any) -> list[str]:
+    """`signals.fuse` members the scoring will write."""
+    fuse = signals.get("fuse")
+    if not isinstance(fuse, list | tuple):
+        return []  # None: default_fusion, always available
+    available = {m for m in rankings({"signals": signals, "task": task, "estimators": estimators}) if m != "fused"}
+    available.add("self_influence")
+    unknown = [m for m in fuse if m not in available]
+    if not unknown:
+        return []
+    why = {"confident": "needs signals.folds >= 2", "hyperinf_cp": "needs signals.checkpoints: true and hyperinf",
+           "margin": "needs classes", "aum": "needs classes"}
+    return [f"signals.fuse: {m!r} is not a ranking this config writes"
+            + (f" ({why[m]})" if m in why else f"{did_you_mean(str(m), available)}; available: {sorted(available)}")
+            for m in unknown]
+
+
+def _evaluation_problems(raw: Mapping[str, Any]) -> list[str]:
+    evaluation, targets = raw["evaluation"], raw.get("targets")
     problems = []
     target = evaluation.get("target_set")
     if target is not None and isinstance(targets, Mapping) and target not in targets:
         problems.append(_unknown_target("evaluation.target_set", target, targets))
     methods = evaluation.get("methods")
-    estimators = HyperinfConfig.model_fields["estimators"].default if estimators is None else estimators
-    if isinstance(methods, list | tuple) and isinstance(estimators, list | tuple):
-        unknown = [m for m in methods if m not in estimators]
+    if isinstance(methods, list | tuple):
+        written = rankings(raw)
+        unknown = [m for m in methods if m not in written]
         if unknown:
-            problems.append(f"evaluation.methods: {unknown} are not configured estimators {list(estimators)} "
-                            "(a curated subset needs the method's scores)")
+            problems.append(f"evaluation.methods: {unknown} are not rankings this config writes {sorted(written)} "
+                            "(a candidate needs the ranking's scores)")
     return problems
 
 
@@ -308,14 +392,20 @@ def _column_problems(data: Any, task: Any) -> list[str]:
     return problems
 
 
-def _curation_problems(curation: Mapping[str, Any], targets: Any, estimators: Any) -> list[str]:
-    info = curation_queries().get(curation.get("query", "top_fraction"))
+def _curation_problems(raw: Mapping[str, Any]) -> list[str]:
+    curation = raw["curation"]
+    if "params" in curation and "query" not in curation:
+        return [f"curation.query: required with curation.params (the default curation is "
+                f"{DEFAULT_CURATION['query']} with {DEFAULT_CURATION['params']}): name the query the params are for"]
+    info = curation_queries().get(curation.get("query", DEFAULT_CURATION["query"]))
     params = curation.get("params", {})
     if info is None or not isinstance(params, Mapping):
         return []  # the field check reports an unknown query or a malformed params mapping
     problems = []
-    # Target set SELF_TARGET holds the self-influence rankings, scored with SELF_INFLUENCE_METHODS.
+    targets = raw.get("targets")
+    # Target set SELF_TARGET holds the target-free rankings: self-influence and the signals.
     targets = [*targets, SELF_TARGET] if isinstance(targets, Mapping) else None
+    written = rankings(raw)
     on_self = params.get("target_set") == SELF_TARGET
     for key, value in params.items():
         where = f"curation.params.{key}"
@@ -324,11 +414,8 @@ def _curation_problems(curation: Mapping[str, Any], targets: Any, estimators: An
                             f"{did_you_mean(key, info.params)}")
         elif key in TARGET_PARAMS and targets is not None and value not in targets:
             problems.append(_unknown_target(where, value, targets))
-        elif key == "method" and on_self and value not in SELF_INFLUENCE_METHODS:
-            problems.append(f"{where}: target set {SELF_TARGET!r} is scored with {list(SELF_INFLUENCE_METHODS)}, "
-                            f"not {value!r}")
-        elif key == "method" and not on_self and isinstance(estimators, list | tuple) and value not in estimators:
-            problems.append(f"{where}: {value!r} is not one of the configured estimators {list(estimators)}")
+        elif key == "method":
+            problems += _method_problems(where, value, on_self, written)
         elif (kind := _PARAM_TYPES.get((info.name, key), _PARAM_TYPES.get((None, key)))) is not None:
             try:
                 TypeAdapter(kind).validate_python(value)
@@ -338,6 +425,23 @@ def _curation_problems(curation: Mapping[str, Any], targets: Any, estimators: An
     if missing:
         problems.append(f"curation.params: query {info.name!r} needs {missing}")
     return problems
+
+
+def _method_problems(where: str, method: Any, on_self: bool, written: Mapping[str, str]) -> list[str]:
+    """Whether the ranking `method` exists for the chosen target set (`self`, or a configured one)."""
+    if on_self:
+        choices = [*SELF_INFLUENCE_METHODS, *(m for m, t in written.items() if t == SELF_TARGET)]
+        if method not in choices:
+            return [f"{where}: target set {SELF_TARGET!r} holds {choices}, not {method!r}"]
+        return []
+    if written.get(method) == SELF_TARGET:
+        return [f"{where}: {method!r} ranks without a target set: it is stored under target set {SELF_TARGET!r} "
+                f"(set curation.params.target_set: {SELF_TARGET})"]
+    if method not in written:
+        choices = [m for m, t in written.items() if t == "*"]
+        return [f"{where}: {method!r} is not a ranking this config writes for a target set {choices}"
+                f"{did_you_mean(str(method), choices)}"]
+    return []
 
 
 def _unknown_target(where: str, value: Any, targets: Collection[str]) -> str:

@@ -5,15 +5,16 @@ predicates parsed by DuckDB, curation queries known to `sql/`."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import BeforeValidator, Field, StrictBool, ValidationInfo, field_validator, model_validator
 
 from hyperinf_ops.config_problems import did_you_mean
 from hyperinf_ops.location import Location, is_object_store
-from hyperinf_ops.settings import PipelineMethod, Settings
+from hyperinf_ops.settings import Settings
 
 __all__ = [
+    "DEFAULT_CURATION",
     "AdapterSection",
     "ConfigPath",
     "CurationSection",
@@ -125,13 +126,22 @@ class AdapterSection(Settings):
 Scalar = str | bool | int | float
 
 
+# The curation a config without a `curation:` block exports (docs/results.md: the candidate that won on the most
+# datasets, measured by benchmarks/bench_curation.py).
+DEFAULT_CURATION = {"query": "drop_harmful", "params": {"fraction": 0.2, "method": "fused"}}
+
+
 class CurationSection(Settings):
-    """Which `sql/<query>.sql` selects the curated subset, and its DuckDB parameters.
+    """Which `sql/<query>.sql` selects the curated subset, and its DuckDB parameters; or, with `method: auto`,
+    the candidate the evaluation measured best on its validation half (stages/evaluation.py).
 
-    `target_set` and `method` default to the first target set and the first estimator."""
+    `method`: `auto` or `fixed` (the query and params as given); None = `auto` when the config has an
+    `evaluation:` block, else `fixed`. `target_set` and `method` params default to the first target set and the
+    first estimator (`self` for a target-free ranking)."""
 
-    query: str = "top_fraction"
-    params: dict[str, Scalar] = Field(default_factory=lambda: {"fraction": 0.8})
+    method: Literal["auto", "fixed"] | None = None
+    query: str = DEFAULT_CURATION["query"]
+    params: dict[str, Scalar] = Field(default_factory=lambda: dict(DEFAULT_CURATION["params"]))
 
     @field_validator("query")
     @classmethod
@@ -162,24 +172,31 @@ class TestFile(Settings):
 
 
 class EvaluationSection(Settings):
-    """Does curation help? Fresh adapters fine-tuned with the warm-up recipe (`train`, `lora`) on each method's
-    curated subset (`top_fraction` of `target_set`'s ranking, class-balanced with `balance: true`, both variants
-    with `balance: [false, true]`), on random subsets of the same size (one per seed) and on the whole pool,
-    evaluated on `test`. Every fit is repeated for
-    `seeds` training seeds (train.seed, train.seed + 1, ...). `methods` default to the estimators, `target_set`
-    to the curation's."""
+    """Does curation help, and which? Fresh adapters fine-tuned with the warm-up recipe (`train`, `lora`) on every
+    candidate curation, on random subsets of the same sizes (one per seed), on the whole pool and on the pool
+    without its planted flips (the oracle, when it has a `flipped` column), each evaluated on both halves of
+    `test`: `validation` of it to choose on (`curation.method: auto`), the rest to report. Candidates: every
+    query of `queries` over every ranking of `methods` with every `fractions` value as its `$fraction`
+    (drop_harmful: the share dropped; relabel: the share of the most harmful considered, 1 = every example whose
+    suggested label differs; top_fraction: the share kept, class-balanced with `balance: true`, both with
+    `[false, true]`; drop_issues takes none: it drops as many as cleanlab finds label issues).
+    Every fit is repeated for `seeds` training seeds (train.seed, train.seed + 1, ...). `methods` default to
+    `fused`, `target_set` to the curation's."""
 
     test: TestFile
-    fractions: tuple[Annotated[float, Field(gt=0, le=1)], ...] = Field((0.5, 0.8), strict=False, min_length=1)
+    queries: tuple[Literal["drop_harmful", "drop_issues", "relabel", "top_fraction"], ...] = Field(
+        ("drop_harmful", "relabel"), strict=False, min_length=1)
+    fractions: tuple[Annotated[float, Field(gt=0, le=1)], ...] = Field((0.1, 0.2), strict=False, min_length=1)
     seeds: int = Field(2, ge=1)
-    methods: tuple[PipelineMethod, ...] | None = Field(None, strict=False, min_length=1)
+    methods: tuple[str, ...] | None = Field(None, strict=False, min_length=1)
     target_set: str | None = None
     balance: bool | Annotated[tuple[StrictBool, ...], Field(strict=False, min_length=1)] = True
     full: bool = True
+    validation: float = Field(0.5, gt=0, lt=1)
 
     @property
     def balance_variants(self) -> tuple[bool, ...]:
-        """The curated variants to fit: `balance: [false, true]` compares both."""
+        """The top_fraction variants to fit: `balance: [false, true]` compares both."""
         return tuple(dict.fromkeys(self.balance)) if isinstance(self.balance, tuple) else (self.balance,)
 
 

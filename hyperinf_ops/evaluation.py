@@ -19,8 +19,9 @@ import torch
 from torch import Tensor
 
 from hyperinf_ops.models.lora import LoadedModel, batches
+from hyperinf_ops.signals.outputs import ExampleOutputs
 
-__all__ = ["EvalResult", "MajorityBaseline", "evaluate_model", "example_losses", "majority_baseline"]
+__all__ = ["EvalResult", "MajorityBaseline", "evaluate_model", "example_losses", "example_outputs", "majority_baseline"]
 
 
 @dataclass(frozen=True)
@@ -41,26 +42,32 @@ class MajorityBaseline:
 
 
 @torch.no_grad()
-def example_losses(loaded: LoadedModel, records: Sequence[Mapping[str, Any]], *, batch_size: int = 64,
-                   max_length: int = 128) -> tuple[Tensor, Tensor | None]:
-    """Per-example loss (N,) of `loaded.model` on `records` in eval mode (dropout off), and for tasks with classes
-    whether its argmax is the record's label (N,) bool; the model's mode is restored."""
+def example_outputs(loaded: LoadedModel, records: Sequence[Mapping[str, Any]], *, batch_size: int = 64,
+                    max_length: int = 128) -> ExampleOutputs:
+    """What `loaded.model` says about each of `records` in eval mode (dropout off): per-example loss (N,) and, for
+    tasks with classes, logits (N, C) and the given class ids; the model's mode is restored."""
     if not records:
         raise ValueError("nothing to evaluate: no records")
     model, task = loaded.model, loaded.task
     was_training = model.training
     model.eval()
-    losses, correct = [], []
+    parts = []
     try:
         for _, batch in batches(loaded, records, batch_size, max_length):
             logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
             targets = task.loss_targets(model, batch["labels"], batch["attention_mask"])
-            losses.append(task.per_example_losses(logits, targets).double().cpu())
-            if task.has_classes:
-                correct.append((logits.argmax(-1) == targets).cpu())
+            parts.append(ExampleOutputs.of(task.per_example_losses(logits, targets), logits, targets))
     finally:
         model.train(was_training)
-    return torch.cat(losses), torch.cat(correct) if correct else None
+    return ExampleOutputs.cat(parts)
+
+
+def example_losses(loaded: LoadedModel, records: Sequence[Mapping[str, Any]], *, batch_size: int = 64,
+                   max_length: int = 128) -> tuple[Tensor, Tensor | None]:
+    """Per-example loss (N,) of `loaded.model` on `records` (`example_outputs`), and for tasks with classes
+    whether its argmax is the record's label (N,) bool."""
+    out = example_outputs(loaded, records, batch_size=batch_size, max_length=max_length)
+    return out.losses, out.correct
 
 
 def evaluate_model(loaded: LoadedModel, records: Sequence[Mapping[str, Any]], *, batch_size: int = 64,

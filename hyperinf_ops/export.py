@@ -29,8 +29,10 @@ from hyperinf_ops.store import json_safe, sql_literal
 if TYPE_CHECKING:  # the store's writers need torch; the config's check of query names imports this module
     from hyperinf_ops.store import LanceStore
 
-__all__ = ["Manifest", "export_subset", "history_dir", "reproduce", "update_manifest"]
+__all__ = ["RELABEL_COLUMN", "Manifest", "export_subset", "history_dir", "reproduce", "update_manifest"]
 
+# The selection column of a new label (relabel.sql); export_subset.sql writes it into `label`.
+RELABEL_COLUMN = "new_label"
 
 
 @dataclass
@@ -107,6 +109,9 @@ def _write_jsonl(table: pa.Table, path: Path) -> None:
 
 def _select(con: Any, sql: str, export_sql: str, params: Mapping[str, Any], name: str) -> pa.Table:
     selection = run_sql(con, sql, params, name=name)
+    if RELABEL_COLUMN not in selection.column_names:  # a selection that keeps every given label
+        label = con.sql("SELECT label FROM examples LIMIT 0").to_arrow_table().schema.field("label").type
+        selection = selection.append_column(RELABEL_COLUMN, pa.nulls(selection.num_rows, label))
     con.register("selection", selection)
     try:
         export_params = {k: params[k] for k in sql_params(export_sql) if k in params}

@@ -27,6 +27,7 @@ from peft.tuners.lora import LoraLayer
 from torch import Tensor, nn
 
 from hyperinf_ops.errors import DataError, GradientMismatchError
+from hyperinf_ops.signals.outputs import ExampleOutputs
 from hyperinf_ops.stacks import select_matrices
 from hyperinf_ops.tasks import Task, task_for_model
 
@@ -166,7 +167,20 @@ def per_example_lora_gradients(
     modules: Sequence[str] | str | None = None,
     dtype: torch.dtype | None = None,
 ) -> GradDict:
-    """Gradient of each example's own loss w.r.t. each selected LoRA matrix, from one forward/backward.
+    """Gradient of each example's own loss w.r.t. each selected LoRA matrix, from one forward/backward
+    (`lora_gradients_and_outputs` without the outputs)."""
+    return lora_gradients_and_outputs(model, batch, modules=modules, dtype=dtype)[0]
+
+
+def lora_gradients_and_outputs(
+    model: nn.Module,
+    batch: Mapping[str, Tensor],
+    *,
+    modules: Sequence[str] | str | None = None,
+    dtype: torch.dtype | None = None,
+) -> tuple[GradDict, ExampleOutputs]:
+    """Gradient of each example's own loss w.r.t. each selected LoRA matrix, from one forward/backward, and
+    what that forward said about each example (its loss; logits and given class for classification heads).
 
     Args:
         model: a peft LoRA model with a ``*ForSequenceClassification`` (single-label cross-entropy) or
@@ -182,7 +196,7 @@ def per_example_lora_gradients(
 
     Returns:
         name -> (B, r, d) on the model's device, keys sorted; ``lora_A`` as (r, d_in), ``lora_B``
-        transposed to (r, d_out). The model runs in eval mode (LoRA dropout off); its train/eval modes,
+        transposed to (r, d_out); and the batch's `ExampleOutputs` (CPU). The model runs in eval mode (LoRA dropout off); its train/eval modes,
         ``requires_grad`` flags and ``.grad`` fields are left as they were.
     """
     matrices = _lora_matrices(model, modules)
@@ -200,7 +214,8 @@ def per_example_lora_gradients(
         for w in frozen:
             w.requires_grad_(True)
         with torch.enable_grad():
-            losses = task.per_example_losses(model(**inputs).logits, labels)
+            logits = model(**inputs).logits
+            losses = task.per_example_losses(logits, labels)
             unused = [name for name, calls in captures.items() if not calls]
             if unused:
                 raise GradientMismatchError(
@@ -216,7 +231,7 @@ def per_example_lora_gradients(
             # a module called several times per forward (shared layers) sums its calls' contributions
             g = sum(_linear_per_example_grad(x, next(douts), mask, m) for x, _ in captures[m.name])
             grads[m.name] = g if dtype is None else g.to(dtype)
-        return grads
+        return grads, ExampleOutputs.of(losses, logits, labels)
     finally:
         for h in handles:
             h.remove()

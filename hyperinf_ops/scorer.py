@@ -55,8 +55,10 @@ from hyperinf_ops.whitening import Whitening
 __all__ = [
     "SELF_TARGET",
     "ScoreSummary",
+    "ranking_table",
     "raw_gradient_batches",
     "score_store",
+    "write_ranking",
 ]
 
 # Rows per read. Measured on 200k x 8192 fp16 rows (2 loaded CPU cores): 256-4096 all within noise of each
@@ -322,27 +324,12 @@ def score_store(
     columns = [scores[:, j] for j in range(len(queries))] + [-selfs_all[:, k] for k in range(len(inverses))]
 
     run_id = run_id or uuid.uuid4().hex
-    created = pa.scalar(datetime.now(UTC), pa.timestamp("us", tz="UTC"))
+    created = datetime.now(UTC)
     versions: dict[str, int] = {}
     for (target_set, method), values in zip(keys, columns, strict=True):
-        rank, percentile = _ranks(sample_ids, values)
-        table = pa.table(
-            {
-                "sample_id": sample_ids,
-                "target_set": pa.repeat(pa.scalar(target_set, pa.string()), n),
-                "method": pa.repeat(pa.scalar(method, pa.string()), n),
-                "score": values,
-                "rank": rank,
-                "percentile": percentile,
-                "fingerprint": pa.repeat(pa.scalar(digest, pa.string()), n),
-                "gradients_version": pa.repeat(pa.scalar(gradients_version, pa.int64()), n),
-                "run_id": pa.repeat(pa.scalar(run_id, pa.string()), n),
-                "created_at": pa.repeat(created, n),
-            },
-            schema=scores_schema(),
-        )
-        key = {"target_set": target_set, "method": method}
-        versions[f"{target_set}/{method}"] = store.replace_where("scores", key, table)
+        table = ranking_table(sample_ids, target_set, method, values, fingerprint=digest,
+                              gradients_version=gradients_version, run_id=run_id, created_at=created)
+        versions[f"{target_set}/{method}"] = write_ranking(store, table)
     seconds = time.perf_counter() - start
     return ScoreSummary(
         run_id=run_id,
@@ -354,6 +341,39 @@ def score_store(
         seconds=seconds,
         rows_per_second=n / seconds if seconds > 0 else math.inf,
     )
+
+
+def ranking_table(sample_ids: pa.Array | Sequence[str], target_set: str, method: str, values: np.ndarray, *,
+                  fingerprint: str, gradients_version: int, run_id: str, created_at: datetime) -> pa.Table:
+    """One (target_set, method)'s `scores` rows: `values` (N,) as the score (higher = keep), with rank 1 = the
+    highest (ties: smaller sample_id first) and percentile (n - rank + 1) / n."""
+    sample_ids = pa.array(sample_ids, pa.string()) if not isinstance(sample_ids, pa.Array) else sample_ids
+    values = np.asarray(values, dtype=np.float64)
+    if len(values) != len(sample_ids) or not np.isfinite(values).all():
+        raise NonFiniteGradientError(f"{target_set}/{method}: need {len(sample_ids)} finite scores")
+    n = len(sample_ids)
+    rank, percentile = _ranks(sample_ids, values)
+    return pa.table(
+        {
+            "sample_id": sample_ids,
+            "target_set": pa.repeat(pa.scalar(target_set, pa.string()), n),
+            "method": pa.repeat(pa.scalar(method, pa.string()), n),
+            "score": values,
+            "rank": rank,
+            "percentile": percentile,
+            "fingerprint": pa.repeat(pa.scalar(fingerprint, pa.string()), n),
+            "gradients_version": pa.repeat(pa.scalar(gradients_version, pa.int64()), n),
+            "run_id": pa.repeat(pa.scalar(run_id, pa.string()), n),
+            "created_at": pa.repeat(pa.scalar(created_at, pa.timestamp("us", tz="UTC")), n),
+        },
+        schema=scores_schema(),
+    )
+
+
+def write_ranking(store: LanceStore, table: pa.Table) -> int:
+    """Replace one (target_set, method)'s rows of `scores` by `table` (a `ranking_table`) in one commit."""
+    key = {"target_set": table["target_set"][0].as_py(), "method": table["method"][0].as_py()}
+    return store.replace_where("scores", key, table)
 
 
 def raw_gradient_batches(

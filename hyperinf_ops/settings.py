@@ -23,8 +23,11 @@ __all__ = [
     "METHODS",
     "PIPELINE_METHODS",
     "SELF_INFLUENCE_METHODS",
+    "SELF_SIGNALS",
     "SELF_TARGET",
+    "SIGNALS",
     "TASKS",
+    "SignalSettings",
     "EstimatorOptions",
     "GradientSettings",
     "LoraSettings",
@@ -35,6 +38,7 @@ __all__ = [
     "StorageDtype",
     "TaskName",
     "TrainSettings",
+    "default_fusion",
 ]
 
 TaskName = Literal["classification", "causal_lm"]
@@ -57,6 +61,11 @@ SELF_TARGET = "self"
 # Self-influence rankings every scoring run writes, from the stored preconditioners the preconditioner stage
 # always prepares: the GFIM inverse (HyperINF's curvature) and the identity (tracin: the squared gradient norm).
 SELF_INFLUENCE_METHODS = ("hyperinf", "tracin")
+# Rankings beside influence (signals/, stages/rankings.py): target-free ones are stored under SELF_TARGET,
+# `hyperinf_cp` and `fused` under every configured target set.
+SIGNALS = ("loss", "margin", "aum", "confident", "hyperinf_cp", "fused")
+# The target-free signals, stored under target set SELF_TARGET.
+SELF_SIGNALS = ("loss", "margin", "aum", "confident")
 DEVICE_PATTERN = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 
 
@@ -125,6 +134,36 @@ class TrainSettings(Settings):
     max_grad_norm: float = Field(1.0, gt=0)
     schedule: Schedule = "linear"
     log_every: int = Field(20, ge=1)
+
+
+class SignalSettings(Settings):
+    """The rankings computed beside influence (the YAML `signals`; stages/rankings.py).
+
+    folds: `confident` = cleanlab's label quality of out-of-fold probabilities from `folds` warm-ups on `folds`
+    folds of the pool (0 = not computed; classification only). checkpoints: `hyperinf_cp` = HyperINF averaged over
+    the warm-up's epoch checkpoints (one more gradient pass per earlier epoch; false = not computed).
+    fuse: the rankings `fused` combines: influence estimators and `hyperinf_cp` (per target set), `loss`,
+    `margin`, `aum`, `confident`, `self_influence` (target-free); None = `default_fusion`."""
+
+    folds: int = Field(0, ge=0)
+    checkpoints: bool = True
+    fuse: tuple[str, ...] | None = Field(None, strict=False, min_length=1)
+
+    @field_validator("folds")
+    @classmethod
+    def _not_one(cls, folds: int) -> int:
+        if folds == 1:
+            raise ValueError("one fold leaves nothing out; use 0 (off) or >= 2")
+        return folds
+
+
+def default_fusion(estimators: tuple[str, ...] | list[str], checkpoints: bool) -> tuple[str, ...]:
+    """The members of `fused` when `signals.fuse` is not given: the warm-up's loss and the influence ranking
+    (HyperINF over the checkpoints when they are scored, else HyperINF, else the first estimator); measured best
+    across datasets in docs/results.md, section 7."""
+    if "hyperinf" in estimators:
+        return ("loss", "hyperinf_cp" if checkpoints else "hyperinf")
+    return ("loss", estimators[0])
 
 
 class CompressionSpec(Settings):

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,6 +23,7 @@ from hyperinf_ops.memory import release_memory
 from hyperinf_ops.models.lora import LoadedModel, batches
 from hyperinf_ops.progress import ProgressCallback, ProgressMeter
 from hyperinf_ops.settings import TrainSettings
+from hyperinf_ops.signals.margins import MarginHistory, classification_margins
 
 __all__ = ["TrainStats", "warmup_train"]
 
@@ -49,12 +50,15 @@ class TrainStats:
 
 def warmup_train(loaded: LoadedModel, records: Sequence[Mapping[str, Any]], train_cfg: TrainSettings, *,
                  max_length: int = 128, progress: ProgressCallback | None = None,
-                 heldout: Sequence[Mapping[str, Any]] = ()) -> TrainStats:
+                 heldout: Sequence[Mapping[str, Any]] = (), margins: MarginHistory | None = None,
+                 on_epoch_end: Callable[[int], None] | None = None) -> TrainStats:
     """Train `loaded.model`'s trainable parameters in place; leaves the model in eval mode.
 
-    Records are the prepared examples (`text`/`label` or `prompt`/`response`); `heldout` records (same
-    columns, not trained on) are evaluated before training and after each epoch. Progress events come every
+    Records are the prepared examples (`sample_id`, `text`/`label` or `prompt`/`response`); `heldout` records
+    (same columns, not trained on) are evaluated before training and after each epoch. Progress events come every
     `train_cfg.log_every` optimizer steps and at the end of each epoch, with the ETA of the whole warm-up.
+    `margins` (tasks with classes) receives every example's margin from each training forward (margins.py: the
+    AUM, at no extra pass); `on_epoch_end(epoch)` is called after each epoch (1-based), e.g. to keep a checkpoint.
     """
     if not records:
         raise DataError("cannot warm up on an empty pool")
@@ -83,6 +87,9 @@ def warmup_train(loaded: LoadedModel, records: Sequence[Mapping[str, Any]], trai
             loss_sum, correct = 0.0, 0
             for chunk, batch in batches(loaded, shuffled, train_cfg.batch_size, max_length):
                 out = model(**batch)
+                if margins is not None and loaded.task.has_classes:
+                    margins.record([str(r["sample_id"]) for r in chunk],
+                                   classification_margins(out.logits, batch["labels"]))
                 out.loss.backward()
                 torch.nn.utils.clip_grad_norm_(params, train_cfg.max_grad_norm)
                 optimizer.step()
@@ -103,6 +110,8 @@ def warmup_train(loaded: LoadedModel, records: Sequence[Mapping[str, Any]], trai
                 evals.append(evaluate_model(loaded, heldout, max_length=max_length))
             meter.report(epoch=epoch + 1, loss=losses[-1], **({"accuracy": accuracies[-1]} if accuracies else {}),
                          **_heldout_numbers(evals))
+            if on_epoch_end is not None:
+                on_epoch_end(epoch + 1)
         meter.finish()
         model.eval()
     return TrainStats(epochs=train_cfg.epochs, steps=steps, examples=n, loss_per_epoch=tuple(losses),

@@ -7,8 +7,8 @@ A new pool file needs ``shard_job`` for its partition (ingest + gradients of tha
 import dagster as dg
 
 SHARD_ASSETS = ("pool_examples", "lora_gradients")
-REFRESH_ASSETS = ("target_sets", "preconditioners", "target_queries", "influence_scores", "curated_subset",
-                  "mislabel_report", "evaluation")
+REFRESH_ASSETS = ("target_sets", "cross_fit", "checkpoint_scores", "preconditioners", "target_queries",
+                  "influence_scores", "curated_subset", "mislabel_report", "evaluation")
 
 shard_job = dg.define_asset_job(
     "shard_job",

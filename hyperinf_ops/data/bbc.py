@@ -20,6 +20,7 @@ import numpy as np
 import pandas as pd
 
 from hyperinf_ops.data.demo import DemoPaths, write_demo_config
+from hyperinf_ops.data.noise import flip_labels
 from hyperinf_ops.data.shards import write_pool_and_target
 from hyperinf_ops.errors import DataError
 
@@ -83,7 +84,7 @@ def build_bbc_dataset(out_dir: str | Path, n_target: int = 300, flip_fraction: f
 
     The target takes n_target // 5 articles of every topic (seeded), the test split (`<out_dir>/test/test.parquet`)
     n_test // 5 others of every topic; the pool is every remaining article (or a seeded sample of n_pool of them). Exactly round(flip_fraction * n_pool) pool labels are changed to one of
-    the four other topics, uniformly; `flipped` keeps the truth. Columns: text, label, headline, file, and in
+    the four other topics, uniformly; `flipped` and `true_label` keep the truth (noise.py). Columns: text, label, headline, file, and in
     the pool `flipped`. Layout as the demo's: `<out_dir>/pool/shard-NN.parquet`,
     `<out_dir>/targets/clean_val.parquet`. Same arguments, same files.
     """
@@ -115,19 +116,12 @@ def build_bbc_dataset(out_dir: str | Path, n_target: int = 300, flip_fraction: f
     if n < n_shards:
         raise DataError(f"the pool has {n} articles, fewer than {n_shards} shards")
 
-    flip = np.zeros(n, dtype=bool)
-    flip[rng.choice(n, size=round(flip_fraction * n), replace=False)] = True
-    labels = pool["label"].to_numpy(dtype=object).copy()
-    for i in np.flatnonzero(flip):
-        others = [t for t in BBC_TOPICS if t != labels[i]]
-        labels[i] = others[int(rng.integers(len(others)))]
-    pool["label"] = labels
-    pool["flipped"] = flip
+    pool = flip_labels(pool, BBC_TOPICS, flip_fraction, rng)
 
     pool_dir, shards, target_path, test_path = write_pool_and_target(pool, target, test, out_dir, n_shards,
                                                                      "clean_val")
     return DemoPaths(root=Path(out_dir), pool_dir=pool_dir, shards=shards, target=target_path, n_pool=n,
-                     n_target=len(target), test=test_path, n_test=len(test), n_flipped=int(flip.sum()))
+                     n_target=len(target), test=test_path, n_test=len(test), n_flipped=int(pool["flipped"].sum()))
 
 
 def write_bbc_config(paths: DemoPaths, config_path: str | Path | None = None, *, storage_root: str = "store",

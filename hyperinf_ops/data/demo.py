@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
+from hyperinf_ops.data.noise import flip_labels
 from hyperinf_ops.data.shards import DatasetPaths, write_pool_and_target
 from hyperinf_ops.errors import DataError
 
@@ -46,8 +47,8 @@ def build_demo_dataset(out_dir: str | Path, n_pool: int = 4000, n_target: int = 
     Movies are split between target, test and pool (no movie in two of them, so target and test measure
     generalisation, not memorised films). The target set holds n_target // 2 snippets of each label (a target
     skewed to one label would make curation by its influence strip the other), the test split a seeded sample
-    of its movies' snippets. Exactly round(flip_fraction * n_pool) pool labels are flipped; the `flipped` column
-    keeps the truth for the mislabel report. Files: `n_shards` parquet shards under `<out_dir>/pool/`,
+    of its movies' snippets. Exactly round(flip_fraction * n_pool) pool labels are flipped; the `flipped` and
+    `true_label` columns keep the truth for the mislabel report (noise.py). Files: `n_shards` parquet shards under `<out_dir>/pool/`,
     `<out_dir>/targets/clean_val.parquet`, `<out_dir>/test/test.parquet`.
     """
     if not 0 <= flip_fraction <= 1 or n_pool < n_shards or n_target < 2 or n_test < 1 or n_shards < 1:
@@ -79,15 +80,12 @@ def build_demo_dataset(out_dir: str | Path, n_pool: int = 4000, n_target: int = 
     target = target.sample(frac=1, random_state=seed)
     test = test_rows.sample(n=n_test, random_state=seed + 2)
     pool = pool_rows.sample(n=n_pool, random_state=seed + 1).reset_index(drop=True)
-    flip = np.zeros(n_pool, dtype=bool)
-    flip[rng.choice(n_pool, size=round(flip_fraction * n_pool), replace=False)] = True
-    pool["label"] = np.where(flip, pool["label"].map({"fresh": "rotten", "rotten": "fresh"}), pool["label"])
-    pool["flipped"] = flip
+    pool = flip_labels(pool, ("fresh", "rotten"), flip_fraction, rng)
 
     pool_dir, shards, target_path, test_path = write_pool_and_target(pool, target, test, out_dir, n_shards,
                                                                      "clean_val")
     return DemoPaths(root=Path(out_dir), pool_dir=pool_dir, shards=shards, target=target_path, n_pool=n_pool,
-                     n_target=len(target), test=test_path, n_test=n_test, n_flipped=int(flip.sum()))
+                     n_target=len(target), test=test_path, n_test=n_test, n_flipped=int(pool["flipped"].sum()))
 
 
 # The demo's settings (measured on 2 shared CPU cores, see the module report):

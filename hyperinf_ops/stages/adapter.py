@@ -6,6 +6,10 @@ settings): then it is reused even if shards were added since, because gradients 
 one adapter and new data must not silently invalidate every stored row (pass `retrain=True` to train
 again). The new adapter becomes current only once it is saved whole (adapters.py).
 
+While it trains, the warm-up records every example's margin at every step (the AUM, signals/margins.py; stored
+in `label_signals` as signal `aum`, target set `self`, source = the adapter hash) and keeps the adapter's tensors
+after each earlier epoch (checkpoints beside the adapter: what `hyperinf_cp` scores under).
+
 The warm-up is evaluated on held-out records before training and after every epoch: the configured target
 sets read from files (never trained on), or, when every target set is a `where:` selection of the pool, a
 seeded sample of pool rows (trained on, so it measures fit, not generalisation). `warmup_problem` says why
@@ -22,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow.compute as pc
 
 from hyperinf_ops.adapters import AdapterManifest, AdapterStore, folder_digest, recipe_key
@@ -29,8 +34,9 @@ from hyperinf_ops.data.prepare import prepare_targets, record_columns
 from hyperinf_ops.evaluation import majority_baseline
 from hyperinf_ops.gradients import lora_matrix_shapes
 from hyperinf_ops.models import adapter_hash, load_lora_model, model_hash, pooling_of, resolve_model
-from hyperinf_ops.models.lora import LoadedModel
-from hyperinf_ops.settings import LoraSettings, ModelSpec, TrainSettings
+from hyperinf_ops.models.lora import LoadedModel, adapter_parameters
+from hyperinf_ops.settings import SELF_TARGET, LoraSettings, ModelSpec, TrainSettings
+from hyperinf_ops.signals.margins import MarginHistory
 from hyperinf_ops.stages.common import Log, Summary, require_table, sample_filter
 from hyperinf_ops.store import LanceStore
 from hyperinf_ops.tasks import get_task
@@ -143,14 +149,27 @@ def train_or_load_adapter(store: LanceStore, spec: ModelSpec, lora: LoraSettings
         log(f"warm-up training on {len(records)} examples: {train.epochs} epochs, batch {train.batch_size}, "
             f"lr {train.lr}, device {loaded.device}"
             + (f"; evaluated on {len(heldout.records)} records of {heldout.source}" if heldout else ""))
+        margins = MarginHistory()
+        checkpoints: dict[int, dict[str, Any]] = {}
+
+        def keep_checkpoint(epoch: int) -> None:
+            if epoch < train.epochs:  # the last epoch's tensors are the adapter itself
+                checkpoints[epoch] = {k: v.detach().cpu().clone()
+                                      for k, v in adapter_parameters(loaded.model).items()}
+
         stats = warmup_train(loaded, records, train, max_length=spec.max_length, progress=lambda e: log(str(e)),
-                             heldout=heldout.records if heldout else ())
+                             heldout=heldout.records if heldout else (), margins=margins,
+                             on_epoch_end=keep_checkpoint)
         manifest = _manifest(loaded, key, "trained", spec.name, trained_on=len(records),
                              train=_train_record(stats, train, records, heldout))
         log(f"adapter {manifest.short_hash} trained, final loss {stats.loss_per_epoch[-1]:.4f}")
         source = "trained"
     if source != "reused":
-        adapters.save(loaded.model, manifest)
+        adapters.save(loaded.model, manifest, checkpoints if source == "trained" else None)
+        if source == "trained" and len(margins):
+            aum = margins.aum()
+            store.write_label_signal("aum", SELF_TARGET, list(aum), np.array(list(aum.values())),
+                                     source=manifest.adapter_hash)
     adapters.set_current(manifest)
     return AdapterSummary(source=source, changed=before is None or before.adapter_hash != manifest.adapter_hash,
                           path=str(adapters.location(manifest)), adapter_hash=manifest.adapter_hash,

@@ -146,7 +146,7 @@ def prepare_row_codec(store: LanceStore, spec: ModelSpec, settings: GradientSett
     sketch = Sketch(manifest.selected_shapes(settings.modules), c, device=loaded.device)
     log(f"pilot for the row whitening: gradients of {len(records)} pool examples")
     curvature: dict[str, CurvaturePartial] = {}
-    for _ids, grads in gradient_batches(loaded, records, settings, spec.max_length, phase="whitening pilot",
+    for _ids, grads, _outputs in gradient_batches(loaded, records, settings, spec.max_length, phase="whitening pilot",
                                         log=log):
         keep = finite_rows(grads)
         if bool(keep.any()):

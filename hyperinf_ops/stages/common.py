@@ -43,12 +43,15 @@ def sample_filter(dataset: lance.LanceDataset, size: int, seed: int) -> str:
     return f"sample_id IN ({', '.join(sql_literal(str(i)) for i in chosen)})"
 
 
-def drop_stale(store: LanceStore, table: str, columns: list[str], keep: set[tuple[str, ...]]) -> list[str]:
-    """Remove rows whose key (values of `columns`) is not in `keep`, one commit per key; returns the keys."""
+def drop_stale(store: LanceStore, table: str, columns: list[str], keep: set[tuple[str, ...]], *,
+               among: Callable[[tuple[str, ...]], bool] | None = None) -> list[str]:
+    """Remove rows whose key (values of `columns`) is not in `keep`, one commit per key; returns the keys. `among`:
+    only keys it accepts are considered (another stage owns the rest)."""
     if not store.exists(table):
         return []
     present = store.open(table).to_table(columns=columns).to_pandas().drop_duplicates()
-    stale = [tuple(map(str, row)) for row in present.itertuples(index=False) if tuple(map(str, row)) not in keep]
+    stale = [tuple(map(str, row)) for row in present.itertuples(index=False)
+             if tuple(map(str, row)) not in keep and (among is None or among(tuple(map(str, row))))]
     for key in stale:
         store.replace_where(table, dict(zip(columns, key, strict=True)), [], unique=None)
     return ["/".join(key) for key in stale]

@@ -4,7 +4,9 @@ A shard's gradient rows are current when, for the fingerprint the current adapte
   - its curvature rows all carry that fingerprint and the `content_digest` of exactly the examples
     `examples` holds for the shard now (ids and content hashes: an edited text or label changes it), and
   - its gradient rows all carry that fingerprint and are exactly the rows the curvature sums were taken over
-    (the curvature's `rows_digest`: the `content_digest` of the rows' (sample_id, content_hash) pairs).
+    (the curvature's `rows_digest`: the `content_digest` of the rows' (sample_id, content_hash) pairs), and
+  - its `example_outputs` rows (the loss, margin and probabilities of the same pass) carry that fingerprint and
+    cover exactly those rows.
 Tables of the layout before rows carried their content (`row_layout_problem`) are never current.
 Everything that decides whether to compute a shard (the `lora_gradients` asset, `hyperinf run`'s plan, the
 UI's staleness through the asset's data version) asks `gradient_shard_current` / `gradient_version`.
@@ -53,7 +55,8 @@ def row_layout_problem(store: LanceStore) -> str | None:
 
 def gradient_shard_current(store: LanceStore, shard: str, fingerprint: Fingerprint) -> bool:
     """The rule of the module docstring."""
-    if not all(store.exists(t) for t in ("examples", "gradients", "curvature")) or row_layout_problem(store):
+    if not all(store.exists(t) for t in ("examples", "gradients", "example_outputs", "curvature")) \
+            or row_layout_problem(store):
         return False
     where = shard_filter(shard)
     curvature = store.open("curvature").to_table(columns=["fingerprint", "examples_digest", "rows_digest"],
@@ -61,8 +64,11 @@ def gradient_shard_current(store: LanceStore, shard: str, fingerprint: Fingerpri
     if curvature.num_rows == 0:
         return False
     grads = store.open("gradients").to_table(columns=["sample_id", "content_hash", "fingerprint"], filter=where)
+    outputs = store.open("example_outputs").to_table(columns=["sample_id", "content_hash", "fingerprint"],
+                                                     filter=where)
     digest = fingerprint.digest()
     return (set(curvature["fingerprint"].to_pylist()) == {digest}
+            and set(outputs["fingerprint"].to_pylist()) == {digest} and rows_digest(outputs) == rows_digest(grads)
             and set(curvature["examples_digest"].to_pylist()) == {shard_content_digest(store, shard)}
             and grads.num_rows > 0 and grads["content_hash"].null_count == 0
             and set(curvature["rows_digest"].to_pylist()) == {rows_digest(grads)}

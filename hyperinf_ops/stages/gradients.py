@@ -3,8 +3,10 @@
 One forward/backward per batch gives the raw gradients, sketched right away when rows are compressed
 (sketch.py): the blocks. The curvature partial sums come from the exact blocks; the stored rows are the blocks
 (whitened first when the rows are: stages/codec.py) in the fingerprint's row format, and each table's shard is
-replaced in one commit. Examples
-with a non-finite gradient are left out of both and counted. The rows are taken under the current adapter;
+replaced in one commit. The same forward
+gives each example's loss, margin and class probabilities, stored beside its row in `example_outputs` (one
+commit after the rows'; a shard is current only when both match, freshness.py). Examples
+with a non-finite gradient are left out of all three and counted. The rows are taken under the current adapter;
 rows of any other fingerprint are stale and are removed in the same commits. A shard that is already
 current (freshness.py) is not recomputed unless `force`.
 
@@ -35,6 +37,7 @@ from hyperinf_ops.fingerprint import Fingerprint
 from hyperinf_ops.gradients import lora_matrix_shapes
 from hyperinf_ops.memory import release_memory
 from hyperinf_ops.settings import GradientSettings, ModelSpec
+from hyperinf_ops.signals.outputs import ExampleOutputs
 from hyperinf_ops.sketch import Sketch
 from hyperinf_ops.stages.codec import current_whitening, row_fingerprint
 from hyperinf_ops.stages.common import Log, Summary, require_table, shard_filter
@@ -45,7 +48,7 @@ from hyperinf_ops.stages.freshness import (
     rows_digest,
 )
 from hyperinf_ops.stages.loading import finite_rows, gradient_batches, load_current_model
-from hyperinf_ops.store import GradientBatch, LanceStore, sql_literal
+from hyperinf_ops.store import GradientBatch, LanceStore, example_outputs_schema, sql_literal
 
 __all__ = ["GradientSummary", "compute_gradient_shard"]
 
@@ -63,6 +66,7 @@ class GradientSummary(Summary):
     subtracted: int  # examples whose old content was passed to take its sums out of the curvature
     nonfinite_rows: int
     nonfinite_ids: list[str]
+    mean_loss: float | None  # over the shard's rows (None when the shard was current)
     fingerprint: str
     data_version: str  # freshness.gradient_version
     gradients_version: int
@@ -101,7 +105,8 @@ def compute_gradient_shard(store: LanceStore, shard: str, spec: ModelSpec, setti
         rows = store.open("gradients").count_rows(shard_filter(shard))
         log(f"gradients of shard {shard} are current (fingerprint {fp.digest()}): skipped")
         return GradientSummary(shard=shard, computed=False, rows=rows, kept=rows, recomputed=0, subtracted=0,
-                               nonfinite_rows=table.num_rows - rows, nonfinite_ids=[], fingerprint=fp.digest(),
+                               nonfinite_rows=table.num_rows - rows, nonfinite_ids=[], mean_loss=None,
+                               fingerprint=fp.digest(),
                                data_version=gradient_version(fp, digest),
                                gradients_version=store.open("gradients").version,
                                curvature_version=store.open("curvature").version,
@@ -134,21 +139,25 @@ def compute_gradient_shard(store: LanceStore, shard: str, spec: ModelSpec, setti
     todo = [r for r in records if _pair(r) not in keep]
     bad_ids: list[str] = []
     written: list[Pair] = sorted(keep)
+    outputs: list[pa.RecordBatch] = []
 
     def rows() -> Iterator[GradientBatch]:
         # Consumed by the store while it streams the shard into Lance: memory stays one batch deep.
         if not todo:
             return
-        for ids, content, blocks in _finite_blocks(loaded, sketch, todo, settings, spec.max_length, bad_ids,
-                                                   phase=f"gradients of shard {shard}", log=log):
+        for ids, content, blocks, said in _finite_blocks(loaded, sketch, todo, settings, spec.max_length, bad_ids,
+                                                         phase=f"gradients of shard {shard}", log=log):
             for name, part in curvature_partials(blocks).items():
                 curvature[name] = part if name not in curvature else curvature[name].merge(part)
             written.extend(zip(ids, content, strict=True))
+            outputs.append(_output_rows(ids, content, said, shard, fp))
             stored = whitening.apply(blocks) if whitening is not None else blocks
             yield GradientBatch(ids, sketch.flatten(stored), sketch.sq_norms(blocks), content_hashes=content)
 
     kept = _kept_rows(store, shard, keep, base.version) if base else ()
     grad_version = store.write_gradients(shard, rows(), fp, overwrite=True, kept=kept)  # no rows at all: DataError
+    kept_outputs = _kept_outputs(store, shard, keep, fp) if keep else []
+    store.write_example_outputs(shard, [*kept_outputs, *outputs], fp)
     curv_version = store.write_curvature(shard, curvature, fp, examples_digest=digest,
                                          rows_digest=content_digest([i for i, _ in written], [h for _, h in written]),
                                          overwrite=True)
@@ -159,8 +168,11 @@ def compute_gradient_shard(store: LanceStore, shard: str, spec: ModelSpec, setti
     log(f"gradients of shard {shard}: {len(written)} rows ({len(todo)} computed, {len(keep)} kept, {len(old)} old "
         f"examples taken out of the curvature), gradients v{grad_version}, curvature v{curv_version}")
     passed = len(todo) + len(old)
+    losses = [b.column("loss") for b in [*kept_outputs, *outputs]]
+    mean_loss = float(pa.concat_arrays(losses).to_numpy().mean()) if losses else None
     return GradientSummary(shard=shard, computed=True, rows=len(written), kept=len(keep), recomputed=len(todo),
                            subtracted=len(old), nonfinite_rows=len(bad_ids), nonfinite_ids=bad_ids[:20],
+                           mean_loss=mean_loss,
                            fingerprint=fp.digest(), data_version=gradient_version(fp, digest),
                            gradients_version=grad_version, curvature_version=curv_version,
                            seconds=time.perf_counter() - start,
@@ -184,12 +196,14 @@ def _stored_base(store: LanceStore, shard: str, fp: Fingerprint) -> _Base | None
     if not (set(rows["fingerprint"].to_pylist()) == set(sums["fingerprint"].to_pylist()) == {fp.digest()}
             and set(sums["rows_digest"].to_pylist()) == {rows_digest(rows)}):
         return None
+    pairs = set(zip(rows["sample_id"].to_pylist(), rows["content_hash"].to_pylist(), strict=True))
+    if _stored_output_pairs(store, shard, fp) != pairs:  # rows kept must bring their outputs along
+        return None
     try:
         curvature = store.read_curvature(fp, shard=shard)
     except FingerprintMismatchError:  # other shards still hold rows of an earlier adapter: none is reused yet
         return None
-    return _Base(set(zip(rows["sample_id"].to_pylist(), rows["content_hash"].to_pylist(), strict=True)), curvature,
-                 ds.version)
+    return _Base(pairs, curvature, ds.version)
 
 
 def _old_records(store: LanceStore, pairs: Sequence[Pair], task: str) -> list[dict[str, Any]] | None:
@@ -217,16 +231,55 @@ def _old_records(store: LanceStore, pairs: Sequence[Pair], task: str) -> list[di
 
 def _finite_blocks(loaded: Any, sketch: Sketch, records: Sequence[dict[str, Any]], settings: GradientSettings,
                    max_length: int, bad_ids: list[str], *, phase: str, log: Log
-                   ) -> Iterator[tuple[list[str], list[str], dict[str, Any]]]:
-    """(sample_ids, content hashes, blocks name -> (b, r, k)) of the records with a finite gradient, batch by
-    batch; the ids of the others are appended to `bad_ids`."""
+                   ) -> Iterator[tuple[list[str], list[str], dict[str, Any], ExampleOutputs]]:
+    """(sample_ids, content hashes, blocks name -> (b, r, k), their forward's outputs) of the records with a
+    finite gradient, batch by batch; the ids of the others are appended to `bad_ids`."""
     content = {str(r["sample_id"]): str(r["content_hash"]) for r in records}
-    for ids, grads in gradient_batches(loaded, records, settings, max_length, phase=phase, log=log):
-        keep = finite_rows(grads).tolist()
+    for ids, grads, said in gradient_batches(loaded, records, settings, max_length, phase=phase, log=log):
+        finite = finite_rows(grads)
+        keep = finite.tolist()
         bad_ids.extend(i for i, ok in zip(ids, keep, strict=True) if not ok)
         if any(keep):
             kept = [i for i, ok in zip(ids, keep, strict=True) if ok]
-            yield kept, [content[i] for i in kept], sketch.apply({name: g[keep] for name, g in grads.items()})
+            yield (kept, [content[i] for i in kept], sketch.apply({name: g[keep] for name, g in grads.items()}),
+                   said.select(finite))
+
+
+def _output_rows(ids: Sequence[str], content: Sequence[str], said: ExampleOutputs, shard: str,
+                 fp: Fingerprint) -> pa.RecordBatch:
+    """One `example_outputs` batch: the examples' loss, margin and class probabilities (null without classes)."""
+    n = len(ids)
+    margins, probs = said.margins, said.probabilities
+    return pa.record_batch([
+        pa.array(list(ids), pa.string()), pa.repeat(pa.scalar(shard, pa.string()), n),
+        pa.array(list(content), pa.string()), pa.array(said.losses.numpy(), pa.float64()),
+        pa.array(margins.numpy(), pa.float64()) if margins is not None else pa.nulls(n, pa.float64()),
+        pa.array(list(probs.float().numpy()), pa.list_(pa.float32())) if probs is not None
+        else pa.nulls(n, pa.list_(pa.float32())),
+        pa.repeat(pa.scalar(fp.digest(), pa.string()), n),
+    ], schema=example_outputs_schema())
+
+
+def _stored_output_pairs(store: LanceStore, shard: str, fp: Fingerprint) -> set[Pair] | None:
+    """The (sample_id, content_hash) pairs of the shard's stored example outputs when all carry `fp`."""
+    if not store.exists("example_outputs"):
+        return None
+    rows = store.open("example_outputs").to_table(columns=["sample_id", "content_hash", "fingerprint"],
+                                                  filter=shard_filter(shard))
+    if set(rows["fingerprint"].to_pylist()) - {fp.digest()}:
+        return None
+    return set(zip(rows["sample_id"].to_pylist(), rows["content_hash"].to_pylist(), strict=True))
+
+
+def _kept_outputs(store: LanceStore, shard: str, keep: Collection[Pair], fp: Fingerprint) -> list[pa.RecordBatch]:
+    """The shard's stored example outputs of the kept pairs (they carry `fp`: `_stored_base` checked)."""
+    out = []
+    for batch in store.open("example_outputs").to_batches(filter=shard_filter(shard)):
+        mask = [(i, h) in keep for i, h in zip(batch["sample_id"].to_pylist(), batch["content_hash"].to_pylist(),
+                                               strict=True)]
+        if any(mask):
+            out.append(batch.filter(pa.array(mask)))
+    return out
 
 
 def _removed_curvature(loaded: Any, sketch: Sketch, old: Sequence[dict[str, Any]], settings: GradientSettings,
@@ -234,7 +287,7 @@ def _removed_curvature(loaded: Any, sketch: Sketch, old: Sequence[dict[str, Any]
     """The curvature sums of the rows that leave the shard, from their old content (name -> partial); None when
     some no longer gives a finite gradient (it was summed as finite: taking the rest out would be wrong)."""
     bad: list[str] = []
-    parts = [curvature_partials(blocks) for _, _, blocks in _finite_blocks(
+    parts = [curvature_partials(blocks) for _, _, blocks, _ in _finite_blocks(
         loaded, sketch, old, settings, max_length, bad, phase=f"old content leaving shard {shard}", log=log)]
     return None if bad or not parts else merge_curvature(parts)
 

@@ -12,11 +12,12 @@ from torch import Tensor
 
 from hyperinf_ops.adapters import AdapterManifest, AdapterStore
 from hyperinf_ops.errors import ModelLoadError
-from hyperinf_ops.gradients import per_example_lora_gradients
+from hyperinf_ops.gradients import lora_gradients_and_outputs
 from hyperinf_ops.memory import release_memory
 from hyperinf_ops.models.lora import LoadedModel, adapter_hash, batches, load_lora_model
 from hyperinf_ops.progress import ProgressMeter
 from hyperinf_ops.settings import GradientSettings, ModelSpec
+from hyperinf_ops.signals.outputs import ExampleOutputs
 from hyperinf_ops.stages.common import Log
 
 __all__ = ["finite_rows", "gradient_batches", "load_current_model"]
@@ -48,18 +49,19 @@ def load_current_model(storage_root: str | Path, spec: ModelSpec) -> tuple[Loade
 
 def gradient_batches(loaded: LoadedModel, records: Sequence[Mapping[str, Any]], settings: GradientSettings,
                      max_length: int, *, phase: str = "gradients", log: Log | None = None
-                     ) -> Iterator[tuple[list[str], dict[str, Tensor]]]:
-    """(sample_ids, per-example LoRA gradients name -> (b, r, d)) batch by batch (memory: one batch deep).
+                     ) -> Iterator[tuple[list[str], dict[str, Tensor], ExampleOutputs]]:
+    """(sample_ids, per-example LoRA gradients name -> (b, r, d), what the forward said of each example: loss,
+    logits) batch by batch (memory: one batch deep).
 
     With `log`, reports `phase: done/total examples (rate, ETA)` about ten times over the pass and at its end."""
     n_batches = math.ceil(len(records) / settings.batch_size)
     meter = ProgressMeter(phase, len(records), (lambda e: log(str(e))) if log else None,
                           every=max(1, n_batches // 10))
     for chunk, batch in batches(loaded, records, settings.batch_size, max_length):
-        grads = per_example_lora_gradients(loaded.model, batch, modules=settings.modules)
+        grads, outputs = lora_gradients_and_outputs(loaded.model, batch, modules=settings.modules)
         release_memory()  # the pass's activations and graph are freed: return their pages (memory.py)
         meter.update(len(chunk))
-        yield [str(r["sample_id"]) for r in chunk], grads
+        yield [str(r["sample_id"]) for r in chunk], grads, outputs
     meter.finish()
 
 

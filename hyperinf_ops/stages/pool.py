@@ -37,7 +37,7 @@ __all__ = ["IngestSummary", "TargetsSummary", "adopt_rows", "drop_shard", "gone_
 
 # Tables keyed by shard, in the order a shard is removed: its examples last, so that a removal cut short still
 # lists the shard as gone (it has rows but no file) and the next run finishes it.
-_SHARD_TABLES = ("gradients", "curvature", "examples")
+_SHARD_TABLES = ("gradients", "example_outputs", "curvature", "examples")
 
 
 @dataclass
@@ -140,7 +140,7 @@ def drop_shard(store: LanceStore, shard: str) -> None:
 
 
 def adopt_rows(store: LanceStore, shard: str, table: pa.Table, gone: Collection[str]) -> str | None:
-    """Move the gradient rows and curvature sums of the gone shard sharing the most (sample_id, content_hash)
+    """Move the gradient rows (with their example outputs) and curvature sums of the gone shard sharing the most (sample_id, content_hash)
     pairs with `table` (the shard's prepared rows) to `shard`, one commit per table, when `shard` has none of its
     own; returns that shard, None when nothing moved. The gradient step then keeps the rows by content and
     updates the sums for what differs: the sums are over pairs, whatever the shard's name."""
@@ -156,7 +156,9 @@ def adopt_rows(store: LanceStore, shard: str, table: pa.Table, gone: Collection[
     if not shared:
         return None
     source = min(shared, key=lambda s: (-shared[s], s))
-    for name in ("gradients", "curvature"):
+    for name in ("gradients", "example_outputs", "curvature"):
+        if not store.exists(name):
+            continue
         ds = store.open(name)
         store.replace_where(name, {"shard": shard}, _relabeled(ds, source, shard),
                             also_delete=shard_filter(source), unique=None)

@@ -90,7 +90,7 @@ def target_gradient(store: LanceStore, name: str, spec: ModelSpec, settings: Gra
     total: dict[str, Tensor] = {}
     n = 0
     records = rows.drop_columns(["content_hash"]).to_pylist()
-    for _ids, grads in gradient_batches(loaded, records, settings, spec.max_length,
+    for _ids, grads, _outputs in gradient_batches(loaded, records, settings, spec.max_length,
                                         phase=f"gradients of target set {name}", log=log):
         keep = finite_rows(grads)
         if not bool(keep.all()):

@@ -1,8 +1,10 @@
 """Stage: what a person checks after scoring.
 
     mislabel_report   how well each ranking's most harmful examples find planted label flips (a boolean
-                      `flipped` pool column): AUROC and the share of flips among the 10% / 20% / 30% most harmful; with
-                      the target-free self-influence rankings (the scores of target set "self")
+                      `flipped` pool column): AUROC and the share of flips among the 10% / 20% / 30% most harmful;
+                      with the target-free rankings (target set "self": self-influence, loss, margin, aum,
+                      confident), and how good the label suggestions are (issues that are flips, suggestions
+                      that are the truth: `true_label`, or for two classes the other label)
     agreement_check   Spearman between stored scores and exact scores (the stored fp64 Cholesky inverse of the
                       same curvature, the stored rows) on a seeded sample: the solver's error
 """
@@ -19,15 +21,22 @@ import numpy as np
 import pandas as pd
 import torch
 
+from hyperinf_ops.data.noise import true_labels
 from hyperinf_ops.errors import DataError
 from hyperinf_ops.estimators import score_gradients
 from hyperinf_ops.scorer import raw_gradient_batches
-from hyperinf_ops.settings import EstimatorOptions, GradientSettings, ModelSpec
+from hyperinf_ops.settings import (
+    SELF_INFLUENCE_METHODS,
+    SELF_TARGET,
+    EstimatorOptions,
+    GradientSettings,
+    ModelSpec,
+)
 from hyperinf_ops.stages.codec import current_whitening
 from hyperinf_ops.stages.common import Log, Summary, require_table, sample_filter
 from hyperinf_ops.stages.preconditioners import checked_fingerprint, load_preconditioner
 from hyperinf_ops.stages.queries import target_gradient
-from hyperinf_ops.stages.scores import extremes, read_scores, self_influence_pairs
+from hyperinf_ops.stages.scores import extremes, read_scores
 from hyperinf_ops.store import LanceStore
 
 __all__ = ["DETECTION_CUTS", "SELF_INFLUENCE_PREFIX", "AgreementSummary", "MislabelReport", "agreement_check",
@@ -45,10 +54,12 @@ class MislabelReport(Summary):
     has_truth: bool  # the pool has a `flipped` column
     examples: int
     flipped: int
-    # ranking -> auroc, detection_at_10, _20, _30: the configured methods (by name) and
-    # "self_influence_hyperinf" and "self_influence_tracin" (no target set)
+    # ranking -> auroc, detection_at_10, _20, _30: the target set's rankings (by method), and the target-free
+    # ones: "self_influence_hyperinf", "self_influence_tracin", and the signals by name
     methods: dict[str, dict[str, float]]
     most_harmful: list[dict[str, Any]]
+    # label_suggestions against the truth: issues, of them flips, suggestions equal to the truth (None: unknown)
+    suggestions: dict[str, Any] | None = None
 
 
 @dataclass
@@ -79,19 +90,22 @@ def detection_metrics(harm: np.ndarray, flipped: np.ndarray) -> dict[str, float]
     return {"auroc": _auroc(harm, flipped), **found}
 
 
-def mislabel_report(store: LanceStore, settings: GradientSettings, methods: Sequence[EstimatorOptions], *,
-                    target_set: str, task: str) -> MislabelReport:
-    """The report of the module docstring for one target set, from the stored scores (also the self-influence
-    rankings `influence_scores` wrote as target set "self"); without a `flipped` column only the most harmful
-    examples (of the first method) are listed."""
+def mislabel_report(store: LanceStore, methods: Sequence[str], *, target_set: str, task: str) -> MislabelReport:
+    """The report of the module docstring for one target set's rankings `methods` (the first is the one whose
+    most harmful examples are listed) and every stored target-free ranking, from the stored scores; without a
+    `flipped` column only the most harmful examples are listed."""
     examples = require_table(store, "examples", "ingest the pool first")
     has_truth = "flipped" in examples.schema.names
-    truth = (examples.to_table(columns=["sample_id", "flipped"]).to_pandas().set_index("sample_id")["flipped"]
-             .astype(bool) if has_truth else None)
+    columns = ["sample_id", "label", *(c for c in ("flipped", "true_label") if c in examples.schema.names)]
+    pool = examples.to_table(columns=columns).to_pandas().set_index("sample_id")
+    truth = pool["flipped"].astype(bool) if has_truth else None
     rankings = {}
-    reported = [(target_set, o.method, o.method) for o in methods]
+    reported = [(target_set, m, m) for m in methods]
     if truth is not None:
-        reported += [(t, m, f"{SELF_INFLUENCE_PREFIX}{m}") for t, m in sorted(self_influence_pairs())]
+        stored = store.open("scores").to_table(columns=["method"], filter=f"target_set = '{SELF_TARGET}'")
+        for method in sorted(set(stored["method"].to_pylist())):
+            name = f"{SELF_INFLUENCE_PREFIX}{method}" if method in SELF_INFLUENCE_METHODS else method
+            reported.append((SELF_TARGET, method, name))
     for target, method, name in reported:
         s = read_scores(store, target, method)
         if s.empty:
@@ -101,7 +115,26 @@ def mislabel_report(store: LanceStore, settings: GradientSettings, methods: Sequ
             rankings[name] = detection_metrics(-s["score"].to_numpy(), flipped)
     return MislabelReport(target_set=target_set, has_truth=has_truth, examples=examples.count_rows(),
                           flipped=int(truth.sum()) if truth is not None else 0, methods=rankings,
-                          most_harmful=extremes(store, task, target_set, methods[0].method, helpful=False))
+                          most_harmful=extremes(store, task, target_set, methods[0], helpful=False),
+                          suggestions=_suggestion_quality(store, pool) if has_truth else None)
+
+
+def _suggestion_quality(store: LanceStore, pool: pd.DataFrame) -> dict[str, Any] | None:
+    """How `label_suggestions` fare against the planted flips: the issues, how many are flips (precision) and
+    how many flips they find (recall), and how many flipped issues are suggested their true label."""
+    if not store.exists("label_suggestions"):
+        return None
+    g = store.open("label_suggestions").to_table().to_pandas().set_index("sample_id").join(pool, rsuffix="_pool")
+    if g.empty:
+        return None
+    flipped = g["flipped"].astype(bool)
+    issues = g["issue"].astype(bool)
+    truth = true_labels(g["label"].tolist(), flipped.tolist(), g["true_label"].tolist() if "true_label" in g else None,
+                        sorted(pool["label"].astype(str).unique()))
+    found = issues & flipped
+    return {"source": str(g["source"].iloc[0]), "issues": int(issues.sum()), "issues_flipped": int(found.sum()),
+            "precision": float(found.sum() / max(issues.sum(), 1)), "recall": float(found.sum() / max(flipped.sum(), 1)),
+            "suggested_truth": None if truth is None else int((found & (g["suggested_label"] == truth)).sum())}
 
 
 def agreement_check(store: LanceStore, spec: ModelSpec, settings: GradientSettings, options: EstimatorOptions,

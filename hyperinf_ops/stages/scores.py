@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,8 +15,15 @@ import pandas as pd
 
 from hyperinf_ops.data.prepare import RESERVED_COLUMNS
 from hyperinf_ops.errors import DataError
+from hyperinf_ops.fingerprint import Fingerprint
 from hyperinf_ops.scorer import score_store
-from hyperinf_ops.settings import SELF_INFLUENCE_METHODS, SELF_TARGET, EstimatorOptions, GradientSettings
+from hyperinf_ops.settings import (
+    SELF_INFLUENCE_METHODS,
+    SELF_TARGET,
+    SIGNALS,
+    EstimatorOptions,
+    GradientSettings,
+)
 from hyperinf_ops.stages.codec import current_whitening
 from hyperinf_ops.stages.common import Log, Summary, drop_stale
 from hyperinf_ops.stages.preconditioners import checked_fingerprint, load_preconditioner
@@ -82,10 +89,12 @@ def self_influence_pairs() -> set[tuple[str, str]]:
 
 def score(store: LanceStore, settings: GradientSettings, pairs: Sequence[tuple[str, str]], *, task: str,
           shown: tuple[str, str], self_influence: Sequence[EstimatorOptions] = (), device: str | None = None,
-          log: Log = print) -> ScoreStepSummary:
+          rankings: Callable[[Fingerprint, int, str], Any] | None = None, log: Log = print) -> ScoreStepSummary:
     """Score every gradient row against the stored query of every (target set, method) in `pairs` and its
     self-influence under the stored preconditioner of every options in `self_influence` (target set "self",
-    same scan); `shown` is the pair whose most helpful / harmful examples the summary lists."""
+    same scan); `shown` is the pair whose most helpful / harmful examples the summary lists. `rankings(fingerprint,
+    gradients version, run id)` then writes the rankings beside influence (stages/rankings.py; its pairs are
+    part of the summary)."""
     start = time.perf_counter()
     fp = checked_fingerprint(store, settings)
     wanted = set(pairs)
@@ -97,7 +106,9 @@ def score(store: LanceStore, settings: GradientSettings, pairs: Sequence[tuple[s
     result = score_store(store, queries, self_influence=prepared, whitening=current_whitening(store, settings),
                          device=device, progress=lambda e: log(str(e)))
     written = wanted | {(SELF_TARGET, p.method) for p in prepared}
-    drop_stale(store, "scores", ["target_set", "method"], written)
+    drop_stale(store, "scores", ["target_set", "method"], written, among=lambda key: key[1] not in SIGNALS)
+    ranked = rankings(fp, result.gradients_version, result.run_id) if rankings is not None else None
+    written |= {tuple(pair.split("/", 1)) for pair in (ranked.pairs if ranked is not None else [])}
     n_examples = store.open("examples").count_rows()
     if result.rows < n_examples:
         log(f"warning: {n_examples - result.rows} pool examples have no gradient row (non-finite gradients)")

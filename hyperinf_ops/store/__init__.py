@@ -13,8 +13,11 @@ from typing import TYPE_CHECKING, Any
 from hyperinf_ops.store.schemas import (
     TABLES,
     curvature_schema,
+    example_outputs_schema,
     gradients_schema,
     json_safe,
+    label_signals_schema,
+    label_suggestions_schema,
     queries_schema,
     scores_schema,
     sql_literal,
@@ -25,8 +28,9 @@ if TYPE_CHECKING:
 
 _LAZY = ("GradientBatch", "LanceStore", "Query")
 
-__all__ = ["TABLES", "GradientBatch", "LanceStore", "Query", "curvature_schema", "gradients_schema", "json_safe",
-           "queries_schema", "scores_schema", "sql_literal"]
+__all__ = ["TABLES", "GradientBatch", "LanceStore", "Query", "curvature_schema", "example_outputs_schema",
+           "gradients_schema", "json_safe", "label_signals_schema", "label_suggestions_schema", "queries_schema",
+           "scores_schema", "sql_literal"]
 
 
 def __getattr__(name: str) -> Any:

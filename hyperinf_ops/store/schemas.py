@@ -13,11 +13,12 @@ import pyarrow as pa
 if TYPE_CHECKING:  # an annotation only: row_format needs torch, and the table readers must not
     from hyperinf_ops.row_format import RowFormat
 
-__all__ = ["TABLES", "curvature_schema", "gradients_schema", "json_safe", "queries_schema", "scores_schema",
-           "sql_literal", "target_gradients_schema"]
+__all__ = ["TABLES", "curvature_schema", "example_outputs_schema", "gradients_schema", "json_safe",
+           "label_signals_schema", "label_suggestions_schema", "queries_schema", "scores_schema", "sql_literal",
+           "target_gradients_schema"]
 
-TABLES = ("examples", "targets", "gradients", "curvature", "preconditioners", "target_gradients", "queries", "scores",
-          "evaluation")
+TABLES = ("examples", "targets", "gradients", "example_outputs", "curvature", "preconditioners", "target_gradients",
+          "queries", "label_signals", "scores", "label_suggestions", "evaluation")
 
 
 def sql_literal(value: str) -> str:
@@ -121,3 +122,50 @@ def scores_schema() -> pa.Schema:
             pa.field("created_at", pa.timestamp("us", tz="UTC"), nullable=False),
         ]
     )
+
+
+def example_outputs_schema() -> pa.Schema:
+    """What the gradient pass's forward said about each pool example, one row beside each gradient row (same
+    sample_id, shard, content_hash, fingerprint): the task's loss, and for tasks with classes the margin
+    z_y - max_{c != y} z_c and the class probabilities (in the adapter's label order; null otherwise)."""
+    return pa.schema([
+        pa.field("sample_id", pa.string(), nullable=False),
+        pa.field("shard", pa.string(), nullable=False),
+        pa.field("content_hash", pa.string(), nullable=False),
+        pa.field("loss", pa.float64(), nullable=False),
+        pa.field("margin", pa.float64(), nullable=True),
+        pa.field("probs", pa.list_(pa.float32()), nullable=True),
+        pa.field("fingerprint", pa.string(), nullable=False),
+    ])
+
+
+def label_signals_schema() -> pa.Schema:
+    """Pool-wide signals computed beside the gradient pass, one row per (signal, target_set, example): `aum` (the
+    warm-up's mean margin), `confident` (cleanlab's label quality of out-of-fold probabilities `probs`, with its
+    label-issue flag) and `hyperinf_cp` (HyperINF over the warm-up's earlier checkpoints, per target set; the
+    others use target set `self`). value: higher = keep. source: the digest of what made the rows."""
+    return pa.schema([
+        pa.field("sample_id", pa.string(), nullable=False),
+        pa.field("signal", pa.string(), nullable=False),
+        pa.field("target_set", pa.string(), nullable=False),
+        pa.field("value", pa.float64(), nullable=False),
+        pa.field("probs", pa.list_(pa.float32()), nullable=True),
+        pa.field("issue", pa.bool_(), nullable=True),
+        pa.field("source", pa.string(), nullable=False),
+        pa.field("created_at", pa.timestamp("us", tz="UTC"), nullable=False),
+    ])
+
+
+def label_suggestions_schema() -> pa.Schema:
+    """One row per pool example of a task with classes: its given label, the label the evidence suggests and
+    that label's probability, and whether the evidence marks the given label as wrong (`issue`). source:
+    `cross_fit` (cleanlab on out-of-fold probabilities) or `warmup` (the warm-up adapter's own probabilities
+    when no cross-fit ran: an issue there is a confidently predicted other label)."""
+    return pa.schema([
+        pa.field("sample_id", pa.string(), nullable=False),
+        pa.field("label", pa.string(), nullable=False),
+        pa.field("suggested_label", pa.string(), nullable=False),
+        pa.field("suggested_probability", pa.float64(), nullable=False),
+        pa.field("issue", pa.bool_(), nullable=False),
+        pa.field("source", pa.string(), nullable=False),
+    ])

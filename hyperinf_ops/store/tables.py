@@ -21,8 +21,10 @@ from hyperinf_ops.fingerprint import Fingerprint, require_match
 from hyperinf_ops.store.fingerprints import FingerprintedTables
 from hyperinf_ops.store.schemas import (
     curvature_schema,
+    example_outputs_schema,
     gradients_schema,
     json_safe,
+    label_signals_schema,
     queries_schema,
     sql_literal,
     target_gradients_schema,
@@ -148,6 +150,43 @@ class LanceStore(FingerprintedTables):
         return self._guarded_write(
             "gradients", {"shard": shard}, record_batches(), schema, fingerprint, overwrite
         )
+
+    def write_example_outputs(self, shard: str, data: Data, fingerprint: Fingerprint) -> int:
+        """Replace one shard's example outputs (schemas.example_outputs_schema; rows of another fingerprint are
+        removed in the same commit). Returns the version."""
+        return self._guarded_write("example_outputs", {"shard": shard}, data, example_outputs_schema(), fingerprint,
+                                   overwrite=True)
+
+    def write_label_signal(self, signal: str, target_set: str, sample_ids: Sequence[str], values: np.ndarray, *,
+                           source: str, probs: np.ndarray | None = None, issues: np.ndarray | None = None) -> int:
+        """Replace the rows of one (signal, target set) of `label_signals` (schemas.label_signals_schema) in one
+        commit: values (N,) higher = keep, optional probabilities (N, C) and issue flags (N,). Returns the version."""
+        from datetime import UTC, datetime
+
+        n = len(sample_ids)
+        values = np.asarray(values, dtype=np.float64)
+        if values.shape != (n,) or not np.isfinite(values).all():
+            raise DataError(f"signal {signal!r}: need {n} finite values, got shape {values.shape}")
+        table = pa.table({
+            "sample_id": pa.array(list(map(str, sample_ids)), pa.string()),
+            "signal": pa.repeat(pa.scalar(signal, pa.string()), n),
+            "target_set": pa.repeat(pa.scalar(target_set, pa.string()), n),
+            "value": pa.array(values, pa.float64()),
+            "probs": pa.array(list(np.asarray(probs, dtype=np.float32)), pa.list_(pa.float32()))
+            if probs is not None else pa.nulls(n, pa.list_(pa.float32())),
+            "issue": pa.array(np.asarray(issues, dtype=bool)) if issues is not None else pa.nulls(n, pa.bool_()),
+            "source": pa.repeat(pa.scalar(source, pa.string()), n),
+            "created_at": pa.repeat(pa.scalar(datetime.now(UTC), pa.timestamp("us", tz="UTC")), n),
+        }, schema=label_signals_schema())
+        return self.replace_where("label_signals", {"signal": signal, "target_set": target_set}, table,
+                                  schema=label_signals_schema())
+
+    def read_label_signal(self, signal: str, target_set: str) -> pa.Table:
+        """The stored rows of one (signal, target set) of `label_signals` (empty when none)."""
+        if not self.exists("label_signals"):
+            return label_signals_schema().empty_table()
+        return self.open("label_signals").to_table(
+            filter=f"signal = {sql_literal(signal)} AND target_set = {sql_literal(target_set)}")
 
     def write_curvature(
         self,

@@ -1,0 +1,71 @@
+"""What a model says about N examples, kept from a pass that runs anyway (the gradient pass, an evaluation).
+
+    losses   (N,)     the task's per-example loss (classification: cross-entropy of the given class;
+                      causal LM: mean next-token cross-entropy over the response)
+    logits   (N, C)   tasks with classes only; with the given class ids `targets` (N,)
+
+From them: the margin `z_y - max_{c != y} z_c` (margins.py), the class probabilities softmax(z) and whether the
+argmax is the given label. Everything on the CPU in float64 (int64 for targets).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from hyperinf_ops.signals.margins import classification_margins
+
+__all__ = ["ExampleOutputs"]
+
+
+@dataclass(frozen=True)
+class ExampleOutputs:
+    """Per-example loss (N,) and, for tasks with classes, logits (N, C) and the given class ids (N,)."""
+
+    losses: Tensor
+    logits: Tensor | None = None
+    targets: Tensor | None = None
+
+    @classmethod
+    def of(cls, losses: Tensor, logits: Tensor | None, targets: Tensor | None) -> ExampleOutputs:
+        """Detached CPU copies (float64 / int64); logits and targets only for tasks with classes (2-d logits)."""
+        classes = logits is not None and logits.dim() == 2 and targets is not None and targets.dim() == 1
+        return cls(losses=losses.detach().double().cpu(),
+                   logits=logits.detach().double().cpu() if classes else None,
+                   targets=targets.detach().long().cpu() if classes else None)
+
+    @classmethod
+    def cat(cls, parts: Sequence[ExampleOutputs]) -> ExampleOutputs:
+        if not parts:
+            raise ValueError("no outputs to concatenate")
+        classes = parts[0].logits is not None
+        return cls(losses=torch.cat([p.losses for p in parts]),
+                   logits=torch.cat([p.logits for p in parts]) if classes else None,
+                   targets=torch.cat([p.targets for p in parts]) if classes else None)
+
+    def __len__(self) -> int:
+        return len(self.losses)
+
+    def select(self, keep: Tensor) -> ExampleOutputs:
+        """The rows where the (N,) bool mask `keep` is true."""
+        keep = keep.cpu()
+        return ExampleOutputs(self.losses[keep], None if self.logits is None else self.logits[keep],
+                              None if self.targets is None else self.targets[keep])
+
+    @property
+    def margins(self) -> Tensor | None:
+        """(N,) logit of the given class minus the largest other logit (None without classes)."""
+        return None if self.logits is None else classification_margins(self.logits, self.targets)
+
+    @property
+    def probabilities(self) -> Tensor | None:
+        """(N, C) softmax of the logits (None without classes)."""
+        return None if self.logits is None else torch.softmax(self.logits, dim=1)
+
+    @property
+    def correct(self) -> Tensor | None:
+        """(N,) bool: the argmax is the given class (None without classes)."""
+        return None if self.logits is None else self.logits.argmax(1) == self.targets
