@@ -85,7 +85,7 @@ def target_queries(context: dg.AssetExecutionContext, hyperinf: HyperinfResource
 )
 def influence_scores(context: dg.AssetExecutionContext, hyperinf: HyperinfResource) -> dg.MaterializeResult:
     from hyperinf_ops.stages.checkpoints import checkpoint_source
-    from hyperinf_ops.stages.cross_fit import cross_fit_source
+    from hyperinf_ops.stages.cross_fit import cross_fit_sources
     from hyperinf_ops.stages.rankings import write_rankings
     from hyperinf_ops.stages.scores import read_scores, score
 
@@ -98,8 +98,7 @@ def influence_scores(context: dg.AssetExecutionContext, hyperinf: HyperinfResour
                           rankings=lambda fp, version, run_id: write_rankings(
                               store, fp, version, run_id, list(cfg.targets), cfg.estimators, cfg.signals,
                               cfg.fusion_members,
-                              confident_source=cross_fit_source(store, cfg.model_spec, cfg.lora, cfg.train,
-                                                                cfg.signals.folds) if cfg.signals.folds else None,
+                              sources=cross_fit_sources(store, cfg.model_spec, cfg.lora, cfg.train, cfg.signals),
                               checkpoint_source=checkpoint_source(store, cfg.gradient_settings,
                                                                   cfg.estimator("hyperinf"), list(cfg.targets))
                               if cfg.signals.checkpoints else None, log=context.log.info))

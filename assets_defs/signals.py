@@ -13,18 +13,19 @@ from assets_defs.resources import HyperinfResource
 @step_asset(
     group="signals", kinds={"pytorch", "lance"}, code_version="1",
     deps=[dg.AssetDep(pool_examples, partition_mapping=dg.AllPartitionMapping())],
-    description="Only with `signals.folds` >= 2 (classification): out-of-fold class probabilities from `folds` "
-                "warm-ups on `folds` folds of the pool (the warm-up's recipe), scored by cleanlab: label quality "
-                "(the `confident` ranking), label issues and suggested labels, in `label_signals`. Reused while "
-                "the pool and the recipe are unchanged. Data version: their digest.",
+    description="Classification: out-of-fold class probabilities scored by cleanlab (label quality, label issues), "
+                "in `label_signals`: `probe` (a 5-fold logistic regression on the base model's frozen embeddings; "
+                "`signals.probe`) and `confident` (`signals.folds` warm-ups on folds of the pool; off by default). "
+                "Reused while the pool and the recipe are unchanged. Data version: their digest.",
 )
 def cross_fit(context: dg.AssetExecutionContext, hyperinf: HyperinfResource) -> dg.MaterializeResult:
     from hyperinf_ops.stages.cross_fit import cross_fit_labels
 
     cfg = hyperinf.config
-    summary, wall = timed(cross_fit_labels, hyperinf.store, cfg.model_spec, cfg.lora, cfg.train, cfg.signals.folds,
+    summary, wall = timed(cross_fit_labels, hyperinf.store, cfg.model_spec, cfg.lora, cfg.train, cfg.signals,
                           log=context.log.info)
-    return dg.MaterializeResult(data_version=dg.DataVersion(summary.source or "off"),
+    version = "|".join(f"{k}={v}" for k, v in sorted(summary.sources.items())) or "off"
+    return dg.MaterializeResult(data_version=dg.DataVersion(version),
                                 metadata={**summary_metadata(summary, skip=("seconds",)), "wall_time_s": wall})
 
 

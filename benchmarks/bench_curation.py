@@ -66,9 +66,9 @@ from hyperinf_ops.stages.reports import detection_metrics  # noqa: E402
 # Pool / target / test sizes per dataset (the sizes of the issue's held-out tasks: 500-1,000 pools).
 SIZES = {"demo": {"n_pool": 800, "n_target": 200, "n_test": 500}, "bbc": {"n_pool": 500, "n_target": 150, "n_test": 300},
          "debates": {"n_target": 60, "n_test": 180}, "quick": {"n_pool": 160, "n_target": 40}}
-DEFAULT_QUERIES = ("drop_harmful", "relabel")
-DEFAULT_METHODS = ("fused", "loss", "hyperinf")
-DEFAULT_FRACTIONS = (0.1, 0.2)
+DEFAULT_QUERIES = ("drop_harmful", "drop_issues", "relabel")
+DEFAULT_METHODS = ("fused", "loss", "probe", "hyperinf")
+DEFAULT_FRACTIONS = (0.2,)
 
 
 def build_config(dataset: str, out: Path, seed: int, *, evaluation: Mapping[str, Any] | None,

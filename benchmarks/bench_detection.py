@@ -115,8 +115,7 @@ def evaluate_store(config_path: Path) -> dict[str, Any]:
     rankings["loss"] = detection_metrics(losses, flipped)
 
     # the product's own report on the same store: our numbers must be its numbers
-    report = mislabel_report(store, cfg.gradient_settings, [cfg.estimator(m) for m in METHODS],
-                             target_set=target, task=cfg.task)
+    report = mislabel_report(store, list(METHODS), target_set=target, task=cfg.task)
     diff = max(abs(rankings[name][k] - v) for name, row in report.methods.items() for k, v in row.items()
                if k in rankings[name])
     manifest = AdapterStore(cfg.storage_root).require_current()

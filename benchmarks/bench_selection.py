@@ -72,9 +72,10 @@ DEFAULTS: dict[str, dict[str, Any]] = {
 
 
 def _evaluation_block(fractions: Sequence[float], seeds: int, methods: Sequence[str], target_set: str) -> dict:
-    # full and balance explicit: write_demo_config would otherwise merge the demo's own defaults (DEMO_EVALUATION)
-    return {"fractions": list(fractions), "seeds": seeds, "methods": list(methods), "target_set": target_set,
-            "full": True, "balance": False}
+    # the paper's selection: top_fraction subsets (keep the best fraction); full and balance explicit:
+    # write_demo_config would otherwise merge the demo's own defaults (DEMO_EVALUATION)
+    return {"queries": ["top_fraction"], "fractions": list(fractions), "seeds": seeds, "methods": list(methods),
+            "target_set": target_set, "full": True, "balance": False}
 
 
 def build_quick(out: Path, fractions: Sequence[float], seeds: int, methods: Sequence[str], n_pool: int,
@@ -87,7 +88,7 @@ def build_quick(out: Path, fractions: Sequence[float], seeds: int, methods: Sequ
     evaluation = {"test": {"path": "test/test.parquet"}, **_evaluation_block(fractions, seeds, methods, "clean")}
     return make_project(out, out / "model", n_pool=n_pool, n_target=n_target, estimators=list(methods),
                         evaluation=evaluation,
-                        curation={"query": "top_fraction",
+                        curation={"method": "fixed", "query": "top_fraction",
                                   "params": {"fraction": fractions[0], "target_set": "clean", "method": methods[0]}})
 
 
@@ -99,7 +100,7 @@ def build_bbc(out: Path, fractions: Sequence[float], seeds: int, methods: Sequen
 
     paths = build_bbc_dataset(out / "data", n_target=n_target, n_pool=n_pool, n_test=n_test, seed=0)
     overrides = {"estimators": list(methods), **({"train": dict(train)} if train else {}),
-                 "curation": {"query": "top_fraction",
+                 "curation": {"method": "fixed", "query": "top_fraction",
                               "params": {"fraction": fractions[0], "target_set": "clean_val", "method": methods[0]}}}
     return write_bbc_config(paths, out / "hyperinf.yaml", overrides=overrides,
                             evaluation=_evaluation_block(fractions, seeds, methods, "clean_val"))
@@ -318,15 +319,13 @@ def plot(name: str, summary: Sequence[Mapping[str, Any]], path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from hyperinf_ops.stages.evaluation import subset_label
-
     key = "test_accuracy" if any(r["test_accuracy"] is not None for r in summary) else "test_loss"
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     series: dict[str, list[Mapping[str, Any]]] = {}
     for r in summary:
-        if r["subset"] != "full":
-            series.setdefault(subset_label(r), []).append(r)
-    fractions = sorted({r["fraction"] for r in summary if r["subset"] != "full"})
+        if r["subset"] in ("curated", "random"):
+            series.setdefault(f"curated ({variant(r)})" if r["method"] else "random", []).append(r)
+    fractions = sorted({r["fraction"] for r in summary if r["subset"] in ("curated", "random")})
     for i, (label, rows) in enumerate(sorted(series.items(), key=lambda kv: kv[0] == "random")):
         rows = sorted(rows, key=lambda r: r["fraction"])
         offset = 0.006 * (i - (len(series) - 1) / 2)  # so the error bars do not overlap
@@ -335,8 +334,9 @@ def plot(name: str, summary: Sequence[Mapping[str, Any]], path: Path) -> Path:
                     color="0.4" if label == "random" else f"C{i}", capsize=3,
                     linestyle=":" if label == "random" else "-", label=label)
     for r in summary:
-        if r["subset"] == "full":
-            ax.axhline(r[key], color="k", linestyle="--", label=f"full pool ({r['n_examples']}): {r[key]:.3f}")
+        if r["subset"] in ("full", "oracle"):
+            ax.axhline(r[key], color="k" if r["subset"] == "full" else "g", linestyle="--",
+                       label=f"{r['subset']} pool ({r['n_examples']}): {r[key]:.3f}")
             if r[f"{key}_std"]:
                 ax.axhspan(r[key] - r[f"{key}_std"], r[key] + r[f"{key}_std"], color="k", alpha=0.07)
     if fractions:

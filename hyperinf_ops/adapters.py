@@ -61,6 +61,7 @@ class AdapterManifest(BaseModel):
     trained_on: int  # pool examples the warm-up saw (0 for a given adapter)
     train: dict[str, Any] | None = None  # the warm-up's TrainStats
     given_path: str | None = None
+    checkpoints: tuple[int, ...] = ()  # earlier warm-up epochs whose tensors are stored beside the adapter
 
     @property
     def short_hash(self) -> str:
@@ -166,11 +167,10 @@ class AdapterStore:
         trained for a single epoch or before checkpoints were kept)."""
         from safetensors.torch import load_file
 
-        folder = self.path(manifest) / CHECKPOINTS
-        if not folder.is_dir():
+        if not manifest.checkpoints:
             return {}
-        return {int(f.stem.removeprefix("epoch-")): load_file(str(f))
-                for f in sorted(folder.glob("epoch-*.safetensors"))}
+        folder = self.path(manifest) / CHECKPOINTS
+        return {epoch: load_file(str(folder / f"epoch-{epoch}.safetensors")) for epoch in manifest.checkpoints}
 
     def set_current(self, manifest: AdapterManifest) -> None:
         """Make a saved adapter the current one (atomic replace of current.json). Only a whole one: its manifest

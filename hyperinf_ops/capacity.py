@@ -19,7 +19,7 @@ from hyperinf_ops.errors import ConfigError, DataError
 from hyperinf_ops.row_format import RowFormat
 from hyperinf_ops.sketch import row_shapes
 
-__all__ = ["GPU_FACTORS", "THROUGHPUT", "Plan", "Throughput", "lora_shapes", "plan", "plan_command", "render"]
+__all__ = ["FORWARD_SHARE", "GPU_FACTORS", "THROUGHPUT", "Plan", "Throughput", "lora_shapes", "plan", "plan_command", "render"]
 
 
 @dataclass(frozen=True)
@@ -45,6 +45,9 @@ THROUGHPUT: dict[str, Throughput] = {
 # A CUDA worker's speed over this machine's, per stage: ASSUMED (no GPU was available to measure), the usual
 # order of a datacenter GPU against 2 CPU cores for small transformers; run benchmarks/gpu_check.sh to measure.
 GPU_FACTORS = {"warmup": 30.0, "gradients": 30.0, "scoring": 20.0}
+# A forward pass's share of a gradient pass (forward + backward ~ 3 forwards): the probe's embedding pass is
+# SCALED from the measured gradient rate by it, not measured.
+FORWARD_SHARE = 1 / 3
 # Bytes a stored row has besides its vector: grad_scale and the fingerprint digest, sample_id and shard (Lance
 # compresses these; measured totals in README "Measured": 37,071-37,094 bytes for 36,960-byte MiniLM vectors).
 _ROW_OVERHEAD = 4 + 16 + 24 + 8
@@ -68,6 +71,11 @@ class Plan:
     gradients_s: float
     scoring_s: float
     peak_mb: float
+    # the signals beside influence (0 when off): hyperinf_cp's gradient passes under the earlier checkpoints (and
+    # their curvature pilot), the probe's forward pass, the cross-fit's warm-ups
+    checkpoints_s: float
+    probe_s: float
+    cross_fit_s: float
     source: str
 
 
@@ -126,13 +134,19 @@ def plan(cfg: HyperinfConfig, examples: int, device: str = "cpu") -> Plan:
     row_bytes = (fmt.stored_width * fmt.value_type.bit_width // 8 + 4 * len(blocks) * (2 if fmt.integer else 1)
                  + _ROW_OVERHEAD)
     factor = GPU_FACTORS if device == "cuda" else {"warmup": 1.0, "gradients": 1.0, "scoring": 1.0}
+    warmup_s = examples * cfg.train.epochs / (rates.warmup * factor["warmup"])
+    gradients_s = examples / (rates.gradients * factor["gradients"])
+    signals, classes = cfg.signals, cfg.task == "classification"
+    earlier = cfg.train.epochs - 1 if signals.checkpoints and "hyperinf" in cfg.estimators else 0
+    pilot = min(examples, cfg.compression.pilot_examples)  # the checkpoint's curvature sample: its own pass
     return Plan(
         examples=examples, device=device, matrices=len(blocks), width=fmt.width, row_bytes=row_bytes,
-        storage_bytes=row_bytes * examples,
-        warmup_s=examples * cfg.train.epochs / (rates.warmup * factor["warmup"]),
-        gradients_s=examples / (rates.gradients * factor["gradients"]),
+        storage_bytes=row_bytes * examples, warmup_s=warmup_s, gradients_s=gradients_s,
         scoring_s=examples / (rates.scoring * factor["scoring"]),
         peak_mb=rates.peak_mb, source=rates.source,
+        checkpoints_s=earlier * gradients_s * (examples + pilot) / examples,
+        probe_s=gradients_s * FORWARD_SHARE if signals.probe and classes else 0.0,
+        cross_fit_s=warmup_s * (signals.folds - 1) if signals.folds and classes else 0.0,
     )
 
 
@@ -156,9 +170,19 @@ def render(p: Plan, model: str, compression: str) -> str:
         f"  warm-up       {_duration(p.warmup_s)}",
         f"  gradient pass {_duration(p.gradients_s)}",
         f"  scoring scan  {_duration(p.scoring_s)} (queries + self-influence)",
+        f"  signals       {_signals_line(p)}",
         f"  peak memory   {p.peak_mb / 1e3:.1f} GB per worker (the largest stage peak measured; the stages stream)",
         f"  rates from    {p.source}, linear in N",
     ])
+
+
+def _signals_line(p: Plan) -> str:
+    """What the rankings beside influence add (signals.checkpoints, probe, folds), each or `off`."""
+    parts = [f"hyperinf_cp {_duration(p.checkpoints_s)} (a gradient pass per earlier epoch)" if p.checkpoints_s
+             else "hyperinf_cp off", f"probe {_duration(p.probe_s)} (one forward pass, scaled: 1/3 of a gradient "
+             "pass)" if p.probe_s else "probe off", f"confident {_duration(p.cross_fit_s)} (K warm-ups on (K-1)/K of "
+             "the pool)" if p.cross_fit_s else "confident off"]
+    return "; ".join(parts)
 
 
 def plan_command(config_path: Path, examples: int, device: str) -> int:

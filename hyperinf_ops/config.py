@@ -200,7 +200,8 @@ class HyperinfConfig(Settings):
     @property
     def fusion_members(self) -> tuple[str, ...]:
         """The rankings `fused` combines: `signals.fuse`, or `default_fusion` of the estimators."""
-        return self.signals.fuse or default_fusion(self.estimators, self.signals.checkpoints)
+        return self.signals.fuse or default_fusion(self.estimators, self.signals.checkpoints, self.signals.probe,
+                                                   self.task == "classification")
 
     @property
     def curation_auto(self) -> bool:
@@ -329,6 +330,8 @@ def rankings(raw: Mapping[str, Any]) -> dict[str, str]:
     out["loss"] = SELF_TARGET
     if classes:
         out.update(margin=SELF_TARGET, aum=SELF_TARGET)
+        if signals.get("probe", SignalSettings().probe):
+            out["probe"] = SELF_TARGET
         if signals.get("folds", SignalSettings().folds):
             out["confident"] = SELF_TARGET
     if signals.get("checkpoints", SignalSettings().checkpoints) and "hyperinf" in out:
@@ -348,7 +351,7 @@ def _signal_problems(signals: Mapping[str, Any], task: Any, estimators: Any) -> 
     if not unknown:
         return []
     why = {"confident": "needs signals.folds >= 2", "hyperinf_cp": "needs signals.checkpoints: true and hyperinf",
-           "margin": "needs classes", "aum": "needs classes"}
+           "probe": "needs signals.probe: true and classes", "margin": "needs classes", "aum": "needs classes"}
     return [f"signals.fuse: {m!r} is not a ranking this config writes"
             + (f" ({why[m]})" if m in why else f"{did_you_mean(str(m), available)}; available: {sorted(available)}")
             for m in unknown]

@@ -128,7 +128,7 @@ Scalar = str | bool | int | float
 
 # The curation a config without a `curation:` block exports (docs/results.md: the candidate that won on the most
 # datasets, measured by benchmarks/bench_curation.py).
-DEFAULT_CURATION = {"query": "drop_harmful", "params": {"fraction": 0.2, "method": "fused"}}
+DEFAULT_CURATION = {"query": "drop_issues", "params": {"method": "fused"}}
 
 
 class CurationSection(Settings):
@@ -185,8 +185,8 @@ class EvaluationSection(Settings):
 
     test: TestFile
     queries: tuple[Literal["drop_harmful", "drop_issues", "relabel", "top_fraction"], ...] = Field(
-        ("drop_harmful", "relabel"), strict=False, min_length=1)
-    fractions: tuple[Annotated[float, Field(gt=0, le=1)], ...] = Field((0.1, 0.2), strict=False, min_length=1)
+        ("drop_harmful", "drop_issues", "relabel"), strict=False, min_length=1)
+    fractions: tuple[Annotated[float, Field(gt=0, le=1)], ...] = Field((0.2,), strict=False, min_length=1)
     seeds: int = Field(2, ge=1)
     methods: tuple[str, ...] | None = Field(None, strict=False, min_length=1)
     target_set: str | None = None

@@ -63,9 +63,9 @@ SELF_TARGET = "self"
 SELF_INFLUENCE_METHODS = ("hyperinf", "tracin")
 # Rankings beside influence (signals/, stages/rankings.py): target-free ones are stored under SELF_TARGET,
 # `hyperinf_cp` and `fused` under every configured target set.
-SIGNALS = ("loss", "margin", "aum", "confident", "hyperinf_cp", "fused")
+SIGNALS = ("loss", "margin", "aum", "probe", "confident", "hyperinf_cp", "fused")
 # The target-free signals, stored under target set SELF_TARGET.
-SELF_SIGNALS = ("loss", "margin", "aum", "confident")
+SELF_SIGNALS = ("loss", "margin", "aum", "probe", "confident")
 DEVICE_PATTERN = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 
 
@@ -137,14 +137,17 @@ class TrainSettings(Settings):
 
 
 class SignalSettings(Settings):
-    """The rankings computed beside influence (the YAML `signals`; stages/rankings.py).
+    """The rankings computed beside influence (the YAML `signals`; stages/rankings.py, stages/cross_fit.py).
 
-    folds: `confident` = cleanlab's label quality of out-of-fold probabilities from `folds` warm-ups on `folds`
-    folds of the pool (0 = not computed; classification only). checkpoints: `hyperinf_cp` = HyperINF averaged over
-    the warm-up's epoch checkpoints (one more gradient pass per earlier epoch; false = not computed).
-    fuse: the rankings `fused` combines: influence estimators and `hyperinf_cp` (per target set), `loss`,
-    `margin`, `aum`, `confident`, `self_influence` (target-free); None = `default_fusion`."""
+    probe: `probe` = cleanlab's label quality of 5-fold out-of-fold probabilities of a logistic regression on the
+    base model's frozen embeddings (one forward pass of the pool; classification only). folds: `confident` =
+    the same from `folds` warm-ups on `folds` folds of the pool (0 = not computed; `folds` warm-ups of cost).
+    checkpoints: `hyperinf_cp` = HyperINF summed over the warm-up's epoch checkpoints (one more gradient pass per
+    earlier epoch; false = not computed). fuse: the rankings `fused` combines: influence estimators and
+    `hyperinf_cp` (per target set), `loss`, `margin`, `aum`, `probe`, `confident`, `self_influence`
+    (target-free); None = `default_fusion`."""
 
+    probe: bool = True
     folds: int = Field(0, ge=0)
     checkpoints: bool = True
     fuse: tuple[str, ...] | None = Field(None, strict=False, min_length=1)
@@ -157,13 +160,13 @@ class SignalSettings(Settings):
         return folds
 
 
-def default_fusion(estimators: tuple[str, ...] | list[str], checkpoints: bool) -> tuple[str, ...]:
-    """The members of `fused` when `signals.fuse` is not given: the warm-up's loss and the influence ranking
-    (HyperINF over the checkpoints when they are scored, else HyperINF, else the first estimator); measured best
-    across datasets in docs/results.md, section 7."""
-    if "hyperinf" in estimators:
-        return ("loss", "hyperinf_cp" if checkpoints else "hyperinf")
-    return ("loss", estimators[0])
+def default_fusion(estimators: tuple[str, ...] | list[str], checkpoints: bool, probe: bool,
+                   classes: bool = True) -> tuple[str, ...]:
+    """The members of `fused` when `signals.fuse` is not given: the warm-up's loss, the influence ranking
+    (HyperINF over the checkpoints when they are scored, else HyperINF, else the first estimator) and, for tasks
+    with classes, the frozen-embedding probe; measured best across datasets in docs/results.md, section 7."""
+    influence = ("hyperinf_cp" if checkpoints else "hyperinf") if "hyperinf" in estimators else estimators[0]
+    return ("loss", influence, *(("probe",) if probe and classes else ()))
 
 
 class CompressionSpec(Settings):

@@ -34,11 +34,14 @@ def print_summary(instance: dg.DagsterInstance, cfg: HyperinfConfig, config_path
         for method, auroc in sorted(aurocs.items(), key=lambda kv: -kv[1]):
             print(f"  {method:<{width}}  {auroc:.3f}")
         print("  (AUROC: the chance that a flipped example ranks as more harmful than a clean one; 0.5 = no better "
-              "than random order. self_influence_*: how much an example's own loss depends on itself, large for "
-              "examples the model cannot fit, needs no target set.)")
+              "than random order. fused: the loss, influence and probe rankings combined by rank; loss, margin, "
+              "aum, probe and self_influence_* need no target set.)")
     subset = latest_metadata(instance, "curated_subset")
     if subset:
-        print(f"\nCurated subset ({subset.get('query')}): {subset.get('dagster/row_count')} examples")
+        chosen = f", chosen by the evaluation: {subset['chosen']}" if subset.get("chosen") else ""
+        print(f"\nCurated subset ({subset.get('query')} {subset.get('params')}{chosen}): "
+              f"{subset.get('dagster/row_count')} examples" + (f", {subset['relabelled']} labels replaced"
+                                                               if subset.get("relabelled") else ""))
         labels = subset.get("labels")
         if labels is not None and labels.records:
             print("  kept per label: " + ", ".join(f"{r.data['label']} {r.data['subset']} of {r.data['pool']}"
@@ -51,14 +54,13 @@ def print_summary(instance: dg.DagsterInstance, cfg: HyperinfConfig, config_path
     if evaluation.get("results") is not None:
         from hyperinf_ops.stages.evaluation import subset_label
 
-        print(f"\nEvaluation on the test split ({evaluation.get('test_examples')} examples), mean over seeds:")
+        print(f"\nEvaluation (validation half {evaluation.get('validation_examples')} examples: chooses; test half "
+              f"{evaluation.get('test_examples')}: reported), mean over seeds; chosen: {evaluation.get('chosen')}")
         for r in (rec.data for rec in evaluation["results"].records):
-            name = subset_label(r)
-            acc = "" if r["test_accuracy"] is None else f"accuracy {r['test_accuracy']:.3f}" + (
+            acc = "" if r["test_accuracy"] is None else f"test accuracy {r['test_accuracy']:.3f}" + (
                 f" ± {r['test_accuracy_std']:.3f}" if r["test_accuracy_std"] is not None else "") + ", "
-            print(f"  {name:<30} fraction {r['fraction']:<4g} {r['n_examples']:>6} examples  {acc}loss "
-                  f"{r['test_loss']:.4f}" + (f", {r['n_flipped']:.0f} flipped kept" if r["n_flipped"] is not None
-                                             else ""))
+            print(f"  {subset_label(r):<28} {r['n_examples']:>6} examples  {acc}test loss {r['test_loss']:.4f}"
+                  + (f", {r['n_flipped']:.0f} labels wrong" if r["n_flipped"] is not None else ""))
     config = str(config_path)
     print("\nNext:")
     print(f"  hyperinf ui --config {config}     # Dagster UI: asset graph, runs, checks, metadata")

@@ -52,7 +52,10 @@ def make_project(root: Path, model_dir: Path, *, n_pool: int = 200, n_shards: in
         write_shard(root / "pool", f"shard-{i}", n_pool // n_shards, seed=i)
     for folder, name, seed in (("targets", "clean", 99), ("test", "test", 98)):
         (root / folder).mkdir(parents=True, exist_ok=True)
-        sentences(n_target, seed=seed).to_parquet(root / folder / f"{name}.parquet", index=False)
+        rows = sentences(n_target, seed=seed)
+        if folder == "test":  # ids: a test row keeps its place in the validation / test split when edited
+            rows.insert(0, "id", [f"test-{i:04d}" for i in range(n_target)])
+        rows.to_parquet(root / folder / f"{name}.parquet", index=False)
     doc: dict[str, Any] = {
         "storage_root": "store",
         "model": str(model_dir),

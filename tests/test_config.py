@@ -6,6 +6,7 @@ import pytest
 import yaml
 
 from hyperinf_ops.config import HyperinfConfig, load_config
+from hyperinf_ops.config_sections import DEFAULT_CURATION
 from hyperinf_ops.errors import ConfigError
 from hyperinf_ops.settings import CompressionSpec
 
@@ -47,9 +48,21 @@ def test_defaults_and_relative_paths(project: Path, monkeypatch: pytest.MonkeyPa
     assert cfg.compression == CompressionSpec(whiten=0.25, dtype="int4") and cfg.damping_ratio == 0.1
     partial = load_config({**minimal(), "compression": {"sketch_dim": 48}}, base_dir=project).compression
     assert (partial.sketch_dim, partial.whiten, partial.dtype) == (48, 0.25, "int4")
-    assert cfg.curation.query == "top_fraction"
-    # the query's target set and method default to the first target set and estimator, balance to on
-    assert cfg.curation.params == {"target_set": "clean_val", "method": "hyperinf", "fraction": 0.8, "balance": True}
+    # without a curation block: the measured default (docs/results.md, section 7), over the first target set
+    assert cfg.curation.query == DEFAULT_CURATION["query"] and cfg.curation.method is None and not cfg.curation_auto
+    assert cfg.curation.params == {"target_set": "clean_val", **DEFAULT_CURATION["params"]}
+    # the rankings beside influence: loss + HyperINF over the warm-up's checkpoints fused, no cross-fit
+    assert (cfg.signals.folds, cfg.signals.checkpoints, cfg.fusion_members) == (0, True, ("loss", "hyperinf_cp"))
+    assert load_config({**minimal(), "estimators": ["tracin"]}, base_dir=project).fusion_members == ("loss", "tracin")
+    # a query's target set and method default to the first target set and estimator, balance to on
+    top = load_config({**minimal(), "curation": {"query": "top_fraction", "params": {"fraction": 0.8}}},
+                      base_dir=project)
+    assert top.curation.params == {"target_set": "clean_val", "method": "hyperinf", "fraction": 0.8, "balance": True}
+    # a target-free ranking defaults to target set `self`
+    loss = load_config({**minimal(), "curation": {"query": "drop_harmful", "params": {"fraction": 0.1,
+                                                                                     "method": "loss"}}},
+                       base_dir=project)
+    assert loss.curation.params["target_set"] == "self"
 
 
 def test_round_trip(project: Path):
@@ -87,9 +100,14 @@ def test_every_problem_in_one_error(project: Path):
     assert "targets.clean_val: give exactly one of" in text
     assert "curation.query: no query 'top_fractoin'" in text and "did you mean 'top_fraction'" in text
     assert len(found) == 10, found  # nothing reported twice
-    found = problems({**minimal(), "curation": {"params": {"target_set": "clean", "fraction": "most"}}},
+    found = problems({**minimal(), "curation": {"query": "top_fraction",
+                                                "params": {"target_set": "clean", "fraction": "most"}}},
                      base_dir=project)
     assert any("curation.params.target_set: 'clean' is not a configured target set" in p for p in found)
+    # params without their query: the default query has other params, so say which query
+    assert problems({**minimal(), "curation": {"params": {"fraction": 0.8}}}, base_dir=project) == [
+        "curation.query: required with curation.params (the default curation is drop_issues with "
+        "{'method': 'fused'}): name the query the params are for"]
 
 
 def test_missing_required_and_missing_files(tmp_path: Path):
@@ -129,7 +147,7 @@ def test_other_value_checks(project: Path):
     for expected in ("storage_root: 'gs://bucket/x': object-store roots must be s3://bucket/prefix", "device: 'tpu'", "compression.dtype",
                      "estimators: listed more than once: ['tracin']", "estimator_options.lissa_iters: unknown",
                      "curation.params.kk: query 'top_k' takes no such parameter",
-                     "curation.params.method: 'lissa' is not one of the configured estimators",
+                     "curation.params.method: 'lissa' is not a ranking this config writes for a target set",
                      "curation.params: query 'top_k' needs ['k']"):
         assert expected in text
     with pytest.raises(ConfigError, match="not valid YAML"):
@@ -150,8 +168,13 @@ def test_self_is_the_self_influence_target_set(project: Path):
     found = problems({**minimal(), "curation": {"query": "drop_harmful",
                                                 "params": {"target_set": "self", "method": "datainf"}}},
                      base_dir=project)
-    assert any("curation.params.method: target set 'self' is scored with ['hyperinf', 'tracin']" in p
-               for p in found), found
+    assert any("curation.params.method: target set 'self' holds ['hyperinf', 'tracin', 'loss', 'margin', 'aum'], "
+               "not 'datainf'" in p for p in found), found
+    # a target-free ranking under a configured target set: say where it is stored
+    found = problems({**minimal(), "curation": {"query": "drop_harmful", "params": {
+        "target_set": "clean_val", "method": "aum", "fraction": 0.1}}}, base_dir=project)
+    assert found == ["curation.params.method: 'aum' ranks without a target set: it is stored under target set "
+                     "'self' (set curation.params.target_set: self)"]
 
 
 def test_keys_of_earlier_versions_name_their_replacement(project: Path):
@@ -165,31 +188,70 @@ def test_keys_of_earlier_versions_name_their_replacement(project: Path):
 
 
 def test_evaluation_block(project: Path):
-    """The evaluation block: defaults, relative test path, and every problem with the others."""
+    """The evaluation block: defaults, candidates, relative test path, and every problem with the others."""
     cfg = load_config({**minimal(), "evaluation": {"test": {"path": "data/val.parquet"}}}, base_dir=project)
     ev = cfg.evaluation
-    assert ev.test.path == project / "data" / "val.parquet" and ev.fractions == (0.5, 0.8) and ev.seeds == 2
-    assert cfg.evaluation_methods == cfg.estimators and cfg.evaluation_target == "clean_val"
+    assert ev.test.path == project / "data" / "val.parquet" and ev.fractions == (0.1, 0.2) and ev.seeds == 2
+    assert ev.queries == ("drop_harmful", "drop_issues", "relabel") and ev.validation == 0.5
+    assert cfg.evaluation_target == "clean_val" and cfg.curation_auto and cfg.export_name == "auto"
+    assert [c.name for c in cfg.evaluation_candidates] == [
+        "drop_harmful(fused, 0.1)", "drop_harmful(fused, 0.2)", "drop_issues(fused)", "relabel(fused, 0.1)",
+        "relabel(fused, 0.2)"]
     assert load_config(cfg.to_dict()) == cfg
+    grid = load_config({**minimal(), "evaluation": {"test": {"path": "data/val.parquet"}, "queries": ["top_fraction"],
+                                                    "methods": ["loss", "hyperinf"], "fractions": [0.8],
+                                                    "balance": [False, True]}}, base_dir=project)
+    assert [(c.name, c.target_set) for c in grid.evaluation_candidates] == [
+        ("top_fraction(loss, 0.8)", "self"), ("top_fraction(loss, 0.8, balanced)", "self"),
+        ("top_fraction(hyperinf, 0.8)", "clean_val"), ("top_fraction(hyperinf, 0.8, balanced)", "clean_val")]
+    fixed = load_config({**minimal(), "curation": {"method": "fixed"},
+                         "evaluation": {"test": {"path": "data/val.parquet"}}}, base_dir=project)
+    assert not fixed.curation_auto and fixed.export_name == DEFAULT_CURATION["query"]
+    assert problems({**minimal(), "curation": {"method": "auto"}}, base_dir=project) == [
+        "curation.method: auto chooses by the evaluation: add an `evaluation:` block (a labelled test file), or "
+        "use method: fixed"]
     found = problems({**minimal(), "evaluation": {
         "test": {"path": "data/nope.parquet"}, "fractions": [0, 1.5], "seeds": 0, "methods": ["lissa", "hyperinff"],
-        "target_set": "clean_vall"}}, base_dir=project)
+        "target_set": "clean_vall", "queries": ["keep_all"], "validation": 1}}, base_dir=project)
     text = "\n".join(found)
     assert "evaluation.test.path:" in text and "nope.parquet' is not a file" in text
     assert "evaluation.fractions[0]: must be > 0" in text and "evaluation.fractions[1]: must be <= 1" in text
-    assert "evaluation.seeds: must be >= 1" in text
-    assert "evaluation.methods[1]: 'hyperinff' is not one of" in text
+    assert "evaluation.seeds: must be >= 1" in text and "evaluation.validation: must be < 1" in text
+    assert "evaluation.queries[0]: 'keep_all' is not one of" in text
     assert "evaluation.target_set: 'clean_vall' is not a configured target set" in text
     assert "did you mean 'clean_val'" in text
-    assert "evaluation.methods: ['lissa', 'hyperinff'] are not configured estimators" in text
+    assert "evaluation.methods: ['lissa', 'hyperinff'] are not rankings this config writes" in text
+
+
+def test_signals_block(project: Path):
+    """`signals`: which rankings exist decides what `fuse`, the curation and the evaluation may name."""
+    cfg = load_config({**minimal(), "signals": {"folds": 3, "fuse": ["confident", "aum", "hyperinf"]},
+                       "curation": {"query": "relabel", "params": {"method": "confident", "fraction": 1}}},
+                      base_dir=project)
+    assert cfg.fusion_members == ("confident", "aum", "hyperinf") and cfg.curation.params["target_set"] == "self"
+    found = problems({**minimal(), "signals": {"folds": 1, "checkpoints": False,
+                                               "fuse": ["confident", "hyperinf_cp", "los"]}}, base_dir=project)
+    text = "\n".join(found)
+    assert "signals.folds: one fold leaves nothing out" in text
+    assert "signals.fuse: 'hyperinf_cp' is not a ranking this config writes (needs signals.checkpoints: true and " \
+           "hyperinf)" in text
+    assert "signals.fuse: 'los' is not a ranking this config writes (did you mean 'loss'?" in text
+    causal = problems({**minimal(), "task": "causal_lm", "signals": {"fuse": ["margin", "loss"]}}, base_dir=project)
+    assert causal == ["signals.fuse: 'margin' is not a ranking this config writes (needs classes)"]
 
 
 @pytest.mark.parametrize(("curation", "problem"), [
-    ({"params": {"fraction": "lots"}}, "curation.params.fraction: input should be a valid number, got 'lots'"),
-    ({"params": {"fraction": "0.8"}}, "curation.params.fraction: input should be a valid number, got '0.8'"),
-    ({"params": {"fraction": 0}}, "curation.params.fraction: input should be greater than 0, got 0"),
-    ({"params": {"fraction": 1.5}}, "curation.params.fraction: input should be less than or equal to 1, got 1.5"),
-    ({"params": {"balance": "yes"}}, "curation.params.balance: input should be a valid boolean, got 'yes'"),
+    ({"query": "top_fraction", "params": {"fraction": "lots"}},
+     "curation.params.fraction: input should be a valid number, got 'lots'"),
+    ({"query": "top_fraction", "params": {"fraction": "0.8"}},
+     "curation.params.fraction: input should be a valid number, got '0.8'"),
+    ({"query": "top_fraction", "params": {"fraction": 0}},
+     "curation.params.fraction: input should be greater than 0, got 0"),
+    ({"query": "top_fraction", "params": {"fraction": 1.5}},
+     "curation.params.fraction: input should be less than or equal to 1, got 1.5"),
+    ({"query": "top_fraction", "params": {"fraction": 0.5, "balance": "yes"}},
+     "curation.params.balance: input should be a valid boolean, got 'yes'"),
+    ({"query": "relabel", "params": {"fraction": 0}}, "curation.params.fraction: input should be greater than 0, got 0"),
     ({"query": "drop_harmful", "params": {"fraction": 1}},
      "curation.params.fraction: input should be less than 1, got 1"),
     ({"query": "top_k", "params": {"k": 0}}, "curation.params.k: input should be greater than or equal to 1, got 0"),
@@ -202,8 +264,10 @@ def test_curation_parameter_types_and_ranges(project: Path, curation: dict, prob
 
 
 def test_curation_parameters_in_range_pass(project: Path):
-    for curation in ({"params": {"fraction": 1}}, {"params": {"fraction": 0.25, "balance": False}},
-                     {"query": "drop_harmful", "params": {"fraction": 0}}, {"query": "top_k", "params": {"k": 3}}):
+    for curation in ({"query": "top_fraction", "params": {"fraction": 1}},
+                     {"query": "top_fraction", "params": {"fraction": 0.25, "balance": False}},
+                     {"query": "drop_harmful", "params": {"fraction": 0}}, {"query": "top_k", "params": {"k": 3}},
+                     {"query": "relabel", "params": {"fraction": 1}}, {"query": "drop_issues"}):
         load_config({**minimal(), "curation": curation}, base_dir=project)
 
 

@@ -1,5 +1,5 @@
 """benchmarks/bench_selection.py --quick: the real pipeline with an `evaluation:` block on a tiny random BERT; every
-planned fit (full pool, each method's curated subset, one random subset per seed) is in the table with the
+planned fit (full pool, oracle, each method's curated subset, one random subset per seed) is in the table with the
 planned size, the curated subsets are exactly the `top_fraction` SQL rows, the full pool keeps every planted flip,
 a rerun refits nothing, and --report writes the Markdown table and the PNG."""
 
@@ -35,11 +35,12 @@ def test_quick_selection_benchmark_fits_every_planned_subset(tmp_path):
     rows = result["rows"]
     n_pool, half = 120, math.ceil(0.5 * 120)
 
-    # every planned fit, once: per seed the full pool, each method's curated half and one random half
+    # every planned fit, once: per seed the full pool, the oracle (the pool without its flips), each method's
+    # curated half and one random half
     planned = sorted((s, sub, m) for s in (0, 1) for sub, m in
-                     [("full", None), ("random", None)] + [("curated", m) for m in METHODS])
+                     [("full", None), ("oracle", None), ("random", None)] + [("curated", m) for m in METHODS])
     assert sorted((r["seed"], r["subset"], r["method"]) for r in rows) == sorted(planned)
-    assert len({r["fit_key"] for r in rows}) == len(rows) == 10
+    assert len({r["fit_key"] for r in rows}) == len(rows) == 12
 
     # the pool, read independently of the benchmark
     con = connect(LanceStore(result["storage_root"]))
@@ -50,12 +51,14 @@ def test_quick_selection_benchmark_fits_every_planned_subset(tmp_path):
     pool_flips = sum(flipped.values())
     assert pool_flips == result["pool_flipped"] == round(0.2 * n_pool)
 
-    for r in rows:
-        assert r["test_examples"] == 40 and r["test_loss"] > 0 and 0 <= r["test_accuracy"] <= 1
-        assert sum(json.loads(r["label_counts"]).values()) == r["n_examples"]
+    for r in rows:  # the 40 test rows, half of them reported
+        assert r["test_examples"] == r["validation_examples"] == 20 and r["test_loss"] > 0
+        assert 0 <= r["test_accuracy"] <= 1 and sum(json.loads(r["label_counts"]).values()) == r["n_examples"]
         if r["subset"] == "full":
             assert (r["n_examples"], r["fraction"], r["n_flipped"]) == (n_pool, 1.0, pool_flips)
             assert r["target_set"] is None
+        elif r["subset"] == "oracle":
+            assert (r["n_examples"], r["n_flipped"]) == (n_pool - pool_flips, 0)
         else:
             assert (r["n_examples"], r["fraction"]) == (half, 0.5)
         if r["subset"] == "curated":  # exactly the rows the curation query selects from that ranking
@@ -82,7 +85,7 @@ def test_quick_selection_benchmark_fits_every_planned_subset(tmp_path):
 
     # the summary is the product's: mean and std over the two seeds
     summary = {(s["subset"], s["method"]): s for s in result["summary"]}
-    assert set(summary) == {("full", None), ("random", None), *(("curated", m) for m in METHODS)}
+    assert set(summary) == {("full", None), ("oracle", None), ("random", None), *(("curated", m) for m in METHODS)}
     full = [r["test_accuracy"] for r in rows if r["subset"] == "full"]
     assert np.isclose(summary["full", None]["test_accuracy"], np.mean(full))
     assert np.isclose(summary["full", None]["test_accuracy_std"], np.std(full, ddof=1))
@@ -101,4 +104,5 @@ def test_quick_selection_benchmark_fits_every_planned_subset(tmp_path):
     text = md.read_text()
     assert "### Toy pool" in text and "img/results/selection_toy_pool.png" in text
     assert text.count("| curated |") == 3 and text.count("| random |") == 1 and text.count("| full |") == 1
+    assert text.count("| oracle |") == 1
     assert rep["Toy pool"]["summary"] == result["summary"]

@@ -29,9 +29,10 @@ from pipelines.launcher import failure_message
 from pipelines.runner import failed_checks, materialize_all
 
 ROW_TABLES = ("examples", "targets", "gradients", "curvature", "queries", "scores", "evaluation")
-# The built project's evaluation: 2 seeds x (full + 2 methods x 2 curated variants + random) at one fraction = 12 fits.
-EVALUATION = {"test": {"path": "test/test.parquet"}, "fractions": [0.5], "seeds": 2, "methods": ["hyperinf", "tracin"],
-              "balance": [False, True]}
+# The built project's evaluation: 2 seeds x (full + oracle + 3 queries x 2 rankings + a random subset of each
+# smaller size) fits; `curation.method: auto` exports the validation winner.
+EVALUATION = {"test": {"path": "test/test.parquet"}, "queries": ["drop_harmful", "drop_issues", "relabel"],
+              "fractions": [0.2], "seeds": 2, "methods": ["fused", "loss"]}
 
 
 @pytest.fixture(scope="module")
@@ -65,8 +66,8 @@ def test_definitions_load():
     dg.Definitions.validate_loadable(defs)
     keys = {a.key.to_user_string() for a in ASSETS}
     assert keys == {"pool_files", "pool_examples", "target_sets", "lora_adapter", "row_codec", "lora_gradients",
-                    "preconditioners", "target_queries", "influence_scores", "curated_subset", "mislabel_report",
-                    "evaluation"}
+                    "cross_fit", "checkpoint_scores", "preconditioners", "target_queries", "influence_scores",
+                    "curated_subset", "mislabel_report", "evaluation"}
     assert len(ASSET_CHECKS) == 4
     assert {j for j in ("shard_job", "adapter_job", "refresh_job") if defs.resolve_job_def(j)} == {
         "shard_job", "adapter_job", "refresh_job"}
@@ -110,9 +111,10 @@ def test_metadata_and_data_versions(built):
     assert adapter["curve"].startswith("![warm-up per epoch")
     subset = _meta(instance, "curated_subset")
     kept = [r.data for r in subset["labels"].records]
-    assert sum(r["subset"] for r in kept) == subset["dagster/row_count"] == sum(math.ceil(0.5 * r["pool"]) for r in kept)
+    assert sum(r["subset"] for r in kept) == subset["dagster/row_count"]
     n = subset["dagster/row_count"]
     assert subset["flipped_pool"] == 40 and subset["flipped_removed_at_random"] == pytest.approx(40 * (1 - n / 200), abs=0.01)
+    assert subset["chosen"] == _meta(instance, "evaluation")["chosen"]  # auto: the evaluation's winner
     assert _meta(instance, "pool_examples", "shard-0")["written"] is True
     # data versions: the adapter's is its hash, a gradient shard's is what it was computed under and from
     adapter = instance.get_latest_data_version_record(dg.AssetKey("lora_adapter"))
@@ -150,7 +152,8 @@ def test_asset_pages_show_tables_inline(built):
                             "curated_subset", "mislabel_report")}
     assert all(t.schema is not None and t.records for ts in tables.values() for t in ts.values())
     assert _columns(tables["preconditioners"]["solver_health"])[:3] == ["matrix", "iterations", "residual"]
-    assert len(tables["influence_scores"]["score_stats"].records) == 5  # 3 estimators + 2 self-influence
+    # per target set 3 estimators + hyperinf_cp + fused; self: 2 self-influence + loss, margin, aum, probe
+    assert len(tables["influence_scores"]["score_stats"].records) == 11
     example_tables = [tables["influence_scores"]["most_harmful (curation target/method)"],
                       tables["influence_scores"]["most_helpful (curation target/method)"],
                       tables["mislabel_report"]["most_harmful"]]
@@ -164,7 +167,8 @@ def test_asset_pages_show_tables_inline(built):
     assert _columns(preview) == ["rank", "score", "sample_id", "label", "flipped", "text"]  # no content_hash
     assert [r.data["rank"] for r in preview.records] == list(range(1, 11))
     detection = [r.data["ranking"] for r in tables["mislabel_report"]["detection"].records]
-    assert detection == ["hyperinf", "datainf", "tracin", "self_influence_hyperinf", "self_influence_tracin"]
+    assert detection == ["hyperinf", "datainf", "fused", "hyperinf_cp", "tracin", "aum", "self_influence_hyperinf",
+                         "loss", "margin", "probe", "self_influence_tracin"]  # the curation's method first
     schemas = {asset: _metadata_values(instance, asset)["dagster/column_schema"].schema
                for asset in ("target_sets", "influence_scores", "curated_subset")}
     assert {"sample_id", "target_set", "method", "score", "rank"} <= {c.name for c in schemas["influence_scores"].columns}
@@ -191,62 +195,151 @@ def test_short_ids_and_inline_histogram():
         assert markdown.startswith("![clean / hyperinf](data:image/png;base64,") and len(markdown) < 1000
 
 
-def test_curated_subset_matches_sql_on_scores(built):
+def test_curated_subset_matches_sql_on_scores(built, tmp_path):
+    """A fixed curation (the stage `curated_subset` runs for `curation.method: fixed`): exactly the SQL's rows."""
+    from hyperinf_ops.stages.curation import curate
+
     cfg_path, _, _ = built
     cfg = load_config(cfg_path)
-    subset = pq.read_table(cfg.storage_root / "exports" / "top_fraction" / "subset.parquet").to_pandas()
-    con = connect(LanceStore(str(cfg.storage_root)))
-    expected = run_query(con, "top_fraction", cfg.curation.params).to_pandas()
+    store = LanceStore(str(cfg.storage_root))
+    params = {"target_set": "clean", "method": "hyperinf", "fraction": 0.5, "balance": True}
+    summary = curate(store, "top_fraction", params, name="test_fixed", log=lambda _: None)
+    subset = pq.read_table(summary.files["parquet"]).to_pandas()
+    con = connect(store)
+    expected = run_query(con, "top_fraction", params).to_pandas()
     con.close()
-    labels = LanceStore(str(cfg.storage_root)).open("examples").to_table(columns=["label"])["label"]
+    labels = store.open("examples").to_table(columns=["label"])["label"]
     assert len(subset) == sum(math.ceil(0.5 * c["counts"]) for c in labels.value_counts().to_pylist())  # balanced
     assert subset["sample_id"].tolist() == expected["sample_id"].tolist()
     assert subset["influence_score"].tolist() == pytest.approx(expected["score"].tolist())
+    assert not subset["relabelled"].any() and (subset["label"] == subset["original_label"]).all()
 
 
-def test_evaluation_table_has_one_row_per_fit_on_the_planned_subsets(built):
+def test_relabel_export_keeps_every_example_and_the_original_labels(built):
+    """relabel: every pool example; among the 30% most harmful by fused, those whose suggested label differs get
+    it (`label`), with `original_label` and `relabelled`; the report counts corrections against the truth."""
+    from hyperinf_ops.stages.curation import curate
+
+    cfg_path, _, _ = built
+    cfg = load_config(cfg_path)
+    store = LanceStore(str(cfg.storage_root))
+    summary = curate(store, "relabel", {"target_set": "clean", "method": "fused", "fraction": 0.3},
+                     name="test_relabel", log=lambda _: None)
+    subset = pd.read_parquet(summary.files["parquet"]).set_index("sample_id")
+    con = connect(store)
+    suggestions = con.sql("SELECT sample_id, label, suggested_label FROM label_suggestions").df().set_index("sample_id")
+    fused = con.sql("SELECT sample_id, rank FROM scores WHERE target_set = 'clean' AND method = 'fused'").df()
+    examples = con.sql("SELECT sample_id, label, flipped FROM examples").df().set_index("sample_id")
+    con.close()
+    assert len(subset) == 200 and set(subset.index) == set(examples.index)
+    harmful = set(fused.loc[fused["rank"] > 200 - math.ceil(0.3 * 200), "sample_id"])
+    changed = {i for i in harmful if suggestions.loc[i, "suggested_label"] != suggestions.loc[i, "label"]}
+    assert set(subset.index[subset["relabelled"]]) == changed and changed
+    assert (subset.loc[list(changed), "label"] == suggestions.loc[list(changed), "suggested_label"]).all()
+    assert (subset["original_label"] == examples.loc[subset.index, "label"]).all()
+    kept = subset.index[~subset["relabelled"]]
+    assert (subset.loc[kept, "label"] == subset.loc[kept, "original_label"]).all()
+    flipped = examples["flipped"].astype(bool)
+    corrected = sum(bool(flipped[i]) for i in changed)  # two classes: a relabelled flip gets its true label
+    assert summary.relabelled == len(changed)
+    assert (summary.flipped["corrected"], summary.flipped["broken"]) == (corrected, len(changed) - corrected)
+    assert summary.flipped["still_wrong"] == int(flipped.sum()) - corrected + (len(changed) - corrected)
+
+
+def test_evaluation_fits_every_candidate_and_auto_exports_the_validation_winner(built):
     cfg_path, instance, _ = built
     cfg = load_config(cfg_path)
     store = LanceStore(str(cfg.storage_root))
     con = connect(store)  # what `hyperinf sql` reads
-    rows = con.sql("SELECT * FROM evaluation ORDER BY seed, subset, method, balance").to_arrow_table().to_pylist()
-    curated = {(m, b): sorted(run_query(con, "top_fraction", {"target_set": "clean", "method": m, "fraction": 0.5,
-                                                              "balance": b})["sample_id"].to_pylist())
-               for m in ("hyperinf", "tracin") for b in (False, True)}
-    flipped = dict(con.sql("SELECT sample_id, flipped FROM examples").fetchall())
-    pool_labels = dict(con.sql("SELECT label, count(*) FROM examples GROUP BY label").fetchall())
+    rows = con.sql("SELECT * FROM evaluation ORDER BY seed, subset, candidate").to_arrow_table().to_pylist()
+    examples = {i: (lab, f) for i, lab, f in con.sql("SELECT sample_id, label, flipped FROM examples").fetchall()}
+    subsets = {}
+    for q in ("drop_harmful", "drop_issues", "relabel"):
+        for m in ("fused", "loss"):
+            params = {"target_set": "self" if m == "loss" else "clean", "method": m,
+                      **({} if q == "drop_issues" else {"fraction": 0.2})}
+            subsets[f"{q}({m}{'' if q == 'drop_issues' else ', 0.2'})"] = run_query(con, q, params).to_pylist()
+    n_issues = con.execute("SELECT count(*) FROM label_suggestions WHERE issue").fetchone()[0]
     con.close()
-    assert [(r["subset"], r["method"], r["balance"], r["seed"]) for r in rows] == [
-        (s, m, b, seed) for seed in (0, 1) for s, m, b in
-        (("curated", "hyperinf", False), ("curated", "hyperinf", True), ("curated", "tracin", False),
-         ("curated", "tracin", True), ("full", None, False), ("random", None, False))]
-    balanced_size = sum(math.ceil(0.5 * n) for n in pool_labels.values())
+    sizes = sorted({160, 200 - n_issues} - {200}, reverse=True)
+    assert sorted((r["seed"], r["subset"], r["candidate"] or "") for r in rows) == sorted(
+        (seed, s, c) for seed in (0, 1) for s, c in [("full", ""), ("oracle", ""), *(("curated", c) for c in subsets),
+                                                     *(("random", "") for _ in sizes)])
     for r in rows:
-        assert r["n_examples"] == {"full": 200, "random": 100}.get(r["subset"], balanced_size if r["balance"] else 100)
-        assert r["fraction"] == (1.0 if r["subset"] == "full" else 0.5) and r["test_examples"] == 40
-        assert 0 <= r["test_accuracy"] <= 1 and r["test_loss"] > 0
+        assert r["validation_examples"] == r["test_examples"] == 20  # the 40 test rows, halved
+        assert 0 <= r["test_accuracy"] <= 1 and 0 <= r["validation_accuracy"] <= 1 and r["test_loss"] > 0
         assert sum(json.loads(r["label_counts"]).values()) == r["n_examples"]
-        assert (r["target_set"] == "clean") == (r["subset"] == "curated")
         if r["subset"] == "full":
-            assert r["n_flipped"] == 40
-        if r["subset"] == "curated":  # the flips counted are exactly those of the query's rows
-            assert r["n_flipped"] == sum(flipped[i] for i in curated[r["method"], r["balance"]])
-        if r["balance"]:  # every label keeps its share of the pool
-            assert json.loads(r["label_counts"]) == {k: math.ceil(0.5 * n) for k, n in pool_labels.items()}
-    # the two random subsets differ (one per seed); curated subsets repeat with another training seed only
-    randoms = [r for r in rows if r["subset"] == "random"]
-    assert randoms[0]["n_flipped"] != randoms[1]["n_flipped"] or randoms[0]["label_counts"] != randoms[1]["label_counts"]
+            assert (r["n_examples"], r["n_flipped"], r["n_relabelled"]) == (200, 40, 0)
+        if r["subset"] == "oracle":  # the pool without its planted flips
+            assert (r["n_examples"], r["n_flipped"]) == (160, 0)
+        if r["subset"] == "random":
+            assert r["n_examples"] in sizes and r["n_relabelled"] == 0
+        if r["subset"] != "curated":
+            continue
+        # exactly the query's rows and labels: the flips still wrong counted by hand (two classes: a relabelled
+        # flip is corrected, a relabelled clean example broken)
+        selected = subsets[r["candidate"]]
+        new = {x["sample_id"]: x["new_label"] for x in selected if x.get("new_label") is not None}
+        wrong = sum(examples[x["sample_id"]][1] != (x["sample_id"] in new) for x in selected)
+        assert (r["n_examples"], r["n_relabelled"], r["n_flipped"]) == (len(selected), len(new), wrong)
+        assert r["query"] in r["candidate"] and (r["target_set"] == "self") == (r["method"] == "loss")
+        if r["query"] == "relabel":
+            assert len(selected) == 200 and all(new[i] != examples[i][0] for i in new)
+        if r["query"] == "drop_issues":
+            assert len(selected) == 200 - n_issues
     meta = _meta(instance, "evaluation")
-    assert meta["fits"] == 12 and meta["reused"] == 0 and meta["plot"].startswith("![mean test accuracy")
-    results = [r.data for r in meta["results"].records]
-    assert [(r["subset"], r["method"], r["balance"]) for r in results] == [
-        ("full", None, False), ("curated", "hyperinf", False), ("curated", "tracin", False),
-        ("curated", "hyperinf", True), ("curated", "tracin", True), ("random", None, False)]
-    full = [r["test_accuracy"] for r in rows if r["subset"] == "full"]
-    assert results[0]["test_accuracy"] == pytest.approx(sum(full) / 2, abs=1e-4)
-    manifest = json.loads((cfg.storage_root / "exports" / "top_fraction" / "manifest.json").read_text())
-    assert [r["subset"] for r in manifest["report"]["evaluation"]] == ["full"] + ["curated"] * 4 + ["random"]
+    assert meta["fits"] == len(rows) == 2 * (2 + 6 + len(sizes)) and meta["reused"] == 0
+    assert meta["plot"].startswith("![mean test accuracy")
+    # the winner: the best mean validation accuracy over seeds, by hand (ties: the full pool, then config order)
+    mean_val = {}
+    for r in rows:
+        if r["subset"] in ("full", "curated"):
+            mean_val.setdefault(r["candidate"] or "full pool", []).append(r["validation_accuracy"])
+    order = ["full pool", *[c.name for c in cfg.evaluation_candidates]]
+    best = max(order, key=lambda c: (sum(mean_val[c]) / 2, -order.index(c)))
+    assert meta["chosen"] == best
+    manifest = json.loads((cfg.storage_root / "exports" / "auto" / "manifest.json").read_text())
+    assert manifest["report"]["chosen"] == best and manifest["report"]["chosen_by"] == "validation_accuracy"
+    assert {r["candidate"] or r["subset"] for r in manifest["report"]["evaluation"]} >= {"full", "oracle", *subsets}
+    exported = pd.read_parquet(cfg.storage_root / "exports" / "auto" / "subset.parquet")
+    winner = subsets.get(best, [{"sample_id": i} for i in examples])
+    assert sorted(exported["sample_id"]) == sorted(x["sample_id"] for x in winner)
     assert manifest["report"]["flipped"]["pool"] == 40 and len(manifest["report"]["labels"]) == 2
+
+
+def test_auto_never_reads_the_test_rows_it_reports(tmp_path, tiny_model):
+    """Only the test half changes (labels of the rows it holds, ids kept): every fit is made again, its
+    validation numbers are the same, its test numbers move, and the choice does not."""
+    evaluation = {"test": {"path": "test/test.parquet"}, "queries": ["drop_harmful", "relabel"], "fractions": [0.2],
+                  "seeds": 1, "methods": ["fused"]}
+    cfg_path = make_project(tmp_path, tiny_model, n_pool=120, evaluation=evaluation)
+    cfg = load_config(cfg_path)
+    store = LanceStore(str(cfg.storage_root))
+
+    def outcome() -> tuple[str, dict, dict]:
+        with dg.DagsterInstance.ephemeral() as instance:
+            materialize_all(instance, cfg_path, cfg, log=lambda _: None)
+            chosen = _meta(instance, "evaluation")["chosen"]
+        rows = store.open("evaluation").to_table().to_pylist()
+        key = [(r["candidate"] or r["subset"], r["n_examples"]) for r in rows]
+        return (chosen, dict(zip(key, [r["validation_accuracy"] for r in rows], strict=True)),
+                dict(zip(key, [(r["test_accuracy"], r["test_loss"]) for r in rows], strict=True)))
+
+    chosen, validation, test = outcome()
+    from hyperinf_ops.data.prepare import prepare_test
+    from hyperinf_ops.stages.evaluation import split_test
+
+    test_file = tmp_path / "test" / "test.parquet"
+    rows = prepare_test(test_file, cfg.data, cfg.task, ["neg", "pos"]).to_pylist()
+    reported = {r["sample_id"] for r in split_test(rows, cfg.evaluation.validation)[1]}
+    df = pd.read_parquet(test_file)
+    swap = df["id"].isin(reported)
+    df.loc[swap, "label"] = df.loc[swap, "label"].map({"pos": "neg", "neg": "pos"})
+    df.to_parquet(test_file, index=False)
+    again, validation_again, test_again = outcome()
+    assert again == chosen and validation_again == validation
+    assert all(test_again[k] != test[k] for k in test)  # the reported half did change under every fit
 
 
 def test_untrainable_warmup_fails_its_check_with_the_message(tmp_path, tiny_model):
@@ -285,7 +378,8 @@ def test_rerun_launches_one_refresh_and_duplicates_nothing(built):
     after = store.open("scores").to_table().to_pandas().sort_values(["method", "sample_id"])
     assert after["score"].to_numpy() == pytest.approx(scores_before["score"].to_numpy(), rel=1e-6)
     assert _meta(instance, "preconditioners")["prepared"] == []  # the stored inverses still fit
-    assert (_meta(instance, "evaluation")["fits"], _meta(instance, "evaluation")["reused"]) == (12, 12)
+    fits = _meta(instance, "evaluation")["fits"]
+    assert _meta(instance, "evaluation")["reused"] == fits > 0
 
 
 def test_added_shard_computes_only_that_shard_and_one_solve_per_refresh(tmp_path, tiny_model):

@@ -37,6 +37,17 @@ def test_storage_and_times_scale_linearly_and_cuda_divides(config_file):
     assert gpu.storage_bytes == big.storage_bytes and gpu.peak_mb == big.peak_mb
 
 
+def test_signal_costs(config_file):
+    """hyperinf_cp: a gradient pass (and its pilot) per earlier epoch; probe: a forward pass (a third of a gradient
+    pass); confident: K - 1 warm-ups' worth (K on (K-1)/K of the pool); off costs nothing."""
+    cfg = load_config(config_file)
+    p = plan(cfg, 100_000)
+    assert p.checkpoints_s == pytest.approx((cfg.train.epochs - 1) * p.gradients_s * (100_000 + 512) / 100_000)
+    assert p.probe_s == pytest.approx(p.gradients_s / 3) and p.cross_fit_s == 0
+    on = plan(load_config({**cfg.to_dict(), "signals": {"folds": 5, "checkpoints": False, "probe": False}}), 100_000)
+    assert (on.checkpoints_s, on.probe_s) == (0, 0) and on.cross_fit_s == pytest.approx(4 * on.warmup_s)
+
+
 def test_llama_shapes_follow_grouped_query_attention():
     config = {"model_type": "llama", "hidden_size": 576, "num_hidden_layers": 30, "num_attention_heads": 9,
               "num_key_value_heads": 3, "head_dim": 64}
@@ -58,3 +69,4 @@ def test_cli_prints_the_plan(config_file, capsys):
     assert main(["plan", "--config", str(config_file), "--examples", "1000000", "--device", "cuda"]) == 0
     out = capsys.readouterr().out
     assert "37,108 bytes per example" in out and "37.11 GB" in out and "ASSUMED GPU factors" in out
+    assert "signals       hyperinf_cp " in out and "confident off" in out

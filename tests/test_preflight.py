@@ -44,7 +44,7 @@ def _duplicate_id_in_a_later_shard(doc, root):
 
 def _test_file_without_label(doc, root):
     sentences(10, seed=5).drop(columns=["label"]).to_parquet(root / "test" / "nolabel.parquet", index=False)
-    doc["evaluation"] = {"test": {"path": "test/nolabel.parquet"}, "seeds": 1, "fractions": [0.5]}
+    doc["evaluation"] = {"test": {"path": "test/nolabel.parquet"}, "seeds": 1}
 
 
 CASES = {
@@ -67,6 +67,9 @@ CASES = {
         "must be unique across the pool"),
     "an evaluation test file without the label column": (
         _test_file_without_label, "evaluation test file "),
+    "more cross-fit folds than a label has examples": (
+        lambda doc, root: doc.update(signals={"folds": 20}),
+        "signals.folds: 20 folds need at least 20 pool examples of every label; {'pos': 17} have fewer"),
 }
 if not torch.cuda.is_available():
     CASES["device: cuda without CUDA"] = (

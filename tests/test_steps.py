@@ -82,13 +82,16 @@ def test_every_stage_end_to_end_and_rerun(tmp_path: Path, demo):
     report = run(cfg_path)
     store = LanceStore(str(cfg.storage_root))
     n = 140
-    # raw rows: the estimators' scores plus self-influence (hyperinf, tracin) as target set "self"
+    # the estimators' scores and, beside them, hyperinf_cp and fused of the target set; target set "self":
+    # self-influence (hyperinf, tracin) and the warm-up's loss, margin and AUM
     assert counts(store) == {"examples": n, "targets": 40, "gradients": n, "curvature": 2 * 8,
-                             "queries": len(ESTIMATORS), "scores": n * (len(ESTIMATORS) + 2)}
+                             "queries": len(ESTIMATORS), "scores": n * (len(ESTIMATORS) + 2 + 2 + 3)}
     assert report.gradients == ["shard-00", "shard-01"] and report.adapter
     scores = store.open("scores").to_table().to_pandas()
-    assert set(scores["method"]) == set(ESTIMATORS) and set(scores["target_set"]) == {"clean_val", "self"}
-    assert set(scores.loc[scores["target_set"] == "self", "method"]) == {"hyperinf", "tracin"}
+    assert set(scores.loc[scores["target_set"] == "clean_val", "method"]) == {*ESTIMATORS, "hyperinf_cp", "fused"}
+    assert set(scores["target_set"]) == {"clean_val", "self"}
+    assert set(scores.loc[scores["target_set"] == "self", "method"]) == {"hyperinf", "tracin", "loss", "margin",
+                                                                        "aum"}
     assert (scores.groupby(["target_set", "method"])["sample_id"].nunique() == n).all()
     assert np.isfinite(scores["score"]).all()
     # the stored examples keep the pool's extra columns
@@ -96,15 +99,15 @@ def test_every_stage_end_to_end_and_rerun(tmp_path: Path, demo):
     assert AdapterStore(cfg.storage_root).current().source == "trained"
 
     settings = cfg.gradient_settings
-    methods = [cfg.estimator(m) for m in ESTIMATORS]
     # the stored Schulz scores of the (int4) rows rank like the exact inverse applied to the same rows
     agreement = agreement_check(store, cfg.model_spec, settings, cfg.estimator("hyperinf"), ["clean_val"],
                                 sample_size=32, log=quiet)
     assert agreement.min_spearman > 0.999 and agreement.sample_size == 32
-    mislabel = mislabel_report(store, settings, methods, target_set="clean_val", task=cfg.task)
+    mislabel = mislabel_report(store, ESTIMATORS, target_set="clean_val", task=cfg.task)
     planted = sum(int(pd.read_parquet(p)["flipped"].sum()) for p in demo[0].shards[:2])
     self_names = {"self_influence_hyperinf", "self_influence_tracin"}  # target-free detectors too
-    assert set(mislabel.methods) == set(ESTIMATORS) | self_names and mislabel.flipped == planted
+    assert set(mislabel.methods) == set(ESTIMATORS) | self_names | {"loss", "margin", "aum"}
+    assert mislabel.flipped == planted and mislabel.suggestions["source"] == "warmup"
     assert all(0 <= mislabel.methods[m]["auroc"] <= 1 for m in self_names)
     assert len(mislabel.most_harmful) == 10 and "flipped" in mislabel.most_harmful[0]
     # the stored self-influence is -(the squared norm of the stored gradient) for tracin: of the rows decoded
@@ -164,7 +167,12 @@ def test_new_shard_equals_from_scratch(tmp_path: Path, demo):
     a = scores_df(LanceStore(str(load_config(incremental).storage_root)))
     b = scores_df(LanceStore(str(load_config(scratch).storage_root)))
     # every estimator's scores, and self-influence (hyperinf, tracin) of the sketched rows as target set "self"
-    assert len(a) == 210 * (len(ESTIMATORS) + 2) and a.index.sort_values().equals(b.index.sort_values())
+    # a given adapter has no warm-up history: no AUM, and hyperinf_cp (so fused) is its end point only; the
+    # rankings of the rows themselves (influence, self-influence, loss, margin) must agree
+    assert len(a) == 210 * (len(ESTIMATORS) + 2 + 2 + 3) and len(b) == 210 * (len(ESTIMATORS) + 2 + 2 + 2)
+    history = [("self", "aum"), ("clean_val", "hyperinf_cp"), ("clean_val", "fused")]
+    a, b = a.drop(index=history), b.drop(index=history[1:])
+    assert a.index.sort_values().equals(b.index.sort_values())
     # float32 rows scanned in another order: equal up to float32 summation error, relative to each ranking's
     # scale (a score near zero has no meaningful relative error)
     for key, group in b.groupby(level=["target_set", "method"]):
@@ -184,11 +192,13 @@ def test_bad_input_writes_nothing(tmp_path: Path, demo):
     pd.read_parquet(demo[0].shards[1]).rename(columns={"text": "txt"}).to_parquet(bad)
     with pytest.raises(DataError, match=r"column 'text' not found \(did you mean 'txt'\?\)"):
         ingest_shard(store, "bad", bad, cfg.data, cfg.task, log=quiet)
+    assert store.versions() == versions
 
     # a retrained adapter (other seed) no longer matches the stored gradient rows: nothing scores them, first
     # because its rows' whitening is not made yet, then because the rows are of another adapter
     other = cfg.train.model_copy(update={"seed": 7})
     assert train_or_load_adapter(store, cfg.model_spec, cfg.lora, other, log=quiet).source == "trained"
+    versions = store.versions()  # the new adapter's AUM is written with it (label_signals)
     pairs = [("clean_val", "hyperinf")]
     with pytest.raises(DataError, match="materialize row_codec first"):
         score(store, cfg.gradient_settings, pairs, task=cfg.task, shown=pairs[0], log=quiet)
@@ -225,7 +235,9 @@ def test_causal_lm_with_where_target(tmp_path: Path):
     cfg = load_config(cfg_path)
     store = LanceStore(str(cfg.storage_root))
     assert report.gradients == ["a", "b"] and AdapterStore(cfg.storage_root).current().source == "trained"
-    assert store.open("targets").count_rows() == 5 and counts(store)["scores"] == 40 * (2 + 2)  # + self rows
+    # the estimators, hyperinf_cp (one epoch: its end point) and fused of the target set; self-influence and loss
+    assert store.open("targets").count_rows() == 5 and counts(store)["scores"] == 40 * (2 + 2 + 2 + 1)
+    assert not store.exists("label_suggestions") or store.open("label_suggestions").count_rows() == 0
     assert pd.read_parquet(cfg.storage_root / "exports" / "top_k" / "subset.parquet").shape[0] == 5
     agreement = agreement_check(store, cfg.model_spec, cfg.gradient_settings, cfg.estimator("hyperinf"),
                                 ["greetings"], sample_size=16, log=quiet)

@@ -54,7 +54,9 @@ def assess_labels(labels: np.ndarray, pred_probs: np.ndarray) -> LabelQuality:
         warnings.simplefilter("ignore")  # cleanlab warns about small classes; the fallback below covers them
         quality = get_label_quality_scores(labels, probs)
         if len(np.unique(labels)) == probs.shape[1] and np.bincount(labels).min() >= 2:
-            issues = find_label_issues(labels, probs)
+            # n_jobs=1: cleanlab's default forks a multiprocessing pool, and a fork of a process holding torch's
+            # and Dagster's threads can deadlock (seen under a Dagster step); one process is fast enough here
+            issues = find_label_issues(labels, probs, n_jobs=1)
         else:
             issues = (suggested != labels) & (probs.max(1) > 0.5)
     return LabelQuality(quality=np.asarray(quality, dtype=np.float64), issues=np.asarray(issues, dtype=bool),

@@ -161,7 +161,7 @@ def train_or_load_adapter(store: LanceStore, spec: ModelSpec, lora: LoraSettings
                              heldout=heldout.records if heldout else (), margins=margins,
                              on_epoch_end=keep_checkpoint)
         manifest = _manifest(loaded, key, "trained", spec.name, trained_on=len(records),
-                             train=_train_record(stats, train, records, heldout))
+                             train=_train_record(stats, train, records, heldout), checkpoints=tuple(sorted(checkpoints)))
         log(f"adapter {manifest.short_hash} trained, final loss {stats.loss_per_epoch[-1]:.4f}")
         source = "trained"
     if source != "reused":
@@ -214,11 +214,12 @@ def _train_record(stats: TrainStats, train: TrainSettings, records: Sequence[Map
 
 
 def _manifest(loaded: LoadedModel, key: str, source: str, model: str, *, trained_on: int,
-              train: dict[str, Any] | None, given: Path | None = None) -> AdapterManifest:
+              train: dict[str, Any] | None, given: Path | None = None,
+              checkpoints: tuple[int, ...] = ()) -> AdapterManifest:
     peft = loaded.model.peft_config["default"]
     return AdapterManifest(
         adapter_hash=adapter_hash(loaded.model), recipe_key=key, source=source, model=model,
         model_hash=model_hash(loaded.model_path), task=loaded.task.name, labels=tuple(loaded.label2id),
         lora_modules=loaded.lora_modules, rank=int(peft.r), alpha=float(peft.lora_alpha),
         matrix_shapes=lora_matrix_shapes(loaded.model), pooling=loaded.pooling, trained_on=trained_on,
-        train=train, given_path=None if given is None else str(given))
+        train=train, given_path=None if given is None else str(given), checkpoints=checkpoints)

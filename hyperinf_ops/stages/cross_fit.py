@@ -1,10 +1,14 @@
-"""Stage: the `confident` signal, cleanlab's label quality of out-of-fold probabilities (signals/cross_fit.py,
-signals/label_quality.py), stored in `label_signals` (signal `confident`, target set `self`): the quality score
-as the value (higher = keep), the probabilities and cleanlab's label-issue flag per example.
+"""Stage: the label-quality signals that come from models which never saw the label they judge, stored in
+`label_signals` (target set `self`) with cleanlab's label quality as the value (higher = keep), the out-of-fold
+probabilities and cleanlab's label-issue flag per example:
 
-Cost: `folds` warm-ups with the warm-up's recipe, each on (folds - 1) / folds of the pool, and one forward pass
-of the pool. The rows are reused while their source (model, labels, LoRA and training settings, folds and the
-pool's content) is unchanged; a changed pool computes them again. Classification only.
+    probe      a logistic regression on the base model's frozen mean-pooled embeddings, 5-fold out-of-fold
+               (signals/probe.py): one forward pass of the pool and seconds of fitting (`signals.probe`)
+    confident  `signals.folds` warm-ups with the warm-up's recipe, each on (folds - 1) / folds of the pool,
+               predicting the fold it did not see (signals/cross_fit.py): `folds` warm-ups of cost
+
+Each is reused while its source (model, labels, recipe, folds and the pool's content) is unchanged; a changed
+pool computes it again. Classification only (a causal LM has no label to judge).
 """
 
 from __future__ import annotations
@@ -12,73 +16,98 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from hyperinf_ops.data.prepare import content_digest, record_columns
-from hyperinf_ops.settings import SELF_TARGET, LoraSettings, ModelSpec, TrainSettings
-from hyperinf_ops.signals.cross_fit import out_of_fold_probabilities
+from hyperinf_ops.settings import SELF_TARGET, LoraSettings, ModelSpec, SignalSettings, TrainSettings
 from hyperinf_ops.signals.label_quality import assess_labels
 from hyperinf_ops.stages.adapter import adapter_recipe, pool_labels
 from hyperinf_ops.stages.common import Log, Summary, require_table
 from hyperinf_ops.store import LanceStore
 from hyperinf_ops.tasks import get_task
 
-__all__ = ["CrossFitSummary", "cross_fit_labels", "cross_fit_source"]
+__all__ = ["CrossFitSummary", "cross_fit_labels", "cross_fit_sources"]
 
-SIGNAL = "confident"
+PROBE_FOLDS = 5
 
 
 @dataclass
 class CrossFitSummary(Summary):
-    computed: bool  # False: skipped (off, a task without classes) or the stored rows were current
-    folds: int
+    computed: list[str]  # signals computed now (the others were current, off or not applicable)
     examples: int
-    issues: int  # examples cleanlab marks as likely mislabeled
-    source: str
-    note: str
+    issues: dict[str, int]  # signal -> examples cleanlab marks as likely mislabeled
+    sources: dict[str, str]
+    notes: list[str]
     seconds: float
+    seconds_per_signal: dict[str, float] = field(default_factory=dict)
 
 
-def cross_fit_source(store: LanceStore, spec: ModelSpec, lora: LoraSettings, train: TrainSettings,
-                     folds: int) -> str:
-    """What the `confident` rows depend on: the warm-up recipe, the folds and the pool's content (a digest)."""
+def cross_fit_sources(store: LanceStore, spec: ModelSpec, lora: LoraSettings, train: TrainSettings,
+                      signals: SignalSettings) -> dict[str, str]:
+    """signal -> what its rows depend on (a digest), for the signals these settings compute (none without
+    classes): the model and labels (probe: and max_length; confident: the warm-up recipe and the folds), and the
+    pool's content."""
+    if not get_task(spec.task).has_classes:
+        return {}
     examples = require_table(store, "examples", "ingest the pool first").to_table(
         columns=["sample_id", "content_hash"])
-    recipe = adapter_recipe(pool_labels(store, spec.task), spec, lora, train, None)
     pool = content_digest(examples["sample_id"].to_pylist(), examples["content_hash"].to_pylist())
-    return hashlib.sha256(json.dumps([recipe, folds, pool]).encode()).hexdigest()[:32]
+    recipe = adapter_recipe(pool_labels(store, spec.task), spec, lora, train, None)
+    parts = {"probe": [recipe, "probe", PROBE_FOLDS, pool] if signals.probe else None,
+             "confident": [recipe, signals.folds, pool] if signals.folds else None}
+    return {name: hashlib.sha256(json.dumps(part).encode()).hexdigest()[:32] for name, part in parts.items()
+            if part is not None}
 
 
-def cross_fit_labels(store: LanceStore, spec: ModelSpec, lora: LoraSettings, train: TrainSettings, folds: int, *,
-                     log: Log = print) -> CrossFitSummary:
-    """Compute (or keep) the `confident` rows of the module docstring."""
+def cross_fit_labels(store: LanceStore, spec: ModelSpec, lora: LoraSettings, train: TrainSettings,
+                     signals: SignalSettings, *, log: Log = print) -> CrossFitSummary:
+    """Compute (or keep) the signals of the module docstring."""
+    from hyperinf_ops.models import resolve_model
+    from hyperinf_ops.signals.cross_fit import out_of_fold_probabilities
+    from hyperinf_ops.signals.probe import frozen_embeddings, out_of_fold_probe
+
     start = time.perf_counter()
-    if folds == 0 or not get_task(spec.task).has_classes:
-        note = ("signals.folds is 0: no cross-fit" if folds == 0
-                else f"task {spec.task} has no classes: no cross-fit")
-        log(note)
-        return CrossFitSummary(computed=False, folds=folds, examples=0, issues=0, source="", note=note,
-                               seconds=time.perf_counter() - start)
-    source = cross_fit_source(store, spec, lora, train, folds)
-    stored = store.read_label_signal(SIGNAL, SELF_TARGET)
-    if stored.num_rows and set(stored["source"].to_pylist()) == {source}:
-        issues = int(np.asarray(stored["issue"].to_pylist(), dtype=bool).sum())
-        log(f"cross-fit {source}: current ({stored.num_rows} examples, {issues} label issues): skipped")
-        return CrossFitSummary(computed=False, folds=folds, examples=stored.num_rows, issues=issues, source=source,
-                               note="current", seconds=time.perf_counter() - start)
+    sources = cross_fit_sources(store, spec, lora, train, signals)
+    notes = [] if sources else [f"task {spec.task} has no classes: no probe, no cross-fit" if not
+                                get_task(spec.task).has_classes else "signals.probe and signals.folds are off"]
     classes = pool_labels(store, spec.task)
-    records = store.open("examples").to_table(columns=record_columns(spec.task)).to_pylist()
-    log(f"cross-fit: {folds} warm-ups on {folds - 1}/{folds} of {len(records)} examples each (the warm-up's recipe), "
-        "each predicting the fold it did not see")
-    probs = out_of_fold_probabilities(spec, lora, train, classes, records, folds, log=log)
+    records = store.open("examples").to_table(columns=record_columns(spec.task)).to_pylist() if sources else []
     index = {c: i for i, c in enumerate(classes)}
-    quality = assess_labels(np.array([index[r["label"]] for r in records]), probs)
-    store.write_label_signal(SIGNAL, SELF_TARGET, [r["sample_id"] for r in records], quality.quality, source=source,
-                             probs=probs, issues=quality.issues)
-    summary = CrossFitSummary(computed=True, folds=folds, examples=len(records), issues=int(quality.issues.sum()),
-                              source=source, note="computed", seconds=time.perf_counter() - start)
-    log(f"cross-fit: {summary.issues} of {len(records)} labels marked as issues by cleanlab "
-        f"({summary.seconds:.0f} s)")
-    return summary
+    labels = np.array([index[r["label"]] for r in records], dtype=np.int64)
+    fits: dict[str, Callable[[], np.ndarray]] = {
+        "probe": lambda: out_of_fold_probe(
+            frozen_embeddings(resolve_model(spec.name), [r["text"] for r in records], max_length=spec.max_length),
+            [r["label"] for r in records], classes, folds=PROBE_FOLDS, seed=train.seed),
+        "confident": lambda: out_of_fold_probabilities(spec, lora, train, classes, records, signals.folds, log=log),
+    }
+    computed, issues, timing = [], {}, {}
+    for name, source in sources.items():
+        stored = store.read_label_signal(name, SELF_TARGET)
+        if stored.num_rows and set(stored["source"].to_pylist()) == {source}:
+            issues[name] = int(np.asarray(stored["issue"].to_pylist(), dtype=bool).sum())
+            log(f"{name} {source}: current ({stored.num_rows} examples, {issues[name]} label issues): skipped")
+            continue
+        started = time.perf_counter()
+        log(f"{name}: " + ("5-fold logistic regression on the base model's frozen embeddings of "
+                           f"{len(records)} examples" if name == "probe" else
+                           f"{signals.folds} warm-ups on {signals.folds - 1}/{signals.folds} of {len(records)} "
+                           "examples each (the warm-up's recipe), each predicting the fold it did not see"))
+        try:
+            probs = fits[name]()
+        except ValueError as err:  # e.g. a class with one example cannot be split into folds
+            notes.append(f"{name}: not computed ({err})")
+            continue
+        quality = assess_labels(labels, probs)
+        store.write_label_signal(name, SELF_TARGET, [r["sample_id"] for r in records], quality.quality,
+                                 source=source, probs=probs, issues=quality.issues)
+        computed.append(name)
+        issues[name] = int(quality.issues.sum())
+        timing[name] = time.perf_counter() - started
+        log(f"{name}: {issues[name]} of {len(records)} labels marked as issues by cleanlab ({timing[name]:.0f} s)")
+    for note in notes:
+        log(note)
+    return CrossFitSummary(computed=computed, examples=len(records), issues=issues, sources=sources, notes=notes,
+                           seconds=time.perf_counter() - start, seconds_per_signal=timing)

@@ -264,7 +264,8 @@ def summarize(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     for (subset, candidate, fraction), members in groups.items():
         first = members[0]
         item: dict[str, Any] = {"subset": subset, "candidate": candidate, "query": first.get("query"),
-                                "method": first["method"], "fraction": fraction, "fits": len(members),
+                                "method": first["method"], "balance": first["balance"], "fraction": fraction,
+                                "fits": len(members),
                                 "n_examples": first["n_examples"], "n_relabelled": first.get("n_relabelled", 0)}
         flipped = [m["n_flipped"] for m in members if m["n_flipped"] is not None]
         item["n_flipped"] = float(np.mean(flipped)) if flipped else None

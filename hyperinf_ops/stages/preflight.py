@@ -14,6 +14,7 @@ functions, so a mistake costs seconds and no table changes:
     target sets       files prepared like the pool; `where:` predicates run over the new pool (sandboxed, as
                       the target_sets asset runs them); no set empty; labels the pool has (prepare_targets)
     evaluation test   prepared like the pool, labels the pool has (prepare_test)
+    signals.folds     every label has at least `folds` pool examples (the cross-fit splits each label)
 
 Warnings (returned, not raised): target or test examples that are also in the pool (a target example scores
 itself; a test example measures memorization).
@@ -75,6 +76,7 @@ def preflight(store: LanceStore, cfg: Any, *, log: Log = print) -> PreflightSumm
     pool = _new_pool(tables, id_column=cfg.data.id_column)
     targets = prepare_targets(cfg.targets, cfg.data, cfg.task, pool)
     labels = sorted(set(pool["label"].to_pylist()) - {None})
+    _check_folds(pool, cfg)
     in_pool = set(pool["content_hash"].to_pylist())
     warnings = [_overlap_warning(f"target set {name!r}", table, in_pool, "their scores include their own gradient")
                 for name, table in targets.items() if cfg.targets[name].path is not None]
@@ -87,6 +89,18 @@ def preflight(store: LanceStore, cfg: Any, *, log: Log = print) -> PreflightSumm
     for warning in summary.warnings:
         log(f"warning: {warning}")
     return summary
+
+
+def _check_folds(pool: pa.Table, cfg: Any) -> None:
+    """`signals.folds` warm-ups need every label in every fold: refused before any training when a label has
+    fewer pool examples than folds."""
+    if not cfg.signals.folds or cfg.task != "classification":
+        return
+    counts = pool.group_by("label").aggregate([("label", "count")]).to_pylist()
+    small = {str(r["label"]): r["label_count"] for r in counts if r["label_count"] < cfg.signals.folds}
+    if small:
+        raise ConfigError(f"signals.folds: {cfg.signals.folds} folds need at least {cfg.signals.folds} pool examples "
+                          f"of every label; {small} have fewer: lower signals.folds (or 0: no cross-fit)")
 
 
 def _new_pool(tables: dict[str, pa.Table], *, id_column: str | None) -> pa.Table:

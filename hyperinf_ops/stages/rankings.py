@@ -7,9 +7,12 @@ them like an estimator's:
     margin       target set `self`: z_y - max_{c != y} z_c under the warm-up adapter (classification)
     aum          target set `self`: the mean margin over the warm-up's training steps (label_signals; an example
                  added after the warm-up has none, and its end-point margin stands in)
-    confident    target set `self`: cleanlab's label quality of out-of-fold probabilities (stages/cross_fit.py)
+    probe        target set `self`: cleanlab's label quality of out-of-fold probabilities of a logistic regression
+                 on the base model's frozen embeddings (stages/cross_fit.py)
+    confident    target set `self`: cleanlab's label quality of out-of-fold probabilities of `folds` warm-ups
     hyperinf_cp  every target set: HyperINF summed over the warm-up's checkpoints, each epoch's scores divided by
-                 their standard deviation first (stages/checkpoints.py; the end point is the stored `hyperinf`)
+                 their standard deviation first (stages/checkpoints.py; the end point is the stored `hyperinf`;
+                 an adapter without earlier checkpoints, given or trained one epoch, has its end point only)
     fused        every target set: the mean rank percentile (signals/fusion.py) of `fuse` members, each member
                  read for that target set (influence, hyperinf_cp) or for `self` (the target-free signals;
                  `self_influence` = self/hyperinf)
@@ -18,7 +21,7 @@ and `label_suggestions` (tasks with classes): per example the label the evidence
 marks the given one as an issue, from the out-of-fold probabilities when the cross-fit ran, else from the warm-up
 adapter's own probabilities (in-sample: cleanlab's issues are then only the confidently predicted other labels).
 Every ranking covers exactly the examples with a gradient row (example_outputs mirrors them). Causal LM: loss,
-hyperinf_cp and fused; margin, aum, confident and the suggestions need classes.
+hyperinf_cp and fused; margin, aum, probe, confident and the suggestions need classes.
 """
 
 from __future__ import annotations
@@ -70,11 +73,12 @@ def fusion_member(member: str, target_set: str, estimators: Sequence[str]) -> tu
 
 def write_rankings(store: LanceStore, fingerprint: Fingerprint, gradients_version: int, run_id: str,
                    targets: Sequence[str], estimators: Sequence[str], signals: SignalSettings, fuse: Sequence[str],
-                   *, confident_source: str | None = None, checkpoint_source: str | None = None,
+                   *, sources: dict[str, str] | None = None, checkpoint_source: str | None = None,
                    log: Log = print) -> RankingsSummary:
     """Write the rankings of the module docstring for the gradient rows of `fingerprint` (scanned at
-    `gradients_version` by run `run_id`). `confident_source` / `checkpoint_source`: the sources the stored
-    cross-fit and checkpoint rows must carry (stale rows are left out, with a note)."""
+    `gradients_version` by run `run_id`). `sources` (signal -> source: stages.cross_fit.cross_fit_sources) /
+    `checkpoint_source`: the sources the stored cross-fit and checkpoint rows must carry (stale rows are left
+    out, with a note)."""
     start = time.perf_counter()
     outputs = _outputs(store, fingerprint)
     ids = outputs["sample_id"]
@@ -104,23 +108,27 @@ def write_rankings(store: LanceStore, fingerprint: Fingerprint, gradients_versio
                 notes.append(f"aum: {int(missing.sum())} examples added after the warm-up have their end-point "
                              "margin instead")
             put(SELF_TARGET, "aum", np.where(missing, margin, aum))
-    confident = None
-    if signals.folds and classes:
-        rows = store.read_label_signal("confident", SELF_TARGET)
-        confident = _aligned(rows, ids, confident_source)
-        if confident is None or np.isnan(confident).any():
-            notes.append("confident: no cross-fit rows for these examples (materialize cross_fit): left out")
-            confident = None
-        else:
-            put(SELF_TARGET, "confident", confident)
+    cross_fitted = {}
+    for name, source in (sources or {}).items() if classes else ():
+        values = _aligned(store.read_label_signal(name, SELF_TARGET), ids, source)
+        if values is None or np.isnan(values).any():
+            notes.append(f"{name}: no current rows for these examples (materialize cross_fit): left out")
+            continue
+        cross_fitted[name] = values
+        put(SELF_TARGET, name, values)
     if signals.checkpoints and "hyperinf" in estimators:
+        epochs = AdapterStore(store.root).require_current().checkpoints
         for t in targets:
-            cp = _checkpoint_sum(store, t, ids, checkpoint_source)
-            if cp is None:
-                notes.append(f"hyperinf_cp/{t}: no checkpoint scores (materialize checkpoint_scores): left out")
-                continue
             end = _scores(store, t, "hyperinf", ids)
+            cp = _checkpoint_sum(store, t, ids, epochs, checkpoint_source)
+            if cp is None:
+                notes.append(f"hyperinf_cp/{t}: no current checkpoint scores (materialize checkpoint_scores): "
+                             "left out")
+                continue
             put(t, "hyperinf_cp", cp + end / _spread(end))
+        if not epochs:
+            notes.append("hyperinf_cp: the adapter has no earlier checkpoints (given, or one epoch): its end-point "
+                         "hyperinf")
     fused_members = {}
     for t in targets:
         members = {}
@@ -140,9 +148,9 @@ def write_rankings(store: LanceStore, fingerprint: Fingerprint, gradients_versio
         put(t, "fused", rank_fusion(members))
     drop_stale(store, "scores", ["target_set", "method"], set(written),
                among=lambda key: key[1] in SIGNALS)
-    suggestions, issues, source = _write_suggestions(store, outputs, fingerprint, classes,
+    suggestions, issues, source = _write_suggestions(store, outputs, classes,
                                                      store.read_label_signal("confident", SELF_TARGET)
-                                                     if confident is not None else None)
+                                                     if "confident" in cross_fitted else None)
     for note in notes:
         log(note)
     summary = RankingsSummary(pairs=[f"{t}/{m}" for t, m in sorted(written)], notes=notes, suggestions=suggestions,
@@ -189,25 +197,22 @@ def _spread(values: np.ndarray) -> float:
     return std if std > 0 else 1.0
 
 
-def _checkpoint_sum(store: LanceStore, target_set: str, ids: pa.ChunkedArray, source: str | None
-                    ) -> np.ndarray | None:
-    """The sum over stored checkpoints of their scores for `target_set`, each divided by its standard deviation
-    (influence at an early checkpoint is on another scale than at the end); None when there is none."""
-    if not store.exists("label_signals"):
-        return None
-    signals = store.open("label_signals").to_table(
-        columns=["signal"], filter=f"target_set = {sql_literal(target_set)} AND signal LIKE 'hyperinf@%'")
-    total = None
-    for epoch in sorted({int(s.split("@")[1]) for s in signals["signal"].to_pylist()}):
+def _checkpoint_sum(store: LanceStore, target_set: str, ids: pa.ChunkedArray, epochs: Sequence[int],
+                    source: str | None) -> np.ndarray | None:
+    """The sum over the checkpoints of `epochs` of their stored scores for `target_set`, each divided by its
+    standard deviation (influence at an early checkpoint is on another scale than at the end); zeros without
+    checkpoints; None when a checkpoint's rows are missing or of another source."""
+    total = np.zeros(len(ids))
+    for epoch in epochs:
         values = _aligned(store.read_label_signal(checkpoint_signal(epoch), target_set), ids, source)
         if values is None or np.isnan(values).any():
             return None
-        total = values / _spread(values) if total is None else total + values / _spread(values)
+        total += values / _spread(values)
     return total
 
 
-def _write_suggestions(store: LanceStore, outputs: pa.Table, fingerprint: Fingerprint, classes: bool,
-                       cross_fit: pa.Table | None) -> tuple[int, int, str]:
+def _write_suggestions(store: LanceStore, outputs: pa.Table, classes: bool, cross_fit: pa.Table | None
+                       ) -> tuple[int, int, str]:
     """Replace `label_suggestions` (module docstring); (rows, issues, source)."""
     if not classes:
         drop_stale(store, "label_suggestions", ["source"], set())
