@@ -66,6 +66,11 @@ from hyperinf_ops.stages.reports import detection_metrics  # noqa: E402
 # Pool / target / test sizes per dataset (the sizes of the issue's held-out tasks: 500-1,000 pools).
 SIZES = {"demo": {"n_pool": 800, "n_target": 200, "n_test": 500}, "bbc": {"n_pool": 500, "n_target": 150, "n_test": 300},
          "debates": {"n_target": 60, "n_test": 180}, "quick": {"n_pool": 160, "n_target": 40}}
+# Fusions measured beside the stored `fused` (its members: signals.fuse), from the same stored rankings: what the
+# default members were chosen from (docs/results.md, section 7).
+FUSIONS = (("loss", "hyperinf"), ("loss", "hyperinf_cp"), ("loss", "probe"), ("loss", "hyperinf_cp", "probe"),
+           ("loss", "hyperinf", "probe"), ("loss", "hyperinf_cp", "probe", "self_influence"),
+           ("loss", "hyperinf_cp", "probe", "aum"), ("hyperinf_cp", "probe"))
 DEFAULT_QUERIES = ("drop_harmful", "drop_issues", "relabel")
 DEFAULT_METHODS = ("fused", "loss", "probe", "hyperinf")
 DEFAULT_FRACTIONS = (0.2,)
@@ -136,6 +141,27 @@ def probe_accuracy(x: np.ndarray, y: Sequence[str], x_test: np.ndarray, y_test: 
     return float(np.mean(model.predict(x_test) == np.asarray(y_test)))
 
 
+def fusion_alternatives(store: Any, target: str, estimators: Sequence[str], ids: Sequence[str],
+                        flipped: np.ndarray) -> dict[str, dict[str, float]]:
+    """Detection metrics of every FUSIONS combination (`fusion:a+b`) of the stored rankings (members a run did
+    not write are skipped), the examples in `ids` order."""
+    from hyperinf_ops.signals.fusion import rank_fusion
+    from hyperinf_ops.stages.rankings import fusion_member
+    from hyperinf_ops.stages.scores import read_scores
+
+    out = {}
+    for members in FUSIONS:
+        columns = {}
+        for m in members:
+            key = fusion_member(m, target, estimators)
+            s = read_scores(store, *key).set_index("sample_id")["score"] if key else None
+            if s is not None and len(s):
+                columns[m] = s.reindex(ids).to_numpy()
+        if len(columns) == len(members):
+            out["fusion:" + "+".join(members)] = detection_metrics(-rank_fusion(columns), flipped)
+    return out
+
+
 def evaluate_store(config_path: Path, model_dir: Path | None = None) -> dict[str, Any]:
     """Detection and selection numbers of one finished run (module docstring)."""
     from hyperinf_ops.config import load_config
@@ -170,6 +196,7 @@ def evaluate_store(config_path: Path, model_dir: Path | None = None) -> dict[str
     start = time.perf_counter()
     rankings = {name: row for name, row in report.methods.items()}
     rankings["cleanlab_frozen"] = detection_metrics(-cleanlab_baseline(x_pool, y_pool, cfg.train.seed), flipped)
+    rankings.update(fusion_alternatives(store, target, cfg.estimators, [r["sample_id"] for r in pool], flipped))
     out: dict[str, Any] = {"examples": len(pool), "flipped": int(flipped.sum()), "rankings": rankings,
                            "suggestions": report.suggestions, "baseline_seconds": time.perf_counter() - start}
     if cfg.evaluation is None:
@@ -236,6 +263,11 @@ def _mean_std(values: Sequence[float]) -> str:
     return f"{statistics.fmean(values):.3f} ± {std:.3f}"
 
 
+def _signed(values: Sequence[float]) -> str:
+    std = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.fmean(values):+.3f} ± {std:.3f}"
+
+
 def markdown(results: Sequence[Mapping[str, Any]]) -> str:
     """Per dataset (and tag): detection AUROC per ranking, and the selection table (mean ± std over seeds)."""
     lines = []
@@ -281,6 +313,51 @@ def markdown(results: Sequence[Mapping[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def _option_rows(run: Mapping[str, Any]) -> dict[str, Mapping[str, Any]]:
+    """A run's selection rows by option name (`full`, `oracle`, a candidate, `random <n>`)."""
+    return {(r["candidate"] or (r["subset"] if r["subset"] != "random" else f"random {r['n_examples']}")): r
+            for r in run["selection"]}
+
+
+def versus_references(results: Sequence[Mapping[str, Any]], options: Sequence[str]) -> str:
+    """Per dataset and option (a candidate name, or `auto`: what the evaluation chose): mean test accuracy of both
+    models next to the full pool, a random subset of the same size (the full pool for a relabelled one) and the
+    oracle, the share of the full-to-oracle gap it closes, the paired difference to the full pool (same seed: same
+    flips, same test rows), and in how many seeds it beats that random subset."""
+    lines = ["| dataset | option | model | option | full pool | random, same size | oracle | gap closed | option - "
+             "full, paired | beats random |", "|---|---|---|---|---|---|---|---|---|---|"]
+    groups: dict[str, list[Mapping[str, Any]]] = {}
+    for r in results:
+        if "selection" in r:
+            groups.setdefault(r["dataset"], []).append(r)
+    for dataset, runs in sorted(groups.items()):
+        for option in options:
+            for model, key in (("fine-tuned", "test_accuracy"), ("probe", "probe_accuracy")):
+                picked, full, rnd, oracle = [], [], [], []
+                for run in runs:
+                    rows = _option_rows(run)
+                    name = (run.get("chosen") or "") if option == "auto" else option
+                    row = rows.get(name) or (rows["full"] if name == "full pool" else None)
+                    if row is None:
+                        continue
+                    same = rows.get(f"random {row['n_examples']}", rows["full"])
+                    picked.append(row[key])
+                    full.append(rows["full"][key])
+                    rnd.append(same[key])
+                    oracle.append(rows["oracle"][key])
+                if not picked:
+                    continue
+                gap = statistics.fmean(oracle) - statistics.fmean(full)
+                closed = (statistics.fmean(picked) - statistics.fmean(full)) / gap if gap > 0 else math.nan
+                wins = sum(p > q for p, q in zip(picked, rnd, strict=True))
+                paired = [p - f for p, f in zip(picked, full, strict=True)]
+                lines.append(f"| {dataset} | {option} | {model} | {_mean_std(picked)} | {_mean_std(full)} | "
+                             f"{_mean_std(rnd)} | {_mean_std(oracle)} | "
+                             f"{'-' if math.isnan(closed) else f'{closed:.2f}'} | {_signed(paired)} | "
+                             f"{wins}/{len(picked)} |")
+    return "\n".join(lines)
+
+
 # --------------------------------------------------------------------------------------------------- main
 
 def main(argv: Sequence[str] | None = None) -> Any:
@@ -300,12 +377,25 @@ def main(argv: Sequence[str] | None = None) -> Any:
     parser.add_argument("--results-dir", type=Path, help="one JSON per (dataset, seed), written as it finishes")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--aggregate", nargs="+", type=Path, help="per-run JSON files")
+    parser.add_argument("--rescore", nargs="+", type=Path,
+                        help="per-run JSON files: recompute their numbers from the stores they name (no training)")
     parser.add_argument("--markdown", type=Path, help="--aggregate: write the tables here")
+    parser.add_argument("--versus", nargs="+", default=["auto"],
+                        help="--aggregate: options compared with the full pool, random and the oracle ('auto' = "
+                             "the evaluation's choice, or a candidate name)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.rescore:
+        for path in args.rescore:
+            result = json.loads(path.read_text())
+            config = Path(result["config"]["storage_root"]).parent / "hyperinf.yaml"
+            result.update(evaluate_store(config))
+            path.write_text(json.dumps(result, indent=1, default=str))
+            print(f"{path}: rescored from {config}")
+        return None
     if args.aggregate:
         results = [json.loads(p.read_text()) for p in args.aggregate]
-        text = markdown(results)
+        text = markdown(results) + "\n" + versus_references(results, args.versus)
         print(text)
         if args.markdown:
             args.markdown.parent.mkdir(parents=True, exist_ok=True)

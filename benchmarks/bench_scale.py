@@ -125,7 +125,7 @@ def run_size(n: int, work: Path, quick: bool, causal: bool = False) -> dict:
         "scores": lambda: scores.score(store, settings, [(t, m) for t in cfg.targets for m in cfg.estimators],
                                        task=cfg.task, shown=(target, method),
                                        self_influence=cfg.self_influence_estimators, log=quiet),
-        "reports": lambda: (reports.mislabel_report(store, settings, methods, target_set=target, task=cfg.task),
+        "reports": lambda: (reports.mislabel_report(store, list(cfg.estimators), target_set=target, task=cfg.task),
                             reports.agreement_check(store, cfg.model_spec, settings, cfg.estimator("hyperinf"),
                                                     list(cfg.targets), log=quiet)),
         "curation": lambda: curation.curate(store, cfg.curation.query, cfg.curation.params, log=quiet),

@@ -30,7 +30,6 @@ from pydantic import (
 
 from hyperinf_ops.config_problems import did_you_mean, problem_text, renamed_key_problems
 from hyperinf_ops.config_sections import (
-    DEFAULT_CURATION,
     AdapterSection,
     CurationSection,
     DataSection,
@@ -39,6 +38,7 @@ from hyperinf_ops.config_sections import (
     StorageRoot,
     TargetSection,
     curation_queries,
+    default_curation,
     resolve_config_path,
 )
 from hyperinf_ops.errors import ConfigError
@@ -76,6 +76,8 @@ __all__ = [
 
 # Target set names become SQL parameter values, file names and Dagster metadata keys.
 _TARGET_NAME = r"^[A-Za-z_][A-Za-z0-9_\-]*$"
+# Curation queries that read `label_suggestions` (tasks with classes only).
+LABEL_QUERIES = ("relabel", "drop_issues")
 # Query parameters that name a target set; `target_set` and `method` get defaults when a query takes them.
 TARGET_PARAMS = ("target_set", "set_a", "set_b")
 # Types and ranges of the curation queries' numeric and flag parameters (by query, else by name), checked with
@@ -287,8 +289,9 @@ def _curation_with_defaults(raw: Mapping[str, Any]) -> Any:
         return curation
     if "params" in curation and "query" not in curation:
         return curation  # _curation_problems: params without the query they are for
-    query = curation.get("query", DEFAULT_CURATION["query"])
-    params = curation.get("params", DEFAULT_CURATION["params"] if query == DEFAULT_CURATION["query"] else {})
+    default = default_curation(raw.get("task"))
+    query = curation.get("query", default["query"])
+    params = curation.get("params", default["params"] if query == default["query"] else {})
     info = curation_queries().get(query)
     if info is None or not isinstance(params, Mapping) or not isinstance(estimators, list | tuple) or not estimators:
         return curation
@@ -363,6 +366,12 @@ def _evaluation_problems(raw: Mapping[str, Any]) -> list[str]:
     target = evaluation.get("target_set")
     if target is not None and isinstance(targets, Mapping) and target not in targets:
         problems.append(_unknown_target("evaluation.target_set", target, targets))
+    queries = evaluation.get("queries", EvaluationSection.model_fields["queries"].default)
+    if raw.get("task") == "causal_lm" and isinstance(queries, list | tuple):
+        needs = [q for q in queries if q in LABEL_QUERIES]
+        if needs:
+            problems.append(f"evaluation.queries: {needs} read label suggestions, which need classes (task "
+                            "causal_lm has none): use drop_harmful or top_fraction")
     methods = evaluation.get("methods")
     if isinstance(methods, list | tuple):
         written = rankings(raw)
@@ -397,14 +406,18 @@ def _column_problems(data: Any, task: Any) -> list[str]:
 
 def _curation_problems(raw: Mapping[str, Any]) -> list[str]:
     curation = raw["curation"]
+    default = default_curation(raw.get("task"))
     if "params" in curation and "query" not in curation:
         return [f"curation.query: required with curation.params (the default curation is "
-                f"{DEFAULT_CURATION['query']} with {DEFAULT_CURATION['params']}): name the query the params are for"]
-    info = curation_queries().get(curation.get("query", DEFAULT_CURATION["query"]))
+                f"{default['query']} with {default['params']}): name the query the params are for"]
+    info = curation_queries().get(curation.get("query", default["query"]))
     params = curation.get("params", {})
     if info is None or not isinstance(params, Mapping):
         return []  # the field check reports an unknown query or a malformed params mapping
     problems = []
+    if raw.get("task") == "causal_lm" and info.name in LABEL_QUERIES:
+        problems.append(f"curation.query: {info.name!r} reads label suggestions, which need classes (task causal_lm "
+                        "has none): use drop_harmful or top_fraction")
     targets = raw.get("targets")
     # Target set SELF_TARGET holds the target-free rankings: self-influence and the signals.
     targets = [*targets, SELF_TARGET] if isinstance(targets, Mapping) else None

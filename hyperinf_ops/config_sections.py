@@ -14,6 +14,7 @@ from hyperinf_ops.location import Location, is_object_store
 from hyperinf_ops.settings import Settings
 
 __all__ = [
+    "DEFAULT_CAUSAL_CURATION",
     "DEFAULT_CURATION",
     "AdapterSection",
     "ConfigPath",
@@ -25,6 +26,7 @@ __all__ = [
     "TargetSection",
     "TestFile",
     "curation_queries",
+    "default_curation",
     "resolve_config_path",
     "resolve_storage_root",
     "where_predicate_problem",
@@ -126,9 +128,16 @@ class AdapterSection(Settings):
 Scalar = str | bool | int | float
 
 
-# The curation a config without a `curation:` block exports (docs/results.md: the candidate that won on the most
-# datasets, measured by benchmarks/bench_curation.py).
+# The curation a config without a `curation:` block exports (docs/results.md, section 7: the candidate that won on
+# the most datasets, measured by benchmarks/bench_curation.py); a causal LM has no label to judge: the most helpful
+# 80% by the first estimator, as before.
 DEFAULT_CURATION = {"query": "drop_issues", "params": {"method": "fused"}}
+DEFAULT_CAUSAL_CURATION = {"query": "top_fraction", "params": {"fraction": 0.8}}
+
+
+def default_curation(task: Any) -> dict[str, Any]:
+    """The curation of a config without a `curation:` block, for its task."""
+    return DEFAULT_CAUSAL_CURATION if task == "causal_lm" else DEFAULT_CURATION
 
 
 class CurationSection(Settings):

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from hyperinf_ops.errors import DataError
 from hyperinf_ops.location import Location
 from hyperinf_ops.query import connect, load_sql, run_sql, sql_params
 from hyperinf_ops.sql_files import EXPORT_QUERY
@@ -152,6 +153,9 @@ def export_subset(
         subset = _select(con, sql, export_sql, params, query_name)
     finally:
         con.close()
+    if subset.num_rows == 0:  # an empty subset never replaces an export (it is no fine-tuning set)
+        raise DataError(f"{query_name} {dict(params)} selects no rows: nothing exported"
+                        + (f", the previous export in {out} is kept" if out.exists() else ""))
     fingerprint = store.fingerprint("gradients", versions["gradients"]) if "gradients" in versions else None
     manifest = Manifest(
         query_name=query_name,

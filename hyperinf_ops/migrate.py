@@ -28,9 +28,9 @@ from hyperinf_ops.topk import BASIS_TABLE, INDEX_TABLE
 
 __all__ = ["ARCHIVED", "MigrateSummary", "migrate", "row_layout_problem"]
 
-# Every table whose rows are, or are computed from, gradient rows of one layout.
-ARCHIVED = ("gradients", "curvature", "preconditioners", "target_gradients", "queries", "scores", INDEX_TABLE,
-            BASIS_TABLE)
+# Every table whose rows are, or are computed from, gradient rows of one layout (and the outputs of their pass).
+ARCHIVED = ("gradients", "example_outputs", "curvature", "preconditioners", "target_gradients", "queries", "scores",
+            "label_suggestions", INDEX_TABLE, BASIS_TABLE)
 
 
 @dataclass(frozen=True)

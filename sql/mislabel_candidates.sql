@@ -1,5 +1,6 @@
--- mislabel_candidates: the $n most harmful examples (lowest scores, all < 0) for one target set, with
--- their text and label: the examples most likely mislabeled. Fewer rows if fewer scores are negative.
+-- mislabel_candidates: the $n most harmful examples of one ranking (its lowest scores: for influence the most
+-- negative, for the signals and `fused` the lowest-ranked), with their text and label: the examples most likely
+-- mislabeled.
 -- Parameters: $target_set, $method, $n.
 -- Returns: sample_id, target_set, method, score, rank, percentile, then every column of `examples`;
 -- ordered from the most harmful.
@@ -9,6 +10,5 @@ FROM scores AS s
 JOIN examples AS e USING (sample_id)
 WHERE s.target_set = $target_set
   AND s.method = $method
-  AND s.score < 0
 ORDER BY s.rank DESC
 LIMIT $n;

