@@ -47,9 +47,11 @@ def chosen_curation(hyperinf: HyperinfResource, log=None) -> tuple[str, dict, di
 )
 def curated_subset(context: dg.AssetExecutionContext, hyperinf: HyperinfResource) -> dg.MaterializeResult:
     from hyperinf_ops.export import update_manifest
-    from hyperinf_ops.stages.curation import curate, subset_preview
+    from hyperinf_ops.stages.curation import curate, refuse_unlearned_warmup, subset_preview
 
     cfg = hyperinf.config
+    if cfg.curation.require_warmup:
+        refuse_unlearned_warmup(cfg.storage_root)
     query, params, report = chosen_curation(hyperinf, log=context.log.info)
     summary, wall = timed(curate, hyperinf.store, query, params, name=cfg.export_name, retention=cfg.retention,
                           log=context.log.info)

@@ -39,6 +39,7 @@ Results and their reading: docs/results.md, section 7.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -203,22 +204,26 @@ def evaluate_store(config_path: Path, model_dir: Path | None = None) -> dict[str
         return out
     plan = EvaluationPlan(test_path=str(cfg.evaluation.test.path), candidates=cfg.evaluation_candidates,
                           seeds=cfg.evaluation.seeds, full=cfg.evaluation.full, validation=cfg.evaluation.validation)
-    _, test = split_test(prepare_test(plan.test_path, cfg.data, cfg.task, classes).to_pylist(), plan.validation)
-    x_test = frozen_embeddings([r["text"] for r in test], model_dir)
-    y_test = [r["label"] for r in test]
+    halves = split_test(prepare_test(plan.test_path, cfg.data, cfg.task, classes).to_pylist(), plan.validation)
+    x_halves = [frozen_embeddings([r["text"] for r in half], model_dir) for half in halves]
+    y_halves = [[r["label"] for r in half] for half in halves]
     by_id = {r["sample_id"]: i for i, r in enumerate(pool)}
-    probe: dict[str, list[float]] = {}
+    probe: dict[str, list[tuple[float, float]]] = {}
     for fit in plan_fits(store, plan, pool):
         rows = [by_id[i] for i in fit.ids]
         new = dict(fit.relabel)
         labels = [new.get(pool[i]["sample_id"], pool[i]["label"]) for i in rows]
         name = fit.candidate.name if fit.candidate else (fit.subset if fit.subset != "random"
                                                          else f"random {len(fit.ids)}")
-        probe.setdefault(name, []).append(probe_accuracy(x_pool[rows], labels, x_test, y_test))
+        probe.setdefault(name, []).append(tuple(probe_accuracy(x_pool[rows], labels, x, y)
+                                                for x, y in zip(x_halves, y_halves, strict=True)))
     table = summarize(store.open(EVALUATION_TABLE).to_table().to_pylist())
     for row in table:
         name = row["candidate"] or (row["subset"] if row["subset"] != "random" else f"random {row['n_examples']}")
-        row["probe_accuracy"] = statistics.fmean(probe[name]) if name in probe else None
+        row["probe_validation_accuracy"], row["probe_accuracy"] = (
+            (statistics.fmean(v[0] for v in probe[name]), statistics.fmean(v[1] for v in probe[name]))
+            if name in probe else (None, None))
+        row["validation_share"] = len(halves[0]) / (len(halves[0]) + len(halves[1]))
     manifest = Manifest.load(export_dir(cfg.storage_root, cfg.export_name))
     out.update(selection=table, chosen=manifest.report.get("chosen"), export_rows=manifest.row_count,
                export_flipped=manifest.report.get("flipped"))
@@ -313,6 +318,16 @@ def markdown(results: Sequence[Mapping[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def _accuracy(row: Mapping[str, Any], *, prefix: str, whole: bool) -> float:
+    """An option's accuracy (`prefix` "": fine-tuned, "probe_": the probe) on the test half, or with `whole` on the
+    whole test file (both halves, weighted by their sizes)."""
+    test = row[f"{prefix}accuracy" if prefix else "test_accuracy"]
+    if not whole:
+        return test
+    share = row.get("validation_share", 0.5)
+    return share * row[f"{prefix}validation_accuracy"] + (1 - share) * test
+
+
 def _option_rows(run: Mapping[str, Any]) -> dict[str, Mapping[str, Any]]:
     """A run's selection rows by option name (`full`, `oracle`, a candidate, `random <n>`)."""
     return {(r["candidate"] or (r["subset"] if r["subset"] != "random" else f"random {r['n_examples']}")): r
@@ -320,10 +335,11 @@ def _option_rows(run: Mapping[str, Any]) -> dict[str, Mapping[str, Any]]:
 
 
 def versus_references(results: Sequence[Mapping[str, Any]], options: Sequence[str]) -> str:
-    """Per dataset and option (a candidate name, or `auto`: what the evaluation chose): mean test accuracy of both
-    models next to the full pool, a random subset of the same size (the full pool for a relabelled one) and the
-    oracle, the share of the full-to-oracle gap it closes, the paired difference to the full pool (same seed: same
-    flips, same test rows), and in how many seeds it beats that random subset."""
+    """Per dataset and option (a candidate name, or `auto`: what the evaluation chose): mean accuracy of both models
+    next to the full pool, a random subset of the same size (the full pool for a relabelled one) and the oracle,
+    the share of the full-to-oracle gap it closes, the paired difference to the full pool (same seed: same flips,
+    same test rows), and in how many seeds it beats that random subset. A fixed option is scored on the whole test
+    file (both halves: nothing was chosen on either); `auto` on the test half only (its validation half chose)."""
     lines = ["| dataset | option | model | option | full pool | random, same size | oracle | gap closed | option - "
              "full, paired | beats random |", "|---|---|---|---|---|---|---|---|---|---|"]
     groups: dict[str, list[Mapping[str, Any]]] = {}
@@ -332,8 +348,9 @@ def versus_references(results: Sequence[Mapping[str, Any]], options: Sequence[st
             groups.setdefault(r["dataset"], []).append(r)
     for dataset, runs in sorted(groups.items()):
         for option in options:
-            for model, key in (("fine-tuned", "test_accuracy"), ("probe", "probe_accuracy")):
+            for model, prefix in (("fine-tuned", ""), ("probe", "probe_")):
                 picked, full, rnd, oracle = [], [], [], []
+                score = functools.partial(_accuracy, prefix=prefix, whole=option != "auto")
                 for run in runs:
                     rows = _option_rows(run)
                     name = (run.get("chosen") or "") if option == "auto" else option
@@ -341,14 +358,14 @@ def versus_references(results: Sequence[Mapping[str, Any]], options: Sequence[st
                     if row is None:
                         continue
                     same = rows.get(f"random {row['n_examples']}", rows["full"])
-                    picked.append(row[key])
-                    full.append(rows["full"][key])
-                    rnd.append(same[key])
-                    oracle.append(rows["oracle"][key])
+                    picked.append(score(row))
+                    full.append(score(rows["full"]))
+                    rnd.append(score(same))
+                    oracle.append(score(rows["oracle"]))
                 if not picked:
                     continue
                 gap = statistics.fmean(oracle) - statistics.fmean(full)
-                closed = (statistics.fmean(picked) - statistics.fmean(full)) / gap if gap > 0 else math.nan
+                closed = (statistics.fmean(picked) - statistics.fmean(full)) / gap if gap > 1e-6 else math.nan
                 wins = sum(p > q for p, q in zip(picked, rnd, strict=True))
                 paired = [p - f for p, f in zip(picked, full, strict=True)]
                 lines.append(f"| {dataset} | {option} | {model} | {_mean_std(picked)} | {_mean_std(full)} | "

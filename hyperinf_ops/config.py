@@ -195,7 +195,7 @@ class HyperinfConfig(Settings):
         candidates = (
             Candidate(query=q, method=m, fraction=None if q in WITHOUT_FRACTION else f, balance=b,
                       target_set=SELF_TARGET if written.get(m) == SELF_TARGET else self.evaluation_target)
-            for q in ev.queries for m in ev.methods or ("fused",) for f in ev.fractions
+            for q in ev.queries for m in ev.methods or (self.estimators[0], "fused") for f in ev.fractions
             for b in (ev.balance_variants if q == "top_fraction" else (False,)))
         return tuple(dict.fromkeys(candidates))  # drop_issues takes no fraction: one candidate per ranking
 
@@ -408,8 +408,9 @@ def _curation_problems(raw: Mapping[str, Any]) -> list[str]:
     curation = raw["curation"]
     default = default_curation(raw.get("task"))
     if "params" in curation and "query" not in curation:
-        return [f"curation.query: required with curation.params (the default curation is "
-                f"{default['query']} with {default['params']}): name the query the params are for"]
+        return [f"curation.query: required with curation.params (the default curation is {default['query']} "
+                f"with {default['params'] or 'the default target set and method'}): name the query the params "
+                "are for"]
     info = curation_queries().get(curation.get("query", default["query"]))
     params = curation.get("params", {})
     if info is None or not isinstance(params, Mapping):

@@ -45,3 +45,7 @@ class DataError(HyperinfError, ValueError):
 
 class ModelLoadError(HyperinfError):
     """A model name or path does not resolve to a loadable Hugging Face model."""
+
+
+class WarmupFailedError(HyperinfError):
+    """The warm-up adapter did not learn: rankings made under it are not exported."""

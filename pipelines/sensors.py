@@ -18,6 +18,7 @@ from dagster._core.definitions.data_version import DATA_VERSION_TAG
 from assets_defs.partitions import REMOVED, missing_partitions, pool_shards
 from assets_defs.resources import HyperinfResource
 from hyperinf_ops.data.io import discover_shards, file_digest
+from hyperinf_ops.errors import DataError
 
 
 def pool_file_observation(shard: str, path: os.PathLike | str) -> dg.AssetObservation:
@@ -38,7 +39,10 @@ def file_signature(path: os.PathLike | str) -> str:
 )
 def pool_folder_sensor(context: dg.SensorEvaluationContext, hyperinf: HyperinfResource) -> dg.SensorResult:
     seen = json.loads(context.cursor) if context.cursor else {}
-    files = discover_shards(hyperinf.config.data.path)
+    try:
+        files = discover_shards(hyperinf.config.data.path)
+    except DataError as err:  # e.g. a file of another type: nothing is marked gone until the folder reads again
+        return dg.SensorResult(skip_reason=f"pool folder not read: {err}", cursor=context.cursor)
     signatures = {key: file_signature(path) for key, path in files.items()}
     changed = sorted(key for key, sig in signatures.items() if seen.get(key) != sig)
     gone = sorted(set(seen) - set(signatures))

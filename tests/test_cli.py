@@ -42,11 +42,11 @@ def test_demo_runs_every_asset_into_the_instance(demo):
     assert {"hyperinf", "datainf", "tracin", "lissa", "self_influence_hyperinf", "fused", "loss", "probe",
             "hyperinf_cp", "aum"} <= set(aurocs)
     # the default curation: the pool without as many examples as cleanlab counts label issues, the most
-    # harmful by `fused`
+    # harmful by HyperINF influence on the target set
     subset = workdir / "store" / "exports" / "drop_issues" / "subset.parquet"
     manifest = json.loads((subset.parent / "manifest.json").read_text())
     issues = LanceStore(str(workdir / "store")).open("label_suggestions").count_rows("issue")
-    assert manifest["query_name"] == "drop_issues" and manifest["params"]["method"] == "fused" and 0 < issues < 300
+    assert manifest["query_name"] == "drop_issues" and manifest["params"]["method"] == "hyperinf" and 0 < issues < 300
     assert str(subset) in out and pq.read_metadata(subset).num_rows == 300 - issues
     assert "hyperinf ui --config" in out and "hyperinf shell --config" in out
     # the summary says whether the warm-up learned, what the numbers mean and what curation removed

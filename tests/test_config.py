@@ -50,7 +50,7 @@ def test_defaults_and_relative_paths(project: Path, monkeypatch: pytest.MonkeyPa
     assert (partial.sketch_dim, partial.whiten, partial.dtype) == (48, 0.25, "int4")
     # without a curation block: the measured default (docs/results.md, section 7), over the first target set
     assert cfg.curation.query == DEFAULT_CURATION["query"] and cfg.curation.method is None and not cfg.curation_auto
-    assert cfg.curation.params == {"target_set": "clean_val", **DEFAULT_CURATION["params"]}
+    assert cfg.curation.params == {"target_set": "clean_val", "method": "hyperinf", **DEFAULT_CURATION["params"]}
     # the rankings beside influence: the loss, HyperINF over the warm-up's checkpoints and the probe fused, no
     # cross-fit; the fusion follows the estimators and the task
     assert (cfg.signals.folds, cfg.signals.checkpoints, cfg.signals.probe) == (0, True, True)
@@ -113,8 +113,8 @@ def test_every_problem_in_one_error(project: Path):
     assert any("curation.params.target_set: 'clean' is not a configured target set" in p for p in found)
     # params without their query: the default query has other params, so say which query
     assert problems({**minimal(), "curation": {"params": {"fraction": 0.8}}}, base_dir=project) == [
-        "curation.query: required with curation.params (the default curation is drop_issues with "
-        "{'method': 'fused'}): name the query the params are for"]
+        "curation.query: required with curation.params (the default curation is drop_issues with the default "
+        "target set and method): name the query the params are for"]
 
 
 def test_missing_required_and_missing_files(tmp_path: Path):
@@ -199,10 +199,10 @@ def test_evaluation_block(project: Path):
     cfg = load_config({**minimal(), "evaluation": {"test": {"path": "data/val.parquet"}}}, base_dir=project)
     ev = cfg.evaluation
     assert ev.test.path == project / "data" / "val.parquet" and ev.fractions == (0.2,) and ev.seeds == 2
-    assert ev.queries == ("drop_harmful", "drop_issues", "relabel") and ev.validation == 0.5
+    assert ev.queries == ("drop_issues", "relabel") and ev.validation == 0.5
     assert cfg.evaluation_target == "clean_val" and cfg.curation_auto and cfg.export_name == "auto"
     assert [c.name for c in cfg.evaluation_candidates] == [
-        "drop_harmful(fused, 0.2)", "drop_issues(fused)", "relabel(fused, 0.2)"]
+        "drop_issues(hyperinf)", "drop_issues(fused)", "relabel(hyperinf, 0.2)", "relabel(fused, 0.2)"]
     causal = problems({**minimal(), "task": "causal_lm", "evaluation": {"test": {"path": "data/val.parquet"}}},
                       base_dir=project)
     assert causal == ["evaluation.queries: ['drop_issues', 'relabel'] read label suggestions, which need classes "
@@ -286,6 +286,15 @@ def test_curation_parameters_in_range_pass(project: Path):
 def test_a_storage_root_that_is_a_file(project: Path):
     assert problems({**minimal(), "storage_root": "data/pool.parquet"}, base_dir=project) == [
         f"storage_root: '{project / 'data' / 'pool.parquet'}' is a file; give a folder (created when missing)"]
+
+
+def test_an_empty_path_is_refused(project: Path):
+    """`storage_root: ''` would write the tables under the filesystem root (issue 19, route 1); an empty pool or
+    target path would read the config's folder."""
+    empty = "must not be empty: give a path relative to the config file's folder, or an absolute one"
+    assert problems({**minimal(), "storage_root": ""}, base_dir=project) == [f"storage_root: {empty}"]
+    assert problems({**minimal(), "storage_root": "  ", "data": {"path": ""}}, base_dir=project) == [
+        f"data.path: {empty}", f"storage_root: {empty}"]
 
 
 def test_relative_model_folder_resolves_against_the_config_folder(project: Path, monkeypatch: pytest.MonkeyPatch):

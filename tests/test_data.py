@@ -133,8 +133,8 @@ def test_shards_and_formats(tmp_path: Path):
     df = pool_df()
     df.iloc[:2].to_parquet(folder / "b.parquet")
     df.iloc[2:4].to_csv(folder / "a.csv", index=False)
-    df.iloc[4:].to_json(folder / "c.jsonl", orient="records", lines=True)
-    (folder / "notes.txt").write_text("ignored")
+    df.iloc[4:].to_json(folder / "c.JSONL", orient="records", lines=True)  # extensions in any case
+    (folder / ".DS_Store").write_text("hidden files are not pool files")
     cfg = load_config({"data": {"path": "pool"}, "targets": {"t": {"where": "true"}}}, base_dir=tmp_path)
     shards = discover_shards(cfg.data.path)
     assert list(shards) == ["a", "b", "c"]
@@ -142,9 +142,28 @@ def test_shards_and_formats(tmp_path: Path):
     assert sum(len(f) for f in frames) == 6 and frames[2]["year"].tolist() == [2005, 2006]
     pd.DataFrame({"text": ["NA"], "label": ["pos"]}).to_csv(folder / "d.csv", index=False)
     assert read_table(folder / "d.csv")["text"].tolist() == ["NA"]  # "NA" is a text, not a gap
+    # a file of another type is an error, never a skipped (so removed) shard; .json says how to write it
+    (folder / "d.csv").rename(folder / "d.json")
+    with pytest.raises(DataError, match=r"d\.json has an unsupported type \(\.json: write one JSON object per line"):
+        discover_shards(cfg.data.path)
+    (folder / "d.json").rename(folder / "notes.txt")
+    with pytest.raises(DataError, match=r"notes\.txt has an unsupported type; use one of"):
+        discover_shards(cfg.data.path)
+    (folder / "notes.txt").unlink()
     df.to_csv(folder / "a.jsonl")
     with pytest.raises(DataError, match="share the shard name 'a'"):
         discover_shards(cfg.data.path)
+
+
+def test_csv_ids_and_texts_are_read_as_written(tmp_path: Path):
+    """A CSV id `007` stays `007` (ids are strings), a text `1e3` stays `1e3`; a label column keeps its type."""
+    (tmp_path / "pool.csv").write_text("id,text,label\n007,1e3,1\n0008,good,0\n9,bad,1\n010,007,0\n")
+    cfg = load_config({"data": {"path": "pool.csv", "id_column": "id"}, "targets": {"t": {"where": "true"}}},
+                      base_dir=tmp_path)
+    df = read_table(cfg.data.path, cfg.data.verbatim_columns)
+    assert df["id"].tolist() == ["007", "0008", "9", "010"] and df["text"].tolist() == ["1e3", "good", "bad", "007"]
+    table = prepare_examples(df, cfg.data, cfg.task, "pool", source="pool.csv")
+    assert table["sample_id"].to_pylist() == ["007", "0008", "9", "010"]
 
 
 def test_demo_dataset(tmp_path: Path):

@@ -25,7 +25,7 @@ from hyperinf_ops.preconditioners import hyperinf as hyperinf_module
 from hyperinf_ops.query import connect, run_query
 from hyperinf_ops.store import LanceStore
 from pipelines.definitions import build_definitions
-from pipelines.launcher import failure_message
+from pipelines.launcher import PipelineRunError, failure_message
 from pipelines.runner import failed_checks, materialize_all
 
 ROW_TABLES = ("examples", "targets", "gradients", "curvature", "queries", "scores", "evaluation")
@@ -244,6 +244,12 @@ def test_relabel_export_keeps_every_example_and_the_original_labels(built):
     assert summary.relabelled == len(changed)
     assert (summary.flipped["corrected"], summary.flipped["broken"]) == (corrected, len(changed) - corrected)
     assert summary.flipped["still_wrong"] == int(flipped.sum()) - corrected + (len(changed) - corrected)
+    # the manifest reproduces the rows and their labels (the suggestions' Lance version is pinned with the rest)
+    from hyperinf_ops.export import Manifest, reproduce
+
+    again = reproduce(Manifest.load(summary.out_dir)).to_pandas().set_index("sample_id")
+    assert again["label"].sort_index().equals(subset["label"].sort_index())
+    assert again["relabelled"].sort_index().equals(subset["relabelled"].sort_index())
 
 
 def test_evaluation_fits_every_candidate_and_auto_exports_the_validation_winner(built):
@@ -363,6 +369,30 @@ def test_untrainable_warmup_fails_its_check_with_the_message(tmp_path, tiny_mode
                                             f"majority class {majority!r}: accuracy")
         assert "on target set clean (not trained on) (lr 1e-09, 1 epochs, batch 8): raise train.lr" in check.description
         assert failed_checks(instance, [result.dagster_run])[0].startswith("lora_adapter:warmup_learns: the warm-up")
+
+
+def test_a_diverged_warmup_replaces_no_export_and_says_lower_the_lr(tmp_path, tiny_model):
+    """lr 1e6: the warm-up diverges; its check says so and advises a lower lr, the refresh refuses to export
+    from it, and the previous export stays current, byte for byte (issue 19, route 7)."""
+    cfg_path = make_project(tmp_path, tiny_model, curation={  # learns: the first export is made
+        "query": "top_fraction", "params": {"fraction": 0.5, "target_set": "clean", "method": "hyperinf"},
+        "require_warmup": True})
+    export = tmp_path / "store" / "exports" / "top_fraction"
+    with dg.DagsterInstance.ephemeral() as instance:
+        materialize_all(instance, cfg_path, load_config(cfg_path), log=lambda _: None)
+        before = {p.name: p.read_bytes() for p in export.iterdir() if p.is_file()}
+        doc = yaml.safe_load(cfg_path.read_text())
+        doc["train"]["lr"] = 1.0e6
+        cfg_path.write_text(yaml.safe_dump(doc))
+        with pytest.raises(PipelineRunError, match=r"curated_subset failed: no curated subset exported \(the "
+                           r"previous export, if any, stays current\): the warm-up diverged: loss on target set "
+                           r"clean \(not trained on\) 0\.69\d* before training, .* after \(lr 1000000\.0, 10 "
+                           r"epochs, batch 8\): lower train\.lr; or set curation\.require_warmup: false"):
+            materialize_all(instance, cfg_path, load_config(cfg_path), log=lambda _: None)
+        assert {p.name: p.read_bytes() for p in export.iterdir() if p.is_file()} == before
+        check = instance.event_log_storage.get_latest_asset_check_execution_by_key(
+            [dg.AssetCheckKey(dg.AssetKey("lora_adapter"), "warmup_learns")])
+        assert "diverged" in next(iter(check.values())).event.dagster_event.event_specific_data.description
 
 
 def test_rerun_launches_one_refresh_and_duplicates_nothing(built):

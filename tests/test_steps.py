@@ -56,8 +56,8 @@ def make_config(folder: Path, demo, shards: list[int], **overrides) -> Path:
     doc = {
         "model": str(model), "train": {"epochs": 2, "lr": 1e-2, "batch_size": 16},
         "max_length": 32, "estimators": ESTIMATORS, "data": {"path": str(pool)},
-        "curation": {"query": "top_fraction", "params": {"fraction": 0.5}}, **overrides,
-    }
+        "curation": {"query": "top_fraction", "params": {"fraction": 0.5}, "require_warmup": False}, **overrides,
+    }  # require_warmup: False: the tiny random model need not learn the demo in 2 epochs (plumbing tests)
     return write_demo_config(paths, folder / "hyperinf.yaml", overrides=doc)
 
 
@@ -83,15 +83,15 @@ def test_every_stage_end_to_end_and_rerun(tmp_path: Path, demo):
     store = LanceStore(str(cfg.storage_root))
     n = 140
     # the estimators' scores and, beside them, hyperinf_cp and fused of the target set; target set "self":
-    # self-influence (hyperinf, tracin) and the warm-up's loss, margin and AUM
+    # self-influence (hyperinf, tracin), the warm-up's loss, margin and AUM, and the frozen-embedding probe
     assert counts(store) == {"examples": n, "targets": 40, "gradients": n, "curvature": 2 * 8,
-                             "queries": len(ESTIMATORS), "scores": n * (len(ESTIMATORS) + 2 + 2 + 3)}
+                             "queries": len(ESTIMATORS), "scores": n * (len(ESTIMATORS) + 2 + 2 + 4)}
     assert report.gradients == ["shard-00", "shard-01"] and report.adapter
     scores = store.open("scores").to_table().to_pandas()
     assert set(scores.loc[scores["target_set"] == "clean_val", "method"]) == {*ESTIMATORS, "hyperinf_cp", "fused"}
     assert set(scores["target_set"]) == {"clean_val", "self"}
     assert set(scores.loc[scores["target_set"] == "self", "method"]) == {"hyperinf", "tracin", "loss", "margin",
-                                                                        "aum"}
+                                                                        "aum", "probe"}
     assert (scores.groupby(["target_set", "method"])["sample_id"].nunique() == n).all()
     assert np.isfinite(scores["score"]).all()
     # the stored examples keep the pool's extra columns
@@ -106,7 +106,7 @@ def test_every_stage_end_to_end_and_rerun(tmp_path: Path, demo):
     mislabel = mislabel_report(store, ESTIMATORS, target_set="clean_val", task=cfg.task)
     planted = sum(int(pd.read_parquet(p)["flipped"].sum()) for p in demo[0].shards[:2])
     self_names = {"self_influence_hyperinf", "self_influence_tracin"}  # target-free detectors too
-    assert set(mislabel.methods) == set(ESTIMATORS) | self_names | {"loss", "margin", "aum"}
+    assert set(mislabel.methods) == set(ESTIMATORS) | self_names | {"loss", "margin", "aum", "probe"}
     assert mislabel.flipped == planted and mislabel.suggestions["source"] == "warmup"
     assert all(0 <= mislabel.methods[m]["auroc"] <= 1 for m in self_names)
     assert len(mislabel.most_harmful) == 10 and "flipped" in mislabel.most_harmful[0]
@@ -168,8 +168,8 @@ def test_new_shard_equals_from_scratch(tmp_path: Path, demo):
     b = scores_df(LanceStore(str(load_config(scratch).storage_root)))
     # every estimator's scores, and self-influence (hyperinf, tracin) of the sketched rows as target set "self"
     # a given adapter has no warm-up history: no AUM, and hyperinf_cp (so fused) is its end point only; the
-    # rankings of the rows themselves (influence, self-influence, loss, margin) must agree
-    assert len(a) == 210 * (len(ESTIMATORS) + 2 + 2 + 3) and len(b) == 210 * (len(ESTIMATORS) + 2 + 2 + 2)
+    # rankings of the rows themselves (influence, self-influence, loss, margin, probe) must agree
+    assert len(a) == 210 * (len(ESTIMATORS) + 2 + 2 + 4) and len(b) == 210 * (len(ESTIMATORS) + 2 + 2 + 3)
     history = [("self", "aum"), ("clean_val", "hyperinf_cp"), ("clean_val", "fused")]
     a, b = a.drop(index=history), b.drop(index=history[1:])
     assert a.index.sort_values().equals(b.index.sort_values())
@@ -227,7 +227,7 @@ def test_causal_lm_with_where_target(tmp_path: Path):
         "model": str(model), "task": "causal_lm", "data": {"path": "pool", "label_column": "label"},
         "targets": {"greetings": {"where": "label = 'greeting' AND n < 10"}},
         "train": {"epochs": 1, "lr": 1e-2, "batch_size": 8}, "max_length": 24,
-        "estimators": ["hyperinf", "tracin"], "curation": {"query": "top_k", "params": {"k": 5}},
+        "estimators": ["hyperinf", "tracin"], "curation": {"query": "top_k", "params": {"k": 5}, "require_warmup": False},
     }
     cfg_path = tmp_path / "hyperinf.yaml"
     cfg_path.write_text(load_config(doc, base_dir=tmp_path).model_dump_json())  # JSON is YAML

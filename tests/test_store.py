@@ -4,6 +4,7 @@ guard, curvature / query round trips, fp16 scaling, time travel. Real Lance data
 from __future__ import annotations
 
 import multiprocessing
+from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
 import pyarrow as pa
@@ -77,15 +78,16 @@ def test_same_shard_five_times_leaves_one_copy_one_commit_each(tmp_path):
 
 def test_concurrent_shard_writers_from_processes_land_exactly_once(tmp_path):
     root = str(tmp_path)
-    ctx = multiprocessing.get_context("spawn")
-    # Two worker processes: each spawn re-imports torch + peft + lance (~10 s of CPU on this machine).
-    with ctx.Pool(2) as pool:
+    # Two spawned worker processes (each re-imports torch + peft + lance, ~10 s of CPU on this machine). An
+    # executor, not multiprocessing.Pool: a worker that dies fails the test (BrokenProcessPool) instead of
+    # leaving Pool.map waiting forever.
+    with ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("spawn")) as pool:
         # 8 different shards at once, racing to create the table too.
-        pool.map(_write_examples, [(root, f"s{i}", 50, "a") for i in range(8)])
+        list(pool.map(_write_examples, [(root, f"s{i}", 50, "a") for i in range(8)], timeout=300))
         table = LanceStore(root).open("examples").to_table()
         assert table.num_rows == 400 and len(set(table["sample_id"].to_pylist())) == 400
         # 8 writers of the same 2 shards (existing s0 and brand-new s9): the last committer wins, whole.
-        pool.map(_write_examples, [(root, f"s{9 * (i % 2)}", 20 + i, f"b{i}") for i in range(8)])
+        list(pool.map(_write_examples, [(root, f"s{9 * (i % 2)}", 20 + i, f"b{i}") for i in range(8)], timeout=300))
     table = LanceStore(root).open("examples").to_table()
     for shard in ("s0", "s9"):
         rows = table.filter(pc.equal(table["shard"], shard))

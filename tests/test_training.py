@@ -72,9 +72,16 @@ def test_an_untrainable_warmup_fails_the_check_with_its_message(cfg):
     assert "target set t" in problem and "raise train.lr" in problem
     learned = {**train, "heldout_accuracy_per_epoch": (0.5, 0.9), "majority": {"label": "neg", "accuracy": 0.5}}
     assert warmup_problem(learned) is None
-    causal = {**train, "heldout_accuracy_per_epoch": None, "majority": None, "heldout_loss_per_epoch": (2.0, 2.1)}
-    assert "did not lower the loss" in warmup_problem(causal)
+    causal = {**train, "heldout_accuracy_per_epoch": None, "majority": None, "heldout_loss_per_epoch": (2.0, 2.0)}
+    assert "did not lower the loss" in warmup_problem(causal) and "raise train.lr" in warmup_problem(causal)
     assert warmup_problem({**causal, "heldout_loss_per_epoch": (2.0, 1.5)}) is None
+    # a loss that rose, or became non-finite anywhere, diverged: the advice is the other way (issue 19, route 7)
+    diverged = ("the warm-up diverged: loss on target set t (not trained on) 2 before training, 2.1 after (lr 1e-09, "
+                "1 epochs, batch 8): lower train.lr")
+    assert warmup_problem({**causal, "heldout_loss_per_epoch": (2.0, 2.1)}) == diverged
+    assert warmup_problem({**learned, "heldout_loss_per_epoch": (0.7, 2.1)}) is None  # accuracy decides: learned
+    assert "diverged" in warmup_problem({**learned, "loss_per_epoch": (0.7, float("nan"))})
+    assert "diverged" in warmup_problem({**train, "heldout_loss_per_epoch": (0.69, float("inf"))})
     assert warmup_problem(None) is None
 
 

@@ -57,8 +57,8 @@ def test_the_readme_walkthrough_runs_as_written(tmp_path, monkeypatch):
     export = tmp_path / "store" / "exports" / "drop_issues"
     subset = [json.loads(row) for row in (export / "subset.jsonl").read_text().splitlines()]
     manifest = json.loads((export / "manifest.json").read_text())
-    assert manifest["params"] == {"target_set": "wanted", "method": "fused"}  # the default curation
-    # the pool without the k most harmful by `fused`, k = the label issues cleanlab counts
+    assert manifest["params"] == {"target_set": "wanted", "method": "hyperinf"}  # the default curation
+    # the pool without the k most harmful by HyperINF on `wanted`, k = the label issues cleanlab counts
     issues = LanceStore(str(tmp_path / "store")).open("label_suggestions").count_rows("issue")
     pool = {r["label"]: r["pool"] for r in manifest["report"]["labels"]}
     assert sum(pool.values()) == 200 and 0 < issues < 200 and len(subset) == 200 - issues

@@ -114,9 +114,9 @@ DEMO_CONFIG: dict[str, Any] = {
 }
 
 
-# `hyperinf demo --evaluate`: the evaluation's default candidates (drop_harmful, drop_issues and relabel over `fused`
-# at 0.2), the full pool, the oracle and random subsets of the candidates' sizes, one training seed: 7 fits of the
-# warm-up recipe; half the test split chooses the export (`curation.method: auto`), the other half is reported.
+# `hyperinf demo --evaluate`: the evaluation's default candidates (drop_issues and relabel at 0.2, over `hyperinf`
+# and `fused`), the full pool, the oracle and a random subset of drop_issues' size, one training seed: 7 fits of
+# the warm-up recipe; half the test split chooses the export (`curation.method: auto`), the other half is reported.
 # docs/results.md, section 7, has the whole grid over three datasets and its cost.
 DEMO_EVALUATION: dict[str, Any] = {"seeds": 1}
 

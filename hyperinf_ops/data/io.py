@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Collection
 from pathlib import Path
 
 import pandas as pd
@@ -13,22 +14,26 @@ from hyperinf_ops.errors import DataError
 __all__ = ["SUPPORTED_SUFFIXES", "discover_shards", "file_digest", "read_table"]
 
 SUPPORTED_SUFFIXES = (".parquet", ".csv", ".jsonl")
+_JSON_HINT = " (.json: write one JSON object per line and name it .jsonl)"
 
 
 def discover_shards(pool_path: Path) -> dict[str, Path]:
-    """Shard key -> file. A file is one shard keyed by its stem; a folder gives one shard per supported
-    file in it (not recursive), sorted by name."""
+    """Shard key -> file. A file is one shard keyed by its stem; a folder gives one shard per file in it (not
+    recursive, hidden files ignored), sorted by name. Extensions match case-insensitively (`a.CSV` is a CSV); a
+    file of another type is a DataError, never skipped: a skipped file would remove its shard's examples."""
     path = Path(pool_path)
     if path.is_file():
         files = [path]
-        if path.suffix not in SUPPORTED_SUFFIXES:
-            raise DataError(f"pool file {path} has an unsupported type; use one of {list(SUPPORTED_SUFFIXES)}")
     elif path.is_dir():
-        files = sorted(f for f in path.iterdir() if f.is_file() and f.suffix in SUPPORTED_SUFFIXES)
+        files = sorted(f for f in path.iterdir() if not f.name.startswith(".") and not f.is_dir())
         if not files:
             raise DataError(f"empty pool: folder {path} holds no {'/'.join(SUPPORTED_SUFFIXES)} files")
     else:
         raise DataError(f"pool path {path} does not exist")
+    for f in files:
+        if f.suffix.lower() not in SUPPORTED_SUFFIXES:
+            raise DataError(f"pool file {f} has an unsupported type{_JSON_HINT if f.suffix.lower() == '.json' else ''}"
+                            f"; use one of {list(SUPPORTED_SUFFIXES)} (or move the file out of the pool folder)")
     shards: dict[str, Path] = {}
     for f in files:
         if f.stem in shards:
@@ -37,20 +42,23 @@ def discover_shards(pool_path: Path) -> dict[str, Path]:
     return shards
 
 
-def read_table(path: str | Path) -> pd.DataFrame:
-    """Read one .parquet / .csv / .jsonl file as written (no type guessing on ids or texts)."""
+def read_table(path: str | Path, verbatim: Collection[str] = ()) -> pd.DataFrame:
+    """Read one .parquet / .csv / .jsonl file as written: a CSV's `verbatim` columns (ids, texts) are read as
+    strings, never parsed as numbers (`007` stays `007`); JSON and Parquet carry their own types."""
     path = Path(path)
+    suffix = path.suffix.lower()
     try:
-        if path.suffix == ".parquet":
+        if suffix == ".parquet":
             return pd.read_parquet(path)
-        if path.suffix == ".csv":
+        if suffix == ".csv":
             # Only empty fields are missing: a text "NA" or "null" is text.
-            return pd.read_csv(path, keep_default_na=False, na_values=[""])
-        if path.suffix == ".jsonl":
+            return pd.read_csv(path, keep_default_na=False, na_values=[""], dtype=dict.fromkeys(verbatim, str))
+        if suffix == ".jsonl":
             return pd.read_json(path, lines=True, dtype=False)
     except (OSError, ValueError, pa.ArrowException) as err:
         raise DataError(f"cannot read {path}: {err}") from err
-    raise DataError(f"{path}: unsupported file type; use one of {list(SUPPORTED_SUFFIXES)}")
+    raise DataError(f"{path}: unsupported file type{_JSON_HINT if suffix == '.json' else ''}; use one of "
+                    f"{list(SUPPORTED_SUFFIXES)}")
 
 
 def file_digest(path: str | Path) -> str:

@@ -110,7 +110,7 @@ def prepare_targets(targets: Mapping[str, Any], data: Any, task: str,
         if target.path is not None:
             from hyperinf_ops.data.io import read_table
 
-            table = prepare_examples(read_table(target.path), data, task, name,
+            table = prepare_examples(read_table(target.path, data.verbatim_columns), data, task, name,
                                      source=f"{source} ({target.path})", require_id=False)
             df = table.select(keep).to_pandas()
         else:
@@ -133,7 +133,7 @@ def prepare_test(path: str | Path, data: Any, task: str, labels: Collection[str]
     from hyperinf_ops.data.io import read_table
 
     source = f"evaluation test file {path}"
-    table = prepare_examples(read_table(path), data, task, "test", source=source, require_id=False)
+    table = prepare_examples(read_table(path, data.verbatim_columns), data, task, "test", source=source, require_id=False)
     unknown = sorted(set(map(str, table["label"].to_pylist())) - set(labels)) if labels else []
     if unknown:
         raise DataError(f"{source} has labels the pool does not have: {unknown[:_SHOWN]} (pool labels: "

@@ -20,6 +20,7 @@ or held-out loss no lower than before training (causal LM).
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -44,6 +45,9 @@ from hyperinf_ops.training import TrainStats, warmup_train
 
 __all__ = ["AdapterSummary", "HeldOut", "adapter_pending", "adapter_recipe", "heldout_records", "pool_labels",
            "train_or_load_adapter", "warmup_problem"]
+
+# A held-out loss that ends this much above its start (relative) diverged; below it, it merely stayed flat.
+DIVERGED_RISE = 0.01
 
 # Pool rows the warm-up is evaluated on when no target set comes from a file.
 POOL_SAMPLE_EXAMPLES = 512
@@ -179,26 +183,31 @@ def train_or_load_adapter(store: LanceStore, spec: ModelSpec, lora: LoraSettings
 
 
 def warmup_problem(train: Mapping[str, Any] | None) -> str | None:
-    """Why the warm-up recorded in `train` (an AdapterSummary's `train`) did not learn, or None when it did or
-    when there is no held-out curve to judge (a given adapter, one trained before curves were recorded)."""
+    """Why the warm-up recorded in `train` (an AdapterSummary's `train`) did not learn, with advice that fits the
+    failure, or None when it learned or when there is no held-out curve to judge (a given adapter, one trained
+    before curves were recorded). Learned: every loss finite, and on the held-out records an accuracy above the
+    majority class's (tasks with classes) or a lower loss than before training. A failure whose loss rose or
+    became non-finite diverged (lower the lr); one that stayed flat learned too little (raise the lr or epochs)."""
     if not train or not train.get("heldout_loss_per_epoch"):
         return None
     where = train["heldout_source"]
-    hint = (f"(lr {train['lr']}, {train['epochs']} epochs, batch {train['batch_size']}): raise train.lr or "
-            "train.epochs, or check that the labels follow from the text")
+    recipe = f"(lr {train['lr']}, {train['epochs']} epochs, batch {train['batch_size']})"
+    heldout, trained = train["heldout_loss_per_epoch"], train.get("loss_per_epoch") or ()
+    finite = all(math.isfinite(x) for x in (*heldout, *trained))
     accuracy = train.get("heldout_accuracy_per_epoch")
-    if accuracy:
-        majority = train["majority"]
-        if accuracy[-1] <= majority["accuracy"]:
-            return (f"the warm-up adapter is no better than always predicting the pool's majority class "
-                    f"{majority['label']!r}: accuracy {accuracy[-1]:.3f} vs {majority['accuracy']:.3f} on {where} "
-                    f"{hint}")
+    majority = train.get("majority")
+    if finite and (accuracy[-1] > majority["accuracy"] if accuracy and majority else heldout[-1] < heldout[0]):
         return None
-    losses = train["heldout_loss_per_epoch"]
-    if losses[-1] >= losses[0]:
-        return (f"the warm-up did not lower the loss on {where}: {losses[0]:.4f} before training, "
-                f"{losses[-1]:.4f} after {hint}")
-    return None
+    if not finite or heldout[-1] > heldout[0] * (1 + DIVERGED_RISE):
+        return (f"the warm-up diverged: loss on {where} {heldout[0]:.4g} before training, {heldout[-1]:.4g} after "
+                f"{recipe}: lower train.lr")
+    too_little = f"{recipe}: raise train.lr or train.epochs, or check that the labels follow from the text"
+    if accuracy and majority:
+        return (f"the warm-up adapter is no better than always predicting the pool's majority class "
+                f"{majority['label']!r}: accuracy {accuracy[-1]:.3f} vs {majority['accuracy']:.3f} on {where} "
+                f"{too_little}")
+    return (f"the warm-up did not lower the loss on {where}: {heldout[0]:.4f} before training, "
+            f"{heldout[-1]:.4f} after {too_little}")
 
 
 def _train_record(stats: TrainStats, train: TrainSettings, records: Sequence[Mapping[str, Any]],

@@ -18,6 +18,7 @@ import pyarrow as pa
 
 from hyperinf_ops.config_sections import RetentionSection
 from hyperinf_ops.data.noise import true_labels
+from hyperinf_ops.errors import WarmupFailedError
 from hyperinf_ops.export import export_subset, update_manifest
 from hyperinf_ops.location import Location
 from hyperinf_ops.query import refresh_duckdb
@@ -26,7 +27,7 @@ from hyperinf_ops.stages.common import Log, Summary, require_table
 from hyperinf_ops.stages.scores import display_columns
 from hyperinf_ops.store import LanceStore
 
-__all__ = ["CurateSummary", "curate", "export_dir", "subset_preview"]
+__all__ = ["CurateSummary", "curate", "export_dir", "refuse_unlearned_warmup", "subset_preview"]
 
 PREVIEW_ROWS = 10
 
@@ -53,6 +54,20 @@ def export_dir(storage_root: str | Path, name: str) -> Location:
     """Where an export goes: `<storage_root>/exports/<name>/` (local or on S3); `name` is the curation query, or
     `auto` for the evaluation's choice."""
     return Location(storage_root) / "exports" / name
+
+
+def refuse_unlearned_warmup(storage_root: str | Path) -> None:
+    """WarmupFailedError when the current adapter's warm-up did not learn (`stages.adapter.warmup_problem`): its
+    rankings rank noise (or worse, a diverged model's), so no export may replace the current one. A given adapter
+    has no warm-up to judge."""
+    from hyperinf_ops.adapters import AdapterStore
+    from hyperinf_ops.stages.adapter import warmup_problem
+
+    current = AdapterStore(storage_root).current()
+    problem = warmup_problem(current.train if current else None)
+    if problem:
+        raise WarmupFailedError(f"no curated subset exported (the previous export, if any, stays current): "
+                                f"{problem}; or set curation.require_warmup: false to export anyway")
 
 
 def curate(store: LanceStore, query: str, params: Mapping[str, Any], *, name: str | None = None,

@@ -72,7 +72,7 @@ def prepare_shard(store: LanceStore, shard: str, path: str | Path, data: Any, ta
     An example whose content (no id column) was already ingested from another shard is dropped here; with an
     id column, an id used by another shard is a DataError. Rows of `gone` shards (no pool file any more) count
     as removed."""
-    df = read_table(path)
+    df = read_table(path, data.verbatim_columns)
     table = prepare_examples(df, data, task, shard, source=f"pool file {Path(path).name}")
     elsewhere = _ids_in_other_shards(store, [shard, *gone], table["sample_id"])
     if elsewhere and data.id_column is not None:

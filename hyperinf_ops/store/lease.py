@@ -78,10 +78,8 @@ def hold_root(root: str | os.PathLike[str], config_path: str | os.PathLike[str])
     created = not path.parent.exists()
     fd = _lock(path, fcntl.LOCK_EX)
     if fd is None:
-        holder = _live_holder(path)
-        who = (f"another hyperinf run ({holder.describe()})" if holder is not None
-               else "a Dagster run launched from the UI or by automation")
-        raise RootInUseError(f"storage root {root} is in use by {who}: wait for it, or use another storage_root")
+        raise RootInUseError(f"storage root {root} is in use by {_describe_exclusion(path)}: wait for it, or use "
+                             "another storage_root")
     holder = LeaseHolder(pid=os.getpid(), host=socket.gethostname(), config=str(config_path),
                          started_at=time.strftime("%Y-%m-%d %H:%M:%S"), invocation=uuid.uuid4().hex[:12])
     try:
@@ -138,6 +136,22 @@ def _lock(path: Path, kind: int) -> int | None:
         except FileNotFoundError:
             pass
         os.close(fd)
+
+
+def _describe_exclusion(path: Path) -> str:
+    """Who keeps `path` from being locked exclusively. A shared lock that can be taken means only steps of
+    Dagster runs hold it; otherwise a `hyperinf run` holds it exclusively, and its record is read (a holder that
+    has just taken the lock writes its record a moment later: read again for up to a second)."""
+    shared = _lock(path, fcntl.LOCK_SH)
+    if shared is not None:
+        os.close(shared)
+        return "a Dagster run launched from the UI or by automation"
+    for _ in range(20):
+        holder = _live_holder(path)
+        if holder is not None:
+            return f"another hyperinf run ({holder.describe()})"
+        time.sleep(0.05)
+    return "another hyperinf run"
 
 
 def _live_holder(path: Path) -> LeaseHolder | None:
