@@ -19,7 +19,8 @@ from hyperinf_ops.errors import ConfigError, DataError
 from hyperinf_ops.row_format import RowFormat
 from hyperinf_ops.sketch import row_shapes
 
-__all__ = ["FORWARD_SHARE", "GPU_FACTORS", "THROUGHPUT", "Plan", "Throughput", "lora_shapes", "plan", "plan_command", "render"]
+__all__ = ["FORWARD_SHARE", "GPU_FACTORS", "THROUGHPUT", "Plan", "Throughput", "lora_shapes", "model_config", "plan",
+           "plan_command", "render"]
 
 
 @dataclass(frozen=True)
@@ -79,7 +80,7 @@ class Plan:
     source: str
 
 
-def _model_config(model: str) -> dict:
+def model_config(model: str) -> dict:
     """The model's config.json as a dict, without loading weights (or converting the bundled GGUF)."""
     if model == "smollm2":
         from hyperinf_ops.models.registry import default_cache_dir
@@ -127,7 +128,7 @@ def plan(cfg: HyperinfConfig, examples: int, device: str = "cpu") -> Plan:
     if rates is None:
         raise ConfigError(f"no throughput measured for model {cfg.model!r} (measured: {', '.join(THROUGHPUT)}): "
                           "run benchmarks/bench_scale.py on it and add it to capacity.THROUGHPUT")
-    shapes = lora_shapes(_model_config(cfg.model), cfg.lora.rank, cfg.lora.gradient_modules)
+    shapes = lora_shapes(model_config(cfg.model), cfg.lora.rank, cfg.lora.gradient_modules)
     blocks = tuple(r * k for r, k in row_shapes(shapes, cfg.compression).values())
     fmt = RowFormat(cfg.compression.dtype, blocks)
     # integer rows carry a step per block, every row its blocks' squared norms (float32 each)

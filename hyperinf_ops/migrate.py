@@ -1,7 +1,8 @@
 """Moving a store to a new row layout: `hyperinf migrate --config FILE [--yes]`.
 
-Gradient rows are fixed-width Lance columns, so settings that change a row's width or value type (`lora.rank`,
-`lora.gradient_modules`, `compression.sketch_dim` / `dtype`) cannot write into the stored tables. `row_layout_problem`
+Gradient rows are fixed-width Lance columns, so settings that change a row's width or value type (`model`,
+`lora.modules`, `lora.rank`, `lora.gradient_modules`, `compression.sketch_dim` / `dtype`) cannot write into the
+stored tables. `row_layout_problem`
 finds that before any work (preflight) and says what to do; `migrate` does it: the tables derived from gradient
 rows (ARCHIVED) and the DuckDB copy are renamed into `<root>/archive/<UTC time>/`, nothing is deleted, and
 moving them back restores the store. `examples`, `targets`, `evaluation`, the adapters (kept by hash) and the
@@ -17,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from hyperinf_ops.adapters import AdapterStore
-from hyperinf_ops.errors import ConfigError
+from hyperinf_ops.errors import ConfigError, HyperinfError
 from hyperinf_ops.location import is_object_store
 from hyperinf_ops.query import DUCKDB_FILE
 from hyperinf_ops.row_format import RowFormat
@@ -40,15 +41,38 @@ class MigrateSummary:
 
 
 def _expected_format(store: LanceStore, cfg: Any) -> RowFormat | None:
-    """The row format the config's settings give, from the current adapter's matrices with `lora.rank`; None
-    when it cannot be known without a model (no adapter yet, or `lora.modules` names other matrices)."""
+    """The row format the config's settings give: from the current adapter's matrices with `lora.rank` when the
+    config keeps its model and LoRA modules, else from the model's config.json alone (`_configured_shapes`);
+    None when it cannot be known without loading a model (no adapter yet, or modules config.json cannot place)."""
     manifest = AdapterStore(store.root).current()
-    if manifest is None or (cfg.lora.modules is not None and set(cfg.lora.modules) != set(manifest.lora_modules)):
+    if manifest is None:
         return None
-    shapes = {n: (cfg.lora.rank, d) for n, (_, d) in manifest.selected_shapes(cfg.lora.gradient_modules).items()}
+    if manifest.model == cfg.model and (cfg.lora.modules is None or set(cfg.lora.modules) == set(manifest.lora_modules)):
+        shapes = {n: (cfg.lora.rank, d) for n, (_, d) in manifest.selected_shapes(cfg.lora.gradient_modules).items()}
+    else:
+        shapes = _configured_shapes(cfg)
     if not shapes:
         return None
     return RowFormat(cfg.compression.dtype, tuple(r * k for r, k in row_shapes(shapes, cfg.compression).values()))
+
+
+def _configured_shapes(cfg: Any) -> dict[str, tuple[int, int]] | None:
+    """name -> (r, d) of the LoRA gradient matrices the config asks for, read from the model's config.json without
+    loading weights (`capacity.lora_shapes`: the attention query/value projections); None for a model or a
+    `lora.modules` entry it cannot place."""
+    from hyperinf_ops.capacity import lora_shapes, model_config
+
+    try:
+        every = lora_shapes(model_config(cfg.model), cfg.lora.rank, None)
+    except (HyperinfError, OSError, KeyError, TypeError, ValueError):
+        return None
+    placed = {name.split(".")[-2] for name in every}  # the module of `...layer.3.attention.self.query.lora_A`
+    if cfg.lora.modules is not None and not set(cfg.lora.modules) <= placed:
+        return None
+    chosen = cfg.lora.modules or placed
+    grads = cfg.lora.gradient_modules
+    return {n: s for n, s in every.items()
+            if n.split(".")[-2] in chosen and (grads is None or any(g in n for g in grads))}
 
 
 def row_layout_problem(store: LanceStore, cfg: Any) -> str | None:
@@ -67,7 +91,8 @@ def row_layout_problem(store: LanceStore, cfg: Any) -> str | None:
     fp = store.fingerprints("gradients").get(first[0])
     made = (f"adapter {fp.adapter_hash[:16]} (rank {fp.rank}, {fp.row_width} {fp.row_dtype} values per row)"
             if fp else "another layout")
-    return (f"storage root {store.root} holds gradient rows of {made}; lora.rank {cfg.lora.rank} with compression "
+    return (f"storage root {store.root} holds gradient rows of {made}; model {cfg.model}, lora.modules "
+            f"{list(cfg.lora.modules) if cfg.lora.modules else 'default'}, lora.rank {cfg.lora.rank} with compression "
             f"{cfg.compression.dtype} / sketch_dim {cfg.compression.sketch_dim} needs rows of {want.width} "
             f"{want.dtype} values: run `hyperinf migrate --config FILE --yes` to move the derived tables to "
             f"{store.root}/archive/ (a rename: nothing is deleted, moving them back restores them) and start over "

@@ -20,6 +20,7 @@ DuckDB named parameters (`$name`), never through string building.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import uuid
 from collections.abc import Callable, Mapping
@@ -55,6 +56,7 @@ __all__ = [
     "list_queries",
     "load_sql",
     "open_snapshot",
+    "versions_signature",
     "refresh_duckdb",
     "require_queries",
     "run_query",
@@ -185,28 +187,37 @@ def open_snapshot(root: str) -> tuple[duckdb.DuckDBPyConnection, dict[str, int]]
     """A `sandbox` connection on the synced file `<root>/hyperinf.duckdb` and its table -> Lance version, when
     the file holds the latest version of every table; else None (read the live tables instead).
 
-    Current means: no table's `_versions` folder changed since the sync began (every Lance commit adds a
-    manifest there) and no table appeared since. It costs a few `stat`s and no Lance import, which is what makes
-    `hyperinf sql` light (benchmarks/bench_sql_cli.py). Object-storage roots always read live.
+    Current means: every table's `_versions` folder lists exactly the manifests it listed when the sync began
+    (`versions_signature`: every Lance commit adds one, a cleanup removes some, and a table folder moved back from
+    an archive brings other files, whatever their modification times), and no table appeared since. It costs
+    one directory listing per table and no Lance import, which is what makes `hyperinf sql` light
+    (benchmarks/bench_sql_cli.py). Object-storage roots always read live.
     """
     path = Path(root) / DUCKDB_FILE
     if is_object_store(root) or not path.is_file():
         return None
     con = sandbox(database=str(path))
     try:
-        synced = con.execute("SELECT table_name, version, uri, synced_at FROM _lance_versions").fetchall()
+        synced = con.execute("SELECT table_name, version, uri, signature FROM _lance_versions").fetchall()
     except duckdb.Error:  # a file of an older layout, or one being replaced
         con.close()
         return None
-    tables = {uri: table for table, _, uri, _ in synced}
-    started = min((at.timestamp() for *_, at in synced), default=0.0)
     folders = {str(p) for p in (Path(root) / "lance").glob("*.lance")}
-    changed = [uri for uri in tables if not Path(uri, "_versions").is_dir()
-               or Path(uri, "_versions").stat().st_mtime > started]
-    if not synced or changed or folders != set(tables):
+    if not synced or folders != {uri for _, _, uri, _ in synced} or any(
+            versions_signature(uri) != signature for _, _, uri, signature in synced):
         con.close()
         return None
     return con, {table: version for table, version, _, _ in synced}
+
+
+def versions_signature(uri: str) -> str | None:
+    """A digest of the manifest files in a local table's `_versions` folder (names and inodes, from one
+    directory listing); None when the folder is missing."""
+    try:
+        entries = sorted(f"{e.name}:{e.inode()}" for e in os.scandir(Path(uri, "_versions")))
+    except FileNotFoundError:
+        return None
+    return hashlib.sha256("\n".join(entries).encode()).hexdigest()
 
 
 def _synced_file(store: LanceTables) -> Path:
@@ -232,9 +243,12 @@ def sync_duckdb(store: LanceTables, database: str | None = None) -> dict[str, in
     The copy is written to a temporary file in storage format DUCKDB_FILE_STORAGE (a DuckDB 1.x CLI opens
     it) and renamed over the old file, so readers see either the previous sync or this one, and a file
     written by an older sync in another format is replaced whole. `_lance_versions(table_name, version,
-    uri, synced_at)` records where every copy came from.
+    uri, synced_at, signature)` records where every copy came from (`versions_signature`: `open_snapshot`'s
+    test that it is still current).
     """
-    synced_at = datetime.now(UTC)  # before the versions are read: a commit after it makes the copy stale
+    synced_at = datetime.now(UTC)
+    # Signatures before the versions are read: a commit after them makes the copy stale, never wrongly current.
+    signatures = {t: versions_signature(store.uri(t)) for t in TABLES}
     versions = store.versions()
     target = Path(database) if database else _synced_file(store)
     tmp = target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex}")
@@ -248,10 +262,10 @@ def sync_duckdb(store: LanceTables, database: str | None = None) -> dict[str, in
                 con.execute(f'CREATE TABLE "{table}" AS SELECT * FROM _hyperinf_src')
                 con.unregister("_hyperinf_src")
             con.execute("CREATE TABLE _lance_versions (table_name VARCHAR, version BIGINT, uri VARCHAR, "
-                        "synced_at TIMESTAMPTZ)")
+                        "synced_at TIMESTAMPTZ, signature VARCHAR)")
             con.executemany(
-                "INSERT INTO _lance_versions VALUES (?, ?, ?, ?)",
-                [[t, v, store.uri(t), synced_at] for t, v in versions.items()],
+                "INSERT INTO _lance_versions VALUES (?, ?, ?, ?, ?)",
+                [[t, v, store.uri(t), synced_at, signatures.get(t)] for t, v in versions.items()],
             )
         os.replace(tmp, target)
     except BaseException:

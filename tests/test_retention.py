@@ -83,6 +83,22 @@ def test_exports_reproducible_after_cleanup(project):
             assert f"{TAG_PREFIX}{version}" in store.open(table).tags.list() or store.open(table).version == version
 
 
+@pytest.mark.parametrize(("key", "value"), [("modules", ["query"]), ("gradient_modules", ["layer.0."])])
+def test_a_module_change_is_refused_before_training(project, key, value):
+    """lora.modules (or the matrices entering influence) changes the row width: the preflight predicts it from
+    the model's config.json, before any warm-up is trained or `adapters/current.json` moves (issue 19, route 9;
+    before, `lora.modules` trained ~30 s, switched the adapter, then failed on the gradient schema)."""
+    cfg, store = project["cfg"], project["store"]
+    doc = yaml.safe_load(cfg.read_text())
+    doc["lora"][key] = value
+    cfg.write_text(yaml.safe_dump(doc, sort_keys=False))
+    before = _files(store)
+    with pytest.raises(ConfigError, match=r"holds gradient rows of adapter \w+ \(rank 4, \d+ \w+ values per row\); "
+                       r"model .*, lora\.modules .*needs rows of \d+ \w+ values: run `hyperinf migrate"):
+        _run(cfg)
+    assert _files(store) == before  # nothing trained, written or replaced
+
+
 def test_rank_change_refused_then_migrated(project, capsys):
     cfg, store = project["cfg"], project["store"]
     doc = yaml.safe_load(cfg.read_text())

@@ -12,6 +12,7 @@ import os
 import pty
 import re
 import select
+import shutil
 import subprocess
 import sys
 import time
@@ -286,3 +287,28 @@ def test_sql_reads_the_synced_file_while_it_is_current(project):
     store.write_examples("extra", pa.Table.from_pylist([], schema=store.open("examples").schema))
     sync_duckdb(store)
     assert _sql_in_a_fresh_interpreter(project) == (expected, False)
+
+
+def test_a_table_folder_moved_back_with_old_times_makes_the_synced_file_stale(project):
+    """The undo of `hyperinf migrate` moves archived table folders back: their manifests are other files with
+    old modification times, so a freshness test by mtime called the synced copy current and `hyperinf sql`
+    answered from the replaced tables (issue 19, route 2). The copy records its manifests: any other set is
+    stale, and plain `sql` then reads what `--live` reads."""
+    store = LanceStore(str(load_config(project).storage_root))
+    sync_duckdb(store)
+    examples = Path(store.uri("examples"))
+    archived = examples.with_name("archived.lance")
+    shutil.copytree(examples, archived)  # the restored table: the same rows under other manifest files ...
+    cfg = load_config(project)
+    store.write_examples("extra", prepare_examples(pd.DataFrame({"id": ["x1"], "text": ["one more"], "label": ["pos"]}),
+                                                   cfg.data, cfg.task, "extra"))
+    sync_duckdb(store)  # ... while the live table has moved on and been synced
+    shutil.rmtree(examples)
+    archived.rename(examples)
+    old = time.time() - 86_400
+    for path in [examples, *examples.rglob("*")]:
+        os.utime(path, (old, old))  # ... and every time older than the sync
+    assert open_snapshot(store.root) is None
+    expected = f'[{{"label":"pos","n":{N // 2}}}]\n'  # the restored table's rows, not the synced copy's
+    assert _sql_in_a_fresh_interpreter(project) == (expected, True)
+    assert _sql_in_a_fresh_interpreter(project, "--live") == (expected, True)
