@@ -4,6 +4,8 @@ predicates parsed by DuckDB, curation queries known to `sql/`."""
 
 from __future__ import annotations
 
+import math
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -164,6 +166,16 @@ class CurationSection(Settings):
     query: str = DEFAULT_CURATION["query"]
     params: dict[str, Scalar] = Field(default_factory=lambda: dict(DEFAULT_CURATION["params"]))
     require_warmup: bool = True
+
+    @field_validator("params", mode="before")
+    @classmethod
+    def _finite_numbers(cls, params: Any) -> Any:
+        # one problem for `fraction: .nan`, not one per member of the Scalar union
+        if isinstance(params, Mapping):
+            for key, value in params.items():
+                if isinstance(value, float) and not math.isfinite(value):
+                    raise ValueError(f"{key}: must be a finite number, got {value}")
+        return params
 
     @field_validator("query")
     @classmethod

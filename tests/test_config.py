@@ -1,5 +1,6 @@
 """config.py: one ConfigError listing every problem, defaults, relative paths, round trip."""
 
+import time
 from pathlib import Path
 
 import pytest
@@ -9,6 +10,7 @@ from hyperinf_ops.config import HyperinfConfig, load_config
 from hyperinf_ops.config_sections import DEFAULT_CURATION
 from hyperinf_ops.errors import ConfigError
 from hyperinf_ops.settings import CompressionSpec
+from hyperinf_ops.store.lease import hold_root
 
 
 @pytest.fixture
@@ -307,9 +309,50 @@ def test_relative_model_folder_resolves_against_the_config_folder(project: Path,
     ({"estimator_options": {"schulz_order": 0}}, "estimator_options.schulz_order: must be >= 2, got 0"),
     ({"damping_ratio": float("nan")}, "damping_ratio: must be a finite number, got nan"),
     ({"train": {"lr": float("nan")}}, "train.lr: must be a finite number, got nan"),
+    # values past which a number is a typo (issue 19: accepted silently before)
+    ({"train": {"epochs": 1e23}}, "train.epochs: expected an integer, got float 1e+23"),
+    ({"train": {"epochs": 100_000}}, "train.epochs: must be <= 1000, got 100000"),
+    ({"damping_ratio": 1e30}, "damping_ratio: must be <= 100.0, got 1e+30"),
+    ({"lora": {"rank": 10**9}}, "lora.rank: must be <= 4096, got 1000000000"),
 ])
 def test_solver_options_and_nan_numbers(project: Path, doc: dict, problem: str):
     assert problem in problems({**minimal(), **doc}, base_dir=project)
+
+
+def test_a_nan_curation_parameter_is_one_problem(project: Path):
+    assert problems({**minimal(), "curation": {"query": "top_fraction", "params": {"fraction": float("nan")}}},
+                    base_dir=project) == ["curation.params: fraction: must be a finite number, got nan"]
+
+
+def test_the_yaml_is_read_strictly(project: Path):
+    """What PyYAML accepts silently or slowly (issue 19): `2e-3` is the number (YAML 1.1 made it a string), a key
+    given twice is refused, an alias bomb fails at once, a folder given as the config names the file to give."""
+    base = "data: {path: data/pool.parquet}\ntargets: {clean_val: {path: data/val.parquet}}\n"
+    path = project / "hyperinf.yaml"
+    path.write_text(base + "train: {lr: 2e-3, epochs: 3}\n")
+    assert load_config(path).train.lr == 0.002
+    path.write_text(base + "damping_ratio: 0.1\ndamping_ratio: 0.2\n")
+    with pytest.raises(ConfigError, match=r"line 4: key 'damping_ratio' is given twice in one mapping \(first on "
+                                          r"line 3\): keep one"):
+        load_config(path)
+    path.write_text(base + "base: &b {epochs: 3}\ntrain: {<<: *b, epochs: 4}\n")  # a merge key may be overridden
+    assert problems(path) == ["base: unknown key"]
+    levels = ['a: &a ["x", "x", "x", "x", "x", "x", "x", "x", "x"]'] + [
+        f"{c}: &{c} [{', '.join([f'*{p}'] * 9)}]" for p, c in zip("abcdefgh", "bcdefghi", strict=True)]
+    path.write_text("\n".join(levels) + "\n")  # 9**9 strings once expanded
+    start = time.perf_counter()
+    with pytest.raises(ConfigError, match="aliases expand to more than 100,000 values"):
+        load_config(path)
+    assert time.perf_counter() - start < 5
+    with pytest.raises(ConfigError, match=r"is a folder: give the config file in it \(e\.g\. '.*hyperinf\.yaml'\)"):
+        load_config(project)
+
+
+def test_a_storage_root_that_cannot_be_created_is_one_line(tmp_path: Path):
+    with pytest.raises(ConfigError, match=r"^storage_root: cannot create /proc/x: No such file or directory; give "
+                                          r"a folder this user can write$"):
+        with hold_root("/proc/x", tmp_path / "hyperinf.yaml"):
+            pass
 
 
 def test_a_config_that_is_not_utf8(project: Path):

@@ -30,7 +30,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from hyperinf_ops.errors import HyperinfError
+from hyperinf_ops.errors import ConfigError, HyperinfError
 from hyperinf_ops.location import is_object_store
 
 __all__ = ["INVOCATION_TAG", "LEASE_FILE", "LeaseHolder", "RootInUseError", "hold_root", "lease_path", "process_alive",
@@ -120,7 +120,11 @@ def _lock(path: Path, kind: int) -> int | None:
     """An open descriptor of `path` locked with `kind` (LOCK_EX or LOCK_SH), or None if another holds a lock
     that excludes it. Retries when the locked file was removed meanwhile (`hold_root` removes the file of a root
     it created), so two processes never hold locks on two different files of one path."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:  # e.g. storage_root under /proc, or in a read-only folder
+        raise ConfigError(f"storage_root: cannot create {path.parent}: {err.strerror}; give a folder this user can "
+                          "write") from err
     while True:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
