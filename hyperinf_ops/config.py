@@ -135,6 +135,9 @@ class HyperinfConfig(Settings):
         if not isinstance(folder, Path) or not folder.is_dir():
             raise ValueError(f"{model!r} is neither a bundled model {list(BUNDLED_MODELS)} nor an existing folder"
                              f"{did_you_mean(model, BUNDLED_MODELS)}")
+        if not (folder / "config.json").is_file():
+            raise ValueError(f"{str(folder)!r} has no config.json: give a Hugging Face model folder (the one "
+                             "save_pretrained writes: config.json, the weights and the tokenizer)")
         return str(folder)
 
     @field_validator("storage_root")

@@ -302,6 +302,10 @@ def test_an_empty_path_is_refused(project: Path):
 def test_relative_model_folder_resolves_against_the_config_folder(project: Path, monkeypatch: pytest.MonkeyPatch):
     (project / "models" / "mine").mkdir(parents=True)
     monkeypatch.chdir("/")
+    assert problems(write(project, {**minimal(), "model": "models/mine"})) == [  # caught before any work
+        f"model: '{project / 'models' / 'mine'}' has no config.json: give a Hugging Face model folder (the one "
+        "save_pretrained writes: config.json, the weights and the tokenizer)"]
+    (project / "models" / "mine" / "config.json").write_text("{}")
     assert load_config(write(project, {**minimal(), "model": "models/mine"})).model == str(project / "models" / "mine")
 
 

@@ -47,6 +47,22 @@ def _test_file_without_label(doc, root):
     doc["evaluation"] = {"test": {"path": "test/nolabel.parquet"}, "seeds": 1}
 
 
+def _one_label_pool(doc, root):
+    for path in (root / "pool").glob("*.parquet"):
+        pd.read_parquet(path).assign(label="pos").to_parquet(path, index=False)
+
+
+def _one_row_pool(doc, root):
+    for path in sorted((root / "pool").glob("*.parquet"))[1:]:
+        path.unlink()
+    first = next((root / "pool").glob("*.parquet"))
+    pd.read_parquet(first).iloc[:1].to_parquet(first, index=False)
+
+
+def _pool_file_renamed_to_json(doc, root):
+    (root / "pool" / "shard-1.parquet").rename(root / "pool" / "shard-1.json")
+
+
 CASES = {
     "a misspelled data column": (
         lambda doc, root: doc["data"].update(text_column="txt"),
@@ -67,6 +83,20 @@ CASES = {
         "must be unique across the pool"),
     "an evaluation test file without the label column": (
         _test_file_without_label, "evaluation test file "),
+    # issue 19: checkable before any work, found late before
+    "a pool with one label": (_one_label_pool, "every pool example has the label 'pos': a classifier needs at "
+                                               "least two labels (column 'label')"),
+    "a pool with one example": (_one_row_pool, "the pool has 1 example: influence ranks examples against each "
+                                               "other; give at least two"),
+    "max_length beyond the model's positions": (
+        lambda doc, root: doc.update(max_length=512),
+        "max_length: 512 is beyond the 256 positions model"),
+    "a LoRA rank above the model's width": (
+        lambda doc, root: doc["lora"].update(rank=64),
+        "lora.rank: 64 is above model"),
+    "a pool file of another type": (
+        _pool_file_renamed_to_json,
+        "pool file"),
     "more cross-fit folds than a label has examples": (
         lambda doc, root: doc.update(signals={"folds": 20}),
         "signals.folds: 20 folds need at least 20 pool examples of every label; {'pos': 17} have fewer"),

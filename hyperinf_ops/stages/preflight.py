@@ -6,6 +6,7 @@ functions, so a mistake costs seconds and no table changes:
     device            `device: cuda` on a machine without CUDA (devices.resolve_device)
     adapter.path      its adapter_config.json has the configured LoRA rank, alpha and modules, and its weights
                       file is a readable safetensors file (named when it is not)
+    the model         `max_length` within its positions, `lora.rank` within its width (config.json, no weights)
     stored rows       the gradient rows stored under storage_root have the width and value type the LoRA and
                       compression settings give (else: `hyperinf migrate`, migrate.row_layout_problem)
     every pool file   readable, the configured columns present, no empty text / missing label, ids unique in
@@ -14,6 +15,7 @@ functions, so a mistake costs seconds and no table changes:
     target sets       files prepared like the pool; `where:` predicates run over the new pool (sandboxed, as
                       the target_sets asset runs them); no set empty; labels the pool has (prepare_targets)
     evaluation test   prepared like the pool, labels the pool has (prepare_test)
+    the pool          at least two examples; for classification, at least two labels
     signals.folds     every label has at least `folds` pool examples (the cross-fit splits each label)
 
 Warnings (returned, not raised): target or test examples that are also in the pool (a target example scores
@@ -63,6 +65,7 @@ def preflight(store: LanceStore, cfg: Any, *, log: Log = print) -> PreflightSumm
         raise ConfigError(f"device: {err}") from err
     if cfg.adapter.path is not None:
         _check_adapter(Path(cfg.adapter.path), cfg.lora)
+    _check_model_fits(cfg)
     problem = row_layout_problem(store, cfg)  # before the adapter step would train (and the gradient step fail)
     if problem:
         raise ConfigError(problem)
@@ -74,8 +77,14 @@ def preflight(store: LanceStore, cfg: Any, *, log: Log = print) -> PreflightSumm
         if table_digest(tables[shard]) != stored_digest(store, shard):
             pending.append(shard)
     pool = _new_pool(tables, id_column=cfg.data.id_column)
-    targets = prepare_targets(cfg.targets, cfg.data, cfg.task, pool)
     labels = sorted(set(pool["label"].to_pylist()) - {None})
+    if pool.num_rows < 2:
+        raise DataError(f"the pool has {pool.num_rows} example: influence ranks examples against each other; give "
+                        "at least two")
+    if cfg.task == "classification" and len(labels) < 2:
+        raise DataError(f"every pool example has the label {labels[0]!r}: a classifier needs at least two labels "
+                        f"(column {cfg.data.label_column!r})")
+    targets = prepare_targets(cfg.targets, cfg.data, cfg.task, pool)
     _check_folds(pool, cfg)
     in_pool = set(pool["content_hash"].to_pylist())
     warnings = [_overlap_warning(f"target set {name!r}", table, in_pool, "their scores include their own gradient")
@@ -89,6 +98,25 @@ def preflight(store: LanceStore, cfg: Any, *, log: Log = print) -> PreflightSumm
     for warning in summary.warnings:
         log(f"warning: {warning}")
     return summary
+
+
+def _check_model_fits(cfg: Any) -> None:
+    """`max_length` within the model's positions and `lora.rank` within its width, read from config.json without
+    loading weights; ConfigError otherwise (before, the first found out while tokenizing, the second by asking
+    for terabytes)."""
+    from hyperinf_ops.capacity import model_config
+
+    try:
+        config = model_config(cfg.model)
+    except (OSError, ValueError):
+        return  # the model step names an unreadable model
+    positions, width = config.get("max_position_embeddings"), config.get("hidden_size")
+    if isinstance(positions, int) and cfg.max_length > positions:
+        raise ConfigError(f"max_length: {cfg.max_length} is beyond the {positions} positions model {cfg.model} "
+                          f"has: use at most {positions}")
+    if isinstance(width, int) and cfg.lora.rank > width:
+        raise ConfigError(f"lora.rank: {cfg.lora.rank} is above model {cfg.model}'s width {width}: a LoRA rank is at "
+                          "most the width of the matrices it adapts (8-64 is usual)")
 
 
 def _check_folds(pool: pa.Table, cfg: Any) -> None:
