@@ -353,10 +353,10 @@ def test_the_yaml_is_read_strictly(project: Path):
 
 
 def test_a_storage_root_that_cannot_be_created_is_one_line(tmp_path: Path):
-    with pytest.raises(ConfigError, match=r"^storage_root: cannot create /proc/x: No such file or directory; give "
-                                          r"a folder this user can write$"):
-        with hold_root("/proc/x", tmp_path / "hyperinf.yaml"):
-            pass
+    refused = pytest.raises(ConfigError, match=r"^storage_root: cannot create /proc/x: No such file or directory; "
+                                               r"give a folder this user can write$")
+    with refused, hold_root("/proc/x", tmp_path / "hyperinf.yaml"):
+        pass
 
 
 def test_a_config_that_is_not_utf8(project: Path):
