@@ -66,6 +66,7 @@ from hyperinf_ops.settings import (
 )
 
 __all__ = [
+    "query_param_problem",
     "AdapterSection",
     "CurationSection",
     "DataSection",
@@ -94,6 +95,19 @@ _PARAM_TYPES: dict[tuple[str | None, str], Any] = {
     (None, "n"): Annotated[StrictInt, Field(ge=1)],
     (None, "balance"): StrictBool,
 }
+
+
+def query_param_problem(query: str, key: str, value: Any) -> str | None:
+    """Why `value` is not a valid `$key` of `sql/<query>.sql` (type and range: `_PARAM_TYPES`), or None. The config
+    checks its curation params with it, and `hyperinf sql --param` too (`n=null` would return every row)."""
+    kind = _PARAM_TYPES.get((query, key), _PARAM_TYPES.get((None, key)))
+    if kind is None:
+        return None
+    try:
+        TypeAdapter(kind).validate_python(value)
+    except ValidationError as err:
+        return f"{err.errors()[0]['msg'].lower()}, got {value!r}"
+    return None
 
 
 # lambda = damping_ratio x mean(g^2): at 1e30 the damping swamps the curvature and every score collapses toward
@@ -448,11 +462,8 @@ def _curation_problems(raw: Mapping[str, Any]) -> list[str]:
             problems.append(_unknown_target(where, value, targets))
         elif key == "method":
             problems += _method_problems(where, value, on_self, written)
-        elif (kind := _PARAM_TYPES.get((info.name, key), _PARAM_TYPES.get((None, key)))) is not None:
-            try:
-                TypeAdapter(kind).validate_python(value)
-            except ValidationError as err:
-                problems.append(f"{where}: {err.errors()[0]['msg'].lower()}, got {value!r}")
+        elif (problem := query_param_problem(info.name, key, value)) is not None:
+            problems.append(f"{where}: {problem}")
     missing = [k for k in info.params if k not in params]
     if missing:
         problems.append(f"curation.params: query {info.name!r} needs {missing}")

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import uuid
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
@@ -119,6 +120,10 @@ def require_queries(con: duckdb.DuckDBPyConnection, sql: str) -> None:
             keyword = statement.query.split(None, 1)[0].rstrip(";").upper()
             raise ConfigError(f"{keyword} is refused: SQL here only reads ({QUERY_KEYWORDS}); the tables are "
                               "read-only")
+        if statement.type == duckdb.StatementType.EXPLAIN:
+            # EXPLAIN ANALYZE runs its statement: what it explains must be a query too
+            explained = re.sub(r"^\s*EXPLAIN\s+(ANALY[SZ]E\s+)?(\([^)]*\)\s*)?", "", statement.query, flags=re.I)
+            require_queries(con, explained)
 
 
 def run_sql(

@@ -35,6 +35,7 @@ class QueryInfo:
 
 def strip_comments_and_strings(sql: str) -> str:
     """`sql` with string literals emptied and comments removed: what is left is SQL syntax only."""
+    sql = re.sub(r"\$([A-Za-z_]\w*|)\$.*?\$\1\$", "''", sql, flags=re.S)  # dollar-quoted: $$text$$, $tag$text$tag$
     sql = re.sub(r"'(?:[^']|'')*'", "''", sql)
     sql = re.sub(r"--[^\n]*", "", sql)
     return re.sub(r"/\*.*?\*/", "", sql, flags=re.S)

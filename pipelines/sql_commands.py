@@ -24,7 +24,7 @@ from typing import IO, Any
 import duckdb
 import pyarrow as pa
 
-from hyperinf_ops.config import TARGET_PARAMS, load_config
+from hyperinf_ops.config import TARGET_PARAMS, load_config, query_param_problem
 from hyperinf_ops.config_problems import did_you_mean
 from hyperinf_ops.errors import HyperinfError
 from hyperinf_ops.query import (
@@ -40,6 +40,8 @@ from hyperinf_ops.query import (
 __all__ = ["open_tables", "parse_param", "print_table", "run_shell", "shell_command", "sql_command"]
 
 PROMPT, CONTINUE = "hyperinf> ", "     ...> "
+# How SQL text starts (as opposed to a query name): the read statements and the ones refused with a reason.
+_SQL_START = r"(SELECT|WITH|FROM|SHOW|DESCRIBE|SUMMARIZE|EXPLAIN|VALUES|PRAGMA|CALL|SET|CREATE|DROP|INSERT|UPDATE|DELETE|ATTACH|COPY|CHECKPOINT|INSTALL|LOAD|\(|--|/\*)"
 SHELL_HELP = f"""SQL over the live tables (read-only: {QUERY_KEYWORDS}); end a statement with ';'.
   .tables           table names, rows and Lance versions
   .schema [TABLE]   columns and types (every table without TABLE)
@@ -77,10 +79,15 @@ def sql_command(config: Path, query: str, params: list[str], fmt: str, *, live: 
         queries = list_queries()
         if query in queries:
             values = dict(parse_param(p) for p in params)
+            for key, value in values.items():
+                problem = query_param_problem(query, key, value)
+                if problem:
+                    raise HyperinfError(f"--param {key}={json.dumps(value)}: {problem}")
             if "scores" in versions:
                 _check_scored(con, values)
             table = run_query(con, query, values)
-        elif re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", query):  # a name, not SQL text
+        elif not re.search(r"\s", query.strip()) and not re.match(_SQL_START, query.strip(), re.I):
+            # one word that is not SQL: a misspelt query name (or a path, which names never are)
             raise HyperinfError(f"no query {query!r} in sql/{did_you_mean(query, queries)}; queries: "
                                 f"{sorted(queries)} (or give SQL text, e.g. \"SELECT * FROM scores LIMIT 5\")")
         elif params:
@@ -178,10 +185,11 @@ def run_shell(con: duckdb.DuckDBPyConnection, *, read: Callable[[str], str] = in
             if not _complete(text):
                 continue
             lines.clear()
-            for statement in _statements(con, text):
-                print_table(run_sql(con, statement, {}, name="SQL error"), "table", out)
+            _run_text(con, text, out, err)
         except EOFError:
             out.write("\n")
+            if "\n".join(lines).strip():  # the last statement ends at the end of input, `;` or not
+                _run_text(con, "\n".join(lines), out, err)
             return 0
         except KeyboardInterrupt:
             lines.clear()
@@ -189,6 +197,15 @@ def run_shell(con: duckdb.DuckDBPyConnection, *, read: Callable[[str], str] = in
         except HyperinfError as problem:
             lines.clear()
             err.write(str(problem).splitlines()[0] + "\n")
+
+
+def _run_text(con: duckdb.DuckDBPyConnection, text: str, out: IO[str], err: IO[str]) -> None:
+    """Run each statement of `text`, printing its rows; an error prints one line and skips the rest."""
+    try:
+        for statement in _statements(con, text):
+            print_table(run_sql(con, statement, {}, name="SQL error"), "table", out)
+    except HyperinfError as problem:
+        err.write(str(problem).splitlines()[0] + "\n")
 
 
 def _complete(text: str) -> bool:

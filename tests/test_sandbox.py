@@ -7,6 +7,7 @@ at the same version and row count; a `where:` target predicate that reads a file
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import pty
@@ -30,6 +31,7 @@ from hyperinf_ops.errors import DataError
 from hyperinf_ops.query import DUCKDB_FILE, connect, open_snapshot, sync_duckdb
 from hyperinf_ops.store import LanceStore, scores_schema
 from pipelines.cli import main
+from pipelines.sql_commands import open_tables, run_shell
 
 N = 30
 HYPERINF = Path(sys.executable).parent / "hyperinf"  # the console script, as a user runs it
@@ -312,3 +314,37 @@ def test_a_table_folder_moved_back_with_old_times_makes_the_synced_file_stale(pr
     expected = f'[{{"label":"pos","n":{N // 2}}}]\n'  # the restored table's rows, not the synced copy's
     assert _sql_in_a_fresh_interpreter(project) == (expected, True)
     assert _sql_in_a_fresh_interpreter(project, "--live") == (expected, True)
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["mislabel_candidates", "--param", "target_set=positive", "--param", "method=tracin", "--param", "n=null"],
+     "--param n=null: input should be a valid integer, got None"),
+    (["top_fraction", "--param", "target_set=positive", "--param", "method=tracin", "--param", "fraction=2",
+      "--param", "balance=false"], "--param fraction=2: input should be less than or equal to 1, got 2"),
+    (["../../x"], "no query '../../x' in sql/"),
+    (["EXPLAIN ANALYZE CREATE TABLE x AS SELECT 1"], "SQL error: CREATE is refused: SQL here only reads"),
+])
+def test_sql_parameters_and_names_are_checked_before_they_run(project, capsys, args, message):
+    """Audit routes (issue 19): a named query's parameters are checked like the config's (`n=null` returned every
+    row), a path is named as a query that does not exist, EXPLAIN ANALYZE may not run what it explains."""
+    assert main(["sql", "--config", str(project), *args]) == 2
+    assert capsys.readouterr().err.startswith(f"hyperinf: error: {message}")
+
+
+def test_dollar_quoted_text_and_a_shell_statement_without_its_semicolon(project, capsys):
+    assert main(["sql", "--config", str(project), "SELECT $$hello$$ AS t, $q$it's$q$ AS u", "--format", "json"]) == 0
+    assert json.loads(capsys.readouterr().out) == [{"t": "hello", "u": "it's"}]
+    con, _ = open_tables(project, live=True)
+    lines = iter(["EXPLAIN ANALYZE CREATE TABLE made AS SELECT 1;", "SELECT count(*) AS n", "FROM examples"])
+
+    def read(_: str) -> str:
+        try:
+            return next(lines)
+        except StopIteration:
+            raise EOFError from None
+
+    out, err = io.StringIO(), io.StringIO()
+    assert run_shell(con, read=read, out=out, err=err) == 0
+    assert err.getvalue().startswith("SQL error: CREATE is refused")  # nothing created ...
+    assert "made" not in {t for (t,) in con.sql("SHOW TABLES").fetchall()}
+    assert out.getvalue().split() == ["n", str(N)]  # ... and the last statement ran at the end of input
