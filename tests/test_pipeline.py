@@ -581,3 +581,45 @@ def test_adapter_folder_changed_after_saving_is_refused(tmp_path, tiny_model):
         error = _fail(defs, instance, "shard_job", partition="shard-0", assets=["lora_gradients"])
         assert "does not hold the tensors its manifest names" in error
         shutil.rmtree(folder)
+
+
+def test_the_full_pool_fit_of_seed_0_is_the_warm_up_adapter_tested(built):
+    """The evaluation's `full`, seed-0 fit has the warm-up's records, recipe and seed: it tests the warm-up adapter
+    instead of training it again (issue 19: one warm-up fewer per evaluation), and its numbers are those a fresh
+    training gives."""
+    from assets_defs.evaluation import evaluation_plan
+    from hyperinf_ops.stages.evaluation import (
+        EVALUATION_TABLE,
+        _fit_and_test,
+        evaluation_schema,
+        plan_fits,
+        pool_records,
+        run_evaluation,
+    )
+
+    cfg_path, _, _ = built
+    cfg = load_config(cfg_path)
+    store = LanceStore(str(cfg.storage_root))
+    rows = store.open(EVALUATION_TABLE).to_table().to_pylist()
+    row = next(r for r in rows if r["subset"] == "full" and r["seed"] == 0)
+    # made again with training forbidden: the row comes back, from the warm-up adapter
+    store.replace_where(EVALUATION_TABLE, {"fit_key": row["fit_key"]}, evaluation_schema().empty_table(),
+                        schema=evaluation_schema(), unique=None)
+    with mock.patch("hyperinf_ops.stages.evaluation.warmup_train", side_effect=AssertionError("trained")):
+        run_evaluation(store, cfg.model_spec, cfg.lora, cfg.train, cfg.data, evaluation_plan(cfg), log=lambda _: None)
+    again = next(r for r in store.open(EVALUATION_TABLE).to_table().to_pylist() if r["fit_key"] == row["fit_key"])
+    assert len(store.open(EVALUATION_TABLE).to_table()) == len(rows)
+    # ... and a fresh training on the same records gives the same numbers
+    pool = pool_records(store, cfg.task)
+    fit = next(f for f in plan_fits(store, evaluation_plan(cfg), pool) if f.subset == "full" and f.seed == 0)
+    from hyperinf_ops.data.prepare import prepare_test
+    from hyperinf_ops.stages.evaluation import split_test
+
+    halves = split_test(prepare_test(cfg.evaluation.test.path, cfg.data, cfg.task, ["neg", "pos"])
+                        .select(["sample_id", "text", "label"]).to_pylist(), cfg.evaluation.validation)
+    by_id = {r["sample_id"]: r for r in pool}
+    records = [{**by_id[i], "original_label": by_id[i]["label"]} for i in fit.ids]
+    fresh = _fit_and_test(cfg.model_spec, cfg.lora, cfg.train, ["neg", "pos"], records, *halves, fit, lambda _: None)
+    for key in ("validation_accuracy", "test_accuracy", "validation_loss", "test_loss", "train_loss"):
+        assert again[key] == row[key], key
+        assert again[key] == pytest.approx(fresh[key], rel=1e-5, abs=1e-6), key

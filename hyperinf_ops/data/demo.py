@@ -115,8 +115,8 @@ DEMO_CONFIG: dict[str, Any] = {
 
 
 # `hyperinf demo --evaluate`: the evaluation's default candidates (drop_issues and relabel at 0.2, over `hyperinf`
-# and `fused`), the full pool, the oracle and a random subset of drop_issues' size, one training seed: 7 fits of
-# the warm-up recipe; half the test split chooses the export (`curation.method: auto`), the other half is reported.
+# and `fused`), the full pool (the warm-up adapter itself, tested), the oracle and a random subset of drop_issues'
+# size, one training seed: 6 more trainings of the warm-up recipe; half the test split chooses the export (`curation.method: auto`), the other half is reported.
 # docs/results.md, section 7, has the whole grid over three datasets and its cost.
 DEMO_EVALUATION: dict[str, Any] = {"seeds": 1}
 

@@ -30,7 +30,7 @@ from hyperinf_ops.query import sandbox
 from hyperinf_ops.tasks import get_task
 
 __all__ = ["RESERVED_COLUMNS", "content_digest", "prepare_examples", "prepare_targets", "prepare_test",
-           "record_columns", "table_digest"]
+           "record_columns", "records_digest", "table_digest"]
 
 # Columns hyperinf adds to every prepared table; an input column of the same name would be shadowed.
 RESERVED_COLUMNS = ("sample_id", "content_hash", "text", "prompt", "response", "label", "shard")
@@ -153,6 +153,17 @@ def content_digest(sample_ids: Iterable[str], content_hashes: Iterable[str]) -> 
     """sha256 over the sorted (sample_id, content_hash) pairs: the examples a gradient pass depends on."""
     pairs = sorted(zip(map(str, sample_ids), map(str, content_hashes), strict=True))
     return hashlib.sha256(json.dumps(pairs).encode()).hexdigest()
+
+
+def records_digest(records: Iterable[Mapping[str, Any]], task: str) -> str:
+    """sha256 over the training records in their order (the `record_columns` of each): two trainings with the same
+    recipe and seed on records of one digest are the same training."""
+    h = hashlib.sha256()
+    columns = record_columns(task)
+    for record in records:
+        h.update(json.dumps([record[c] for c in columns], default=str).encode())
+        h.update(b"\n")
+    return h.hexdigest()
 
 
 def _select_where(pool_df: pd.DataFrame, predicate: str, source: str) -> pd.DataFrame:

@@ -31,7 +31,7 @@ import numpy as np
 import pyarrow.compute as pc
 
 from hyperinf_ops.adapters import AdapterManifest, AdapterStore, folder_digest, recipe_key
-from hyperinf_ops.data.prepare import prepare_targets, record_columns
+from hyperinf_ops.data.prepare import prepare_targets, record_columns, records_digest
 from hyperinf_ops.evaluation import majority_baseline
 from hyperinf_ops.gradients import lora_matrix_shapes
 from hyperinf_ops.models import adapter_hash, load_lora_model, model_hash, pooling_of, resolve_model
@@ -165,7 +165,9 @@ def train_or_load_adapter(store: LanceStore, spec: ModelSpec, lora: LoraSettings
                              heldout=heldout.records if heldout else (), margins=margins,
                              on_epoch_end=keep_checkpoint)
         manifest = _manifest(loaded, key, "trained", spec.name, trained_on=len(records),
-                             train=_train_record(stats, train, records, heldout), checkpoints=tuple(sorted(checkpoints)))
+                             train={**_train_record(stats, train, records, heldout),
+                                    "records_digest": records_digest(records, spec.task)},
+                             checkpoints=tuple(sorted(checkpoints)))
         log(f"adapter {manifest.short_hash} trained, final loss {stats.loss_per_epoch[-1]:.4f}")
         source = "trained"
     if source != "reused":

@@ -14,7 +14,9 @@ For every training seed s in (train.seed, train.seed + 1, ...), one fit per cand
     oracle   the pool without its planted flips (pools with a boolean `flipped` column; a reference, never chosen)
     random   per distinct subset size n < N, n pool rows drawn with seed s: what a selection has to beat
 
-each a fresh LoRA adapter trained with the warm-up recipe (`TrainSettings` with seed s), evaluated on both halves of
+each a fresh LoRA adapter trained with the warm-up recipe (`TrainSettings` with seed s; the full pool's first-seed
+fit is the warm-up adapter itself when its records' digest matches: the same training, tested rather than repeated),
+evaluated on both halves of
 the test file (split by a seeded permutation of its sorted sample ids: `validation` of it to choose on, the rest
 to report). `choose` picks the candidate (or the full pool) with the best mean validation accuracy over seeds
 (tasks without classes: the lowest mean validation loss); the reported test half never enters the choice. One
@@ -37,8 +39,9 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from hyperinf_ops.adapters import AdapterManifest, AdapterStore
 from hyperinf_ops.data.noise import true_labels
-from hyperinf_ops.data.prepare import prepare_test, record_columns
+from hyperinf_ops.data.prepare import prepare_test, record_columns, records_digest
 from hyperinf_ops.errors import DataError
 from hyperinf_ops.evaluation import evaluate_model
 from hyperinf_ops.export import RELABEL_COLUMN
@@ -48,7 +51,7 @@ from hyperinf_ops.models import load_lora_model, model_hash, resolve_model
 from hyperinf_ops.progress import ProgressMeter
 from hyperinf_ops.query import connect, refresh_duckdb, run_query
 from hyperinf_ops.settings import LoraSettings, ModelSpec, TrainSettings
-from hyperinf_ops.stages.adapter import pool_labels
+from hyperinf_ops.stages.adapter import adapter_recipe, pool_labels
 from hyperinf_ops.stages.common import Log, Summary, drop_stale, require_table
 from hyperinf_ops.store import LanceStore
 from hyperinf_ops.tasks import get_task
@@ -190,6 +193,7 @@ def run_evaluation(store: LanceStore, spec: ModelSpec, lora: LoraSettings, train
     stored = _stored_keys(store)
     keys = [_fit_key(fit, recipe) for fit in fits]
     reused = len(set(keys) & stored)
+    warmup = _warmup_adapter(store, spec, lora, train, labels)
     meter = ProgressMeter("evaluation", len(keys) - reused, lambda e: log(str(e)), unit="fits", every=1)
     for i, (fit, key) in enumerate(zip(fits, keys, strict=True), 1):
         if key in stored:
@@ -199,7 +203,12 @@ def run_evaluation(store: LanceStore, spec: ModelSpec, lora: LoraSettings, train
         relabel = dict(fit.relabel)
         records = [{**by_id[j], "original_label": by_id[j]["label"], "label": relabel.get(j, by_id[j]["label"])}
                    for j in fit.ids]
-        row = _fit_and_test(spec, lora, train, labels, records, validation, test, fit, log)
+        same = (warmup is not None and fit.subset == "full" and fit.seed == 0
+                and warmup.train.get("records_digest") == records_digest(records, spec.task))
+        if same:
+            log("  the warm-up adapter is this fit (same records, recipe and seed): tested, not trained again")
+        row = _fit_and_test(spec, lora, train, labels, records, validation, test, fit, log,
+                            adapter=(AdapterStore(store.root), warmup) if same else None)
         row["fit_key"] = key
         store.replace_where(EVALUATION_TABLE, {"fit_key": key}, pa.Table.from_pylist([row], evaluation_schema()),
                             schema=evaluation_schema(), unique=None)
@@ -346,13 +355,33 @@ def plan_fits(store: LanceStore, plan: EvaluationPlan, pool: Sequence[Mapping[st
     return fits
 
 
+def _warmup_adapter(store: LanceStore, spec: ModelSpec, lora: LoraSettings, train: TrainSettings,
+                    labels: Sequence[str]) -> AdapterManifest | None:
+    """The current adapter when the warm-up trained it with exactly this recipe (its `full`, seed-0 fit is then
+    the same training when the records' digest matches too), else None."""
+    current = AdapterStore(store.root).current()
+    if (current is None or current.source != "trained" or not current.train
+            or current.recipe_key != adapter_recipe(list(labels), spec, lora, train, None)):
+        return None
+    return current
+
+
 def _fit_and_test(spec: ModelSpec, lora: LoraSettings, train: TrainSettings, labels: Sequence[str],
                   records: list[dict[str, Any]], validation: list[dict[str, Any]], test: list[dict[str, Any]],
-                  fit: Fit, log: Log) -> dict[str, Any]:
+                  fit: Fit, log: Log, *, adapter: tuple[AdapterStore, AdapterManifest] | None = None
+                  ) -> dict[str, Any]:
+    """Train a fresh adapter on `records` with the warm-up recipe (seed + fit.seed) and test it on both halves;
+    `adapter`: an adapter already trained so (the warm-up's), tested as it is."""
     start = time.perf_counter()
-    recipe = train.model_copy(update={"seed": train.seed + fit.seed})
-    loaded = load_lora_model(spec, labels, lora=lora, seed=recipe.seed)
-    stats = warmup_train(loaded, records, recipe, max_length=spec.max_length, progress=lambda e: log(f"  {e}"))
+    if adapter is not None:
+        adapters, manifest = adapter
+        loaded = load_lora_model(spec, labels, adapter_dir=adapters.path(manifest))
+        train_loss = manifest.train["loss_per_epoch"][-1]
+    else:
+        recipe = train.model_copy(update={"seed": train.seed + fit.seed})
+        loaded = load_lora_model(spec, labels, lora=lora, seed=recipe.seed)
+        stats = warmup_train(loaded, records, recipe, max_length=spec.max_length, progress=lambda e: log(f"  {e}"))
+        train_loss = stats.loss_per_epoch[-1]
     held = evaluate_model(loaded, validation, max_length=spec.max_length)
     result = evaluate_model(loaded, test, max_length=spec.max_length)
     c = fit.candidate
@@ -364,7 +393,7 @@ def _fit_and_test(spec: ModelSpec, lora: LoraSettings, train: TrainSettings, lab
             "label_counts": json.dumps(dict(sorted(Counter(str(r.get("label")) for r in records).items()))),
             "validation_examples": held.examples, "validation_accuracy": held.accuracy,
             "validation_loss": held.loss, "test_examples": result.examples, "test_accuracy": result.accuracy,
-            "test_loss": result.loss, "train_loss": stats.loss_per_epoch[-1],
+            "test_loss": result.loss, "train_loss": train_loss,
             "seconds": time.perf_counter() - start, "created_at": datetime.now(UTC)}
 
 
