@@ -8,7 +8,8 @@ launch exactly that through the code location (runs the UI shows on its timeline
     the adapter, if not the asked one,   adapter_job                  stages.adapter.adapter_pending,
     or the rows' whitening if missing                                  stages.codec.codec_pending
     shards whose gradients are stale     shard_job [lora_gradients]   stages.freshness.gradient_shard_current
-    always                               refresh_job                  (its assets reuse what did not change)
+    unless nothing it reads changed      refresh_job                  stages.refresh_record (an identical run
+    since the last one                                                writes nothing)
 
 The assets apply the same rules when launched from the UI or by automation, so a current shard is never
 recomputed whoever asks. With a distributed executor (``$HYPERINF_EXECUTOR``, pipelines/executors.py) the stale
@@ -28,6 +29,7 @@ from assets_defs.partitions import POOL_SHARDS, missing_partitions
 from hyperinf_ops.config import HyperinfConfig
 from hyperinf_ops.progress import ProgressMeter
 from hyperinf_ops.stages.preflight import PreflightSummary, preflight
+from hyperinf_ops.stages.refresh_record import REFRESH_RECORD, current_refresh, save_refresh_record
 from hyperinf_ops.store import LanceStore
 from hyperinf_ops.store.lease import INVOCATION_TAG, LeaseHolder, hold_root
 from pipelines.executors import executor_kind
@@ -107,10 +109,18 @@ def _materialize_all(instance: dg.DagsterInstance, config_path: str | Path, cfg:
         for run in runs:
             report.runs.append(run)
             meter.update(1)
+        last = current_refresh(cfg, store)
+        if last is not None and instance.has_run(last):
+            log(f"refresh: nothing it reads changed since the last one (tables, config, target and test files, "
+                f"code; {REFRESH_RECORD}): the stored scores and export are current, nothing written")
+            return report
         skipped = sorted(set(files) - set(report.gradients))
         log("refresh: target sets, preconditioners, queries, scores, curated subset, mislabel report"
             + (f" (gradients of {len(skipped)} shards were current: {skipped})" if skipped else ""))
-        report.runs.append(launcher.run(refresh_job.name, tags=tags))
+        refresh = launcher.run(refresh_job.name, tags=tags)
+        report.runs.append(refresh)
+    if not failed_checks(instance, [refresh]):  # a failed check shows again at the next run
+        save_refresh_record(cfg, store, refresh.run_id)
     return report
 
 

@@ -395,21 +395,36 @@ def test_a_diverged_warmup_replaces_no_export_and_says_lower_the_lr(tmp_path, ti
         assert "diverged" in next(iter(check.values())).event.dagster_event.event_specific_data.description
 
 
-def test_rerun_launches_one_refresh_and_duplicates_nothing(built):
+def test_an_identical_rerun_writes_nothing_and_a_forced_refresh_duplicates_nothing(built):
+    """An identical `hyperinf run` launches no Dagster run and writes no file of the store (issue 19, route 10:
+    before, every rerun wrote 4 scores and 2 queries versions and a new identical export). With its record of the
+    last refresh removed, it launches the one refresh, which reuses every stored inverse and fit."""
     cfg_path, instance, _ = built
     cfg = load_config(cfg_path)
     store = LanceStore(str(cfg.storage_root))
-    before = _row_counts(store)
+    root = Path(cfg.storage_root)
+
+    def files() -> dict[str, int]:
+        return {str(p.relative_to(root)): p.stat().st_mtime_ns for p in root.rglob("*")
+                if p.is_file() and p.name != ".hyperinf.lease"}
+
+    before, runs_before = files(), len(instance.get_run_records())
+    report = materialize_all(instance, cfg_path, cfg, log=lambda _: None)
+    assert report.runs == [] and not (report.ingested or report.adapter or report.gradients)
+    assert files() == before and len(instance.get_run_records()) == runs_before
+
+    counts = _row_counts(store)
     scores_before = store.open("scores").to_table().to_pandas().sort_values(["method", "sample_id"])
+    (root / ".hyperinf.refresh.json").unlink()
     report = materialize_all(instance, cfg_path, cfg, log=lambda _: None)
     assert [r.job_name for r in report.runs] == ["refresh_job"]  # nothing changed: no ingest, adapter, gradients
-    assert not (report.ingested or report.adapter or report.gradients)
-    assert _row_counts(store) == before
+    assert _row_counts(store) == counts
     after = store.open("scores").to_table().to_pandas().sort_values(["method", "sample_id"])
     assert after["score"].to_numpy() == pytest.approx(scores_before["score"].to_numpy(), rel=1e-6)
     assert _meta(instance, "preconditioners")["prepared"] == []  # the stored inverses still fit
     fits = _meta(instance, "evaluation")["fits"]
     assert _meta(instance, "evaluation")["reused"] == fits > 0
+    assert (root / ".hyperinf.refresh.json").is_file()
 
 
 def test_added_shard_computes_only_that_shard_and_one_solve_per_refresh(tmp_path, tiny_model):
@@ -521,7 +536,8 @@ def test_texts_that_tokenize_to_nothing(tmp_path, tiny_model):
 
 
 def test_model_folder_that_is_not_a_hf_model(tmp_path, tiny_model):
-    (tmp_path / "not_a_model").mkdir()
+    (tmp_path / "not_a_model").mkdir()  # a config.json the config check accepts, of no model transformers knows
+    (tmp_path / "not_a_model" / "config.json").write_text('{"model_type": "no-such-architecture"}')
     with dg.DagsterInstance.ephemeral() as instance:
         _, defs, store, versions = _ingested(tmp_path, tiny_model, instance, model=str(tmp_path / "not_a_model"))
         error = _fail(defs, instance, "adapter_job")

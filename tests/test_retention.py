@@ -18,6 +18,7 @@ from hyperinf_ops.errors import ConfigError
 from hyperinf_ops.export import Manifest, history_dir, reproduce
 from hyperinf_ops.location import Location
 from hyperinf_ops.retention import TAG_PREFIX
+from hyperinf_ops.stages.refresh_record import REFRESH_RECORD
 from hyperinf_ops.store import LanceStore
 from pipelines.cli import main
 from pipelines.runner import materialize_all
@@ -43,7 +44,7 @@ def _run(cfg_path: Path) -> None:
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory) -> dict:
-    """A tiny project run RUNS times unchanged (cleanup of every version older than now, one replaced export
+    """A tiny project refreshed RUNS times unchanged (cleanup of every version older than now, one replaced export
     kept); the bytes of the storage root and of its Lance tables after each run."""
     root = tmp_path_factory.mktemp("retention")
     cfg = make_project(root, save_tiny_model(root / "model"), n_pool=40, n_shards=2, n_target=10,
@@ -52,6 +53,9 @@ def project(tmp_path_factory) -> dict:
     store = root / "store"
     sizes = []
     for _ in range(RUNS):
+        # an identical run refreshes nothing (tests/test_pipeline.py); forced here, each run rewrites the scores
+        # and replaces the export, which is what retention has to keep flat
+        (store / REFRESH_RECORD).unlink(missing_ok=True)
         _run(cfg)
         sizes.append((_bytes(store), _bytes(store / "lance")))
     print(f"storage root / Lance bytes after each of {RUNS} identical runs: {sizes}")
