@@ -194,6 +194,12 @@ def _require_columns(df: pd.DataFrame, columns: list[str], source: str) -> None:
 
 
 def _texts(col: pd.Series, name: str, source: str) -> pd.Series:
+    nested = col.map(lambda v: isinstance(v, list | tuple | dict | set | np.ndarray))
+    if nested.any():  # str() would train on its repr, "['a', 'b']"
+        rows = [int(i) for i in np.flatnonzero(nested.to_numpy())[:_SHOWN]]
+        kind = type(col[nested].iloc[0]).__name__
+        raise DataError(f"{source}: column {name!r} holds {kind} values, not texts (rows {rows}); give one text "
+                        "per row (join the parts, or name another column)")
     bad = col.isna() | col.astype(str).str.strip().eq("")
     if bad.any():
         rows = [int(i) for i in np.flatnonzero(bad.to_numpy())[:_SHOWN]]
