@@ -59,6 +59,11 @@ def _one_row_pool(doc, root):
     pd.read_parquet(first).iloc[:1].to_parquet(first, index=False)
 
 
+def _a_column_added_to_one_pool_file(doc, root):
+    path = root / "pool" / "shard-1.parquet"
+    pd.read_parquet(path).assign(source="web").to_parquet(path, index=False)
+
+
 def _pool_file_renamed_to_json(doc, root):
     (root / "pool" / "shard-1.parquet").rename(root / "pool" / "shard-1.json")
 
@@ -94,6 +99,9 @@ CASES = {
     "a LoRA rank above the model's width": (
         lambda doc, root: doc["lora"].update(rank=64),
         "lora.rank: 64 is above model"),
+    "a column added to one pool file": (
+        _a_column_added_to_one_pool_file,
+        "pool file shard-1.parquet: its columns differ from pool file shard-0.parquet's: new ['source'], missing []"),
     "a pool file of another type": (
         _pool_file_renamed_to_json,
         "pool file"),

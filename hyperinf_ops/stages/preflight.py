@@ -9,7 +9,8 @@ functions, so a mistake costs seconds and no table changes:
     the model         `max_length` within its positions, `lora.rank` within its width (config.json, no weights)
     stored rows       the gradient rows stored under storage_root have the width and value type the LoRA and
                       compression settings give (else: `hyperinf migrate`, migrate.row_layout_problem)
-    every pool file   readable, the configured columns present, no empty text / missing label, ids unique in
+    every pool file   readable, the configured columns present, the columns of the stored pool (of the first
+                      file, on a new store), no empty text / missing label, ids unique in
                       the file and across files (pool.prepare_shard: what ingest would write; the rows of shards
                       whose file is gone do not count, ingest removes them)
     target sets       files prepared like the pool; `where:` predicates run over the new pool (sandboxed, as
@@ -76,6 +77,7 @@ def preflight(store: LanceStore, cfg: Any, *, log: Log = print) -> PreflightSumm
         tables[shard] = prepare_shard(store, shard, path, cfg.data, cfg.task, gone=gone)[0]
         if table_digest(tables[shard]) != stored_digest(store, shard):
             pending.append(shard)
+    _check_columns(store, tables, shards)
     pool = _new_pool(tables, id_column=cfg.data.id_column)
     labels = sorted(set(pool["label"].to_pylist()) - {None})
     if pool.num_rows < 2:
@@ -98,6 +100,24 @@ def preflight(store: LanceStore, cfg: Any, *, log: Log = print) -> PreflightSumm
     for warning in summary.warnings:
         log(f"warning: {warning}")
     return summary
+
+
+def _check_columns(store: LanceStore, tables: dict[str, pa.Table], shards: dict[str, Path]) -> None:
+    """Every pool file gives the columns of the stored pool (of the first file, on a new store): a column added
+    to one file failed its ingest after the preflight, the instance and the other shards' work."""
+    if store.exists("examples"):
+        reference, where = store.open("examples").schema.names, "the stored pool"
+    elif tables:
+        first = next(iter(tables))
+        reference, where = tables[first].schema.names, f"pool file {shards[first].name}"
+    else:
+        return
+    for shard, table in tables.items():
+        new, missing = sorted(set(table.schema.names) - set(reference)), sorted(set(reference) - set(table.schema.names))
+        if new or missing:
+            raise DataError(f"pool file {shards[shard].name}: its columns differ from {where}'s: new {new}, missing "
+                            f"{missing}; every pool file has the same columns (a pool with other columns needs "
+                            "another storage_root)")
 
 
 def _check_model_fits(cfg: Any) -> None:
