@@ -38,6 +38,8 @@ __all__ = ["AdapterManifest", "AdapterStore", "folder_digest", "recipe_key"]
 MANIFEST = "manifest.json"
 CURRENT = "current.json"
 CHECKPOINTS = "checkpoints"
+# The (sample_id, content_hash) pairs the warm-up trained on: how much the pool has changed since (stages/adapter).
+TRAINED_EXAMPLES = "trained_examples.parquet"
 
 
 class AdapterManifest(BaseModel):
@@ -138,10 +140,11 @@ class AdapterStore:
         return max(found, key=lambda item: item[0])[1] if found else None
 
     def save(self, model: Any, manifest: AdapterManifest,
-             checkpoints: Mapping[int, Mapping[str, Any]] | None = None) -> Location:
+             checkpoints: Mapping[int, Mapping[str, Any]] | None = None, trained: Any = None) -> Location:
         """Write the peft adapter of `model` (a PeftModel), its earlier-epoch `checkpoints` (epoch -> the adapter's
-        tensors, `models.lora.adapter_parameters` names) and its manifest, whole or not at all (the manifest
-        is written last: a folder without one is never used).
+        tensors, `models.lora.adapter_parameters` names), the examples it was `trained` on (an Arrow table of
+        sample_id, content_hash) and its manifest, whole or not at all (the manifest is written last: a folder
+        without one is never used).
 
         An adapter with this hash already stored is kept as it is (same tensors, same folder)."""
         from safetensors.torch import save_file
@@ -156,11 +159,21 @@ class AdapterStore:
                     (tmp / CHECKPOINTS).mkdir(parents=True, exist_ok=True)
                     save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()},
                               str(tmp / CHECKPOINTS / f"epoch-{epoch}.safetensors"))
+                if trained is not None:
+                    import pyarrow.parquet as pq
+
+                    pq.write_table(trained.select(["sample_id", "content_hash"]), tmp / TRAINED_EXAMPLES)
                 (tmp / MANIFEST).write_text(manifest.model_dump_json(indent=2))
         except OSError:
             if not (target / MANIFEST).is_file():  # a concurrent writer of the same adapter won: fine
                 raise
         return target
+
+    def trained_examples(self, manifest: AdapterManifest) -> Any:
+        """The (sample_id, content_hash) pairs the warm-up trained this adapter on (an Arrow table), or None: a
+        given adapter, or one saved before they were kept."""
+        location = self.location(manifest) / TRAINED_EXAMPLES
+        return location.read_parquet(["sample_id", "content_hash"]) if location.is_file() else None
 
     def checkpoints(self, manifest: AdapterManifest) -> dict[int, dict[str, Any]]:
         """epoch -> the adapter's tensors after that earlier warm-up epoch (empty for a given adapter, or one

@@ -141,6 +141,10 @@ class TrainSettings(Settings):
     max_grad_norm: float = Field(1.0, gt=0)
     schedule: Schedule = "linear"
     log_every: int = Field(20, ge=1)
+    # The warm-up is trained again once this share of the examples differs between the pool and what it trained
+    # on (new, edited or removed over both): below it, incremental runs keep the adapter and its row codec, and
+    # their scores are those of that adapter (equal to a from-scratch run under it), not of a fresh warm-up.
+    retrain_share: float = Field(0.5, gt=0, le=1)
 
 
 class SignalSettings(Settings):

@@ -25,6 +25,11 @@ def print_summary(instance: dg.DagsterInstance, cfg: HyperinfConfig, config_path
         print(f"\nWarm-up adapter on {adapter['heldout_source']}: "
               + (f"accuracy {accuracy:.3f} (always predicting the majority class: {majority:.3f})"
                  if accuracy is not None and majority is not None else f"loss {adapter.get('heldout_loss'):.4f}"))
+    change = _pool_change(cfg)
+    if change:
+        print(f"  the pool has changed by {change:.1%} since the warm-up trained it (new, edited or removed "
+              "examples): the scores are this adapter's, equal to a from-scratch run under it, not a fresh warm-up's; "
+              f"it is trained again past train.retrain_share ({cfg.train.retrain_share:.0%})")
     report = latest_metadata(instance, "mislabel_report")
     aurocs = {key.split("/", 1)[1]: value for key, value in report.items() if key.startswith("auroc/")}
     if aurocs:
@@ -71,3 +76,16 @@ def print_summary(instance: dg.DagsterInstance, cfg: HyperinfConfig, config_path
     print(f"  hyperinf shell --config {config}     # an SQL prompt over the tables ({DUCKDB_FILE}: the same tables "
           "for any DuckDB 1.x shell)")
     print(f"  (Dagster instance: DAGSTER_HOME={home})")
+
+
+def _pool_change(cfg: HyperinfConfig) -> float | None:
+    """stages.adapter.pool_change of the current adapter (None: none, or one no warm-up trained here)."""
+    from hyperinf_ops.adapters import AdapterStore
+    from hyperinf_ops.stages.adapter import pool_change
+    from hyperinf_ops.store import LanceStore
+
+    current = AdapterStore(cfg.storage_root).current()
+    store = LanceStore(str(cfg.storage_root))
+    if current is None or current.source != "trained" or not store.exists("examples"):
+        return None
+    return pool_change(store, current)

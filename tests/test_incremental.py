@@ -146,3 +146,32 @@ def test_renamed_file_keeps_its_rows_by_content(tmp_path, tiny_model):
     assert _shard_rows(cfg_path, "shard-1") == dict.fromkeys(SHARD_TABLES, 0)
     assert _shard_rows(cfg_path, "renamed") == {"examples": 30, "gradients": 30, "example_outputs": 30, "curvature": 8}
     _assert_equals_scratch(cfg_path)
+
+
+def test_past_retrain_share_the_warm_up_is_trained_again_and_equals_a_run_from_scratch(tmp_path, tiny_model):
+    """Below `train.retrain_share` an incremental run keeps the warm-up adapter (the tests above: scores equal a
+    from-scratch run under it); past it (a third of the pool deleted, share 0.2) the warm-up is trained again on
+    the pool as it is, and every ranking, the warm-up's history included, equals a run from scratch (issue 19,
+    route 8)."""
+    cfg_path = _project(tmp_path, tiny_model)
+    doc = yaml.safe_load(cfg_path.read_text())
+    doc["train"]["retrain_share"] = 0.2
+    cfg_path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    _run(cfg_path)
+    first = AdapterStore(tmp_path / "store").current()
+    (tmp_path / "pool" / "shard-2.parquet").unlink()
+    report, _ = _run(cfg_path)
+    assert report.adapter and report.gradients == ["shard-0", "shard-1"]  # every row again, under the new adapter
+    current = AdapterStore(tmp_path / "store").current()
+    assert current.adapter_hash != first.adapter_hash and current.trained_on == 60
+
+    doc.update(storage_root="scratch")
+    scratch = tmp_path / "scratch.yaml"
+    scratch.write_text(yaml.safe_dump(doc, sort_keys=False))
+    _run(scratch)
+    assert AdapterStore(tmp_path / "scratch").current().adapter_hash == current.adapter_hash
+    incremental, reference = _scores(tmp_path / "store"), _scores(tmp_path / "scratch")
+    assert incremental.index.equals(reference.index)
+    for key, group in reference.groupby(level=["target_set", "method"]):
+        np.testing.assert_allclose(incremental.loc[group.index, "score"], group["score"], rtol=1e-6,
+                                   atol=1e-6 * group["score"].abs().max(), err_msg=str(key))

@@ -44,7 +44,7 @@ from hyperinf_ops.tasks import get_task
 from hyperinf_ops.training import TrainStats, warmup_train
 
 __all__ = ["AdapterSummary", "HeldOut", "adapter_pending", "adapter_recipe", "heldout_records", "pool_labels",
-           "train_or_load_adapter", "warmup_problem"]
+           "pool_change", "train_or_load_adapter", "warmup_problem"]
 
 # A held-out loss that ends this much above its start (relative) diverged; below it, it merely stayed flat.
 DIVERGED_RISE = 0.01
@@ -94,16 +94,39 @@ def adapter_recipe(labels: list[str], spec: ModelSpec, lora: LoraSettings, train
         # The pooling the classifier head reads (mean for sentence-transformers folders) changes what is trained.
         "pooling": pooling_of(path) if get_task(spec.task).has_classes else "model",
         "lora": lora.model_dump(exclude={"gradient_modules"}),  # which matrices enter influence: not the adapter
-        "train": train.model_dump(exclude={"log_every"}),
+        "train": train.model_dump(exclude={"log_every", "retrain_share"}),  # when to retrain: not what is trained
     })
 
 
 def adapter_pending(store: LanceStore, spec: ModelSpec, lora: LoraSettings, train: TrainSettings,
                     given: Path | None) -> bool:
-    """Whether the current adapter is not the one these settings ask for (so the adapter step has work)."""
+    """Whether the current adapter is not the one these settings ask for, or the pool has changed past
+    `train.retrain_share` since the warm-up trained it (so the adapter step has work)."""
     current = AdapterStore(store.root).current()
     key = adapter_recipe(pool_labels(store, spec.task), spec, lora, train, given)
-    return current is None or current.recipe_key != key
+    return current is None or current.recipe_key != key or _stale(store, current, train)
+
+
+def pool_change(store: LanceStore, manifest: AdapterManifest) -> float | None:
+    """The share of examples the pool and the warm-up's training set do not share (new, edited or removed, over
+    both together: 0 = the pool it trained on, 1 = nothing in common); None for an adapter without that record
+    (a given one, or one saved before it was kept)."""
+    trained = AdapterStore(store.root).trained_examples(manifest)
+    if trained is None:
+        return None
+    pool = store.open("examples").to_table(columns=["sample_id", "content_hash"])
+    before = set(zip(trained["sample_id"].to_pylist(), trained["content_hash"].to_pylist(), strict=True))
+    now = set(zip(pool["sample_id"].to_pylist(), pool["content_hash"].to_pylist(), strict=True))
+    union = before | now
+    return len(before ^ now) / len(union) if union else 0.0
+
+
+def _stale(store: LanceStore, manifest: AdapterManifest, train: TrainSettings) -> bool:
+    """Whether the pool has changed past `train.retrain_share` since the warm-up trained `manifest`."""
+    if manifest.source != "trained" or not store.exists("examples"):
+        return False
+    change = pool_change(store, manifest)
+    return change is not None and change > train.retrain_share
 
 
 def heldout_records(store: LanceStore, targets: Mapping[str, Any], data: Any, task: str, seed: int = 0) -> HeldOut:
@@ -136,6 +159,11 @@ def train_or_load_adapter(store: LanceStore, spec: ModelSpec, lora: LoraSettings
     key = adapter_recipe(labels, spec, lora, train, given)
     before = adapters.current()
     manifest = None if retrain else adapters.find(key)
+    change = None if manifest is None or manifest.source != "trained" else pool_change(store, manifest)
+    if change is not None and change > train.retrain_share:
+        log(f"the pool has changed by {change:.0%} since adapter {manifest.short_hash} was trained (past "
+            f"train.retrain_share {train.retrain_share:.0%}): training the warm-up again")
+        manifest = None
     if manifest is not None:
         log(f"reusing adapter {manifest.short_hash} ({manifest.source})"
             + (f"; the pool grew by {examples.count_rows() - manifest.trained_on} examples since it was trained"
@@ -171,7 +199,8 @@ def train_or_load_adapter(store: LanceStore, spec: ModelSpec, lora: LoraSettings
         log(f"adapter {manifest.short_hash} trained, final loss {stats.loss_per_epoch[-1]:.4f}")
         source = "trained"
     if source != "reused":
-        adapters.save(loaded.model, manifest, checkpoints if source == "trained" else None)
+        adapters.save(loaded.model, manifest, checkpoints if source == "trained" else None,
+                      trained=examples.to_table(columns=["sample_id", "content_hash"]) if source == "trained" else None)
         if source == "trained" and len(margins):
             aum = margins.aum()
             store.write_label_signal("aum", SELF_TARGET, list(aum), np.array(list(aum.values())),
