@@ -85,7 +85,8 @@ def sql_command(config: Path, query: str, params: list[str], fmt: str, *, live: 
             for key, value in values.items():
                 problem = query_param_problem(query, key, value)
                 if problem:
-                    raise HyperinfError(f"--param {key}={json.dumps(value)}: {problem}")
+                    raise HyperinfError(f"--param {key}={value if isinstance(value, str) else json.dumps(value)}: "
+                                        f"{problem}")
             if "scores" in versions:
                 _check_scored(con, values)
             table = run_query(con, query, values)

@@ -116,7 +116,7 @@ def test_sql_mistakes_are_one_line_with_what_exists(demo, capsys):
         (["mislabel_candidates", "--param", "target_set=clean", "--param", "method=hyperinf", "--param", "n=5"],
          "hyperinf: error: --param target_set=clean: no scores for target set 'clean' (did you mean 'clean_val'?)"),
         (["mislabel_candidates", "--param", "target_set=clean_val", "--param", "method=hyperinf", "--param", "n=five"],
-         "hyperinf: error: mislabel_candidates: Conversion Error: Could not convert string 'five' to INT64"),
+         "hyperinf: error: --param n=five: input should be a valid integer, got 'five'"),
     ]
     for args, message in cases:
         assert main(["sql", "--config", config, *args]) == 2, args

@@ -11,8 +11,8 @@ with the model's LoRA and head tensors set to c:
             more helpful), from one gradient pass of the pool (no row is stored)
 
 stored in `label_signals` as signal `hyperinf@<epoch>` per target set. stages/rankings.py sums them with the
-stored end-point scores into `hyperinf_cp`. Cost per checkpoint: one gradient pass of the pool and of the target
-sets, plus the pilot's pass when the pool is larger than the pilot. Rows are reused while their source (adapter,
+stored end-point scores into `hyperinf_cp`. Cost per checkpoint: one gradient pass of the pool (the pilot's
+gradients, a sample of it, are scored from memory while under PILOT_REUSE_BYTES) and of the target sets. Rows are reused while their source (adapter,
 target sets, pool, solver options) is unchanged.
 """
 
@@ -40,6 +40,11 @@ from hyperinf_ops.stages.common import Log, Summary, require_table, sample_filte
 from hyperinf_ops.store import LanceStore, sql_literal
 
 __all__ = ["CheckpointSummary", "checkpoint_influence", "checkpoint_signal", "checkpoint_source"]
+
+
+# The pilot's gradients are kept for scoring (the pilot is a sample of the pool: no second pass over it) while
+# they take at most this much memory; above it (LLM widths) they are computed again in the pool's pass.
+PILOT_REUSE_BYTES = 512 * 2**20
 
 
 def checkpoint_signal(epoch: int) -> str:
@@ -116,9 +121,12 @@ def checkpoint_influence(store: LanceStore, spec: ModelSpec, settings: GradientS
                 for name, value in tensors.items():
                     params[name].copy_(value.to(params[name].device))
             curvature: dict[str, CurvaturePartial] = {}
-            for _, b in blocks(pilot, f"checkpoint {epoch}: curvature pilot"):
+            kept, kept_bytes = [], 0  # the pilot's gradients, scored below instead of computed twice
+            for batch_ids, b in blocks(pilot, f"checkpoint {epoch}: curvature pilot"):
                 for name, part in curvature_partials(b).items():
                     curvature[name] = part if name not in curvature else curvature[name].merge(part)
+                kept_bytes += sum(g.numel() * g.element_size() for g in b.values())
+                kept = kept + [(batch_ids, b)] if kept is not None and kept_bytes <= PILOT_REUSE_BYTES else None
             prepared = prepare(curvature, options)
             converged[f"epoch{epoch}"] = all(d.converged for d in prepared.diagnostics.values())
             queries = {}
@@ -130,7 +138,9 @@ def checkpoint_influence(store: LanceStore, spec: ModelSpec, settings: GradientS
                     n += len(next(iter(b.values())))
                 queries[t] = prepared.apply_one({k: (g / n) for k, g in total.items()})
             ids, scores = [], {t: [] for t in targets}
-            for batch_ids, b in blocks(pool, f"checkpoint {epoch}: pool"):
+            reused = {i for batch_ids, _ in kept or () for i in batch_ids}
+            rest = [r for r in pool if r["sample_id"] not in reused]
+            for batch_ids, b in [*(kept or ()), *blocks(rest, f"checkpoint {epoch}: pool")]:
                 ids += batch_ids
                 for t, q in queries.items():
                     scores[t].append(score_gradients(q, b).cpu().numpy())
