@@ -69,6 +69,6 @@ def _accuracy_plot(rows: list[dict]) -> dg.MetadataValue:
         if r["subset"] in ("curated", "random"):
             name = f"{r['query']} ({r['method']})" if r["candidate"] else "random (x = size share)"
             series.setdefault(name, [None] * len(fractions))[fractions.index(r["fraction"])] = r[key]
-    refs = {f"{r['subset']} pool: {r[key]:.3f}": r[key] for r in rows if r["subset"] in ("full", "oracle")}
+    refs = {f"{r['subset']} pool": r[key] for r in rows if r["subset"] in ("full", "oracle")}
     return lines_markdown(fractions, series, title=f"mean {key.replace('_', ' ')} over seeds (test half)",
                           xlabel="$fraction of the query", hlines=refs)

@@ -115,38 +115,55 @@ def histogram_markdown(values: Sequence[float], *, title: str, bins: int = 40) -
 
 def lines_markdown(x: Sequence[Any], series: Mapping[str, Sequence[float | None]], *, title: str, xlabel: str,
                    hlines: Mapping[str, float] | None = None) -> dg.MetadataValue:
-    """A PNG line plot (one line per series, dashed horizontal reference lines) embedded in Markdown."""
-    fig, ax = _figure()
-    for name, ys in series.items():
-        points = [(xi, y) for xi, y in zip(x, ys, strict=True) if y is not None]
-        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=name)
-    for name, y in (hlines or {}).items():
-        ax.axhline(y, linestyle="--", color="grey", label=name)
-    ax.set_xlabel(xlabel, fontsize=8)
-    ax.legend(fontsize=7)
-    return _png_markdown(fig, ax, title)
+    """Values per x as text, with a sparkline PNG of the first three series when both fit inline (the UI puts
+    Markdown of INLINE_LIMIT characters or more behind a link, as histogram_markdown says): the series share one
+    y range with the reference values `hlines` (drawn grey), x evenly spaced; one x gives the text alone."""
+    from PIL import Image, ImageDraw
 
+    drawn = list(series.items())[:len(_LINE_COLOURS)]
+    values = [y for _, ys in drawn for y in ys if y is not None and math.isfinite(y)] + list((hlines or {}).values())
+    image = len(x) > 1 and bool(values)
 
-def _figure():
-    import matplotlib
+    def text(with_colours: bool) -> str:
+        lines = [f"**{title}** ({xlabel}: {' / '.join(map(_short, x))})"]
+        for i, (name, ys) in enumerate(series.items()):
+            colour = f" ({_LINE_COLOUR_NAMES[i]})" if with_colours and i < len(drawn) else ""
+            lines.append(f"- {name}{colour}: {' / '.join('-' if y is None else _short(y) for y in ys)}")
+        lines += [f"- {name}{' (grey)' if with_colours else ''}: {_short(y)}" for name, y in (hlines or {}).items()]
+        return "\n".join(lines)
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    if not image:
+        return dg.MetadataValue.md(text(False))
+    low, span = min(values), (max(values) - min(values)) or 1.0
+    width, height, pad = 24 * (len(x) - 1) + 8, 40, 4
+    canvas = Image.new("P", (width, height), 0)
+    canvas.putpalette([255, 255, 255, *[c for rgb in _LINE_COLOURS for c in rgb], 160, 160, 160])
+    draw = ImageDraw.Draw(canvas)
 
-    return plt.subplots(figsize=(6, 2.6), dpi=90)
+    def at(i: int, y: float) -> tuple[float, float]:
+        return pad + i * (width - 2 * pad) / (len(x) - 1), height - pad - (y - low) / span * (height - 2 * pad)
 
-
-def _png_markdown(fig, ax, title: str) -> dg.MetadataValue:
-    import matplotlib.pyplot as plt
-
-    ax.set_title(title, fontsize=10)
-    ax.tick_params(labelsize=7)
-    fig.tight_layout()
+    for y in (hlines or {}).values():
+        draw.line([at(0, y), at(len(x) - 1, y)], fill=len(_LINE_COLOURS) + 1)
+    for colour, (_, ys) in enumerate(drawn, 1):
+        points = [at(i, y) for i, y in enumerate(ys) if y is not None and math.isfinite(y)]
+        if len(points) > 1:
+            draw.line(points, fill=colour, width=2)
+        for px, py in points:
+            draw.rectangle((px - 1, py - 1, px + 1, py + 1), fill=colour)
     buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    encoded = base64.b64encode(buf.getvalue()).decode()
-    return dg.MetadataValue.md(f"![{title}](data:image/png;base64,{encoded})")
+    canvas.save(buf, format="PNG", optimize=True, bits=4)
+    markdown = f"![{title}](data:image/png;base64,{base64.b64encode(buf.getvalue()).decode()})\n\n{text(True)}"
+    return dg.MetadataValue.md(markdown if len(markdown) < INLINE_LIMIT else text(False))
+
+
+INLINE_LIMIT = 1000  # characters of Markdown the UI shows inline
+_LINE_COLOURS = [(79, 67, 221), (214, 64, 64), (46, 160, 67)]
+_LINE_COLOUR_NAMES = ["blue", "red", "green"]
+
+
+def _short(value: Any) -> str:
+    return f"{value:.3g}" if isinstance(value, float) else str(value)
 
 
 def _cell(value: Any) -> str:

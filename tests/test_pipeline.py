@@ -108,7 +108,9 @@ def test_metadata_and_data_versions(built):
     assert adapter["source"] == "trained" and adapter["heldout_source"] == "target set clean (not trained on)"
     assert adapter["heldout_accuracy"] > adapter["majority_class_accuracy"]  # the warm-up check's condition
     assert [r.data["epoch"] for r in adapter["training"].records] == list(range(11))  # 0 = before training
-    assert adapter["curve"].startswith("![warm-up per epoch")
+    # inline (issue 19): the per-epoch values as text, with a sparkline when it fits
+    assert "**warm-up per epoch (0 = before training)** (epoch: 0 / 1 / 2 / 3" in adapter["curve"]
+    assert "- held-out accuracy" in adapter["curve"] and len(adapter["curve"]) < 1000
     subset = _meta(instance, "curated_subset")
     kept = [r.data for r in subset["labels"].records]
     assert sum(r["subset"] for r in kept) == subset["dagster/row_count"]
@@ -136,16 +138,15 @@ def _columns(table: dg.TableMetadataValue) -> list[str]:
 def test_asset_pages_show_tables_inline(built):
     """What the UI shows at a glance: native tables with a schema (inline, every column) instead of Markdown
     tables, at most one Markdown block per asset and none of 1000 characters or more (the UI hides those
-    behind a link) but the warm-up and evaluation line plots, examples with the pool's `flipped` column,
+    behind a link; the warm-up and evaluation plots included), examples with the pool's `flipped` column,
     the subset preview without the 64-character content hash, and the tables' column schemas."""
     _, instance, _ = built
-    plotted = {"lora_adapter": "curve", "evaluation": "plot"}  # matplotlib PNGs: one link each
     for asset in ("pool_examples", "target_sets", "lora_adapter", "row_codec", "preconditioners", "target_queries",
                   "influence_scores", "curated_subset", "mislabel_report", "evaluation"):
         markdown = {k: v.value for k, v in _metadata_values(instance, asset).items()
                     if isinstance(v, dg.MarkdownMetadataValue)}
         assert len(markdown) <= 1, (asset, list(markdown))
-        assert all(len(md) < 1000 for k, md in markdown.items() if k != plotted.get(asset)), asset
+        assert all(len(md) < 1000 for md in markdown.values()), asset
     tables = {asset: {k: v for k, v in _metadata_values(instance, asset).items()
                       if isinstance(v, dg.TableMetadataValue)}
               for asset in ("target_sets", "preconditioners", "target_queries", "influence_scores",
