@@ -30,12 +30,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from hyperinf_ops.core.whitening import Whitening
 from hyperinf_ops.fingerprint import Fingerprint
 from hyperinf_ops.scorer import score_store
 from hyperinf_ops.settings import CompressionSpec
 from hyperinf_ops.store import GradientBatch, LanceStore, Query
 from hyperinf_ops.topk import TopKIndex, _take_rows, build_index
-from hyperinf_ops.whitening import Whitening
 
 BLOCK = 8 * 384  # one MiniLM LoRA matrix's (r, d) block
 CHUNK = 4096  # rows generated and written per batch

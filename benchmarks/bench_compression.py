@@ -12,7 +12,7 @@ Results and their reading: docs/compression.md (the JSON of every run: benchmark
 What a setting is (the pipeline's data flow, with the row compressed before anything else sees it):
   - the gradient pass compresses every example's LoRA gradient per matrix, g_l (r, d_l) -> c_l (r, k):
       raw      c_l = g_l
-      sketch   c_l = g_l P_l, the product's sketch (hyperinf_ops/sketch.py: P_l (d_l, k) i.i.d. N(0, 1/k), seeded
+      sketch   c_l = g_l P_l, the product's sketch (hyperinf_ops/core/sketch.py: P_l (d_l, k) i.i.d. N(0, 1/k), seeded
                per matrix); k >= d_l: raw
       orth     c_l = g_l Q_l, Q_l the orthonormal columns of the QR of the same P_l (a random subspace)
       white^p  c_l = g_l (raw), but the stored row is h_l = g_l W_l quantized, W_l = U_l (S_l + lambda_l)^-p from
@@ -55,14 +55,14 @@ from torch import Tensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from hyperinf_ops.curvature import CurvaturePartial, curvature_partials, merge_curvature  # noqa: E402
-from hyperinf_ops.estimators import score_gradients  # noqa: E402
+from hyperinf_ops.core.curvature import CurvaturePartial, curvature_partials, merge_curvature  # noqa: E402
+from hyperinf_ops.core.estimators import score_gradients  # noqa: E402
+from hyperinf_ops.core.row_format import RowFormat  # noqa: E402
+from hyperinf_ops.core.sketch import Sketch  # noqa: E402
+from hyperinf_ops.core.whitening import Whitening  # noqa: E402
 from hyperinf_ops.preconditioners import EstimatorOptions, Prepared, prepare  # noqa: E402
-from hyperinf_ops.row_format import RowFormat  # noqa: E402
 from hyperinf_ops.settings import CompressionSpec  # noqa: E402
-from hyperinf_ops.sketch import Sketch  # noqa: E402
 from hyperinf_ops.stages.reports import detection_metrics  # noqa: E402
-from hyperinf_ops.whitening import Whitening  # noqa: E402
 
 METHODS = ("hyperinf", "datainf", "lissa", "tracin")
 RANKINGS = (*METHODS, "self_influence_hyperinf", "self_influence_tracin")
@@ -84,7 +84,7 @@ EXTRA_INT_LEVELS = {"int3": 3, "int2": 1}  # not row formats of the product; mea
 
 
 def sketch_bases(shapes: Mapping[str, tuple[int, int]], k: int, seed: int) -> dict[str, Tensor | None]:
-    """name -> the product's sketch matrix P_l (d_l, k) (`hyperinf_ops.sketch.Sketch`), or None where
+    """name -> the product's sketch matrix P_l (d_l, k) (`hyperinf_ops.core.sketch.Sketch`), or None where
     k >= d_l (that matrix is kept raw). Keys sorted."""
     sketch = Sketch(shapes, CompressionSpec(sketch_dim=k, seed=seed))
     return {name: sketch.matrix(name) for name in sketch.shapes}
@@ -124,7 +124,7 @@ def eigen_bases(grads: Mapping[str, Tensor], k: int, seed: int) -> dict[str, Ten
 
 
 def whitening(grads: Mapping[str, Tensor], seed: int, power: float = 0.5) -> Whitening:
-    """The product's whitening (`hyperinf_ops.whitening.Whitening`, W = U (S + lambda)^-power) from the GFIM
+    """The product's whitening (`hyperinf_ops.core.whitening.Whitening`, W = U (S + lambda)^-power) from the GFIM
     of the pilot sample (`_pilot`: here a fraction of the pool; the pipeline takes `pilot_examples`)."""
     return Whitening.from_curvature(_curvature(_pilot(grads, seed)), power)
 

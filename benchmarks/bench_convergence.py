@@ -58,8 +58,8 @@ from torch import Tensor
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from hyperinf_ops.curvature import CurvaturePartial, curvature_partials, damped_gfim  # noqa: E402
-from hyperinf_ops.inverse import _hyperpower_step, _residual, schulz_inverse  # noqa: E402
+from hyperinf_ops.core.curvature import CurvaturePartial, curvature_partials, damped_gfim  # noqa: E402
+from hyperinf_ops.core.inverse import _hyperpower_step, _residual, schulz_inverse  # noqa: E402
 from hyperinf_ops.preconditioners import EstimatorOptions, prepare  # noqa: E402
 
 RESULTS_JSON = ROOT / "benchmarks" / "results" / "paper" / "convergence.json"

@@ -65,10 +65,10 @@ from torch import Tensor
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from hyperinf_ops.curvature import curvature_partials  # noqa: E402
+from hyperinf_ops.core.curvature import curvature_partials  # noqa: E402
+from hyperinf_ops.core.estimators import mean_target_gradient, precondition, score_gradients  # noqa: E402
+from hyperinf_ops.core.gradients import per_example_lora_gradients  # noqa: E402
 from hyperinf_ops.data.demo import build_demo_dataset  # noqa: E402
-from hyperinf_ops.estimators import mean_target_gradient, precondition, score_gradients  # noqa: E402
-from hyperinf_ops.gradients import per_example_lora_gradients  # noqa: E402
 from hyperinf_ops.models.lora import LoadedModel, batches, load_lora_model  # noqa: E402
 from hyperinf_ops.preconditioners import EstimatorOptions  # noqa: E402
 from hyperinf_ops.settings import LoraSettings, ModelSpec, TrainSettings  # noqa: E402

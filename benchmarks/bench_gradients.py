@@ -26,7 +26,7 @@ import torch  # noqa: E402
 from peft import LoraConfig, get_peft_model  # noqa: E402
 from transformers import AutoModelForSequenceClassification, logging  # noqa: E402
 
-from hyperinf_ops.gradients import lora_matrix_shapes, per_example_lora_gradients  # noqa: E402
+from hyperinf_ops.core.gradients import lora_matrix_shapes, per_example_lora_gradients  # noqa: E402
 
 
 def _min_times(fns: dict[str, Callable[[], object]], repeats: int, device: torch.device) -> dict[str, float]:

@@ -23,7 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from hyperinf_ops.inverse import schulz_inverse  # noqa: E402
+from hyperinf_ops.core.inverse import schulz_inverse  # noqa: E402
 from hyperinf_ops.preconditioners.hyperinf import schulz_with_options  # noqa: E402
 from hyperinf_ops.settings import EstimatorOptions  # noqa: E402
 

@@ -13,14 +13,14 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from hyperinf_ops.estimators import influence_scores
-    from hyperinf_ops.gradients import per_example_lora_gradients
-    from hyperinf_ops.inverse import schulz_inverse
+    from hyperinf_ops.core.estimators import influence_scores
+    from hyperinf_ops.core.gradients import per_example_lora_gradients
+    from hyperinf_ops.core.inverse import schulz_inverse
 
 _PUBLIC = {
-    "influence_scores": "hyperinf_ops.estimators",
-    "per_example_lora_gradients": "hyperinf_ops.gradients",
-    "schulz_inverse": "hyperinf_ops.inverse",
+    "influence_scores": "hyperinf_ops.core.estimators",
+    "per_example_lora_gradients": "hyperinf_ops.core.gradients",
+    "schulz_inverse": "hyperinf_ops.core.inverse",
 }
 
 __all__ = ["influence_scores", "per_example_lora_gradients", "schulz_inverse"]

@@ -27,11 +27,11 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
+from hyperinf_ops.core.stacks import select_matrices
 from hyperinf_ops.errors import ModelLoadError
 from hyperinf_ops.fingerprint import Fingerprint
 from hyperinf_ops.location import Location
 from hyperinf_ops.settings import BUNDLED_MODELS, CompressionSpec
-from hyperinf_ops.stacks import select_matrices
 
 __all__ = ["AdapterManifest", "AdapterStore", "folder_digest", "recipe_key"]
 

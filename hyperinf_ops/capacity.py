@@ -15,9 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from hyperinf_ops.config import HyperinfConfig
+from hyperinf_ops.core.row_format import RowFormat
+from hyperinf_ops.core.sketch import row_shapes
 from hyperinf_ops.errors import ConfigError, DataError
-from hyperinf_ops.row_format import RowFormat
-from hyperinf_ops.sketch import row_shapes
 
 __all__ = ["FORWARD_SHARE", "GPU_FACTORS", "THROUGHPUT", "Plan", "Throughput", "lora_shapes", "model_config", "plan",
            "plan_command", "render"]

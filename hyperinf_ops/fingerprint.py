@@ -16,10 +16,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from hyperinf_ops.core.row_format import RowFormat
+from hyperinf_ops.core.sketch import row_shapes
 from hyperinf_ops.errors import FingerprintMismatchError
-from hyperinf_ops.row_format import RowFormat
 from hyperinf_ops.settings import CompressionSpec
-from hyperinf_ops.sketch import row_shapes
 
 __all__ = ["Fingerprint", "tensor_hash", "shapes_hash", "model_hashes", "require_match"]
 

@@ -18,11 +18,11 @@ from pathlib import Path
 from typing import Any
 
 from hyperinf_ops.adapters import AdapterStore
+from hyperinf_ops.core.row_format import RowFormat
+from hyperinf_ops.core.sketch import row_shapes
 from hyperinf_ops.errors import ConfigError, HyperinfError
 from hyperinf_ops.location import is_object_store
 from hyperinf_ops.query import DUCKDB_FILE
-from hyperinf_ops.row_format import RowFormat
-from hyperinf_ops.sketch import row_shapes
 from hyperinf_ops.store import LanceStore
 from hyperinf_ops.store.schemas import gradients_schema
 from hyperinf_ops.topk import BASIS_TABLE, INDEX_TABLE

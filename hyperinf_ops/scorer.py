@@ -34,7 +34,9 @@ import pyarrow.compute as pc
 import torch
 from torch import Tensor
 
-from hyperinf_ops.code_product import IntegerCodeProduct
+from hyperinf_ops.core.code_product import IntegerCodeProduct
+from hyperinf_ops.core.row_format import RowFormat
+from hyperinf_ops.core.whitening import Whitening
 from hyperinf_ops.devices import resolve_device
 from hyperinf_ops.errors import (
     DataError,
@@ -46,11 +48,9 @@ from hyperinf_ops.fingerprint import Fingerprint, require_match
 from hyperinf_ops.memory import release_memory
 from hyperinf_ops.preconditioners import Prepared
 from hyperinf_ops.progress import ProgressCallback, ProgressMeter
-from hyperinf_ops.row_format import RowFormat
 from hyperinf_ops.settings import SELF_TARGET
 from hyperinf_ops.store import LanceStore, Query, scores_schema
 from hyperinf_ops.store.vectors import MAX_READ_BYTES, iter_fixed_rows
-from hyperinf_ops.whitening import Whitening
 
 __all__ = [
     "SELF_TARGET",

@@ -41,9 +41,9 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from hyperinf_ops.code_product import IntegerCodeProduct
+from hyperinf_ops.core.code_product import IntegerCodeProduct
+from hyperinf_ops.core.row_format import RowFormat
 from hyperinf_ops.errors import DataError, FingerprintMismatchError, GradientMismatchError
-from hyperinf_ops.row_format import RowFormat
 from hyperinf_ops.store import LanceStore, Query
 from hyperinf_ops.store.vectors import iter_fixed_rows, plain_pages
 

@@ -28,7 +28,7 @@ import duckdb
 import pyarrow as pa
 
 from hyperinf_ops.config import TARGET_PARAMS, load_config, query_param_problem
-from hyperinf_ops.config_problems import did_you_mean
+from hyperinf_ops.config.problems import did_you_mean
 from hyperinf_ops.errors import HyperinfError
 from hyperinf_ops.query import (
     QUERY_KEYWORDS,

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hyperinf_ops.code_product import IntegerCodeProduct
-from hyperinf_ops.row_format import RowFormat
+from hyperinf_ops.core.code_product import IntegerCodeProduct
+from hyperinf_ops.core.row_format import RowFormat
 
 
 @pytest.mark.parametrize("dtype, blocks", [("int4", (24, 16, 24)), ("int4", (24, 16, 7)), ("int8", (24, 5, 24)),

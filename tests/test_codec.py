@@ -9,18 +9,18 @@ import pytest
 import torch
 
 from hyperinf_ops import scorer
-from hyperinf_ops.curvature import curvature_partials
+from hyperinf_ops.core.curvature import curvature_partials
+from hyperinf_ops.core.estimators import EstimatorOptions, mean_target_gradient
+from hyperinf_ops.core.row_format import INT_LEVELS, RowFormat
+from hyperinf_ops.core.sketch import Sketch
+from hyperinf_ops.core.whitening import Whitening
 from hyperinf_ops.errors import DataError, GradientMismatchError, NonFiniteGradientError
-from hyperinf_ops.estimators import EstimatorOptions, mean_target_gradient
 from hyperinf_ops.fingerprint import Fingerprint
 from hyperinf_ops.preconditioners import prepare
-from hyperinf_ops.row_format import INT_LEVELS, RowFormat
 from hyperinf_ops.scorer import raw_gradient_batches, score_store
 from hyperinf_ops.settings import CompressionSpec
-from hyperinf_ops.sketch import Sketch
 from hyperinf_ops.stages.queries import query_vector
 from hyperinf_ops.store import GradientBatch, LanceStore, Query
-from hyperinf_ops.whitening import Whitening
 
 BLOCKS = (96, 64, 33)  # an odd last block: the int4 row ends in a padding nibble
 

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from hyperinf_ops.core.sketch import Sketch
 from hyperinf_ops.settings import CompressionSpec
-from hyperinf_ops.sketch import Sketch
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_compression.py"
 

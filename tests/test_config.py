@@ -7,7 +7,7 @@ import pytest
 import yaml
 
 from hyperinf_ops.config import HyperinfConfig, load_config
-from hyperinf_ops.config_sections import DEFAULT_CURATION
+from hyperinf_ops.config.sections import DEFAULT_CURATION
 from hyperinf_ops.errors import ConfigError
 from hyperinf_ops.settings import CompressionSpec
 from hyperinf_ops.store.lease import hold_root

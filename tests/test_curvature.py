@@ -6,7 +6,7 @@ from unittest.mock import patch
 import pytest
 import torch
 
-from hyperinf_ops.curvature import (
+from hyperinf_ops.core.curvature import (
     CurvaturePartial,
     curvature_partials,
     damped_gfim,

@@ -6,14 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from hyperinf_ops.curvature import curvature_partials
-from hyperinf_ops.errors import (
-    EmptyTargetSetError,
-    GradientMismatchError,
-    InverseNotConvergedError,
-    NonFiniteGradientError,
-)
-from hyperinf_ops.estimators import (
+from hyperinf_ops.core.curvature import curvature_partials
+from hyperinf_ops.core.estimators import (
     METHODS,
     EstimatorOptions,
     influence_scores,
@@ -21,6 +15,12 @@ from hyperinf_ops.estimators import (
     precondition,
     score_gradients,
     self_influence,
+)
+from hyperinf_ops.errors import (
+    EmptyTargetSetError,
+    GradientMismatchError,
+    InverseNotConvergedError,
+    NonFiniteGradientError,
 )
 from hyperinf_ops.models import resolve_model
 
@@ -264,7 +264,7 @@ def test_real_minilm_hyperinf_equals_exact():
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForSequenceClassification, AutoTokenizer, logging
 
-    from hyperinf_ops.gradients import per_example_lora_gradients
+    from hyperinf_ops.core.gradients import per_example_lora_gradients
 
     path = resolve_model("minilm")  # the bundled weights: installed by make setup
     tok = AutoTokenizer.from_pretrained(path)

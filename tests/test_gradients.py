@@ -24,8 +24,8 @@ from transformers import (
     RobertaForSequenceClassification,
 )
 
+from hyperinf_ops.core.gradients import lora_matrix_shapes, per_example_lora_gradients
 from hyperinf_ops.errors import DataError, GradientMismatchError
-from hyperinf_ops.gradients import lora_matrix_shapes, per_example_lora_gradients
 from hyperinf_ops.models import resolve_model
 
 VOCAB = 500

@@ -16,7 +16,7 @@ from tiny_models import save_tiny_model
 
 from hyperinf_ops.adapters import AdapterStore
 from hyperinf_ops.config import load_config
-from hyperinf_ops.curvature import curvature_partials
+from hyperinf_ops.core.curvature import curvature_partials
 from hyperinf_ops.errors import GradientMismatchError
 from hyperinf_ops.store import LanceStore
 from pipelines.runner import RunReport, materialize_all

@@ -7,8 +7,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from hyperinf_ops.core.inverse import default_tol, schulz_inverse, spectral_upper_bound
 from hyperinf_ops.errors import NonFiniteGradientError, NotPositiveDefiniteError
-from hyperinf_ops.inverse import default_tol, schulz_inverse, spectral_upper_bound
 
 
 def _spd(d: int, cond: float, scale: float, *, seed: int = 0, dtype=torch.float64, eigs=None) -> torch.Tensor:

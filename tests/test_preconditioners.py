@@ -17,9 +17,9 @@ import pytest
 import torch
 
 from hyperinf_ops import estimators
-from hyperinf_ops.curvature import curvature_partials
+from hyperinf_ops.core.curvature import curvature_partials
+from hyperinf_ops.core.inverse import schulz_inverse
 from hyperinf_ops.errors import GradientMismatchError, UnsupportedMethodError
-from hyperinf_ops.inverse import schulz_inverse
 from hyperinf_ops.preconditioners import (
     METHODS,
     PRECONDITIONERS,

@@ -13,7 +13,14 @@ import pytest
 import torch
 
 from hyperinf_ops import scorer
-from hyperinf_ops.curvature import curvature_partials
+from hyperinf_ops.core.curvature import curvature_partials
+from hyperinf_ops.core.estimators import (
+    EstimatorOptions,
+    mean_target_gradient,
+    precondition,
+    self_influence,
+)
+from hyperinf_ops.core.sketch import Sketch
 from hyperinf_ops.errors import (
     DataError,
     FingerprintMismatchError,
@@ -21,18 +28,11 @@ from hyperinf_ops.errors import (
     NonFiniteGradientError,
     UnsupportedMethodError,
 )
-from hyperinf_ops.estimators import (
-    EstimatorOptions,
-    mean_target_gradient,
-    precondition,
-    self_influence,
-)
 from hyperinf_ops.fingerprint import Fingerprint
 from hyperinf_ops.preconditioners import prepare
 from hyperinf_ops.query import connect, run_query
 from hyperinf_ops.scorer import SELF_TARGET, raw_gradient_batches, score_store
 from hyperinf_ops.settings import CompressionSpec
-from hyperinf_ops.sketch import Sketch
 from hyperinf_ops.store import GradientBatch, LanceStore, Query, vectors
 
 SHAPES = {"l0.lora_A": (4, 24), "l0.lora_B": (4, 16), "l1.lora_A": (4, 24)}

@@ -140,8 +140,8 @@ def test_hyperinf_under_the_epoch_1_checkpoint_and_hyperinf_cp(project):
     """The checkpoint's scores from raw per-example gradients under its tensors (the pilot is the whole pool
     here), and hyperinf_cp = their sum over checkpoints, each over its std, plus the end point's."""
     from hyperinf_ops.adapters import AdapterStore
-    from hyperinf_ops.estimators import influence_scores
-    from hyperinf_ops.gradients import per_example_lora_gradients
+    from hyperinf_ops.core.estimators import influence_scores
+    from hyperinf_ops.core.gradients import per_example_lora_gradients
     from hyperinf_ops.models.lora import adapter_parameters, batches
     from hyperinf_ops.stages.loading import load_current_model
 

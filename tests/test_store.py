@@ -12,7 +12,7 @@ import pyarrow.compute as pc
 import pytest
 import torch
 
-from hyperinf_ops.curvature import curvature_partials
+from hyperinf_ops.core.curvature import curvature_partials
 from hyperinf_ops.errors import DataError, FingerprintMismatchError, GradientMismatchError
 from hyperinf_ops.fingerprint import Fingerprint
 from hyperinf_ops.settings import CompressionSpec

@@ -14,7 +14,7 @@ from collections.abc import Mapping
 
 import torch
 
-from hyperinf_ops.curvature import CurvaturePartial
+from hyperinf_ops.core.curvature import CurvaturePartial
 from hyperinf_ops.preconditioners.base import MatrixDiagnostics, Prepared
 from hyperinf_ops.preconditioners.datainf import DataInf
 from hyperinf_ops.preconditioners.exact import Exact

@@ -26,9 +26,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from hyperinf_ops.core.stacks import check_stack, rowwise_inner
 from hyperinf_ops.errors import GradientMismatchError, UnsupportedMethodError
 from hyperinf_ops.preconditioners.options import EstimatorOptions
-from hyperinf_ops.stacks import check_stack, rowwise_inner
 
 __all__ = ["Batch", "MatrixDiagnostics", "Prepared"]
 

@@ -16,10 +16,10 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor
 
+from hyperinf_ops.core.stacks import check_stack
 from hyperinf_ops.errors import EmptyTargetSetError
 from hyperinf_ops.preconditioners.base import Batch, Prepared
 from hyperinf_ops.preconditioners.method import Preconditioner
-from hyperinf_ops.stacks import check_stack
 
 __all__ = ["DataInf"]
 

@@ -16,8 +16,8 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
+from hyperinf_ops.core.inverse import default_tol
 from hyperinf_ops.errors import NotPositiveDefiniteError
-from hyperinf_ops.inverse import default_tol
 from hyperinf_ops.preconditioners.base import Batch, Prepared
 from hyperinf_ops.preconditioners.method import Factor, Preconditioner, times_operator
 from hyperinf_ops.preconditioners.options import EstimatorOptions

@@ -14,7 +14,7 @@ from collections.abc import Iterable, Mapping
 import torch
 from torch import Tensor
 
-from hyperinf_ops.curvature import CurvaturePartial, damped_gfim
+from hyperinf_ops.core.curvature import CurvaturePartial, damped_gfim
 from hyperinf_ops.preconditioners.base import Batch, Prepared
 from hyperinf_ops.preconditioners.exact import Exact
 from hyperinf_ops.preconditioners.options import EstimatorOptions

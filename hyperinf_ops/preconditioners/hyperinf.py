@@ -17,8 +17,8 @@ from collections.abc import Iterable
 import torch
 from torch import Tensor
 
+from hyperinf_ops.core.inverse import InverseResult, schulz_inverse
 from hyperinf_ops.errors import InverseNotConvergedError
-from hyperinf_ops.inverse import InverseResult, schulz_inverse
 from hyperinf_ops.preconditioners.base import Batch, Prepared
 from hyperinf_ops.preconditioners.method import Factor, Preconditioner, times_operator
 from hyperinf_ops.preconditioners.options import EstimatorOptions

@@ -19,7 +19,7 @@ from collections.abc import Iterable, Mapping
 import torch
 from torch import Tensor
 
-from hyperinf_ops.inverse import default_tol
+from hyperinf_ops.core.inverse import default_tol
 from hyperinf_ops.preconditioners.base import Batch, MatrixDiagnostics, Prepared
 from hyperinf_ops.preconditioners.method import Factor, Preconditioner
 from hyperinf_ops.preconditioners.options import EstimatorOptions

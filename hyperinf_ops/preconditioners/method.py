@@ -20,9 +20,9 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from hyperinf_ops.curvature import CurvaturePartial, damped_gfim
+from hyperinf_ops.core.curvature import CurvaturePartial, damped_gfim
+from hyperinf_ops.core.inverse import spectral_upper_bound
 from hyperinf_ops.errors import GradientMismatchError
-from hyperinf_ops.inverse import spectral_upper_bound
 from hyperinf_ops.preconditioners.base import Batch, MatrixDiagnostics, Prepared
 from hyperinf_ops.preconditioners.options import EstimatorOptions
 

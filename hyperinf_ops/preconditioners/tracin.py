@@ -12,7 +12,7 @@ from collections.abc import Iterable, Mapping
 import torch
 from torch import Tensor
 
-from hyperinf_ops.curvature import CurvaturePartial
+from hyperinf_ops.core.curvature import CurvaturePartial
 from hyperinf_ops.preconditioners.base import Batch, MatrixDiagnostics, Prepared
 from hyperinf_ops.preconditioners.method import Preconditioner, start
 from hyperinf_ops.preconditioners.options import EstimatorOptions

@@ -31,9 +31,9 @@ import numpy as np
 import pyarrow.compute as pc
 
 from hyperinf_ops.adapters import AdapterManifest, AdapterStore, folder_digest, recipe_key
+from hyperinf_ops.core.gradients import lora_matrix_shapes
 from hyperinf_ops.data.prepare import prepare_targets, record_columns, records_digest
 from hyperinf_ops.evaluation import majority_baseline
-from hyperinf_ops.gradients import lora_matrix_shapes
 from hyperinf_ops.models import adapter_hash, load_lora_model, model_hash, pooling_of, resolve_model
 from hyperinf_ops.models.lora import LoadedModel, adapter_parameters
 from hyperinf_ops.settings import SELF_TARGET, LoraSettings, ModelSpec, TrainSettings

@@ -29,13 +29,13 @@ import pyarrow.compute as pc
 import torch
 
 from hyperinf_ops.adapters import AdapterStore
-from hyperinf_ops.curvature import CurvaturePartial, curvature_partials
+from hyperinf_ops.core.curvature import CurvaturePartial, curvature_partials
+from hyperinf_ops.core.estimators import score_gradients
+from hyperinf_ops.core.sketch import Sketch
 from hyperinf_ops.data.prepare import content_digest, record_columns
-from hyperinf_ops.estimators import score_gradients
 from hyperinf_ops.models.lora import adapter_parameters
 from hyperinf_ops.preconditioners import prepare
 from hyperinf_ops.settings import EstimatorOptions, GradientSettings, ModelSpec
-from hyperinf_ops.sketch import Sketch
 from hyperinf_ops.stages.common import Log, Summary, require_table, sample_filter
 from hyperinf_ops.store import LanceStore, sql_literal
 

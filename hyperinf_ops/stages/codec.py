@@ -21,16 +21,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from hyperinf_ops.adapters import AdapterManifest, AdapterStore, recipe_key
-from hyperinf_ops.curvature import CurvaturePartial, curvature_partials
+from hyperinf_ops.core.curvature import CurvaturePartial, curvature_partials
+from hyperinf_ops.core.sketch import Sketch
+from hyperinf_ops.core.whitening import Whitening
 from hyperinf_ops.data.prepare import record_columns
 from hyperinf_ops.errors import DataError
 from hyperinf_ops.fingerprint import Fingerprint
 from hyperinf_ops.location import Location
 from hyperinf_ops.settings import GradientSettings, ModelSpec
-from hyperinf_ops.sketch import Sketch
 from hyperinf_ops.stages.common import Log, Summary, require_table, sample_filter
 from hyperinf_ops.store import LanceStore
-from hyperinf_ops.whitening import Whitening
 
 __all__ = ["CodecSummary", "codec_pending", "current_whitening", "prepare_row_codec", "row_fingerprint"]
 

@@ -16,7 +16,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from hyperinf_ops.config_sections import RetentionSection
+from hyperinf_ops.config.sections import RetentionSection
 from hyperinf_ops.data.noise import true_labels
 from hyperinf_ops.errors import WarmupFailedError
 from hyperinf_ops.export import export_subset, update_manifest

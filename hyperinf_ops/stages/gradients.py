@@ -30,15 +30,15 @@ from typing import Any
 import pyarrow as pa
 
 from hyperinf_ops.adapters import AdapterStore
-from hyperinf_ops.curvature import CurvaturePartial, curvature_partials, merge_curvature
+from hyperinf_ops.core.curvature import CurvaturePartial, curvature_partials, merge_curvature
+from hyperinf_ops.core.gradients import lora_matrix_shapes
+from hyperinf_ops.core.sketch import Sketch
 from hyperinf_ops.data.prepare import content_digest, record_columns
 from hyperinf_ops.errors import DataError, FingerprintMismatchError, GradientMismatchError
 from hyperinf_ops.fingerprint import Fingerprint
-from hyperinf_ops.gradients import lora_matrix_shapes
 from hyperinf_ops.memory import release_memory
 from hyperinf_ops.settings import GradientSettings, ModelSpec
 from hyperinf_ops.signals.outputs import ExampleOutputs
-from hyperinf_ops.sketch import Sketch
 from hyperinf_ops.stages.codec import current_whitening, row_fingerprint
 from hyperinf_ops.stages.common import Log, Summary, require_table, shard_filter
 from hyperinf_ops.stages.freshness import (

@@ -11,8 +11,8 @@ import torch
 from torch import Tensor
 
 from hyperinf_ops.adapters import AdapterManifest, AdapterStore
+from hyperinf_ops.core.gradients import lora_gradients_and_outputs
 from hyperinf_ops.errors import ModelLoadError
-from hyperinf_ops.gradients import lora_gradients_and_outputs
 from hyperinf_ops.memory import release_memory
 from hyperinf_ops.models.lora import LoadedModel, adapter_hash, batches, load_lora_model
 from hyperinf_ops.progress import ProgressMeter

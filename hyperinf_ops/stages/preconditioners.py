@@ -19,7 +19,7 @@ from typing import Any
 
 import pyarrow.compute as pc
 
-from hyperinf_ops.curvature import CurvaturePartial
+from hyperinf_ops.core.curvature import CurvaturePartial
 from hyperinf_ops.errors import DataError
 from hyperinf_ops.fingerprint import Fingerprint
 from hyperinf_ops.memory import release_memory

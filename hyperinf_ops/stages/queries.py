@@ -22,18 +22,18 @@ import torch
 from torch import Tensor
 
 from hyperinf_ops.adapters import AdapterStore
+from hyperinf_ops.core.sketch import Sketch
+from hyperinf_ops.core.whitening import Whitening
 from hyperinf_ops.data.prepare import content_digest, record_columns
 from hyperinf_ops.errors import DataError
 from hyperinf_ops.fingerprint import Fingerprint
 from hyperinf_ops.preconditioners import Prepared
 from hyperinf_ops.scorer import raw_gradient_batches
 from hyperinf_ops.settings import EstimatorOptions, GradientSettings, ModelSpec
-from hyperinf_ops.sketch import Sketch
 from hyperinf_ops.stages.codec import current_whitening
 from hyperinf_ops.stages.common import Log, Summary, drop_stale, require_table
 from hyperinf_ops.stages.preconditioners import checked_fingerprint, load_preconditioner
 from hyperinf_ops.store import LanceStore, Query, sql_literal
-from hyperinf_ops.whitening import Whitening
 
 __all__ = ["QueriesSummary", "build_target_queries", "query_vector", "target_gradient"]
 

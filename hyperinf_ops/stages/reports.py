@@ -21,9 +21,9 @@ import numpy as np
 import pandas as pd
 import torch
 
+from hyperinf_ops.core.estimators import score_gradients
 from hyperinf_ops.data.noise import true_labels
 from hyperinf_ops.errors import DataError
-from hyperinf_ops.estimators import score_gradients
 from hyperinf_ops.scorer import raw_gradient_batches
 from hyperinf_ops.settings import (
     SELF_INFLUENCE_METHODS,

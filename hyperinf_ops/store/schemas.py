@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 import pyarrow as pa
 
 if TYPE_CHECKING:  # an annotation only: row_format needs torch, and the table readers must not
-    from hyperinf_ops.row_format import RowFormat
+    from hyperinf_ops.core.row_format import RowFormat
 
 __all__ = ["TABLES", "curvature_schema", "example_outputs_schema", "gradients_schema", "json_safe",
            "label_signals_schema", "label_suggestions_schema", "queries_schema", "scores_schema", "sql_literal",

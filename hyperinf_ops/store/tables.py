@@ -15,7 +15,7 @@ import pyarrow.compute as pc
 import torch
 from torch import Tensor
 
-from hyperinf_ops.curvature import CurvaturePartial
+from hyperinf_ops.core.curvature import CurvaturePartial
 from hyperinf_ops.errors import DataError, GradientMismatchError, NonFiniteGradientError
 from hyperinf_ops.fingerprint import Fingerprint, require_match
 from hyperinf_ops.store.fingerprints import FingerprintedTables

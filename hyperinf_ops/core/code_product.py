@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from hyperinf_ops.row_format import INT_LEVELS, RowFormat
+from hyperinf_ops.core.row_format import INT_LEVELS, RowFormat
 
 __all__ = ["IntegerCodeProduct"]
 

@@ -29,8 +29,8 @@ from pydantic import (
     model_validator,
 )
 
-from hyperinf_ops.config_problems import did_you_mean, problem_text, renamed_key_problems
-from hyperinf_ops.config_sections import (
+from hyperinf_ops.config.problems import did_you_mean, problem_text, renamed_key_problems
+from hyperinf_ops.config.sections import (
     AdapterSection,
     CurationSection,
     DataSection,
@@ -42,7 +42,7 @@ from hyperinf_ops.config_sections import (
     default_curation,
     resolve_config_path,
 )
-from hyperinf_ops.config_yaml import read_yaml
+from hyperinf_ops.config.strict_yaml import read_yaml
 from hyperinf_ops.errors import ConfigError
 from hyperinf_ops.settings import (
     BUNDLED_MODELS,

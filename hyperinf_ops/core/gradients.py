@@ -26,9 +26,9 @@ import torch
 from peft.tuners.lora import LoraLayer
 from torch import Tensor, nn
 
+from hyperinf_ops.core.stacks import select_matrices
 from hyperinf_ops.errors import DataError, GradientMismatchError
 from hyperinf_ops.signals.outputs import ExampleOutputs
-from hyperinf_ops.stacks import select_matrices
 from hyperinf_ops.tasks import Task, task_for_model
 
 GradDict = dict[str, Tensor]

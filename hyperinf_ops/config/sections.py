@@ -11,7 +11,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BeforeValidator, Field, StrictBool, ValidationInfo, field_validator, model_validator
 
-from hyperinf_ops.config_problems import did_you_mean
+from hyperinf_ops.config.problems import did_you_mean
 from hyperinf_ops.location import Location, is_object_store
 from hyperinf_ops.settings import Settings
 

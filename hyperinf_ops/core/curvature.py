@@ -24,8 +24,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from hyperinf_ops.core.stacks import check_stack
 from hyperinf_ops.errors import EmptyTargetSetError, GradientMismatchError
-from hyperinf_ops.stacks import check_stack
 
 __all__ = ["CurvaturePartial", "curvature_partials", "damped_gfim", "merge_curvature"]
 

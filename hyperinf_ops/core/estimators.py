@@ -29,7 +29,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from hyperinf_ops.curvature import CurvaturePartial, curvature_partials
+from hyperinf_ops.core.curvature import CurvaturePartial, curvature_partials
+from hyperinf_ops.core.stacks import check_stack, rowwise_inner
 from hyperinf_ops.errors import EmptyTargetSetError, GradientMismatchError, NonFiniteGradientError
 from hyperinf_ops.preconditioners import (
     METHODS,
@@ -40,7 +41,6 @@ from hyperinf_ops.preconditioners import (
     schulz_with_options,
 )
 from hyperinf_ops.preconditioners.tracin import TracIn
-from hyperinf_ops.stacks import check_stack, rowwise_inner
 
 __all__ = [
     "METHODS",

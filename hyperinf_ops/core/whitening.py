@@ -32,7 +32,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from hyperinf_ops.curvature import CurvaturePartial
+from hyperinf_ops.core.curvature import CurvaturePartial
 from hyperinf_ops.errors import GradientMismatchError
 
 __all__ = ["PILOT_DAMPING", "Whitening"]
