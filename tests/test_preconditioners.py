@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from hyperinf_ops import estimators
+from hyperinf_ops.core import estimators
 from hyperinf_ops.core.curvature import curvature_partials
 from hyperinf_ops.core.inverse import schulz_inverse
 from hyperinf_ops.errors import GradientMismatchError, UnsupportedMethodError
