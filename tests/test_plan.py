@@ -65,6 +65,15 @@ def test_bad_examples_is_one_line_error(config_file, capsys):
         plan(load_config(config_file), -5)
 
 
+def test_a_rank_above_the_model_width_is_one_line_not_a_plan(config_file, capsys):
+    """The audit's `plan` with rank 1e9 printed "peak memory 1.6 GB": the config now bounds the rank, and a rank
+    above the model's width (MiniLM: 384) is refused with the reason, as `hyperinf run` refuses it."""
+    config_file.write_text(config_file.read_text() + "lora: {rank: 1000}\n")
+    assert main(["plan", "--config", str(config_file), "--examples", "1000"]) == 2
+    assert capsys.readouterr().err == ("hyperinf: error: lora.rank: 1000 is above model minilm's width 384: a LoRA "
+                                       "rank is at most the width of the matrices it adapts (8-64 is usual)\n")
+
+
 def test_cli_prints_the_plan(config_file, capsys):
     assert main(["plan", "--config", str(config_file), "--examples", "1000000", "--device", "cuda"]) == 0
     out = capsys.readouterr().out

@@ -121,22 +121,13 @@ def _check_columns(store: LanceStore, tables: dict[str, pa.Table], shards: dict[
 
 
 def _check_model_fits(cfg: Any) -> None:
-    """`max_length` within the model's positions and `lora.rank` within its width, read from config.json without
-    loading weights; ConfigError otherwise (before, the first found out while tokenizing, the second by asking
-    for terabytes)."""
-    from hyperinf_ops.capacity import model_config
+    """ConfigError for `max_length` beyond the model's positions or `lora.rank` above its width
+    (capacity.model_fit_problem; before, the first was found while tokenizing, the second by asking for terabytes)."""
+    from hyperinf_ops.capacity import model_fit_problem
 
-    try:
-        config = model_config(cfg.model)
-    except (OSError, ValueError):
-        return  # the model step names an unreadable model
-    positions, width = config.get("max_position_embeddings"), config.get("hidden_size")
-    if isinstance(positions, int) and cfg.max_length > positions:
-        raise ConfigError(f"max_length: {cfg.max_length} is beyond the {positions} positions model {cfg.model} "
-                          f"has: use at most {positions}")
-    if isinstance(width, int) and cfg.lora.rank > width:
-        raise ConfigError(f"lora.rank: {cfg.lora.rank} is above model {cfg.model}'s width {width}: a LoRA rank is at "
-                          "most the width of the matrices it adapts (8-64 is usual)")
+    problem = model_fit_problem(cfg)
+    if problem:
+        raise ConfigError(problem)
 
 
 def _check_folds(pool: pa.Table, cfg: Any) -> None:
