@@ -72,8 +72,8 @@ class Plan:
     gradients_s: float
     scoring_s: float
     peak_mb: float
-    # the signals beside influence (0 when off): hyperinf_cp's gradient passes under the earlier checkpoints (and
-    # their curvature pilot), the probe's forward pass, the cross-fit's warm-ups
+    # the signals beside influence (0 when off): hyperinf_cp's gradient passes under the earlier checkpoints, the
+    # probe's forward pass, the cross-fit's warm-ups
     checkpoints_s: float
     probe_s: float
     cross_fit_s: float
@@ -159,13 +159,13 @@ def plan(cfg: HyperinfConfig, examples: int, device: str = "cpu") -> Plan:
     gradients_s = examples / (rates.gradients * factor["gradients"])
     signals, classes = cfg.signals, cfg.task == "classification"
     earlier = cfg.train.epochs - 1 if signals.checkpoints and "hyperinf" in cfg.estimators else 0
-    pilot = min(examples, cfg.compression.pilot_examples)  # the checkpoint's curvature sample: its own pass
     return Plan(
         examples=examples, device=device, matrices=len(blocks), width=fmt.width, row_bytes=row_bytes,
         storage_bytes=row_bytes * examples, warmup_s=warmup_s, gradients_s=gradients_s,
         scoring_s=examples / (rates.scoring * factor["scoring"]),
         peak_mb=rates.peak_mb, source=rates.source,
-        checkpoints_s=earlier * gradients_s * (examples + pilot) / examples,
+        # one pass of the pool per earlier epoch: its curvature pilot (a sample of the pool) is scored from memory
+        checkpoints_s=earlier * gradients_s,
         probe_s=gradients_s * FORWARD_SHARE if signals.probe and classes else 0.0,
         cross_fit_s=warmup_s * (signals.folds - 1) if signals.folds and classes else 0.0,
     )

@@ -38,11 +38,11 @@ def test_storage_and_times_scale_linearly_and_cuda_divides(config_file):
 
 
 def test_signal_costs(config_file):
-    """hyperinf_cp: a gradient pass (and its pilot) per earlier epoch; probe: a forward pass (a third of a gradient
+    """hyperinf_cp: a gradient pass per earlier epoch (its pilot, a sample of the pool, scored from memory); probe: a forward pass (a third of a gradient
     pass); confident: K - 1 warm-ups' worth (K on (K-1)/K of the pool); off costs nothing."""
     cfg = load_config(config_file)
     p = plan(cfg, 100_000)
-    assert p.checkpoints_s == pytest.approx((cfg.train.epochs - 1) * p.gradients_s * (100_000 + 512) / 100_000)
+    assert p.checkpoints_s == pytest.approx((cfg.train.epochs - 1) * p.gradients_s)
     assert p.probe_s == pytest.approx(p.gradients_s / 3) and p.cross_fit_s == 0
     on = plan(load_config({**cfg.to_dict(), "signals": {"folds": 5, "checkpoints": False, "probe": False}}), 100_000)
     assert (on.checkpoints_s, on.probe_s) == (0, 0) and on.cross_fit_s == pytest.approx(4 * on.warmup_s)
