@@ -20,6 +20,7 @@ from typing import Any
 from hyperinf_ops.adapters import AdapterStore
 from hyperinf_ops.core.row_format import RowFormat
 from hyperinf_ops.core.sketch import row_shapes
+from hyperinf_ops.core.stacks import select_matrices
 from hyperinf_ops.errors import ConfigError, HyperinfError
 from hyperinf_ops.location import is_object_store
 from hyperinf_ops.query import DUCKDB_FILE
@@ -64,15 +65,14 @@ def _configured_shapes(cfg: Any) -> dict[str, tuple[int, int]] | None:
 
     try:
         every = lora_shapes(model_config(cfg.model), cfg.lora.rank, None)
-    except (HyperinfError, OSError, KeyError, TypeError, ValueError):
+        placed = {name.split(".")[-2] for name in every}  # the module of `...layer.3.attention.self.query.lora_A`
+        if cfg.lora.modules is not None and not set(cfg.lora.modules) <= placed:
+            return None
+        adapted = [n for n in every if n.split(".")[-2] in (cfg.lora.modules or placed)]
+        # the rule that picks the gradient matrices from a live model and from a manifest (stacks.select_matrices)
+        return {n: every[n] for n in select_matrices(adapted, cfg.lora.gradient_modules)}
+    except (HyperinfError, OSError, KeyError, TypeError, ValueError):  # GradientMismatchError: selects nothing
         return None
-    placed = {name.split(".")[-2] for name in every}  # the module of `...layer.3.attention.self.query.lora_A`
-    if cfg.lora.modules is not None and not set(cfg.lora.modules) <= placed:
-        return None
-    chosen = cfg.lora.modules or placed
-    grads = cfg.lora.gradient_modules
-    return {n: s for n, s in every.items()
-            if n.split(".")[-2] in chosen and (grads is None or any(g in n for g in grads))}
 
 
 def row_layout_problem(store: LanceStore, cfg: Any) -> str | None:

@@ -85,7 +85,4 @@ def _pool_change(cfg: HyperinfConfig) -> float | None:
     from hyperinf_ops.store import LanceStore
 
     current = AdapterStore(cfg.storage_root).current()
-    store = LanceStore(str(cfg.storage_root))
-    if current is None or current.source != "trained" or not store.exists("examples"):
-        return None
-    return pool_change(store, current)
+    return None if current is None else pool_change(LanceStore(str(cfg.storage_root)), current)

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
 
 from hyperinf_ops.adapters import AdapterManifest, AdapterStore, folder_digest, recipe_key
@@ -104,29 +105,32 @@ def adapter_pending(store: LanceStore, spec: ModelSpec, lora: LoraSettings, trai
     `train.retrain_share` since the warm-up trained it (so the adapter step has work)."""
     current = AdapterStore(store.root).current()
     key = adapter_recipe(pool_labels(store, spec.task), spec, lora, train, given)
-    return current is None or current.recipe_key != key or _stale(store, current, train)
+    return current is None or current.recipe_key != key or _retrain_due(store, current, train) is not None
 
 
 def pool_change(store: LanceStore, manifest: AdapterManifest) -> float | None:
     """The share of examples the pool and the warm-up's training set do not share (new, edited or removed, over
-    both together: 0 = the pool it trained on, 1 = nothing in common); None for an adapter without that record
-    (a given one, or one saved before it was kept)."""
-    trained = AdapterStore(store.root).trained_examples(manifest)
-    if trained is None:
+    both together: 0 = the pool it trained on, 1 = nothing in common); None for an adapter no warm-up trained here
+    (a given one, or one saved before its training set was kept) or a store without examples. Sample ids are
+    unique in both, so the shared examples are the (sample_id, content_hash) keys of one found in the other."""
+    trained = AdapterStore(store.root).trained_examples(manifest) if manifest.source == "trained" else None
+    if trained is None or not store.exists("examples"):
         return None
     pool = store.open("examples").to_table(columns=["sample_id", "content_hash"])
-    before = set(zip(trained["sample_id"].to_pylist(), trained["content_hash"].to_pylist(), strict=True))
-    now = set(zip(pool["sample_id"].to_pylist(), pool["content_hash"].to_pylist(), strict=True))
-    union = before | now
-    return len(before ^ now) / len(union) if union else 0.0
+
+    def keys(table: pa.Table) -> pa.Array:
+        return pc.binary_join_element_wise(table["sample_id"], table["content_hash"], "\x1f")
+
+    shared = pc.sum(pc.is_in(keys(pool), value_set=keys(trained))).as_py() or 0
+    union = trained.num_rows + pool.num_rows - shared
+    return (union - shared) / union if union else 0.0
 
 
-def _stale(store: LanceStore, manifest: AdapterManifest, train: TrainSettings) -> bool:
-    """Whether the pool has changed past `train.retrain_share` since the warm-up trained `manifest`."""
-    if manifest.source != "trained" or not store.exists("examples"):
-        return False
+def _retrain_due(store: LanceStore, manifest: AdapterManifest, train: TrainSettings) -> float | None:
+    """The pool's change since the warm-up trained `manifest` (`pool_change`) when it is past
+    `train.retrain_share`, else None."""
     change = pool_change(store, manifest)
-    return change is not None and change > train.retrain_share
+    return change if change is not None and change > train.retrain_share else None
 
 
 def heldout_records(store: LanceStore, targets: Mapping[str, Any], data: Any, task: str, seed: int = 0) -> HeldOut:
@@ -159,8 +163,8 @@ def train_or_load_adapter(store: LanceStore, spec: ModelSpec, lora: LoraSettings
     key = adapter_recipe(labels, spec, lora, train, given)
     before = adapters.current()
     manifest = None if retrain else adapters.find(key)
-    change = None if manifest is None or manifest.source != "trained" else pool_change(store, manifest)
-    if change is not None and change > train.retrain_share:
+    change = None if manifest is None else _retrain_due(store, manifest, train)
+    if change is not None:
         log(f"the pool has changed by {change:.0%} since adapter {manifest.short_hash} was trained (past "
             f"train.retrain_share {train.retrain_share:.0%}): training the warm-up again")
         manifest = None

@@ -126,7 +126,10 @@ def checkpoint_influence(store: LanceStore, spec: ModelSpec, settings: GradientS
                 for name, part in curvature_partials(b).items():
                     curvature[name] = part if name not in curvature else curvature[name].merge(part)
                 kept_bytes += sum(g.numel() * g.element_size() for g in b.values())
-                kept = kept + [(batch_ids, b)] if kept is not None and kept_bytes <= PILOT_REUSE_BYTES else None
+                if kept is not None and kept_bytes <= PILOT_REUSE_BYTES:
+                    kept.append((batch_ids, b))
+                else:
+                    kept = None  # over the budget: the pool's pass computes them again
             prepared = prepare(curvature, options)
             converged[f"epoch{epoch}"] = all(d.converged for d in prepared.diagnostics.values())
             queries = {}

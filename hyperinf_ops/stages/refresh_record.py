@@ -16,6 +16,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from hyperinf_ops.adapters import recipe_key
 from hyperinf_ops.data.io import file_digest
 from hyperinf_ops.location import Location
 from hyperinf_ops.store import LanceStore
@@ -45,7 +46,7 @@ def refresh_inputs(cfg: Any, store: LanceStore) -> dict[str, Any]:
     if cfg.evaluation is not None:
         files.append(cfg.evaluation.test.path)
     return {
-        "config": hashlib.sha256(json.dumps(cfg.to_dict(), sort_keys=True, default=str).encode()).hexdigest(),
+        "config": recipe_key(cfg.to_dict()),
         "files": {str(p): file_digest(p) for p in files},
         "code": code_digest(),
         "versions": dict(sorted(store.versions().items())),
