@@ -11,12 +11,14 @@ from assets_defs.resources import HyperinfResource
 
 
 @step_asset(
-    group="signals", kinds={"pytorch", "lance"}, code_version="1",
-    deps=[dg.AssetDep(pool_examples, partition_mapping=dg.AllPartitionMapping())],
+    group="signals", kinds={"pytorch", "lance"}, code_version="2",
+    deps=[dg.AssetDep(pool_examples, partition_mapping=dg.AllPartitionMapping()), target_sets],
     description="Classification: out-of-fold class probabilities scored by cleanlab (label quality, label issues), "
                 "in `label_signals`: `probe` (a 5-fold logistic regression on the base model's frozen embeddings; "
                 "`signals.probe`) and `confident` (`signals.folds` warm-ups on folds of the pool; off by default). "
-                "Reused while the pool and the recipe are unchanged. Data version: their digest.",
+                "Any task, with `signals.similarity`: `similarity`, the cosine of each example's frozen embedding "
+                "to each target set's mean one (the baseline a user tries before gradients). "
+                "Reused while the pool, the target sets and the recipe are unchanged. Data version: their digest.",
 )
 def cross_fit(context: dg.AssetExecutionContext, hyperinf: HyperinfResource) -> dg.MaterializeResult:
     from hyperinf_ops.stages.cross_fit import cross_fit_labels

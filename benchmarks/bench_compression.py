@@ -6,6 +6,9 @@
     python benchmarks/bench_compression.py --store DIR/store --json OUT.json    # the benchmark on a finished run
     python benchmarks/bench_compression.py --aggregate a.json b.json c.json     # mean / spread over runs (--markdown)
     python benchmarks/bench_compression.py --store DIR/store --spectrum         # why: GFIM spectrum, damping check
+    python benchmarks/bench_compression.py --widths                             # issue 20: the width rule's bytes and
+                                                                                # the 8B codec + curvature memory
+    python benchmarks/bench_compression.py --build smollm2 --out DIR            # SmolLM2 on chatterbot pairs (raw rows)
 
 Results and their reading: docs/compression.md (the JSON of every run: benchmarks/results/compression/).
 
@@ -20,6 +23,12 @@ What a setting is (the pipeline's data flow, with the row compressed before anyt
                readers use h_l W_l^-1
       eigen    c_l = g_l U_l, U_l the top-k eigenvectors of the GFIM of a seeded 10% pilot sample of the pool
                (a data-dependent basis: needs the pilot's curvature before the rows are written)
+      swhite   c_l = g_l P_l (the sketch), stored whitened in the sketch space: h_l = c_l W_l, W_l from the pilot's
+               sketched GFIM (what the pipeline does with sketch_dim or the width rule, and whiten > 0)
+      hybrid   c_l = g_l B_l, B_l = [U_m | orth((I - U_m U_m^T) P)] (the pilot's top m = k/2 eigenvectors and a
+               random basis of the rest; issue 20's candidate, measured here only)
+      wjl      c_l = g_l B_l, B_l = U_l (S_l + lambda_l)^-q U_l^T Q_l (the pilot GFIM's whitening, q = 1/2 or 1/4, then
+               a random orthonormal Q_l (d_l, k): a JL sketch of the whitened gradient; measured here only)
     and sums the curvature of c (exact, float64, as `curvature.curvature_partials` does in the pass);
   - the row stored is the concatenated c in the storage dtype, encoded and decoded by the product's `RowFormat`
     (float32; float16 divided by its max |value|; int8 / int4 with one absmax scale per example and LoRA matrix),
@@ -54,6 +63,7 @@ from scipy.stats import spearmanr
 from torch import Tensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_scale (--build smollm2)
 
 from hyperinf_ops.core.curvature import CurvaturePartial, curvature_partials, merge_curvature  # noqa: E402
 from hyperinf_ops.core.estimators import score_gradients  # noqa: E402
@@ -74,7 +84,7 @@ DAMPING_RATIO = 0.1
 # 8x smaller, with 1% slack for the scales of quantized rows (sketch k=96 float16: 36864 + 4 bytes = 7.999x).
 GOAL_RATIO, GOAL_AUROC = 1.01 / 8, 0.02
 BATCH = 512  # examples per batch wherever float64 copies are made
-PILOT_FRACTION = 0.1
+PILOT_FRACTION = 0.1  # --pilot-fraction (the pipeline takes min(pilot_examples = 512, pool))
 DTYPE_BITS = {"float32": 32, "float16": 16, "int8": 8, "int4": 4, "int3": 3, "int2": 2}
 RAW_ROWS = {"sketch_dim": 0, "whiten": 0, "dtype": "float32"}  # the stored rows every setting starts from
 EXTRA_INT_LEVELS = {"int3": 3, "int2": 1}  # not row formats of the product; measured here to show the limit
@@ -120,6 +130,34 @@ def eigen_bases(grads: Mapping[str, Tensor], k: int, seed: int) -> dict[str, Ten
             continue
         _, vecs = torch.linalg.eigh(curvature[name].gfim())
         out[name] = vecs[:, -k:].flip(1).to(torch.float32).contiguous()
+    return out
+
+
+def pilot_bases(grads: Mapping[str, Tensor], kind: str, k: int, seed: int, power: float = 0.5
+                ) -> dict[str, Tensor | None]:
+    """name -> B_l (d_l, k) from the pilot GFIM U S U^T (`_pilot`) and a seeded random orthonormal Q (the QR of the
+    product's sketch matrix): `hybrid` = [U_m | orth((I - U_m U_m^T) Q')], m = k // 2 (Q' the next sketch seed's);
+    `wjl` = U (S + lambda)^-power U^T Q. None where k >= d_l."""
+    curvature = _curvature(_pilot(grads, seed))
+    random_q = orthonormal_bases({n: tuple(g.shape[1:]) for n, g in grads.items()}, k, seed)
+    other_q = orthonormal_bases({n: tuple(g.shape[1:]) for n, g in grads.items()}, k - k // 2, seed + 1)
+    out: dict[str, Tensor | None] = {}
+    for name in sorted(grads):
+        if random_q[name] is None:
+            out[name] = None
+            continue
+        values, vecs = torch.linalg.eigh(curvature[name].gfim())
+        values, vecs = values.flip(0).clamp_min(0), vecs.flip(1)
+        q = random_q[name].double()
+        if kind == "hybrid":
+            top = vecs[:, : k // 2]
+            rest = other_q[name].double()
+            rest = torch.linalg.qr(rest - top @ (top.T @ rest))[0]
+            basis = torch.cat([top, rest], 1)
+        else:
+            lam = curvature[name].damping(DAMPING_RATIO)
+            basis = (vecs * (values + lam).pow(-power)) @ (vecs.T @ q)
+        out[name] = basis.to(torch.float32).contiguous()
     return out
 
 
@@ -178,7 +216,7 @@ def vector_bytes(shapes: Mapping[str, tuple[int, int]], widths: Mapping[str, int
 
 @dataclass(frozen=True)
 class Setting:
-    kind: str  # raw, sketch, orth, eigen, white
+    kind: str  # raw, sketch, orth, eigen, white, swhite, hybrid, wjl
     dtype: str = "float32"
     k: int | None = None
     seed: int = 0
@@ -190,7 +228,11 @@ class Setting:
             return f"raw {self.dtype}"
         if self.kind == "white":
             return f"white^{self.power:g} pilot{self.seed} {self.dtype}"
-        seed = f" P{self.seed}" if self.kind in ("sketch", "orth") else ""
+        if self.kind == "swhite":
+            return f"sketch k={self.k} P{self.seed} white^{self.power:g} {self.dtype}"
+        if self.kind == "wjl":
+            return f"wjl^{self.power:g} k={self.k} P{self.seed} {self.dtype}"
+        seed = f" P{self.seed}" if self.kind in ("sketch", "orth", "hybrid") else ""
         return f"{self.kind} k={self.k}{seed} {self.dtype}"
 
     @property
@@ -198,7 +240,11 @@ class Setting:
         """The label without the sketch seed (settings that differ only by P)."""
         if self.kind == "white":
             return f"white^{self.power:g} {self.dtype}"
-        return f"{self.kind} k={self.k} {self.dtype}" if self.kind in ("sketch", "orth") else self.label
+        if self.kind == "swhite":
+            return f"sketch k={self.k} white^{self.power:g} {self.dtype}"
+        if self.kind == "wjl":
+            return f"wjl^{self.power:g} k={self.k} {self.dtype}"
+        return f"{self.kind} k={self.k} {self.dtype}" if self.kind in ("sketch", "orth", "hybrid") else self.label
 
 
 def default_settings(ks: Sequence[int] = KS, seeds: Sequence[int] = SKETCH_SEEDS, extras: bool = True) -> list[Setting]:
@@ -216,6 +262,20 @@ def default_settings(ks: Sequence[int] = KS, seeds: Sequence[int] = SKETCH_SEEDS
         out += [Setting("orth", "float32", k, s) for k in ks for s in seeds]
         out += [Setting("white", dtype, None, s, power) for power in (0.5, 0.25) for dtype in ("int4", "int3")
                 for s in seeds]
+    return out
+
+
+def layout_settings(ks: Sequence[int], seeds: Sequence[int] = SKETCH_SEEDS) -> list[Setting]:
+    """Issue 20's candidates at each k: raw fp32 (the reference) and today's whitened int4, then per k the plain
+    sketch (fp32), the sketch whitened in sketch space (int4: the width rule's layout; fp32: the same without
+    quantization), the pilot's top-k/2 eigenvectors + a random basis of the rest (hybrid, fp32) and the
+    whitened JL sketch (wjl, q = 1/2 and 1/4, fp32)."""
+    out = [Setting("raw"), Setting("white", "int4", None, 0, 0.25)]
+    for k in ks:
+        out += [Setting("sketch", "float32", k, s) for s in seeds]
+        out += [Setting("swhite", dtype, k, s, 0.25) for dtype in ("int4", "float32") for s in seeds]
+        out += [Setting("hybrid", "float32", k, 0), Setting("wjl", "float32", k, 0, 0.5),
+                Setting("wjl", "float32", k, 0, 0.25)]
     return out
 
 
@@ -252,7 +312,7 @@ def load_store(root: str, target_set: str = "clean_val") -> Pool:
     shapes = AdapterStore(root).require_current().selected_shapes(None)
     ids: list[str] = []
     chunks: dict[str, list[Tensor]] = {name: [] for name in shapes}
-    for batch_ids, grads in raw_gradient_batches(store, shapes, device="cpu"):
+    for batch_ids, grads in raw_gradient_batches(store, shapes):
         ids += batch_ids
         for name, g in grads.items():
             chunks[name].append(g.to(torch.float32))
@@ -267,7 +327,10 @@ def load_store(root: str, target_set: str = "clean_val") -> Pool:
         start += r * d
     if start != flat.numel():
         raise SystemExit(f"target vector has {flat.numel()} entries, the matrices {start}")
-    truth = store.open("examples").to_table(columns=["sample_id", "flipped"]).to_pandas().set_index("sample_id")
+    examples = store.open("examples")
+    if "flipped" not in examples.schema.names:  # a causal-LM pool (SmolLM2): no planted flips, Spearman only
+        return Pool(source=str(root), grads=grads, target=target, flipped=np.zeros(len(ids), bool), sample_ids=ids)
+    truth = examples.to_table(columns=["sample_id", "flipped"]).to_pandas().set_index("sample_id")
     flipped = truth["flipped"].astype(bool).reindex(ids).to_numpy()
     return Pool(source=str(root), grads=grads, target=target, flipped=flipped, sample_ids=ids)
 
@@ -317,7 +380,8 @@ def _curvature(c: Mapping[str, Tensor]) -> dict[str, CurvaturePartial]:
 
 
 def rankings(c: Mapping[str, Tensor], rows: Mapping[str, Tensor], v: Mapping[str, Tensor],
-             lissa_iterations: int = 1000) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+             lissa_iterations: int = 1000, methods: Sequence[str] = METHODS
+             ) -> tuple[dict[str, np.ndarray], dict[str, float]]:
     """Harm (higher = more likely mislabeled) of every ranking, and seconds per ranking.
 
     c: the compressed gradients the gradient pass sums the curvature of; rows: what the stored rows read back
@@ -327,7 +391,7 @@ def rankings(c: Mapping[str, Tensor], rows: Mapping[str, Tensor], v: Mapping[str
     harm: dict[str, np.ndarray] = {}
     seconds: dict[str, float] = {}
     prepared: dict[str, Prepared] = {}
-    for method in METHODS:
+    for method in methods:
         start = time.perf_counter()
         options = EstimatorOptions(method=method, damping_ratio=DAMPING_RATIO, lissa_iterations=lissa_iterations)
         prepared[method] = prepare(curvature, options)
@@ -344,7 +408,7 @@ def rankings(c: Mapping[str, Tensor], rows: Mapping[str, Tensor], v: Mapping[str
 
 
 def evaluate(pool: Pool, settings: Sequence[Setting], *, lissa_iterations: int = 1000,
-             log=print) -> dict:
+             methods: Sequence[str] = METHODS, log=print) -> dict:
     """Every setting's bytes, AUROC / detection per ranking and Spearman against raw float32 (settings[0] must
     be raw float32). Returns the JSON-ready result."""
     if settings[0] != Setting("raw"):
@@ -352,10 +416,12 @@ def evaluate(pool: Pool, settings: Sequence[Setting], *, lissa_iterations: int =
     shapes = pool.shapes
     raw_bytes = vector_bytes(shapes, {n: s[1] for n, s in shapes.items()}, "float32")
     results, reference = [], None
+    ranked = [r for r in RANKINGS if r in methods or r.removeprefix("self_influence_") in methods]
     cache: dict[tuple, tuple] = {}
     for setting in settings:
         start = time.perf_counter()
-        key = (setting.kind, setting.k, setting.seed, setting.power)
+        key = (setting.kind if setting.kind != "swhite" else "sketch", setting.k, setting.seed,
+               setting.power if setting.kind in ("white", "wjl") else 0.0)
         if key not in cache:
             cache.clear()  # one compressed copy at a time (the raw one is pool.grads)
             if setting.kind == "white":
@@ -367,6 +433,10 @@ def evaluate(pool: Pool, settings: Sequence[Setting], *, lissa_iterations: int =
                     bases = sketch_bases(shapes, setting.k, setting.seed)
                 elif setting.kind == "orth":
                     bases = orthonormal_bases(shapes, setting.k, setting.seed)
+                elif setting.kind in ("hybrid", "wjl"):
+                    bases = pilot_bases(pool.grads, setting.kind, setting.k, setting.seed, setting.power)
+                elif setting.kind == "swhite":
+                    bases = sketch_bases(shapes, setting.k, setting.seed)
                 else:
                     bases = eigen_bases(pool.grads, setting.k, setting.seed)
                 cache[key] = (apply_bases(pool.grads, bases), bases)
@@ -378,19 +448,28 @@ def evaluate(pool: Pool, settings: Sequence[Setting], *, lissa_iterations: int =
             v, widths = pool.target, {name: shapes[name][1] for name in shapes}
         else:
             c, bases = cache[key]
-            rows = store_rows(c, setting.dtype)
+            if setting.kind == "swhite":
+                # whitened in the sketch space from the pilot's sketched GFIM (the pipeline's width-rule layout)
+                white = whitening(c, setting.seed, setting.power)
+                rows = white.undo(store_rows(white.apply(c), setting.dtype))
+            else:
+                rows = store_rows(c, setting.dtype)
             v = apply_bases(pool.target, bases)
             widths = {name: shapes[name][1] if bases[name] is None else bases[name].shape[1] for name in shapes}
-        harm, seconds = rankings(c, rows, v, lissa_iterations)
+        harm, seconds = rankings(c, rows, v, lissa_iterations, methods)
         if reference is None:
             reference = harm
         nbytes = vector_bytes(shapes, widths, setting.dtype)
         per_ranking = {}
-        for name in RANKINGS:
+        for name in ranked:
             rho = float(spearmanr(harm[name], reference[name]).statistic)
-            per_ranking[name] = {**detection_metrics(harm[name], pool.flipped), "spearman_vs_raw": rho}
+            # no planted flips (a causal-LM pool): only the agreement with raw is measured
+            metrics = detection_metrics(harm[name], pool.flipped) if pool.flipped.any() else {
+                "auroc": float("nan"), "detection_at_10": float("nan"), "detection_at_20": float("nan")}
+            per_ranking[name] = {**metrics, "spearman_vs_raw": rho}
         raw_auroc = results[0]["rankings"] if results else per_ranking
-        drops = [raw_auroc[r]["auroc"] - per_ranking[r]["auroc"] for r in RANKINGS]
+        drops = [raw_auroc[r]["auroc"] - per_ranking[r]["auroc"] for r in ranked]
+        drops = [x for x in drops if x == x] or [0.0]
         result = {
             **asdict(setting), "label": setting.label, "group": setting.group, "bytes": nbytes,
             "ratio": nbytes / raw_bytes, "rankings": per_ranking, "max_auroc_drop": max(drops),
@@ -469,33 +548,122 @@ def spectrum(pool: Pool, ks: Sequence[int] = KS) -> dict:
     return out
 
 
+# ------------------------------------------------------------------------- issue 20: the width rule, 8B memory
+
+
+def lora_shapes_of(layers: int, widths: Mapping[str, tuple[int, int]], rank: int = 8) -> dict[str, tuple[int, int]]:
+    """name -> (r, d) of LoRA on each module of `widths` (module -> (d_in, d_out)) in every layer, as the pipeline
+    lays a gradient out (lora_A: (r, d_in); lora_B: (r, d_out))."""
+    return {f"layers.{layer:02d}.{module}.lora_{side}": (rank, d_in if side == "A" else d_out)
+            for layer in range(layers) for module, (d_in, d_out) in widths.items() for side in "AB"}
+
+
+# The models of the issue, q/v LoRA r = 8 (SmolLM2-135M: hidden 576, 3 KV heads of 64; Llama-3-8B: hidden 4096,
+# 8 KV heads of 128).
+MODEL_SHAPES = {
+    "MiniLM (all-MiniLM-L6-v2)": lora_shapes_of(6, {"query": (384, 384), "value": (384, 384)}),
+    "SmolLM2-135M": lora_shapes_of(30, {"q_proj": (576, 576), "v_proj": (576, 192)}),
+    "Llama-3-8B": lora_shapes_of(32, {"q_proj": (4096, 4096), "v_proj": (4096, 1024)}),
+}
+
+
+def widths_report(spec: CompressionSpec | None = None) -> dict:
+    """Per model of MODEL_SHAPES, from its shapes alone: the sketch width the width rule gives under `spec` (the
+    pipeline's DEFAULT_COMPRESSION), the stored row's bytes (`RowFormat.row_bytes`, what `hyperinf plan` prints)
+    against raw float32 and today's unsketched whitened int4, and the codec + curvature state it implies."""
+    from hyperinf_ops.core.sketch import row_shapes, sketch_width
+    from hyperinf_ops.settings import DEFAULT_COMPRESSION
+
+    spec = spec or DEFAULT_COMPRESSION
+    out = {}
+    for model, shapes in MODEL_SHAPES.items():
+        k = sketch_width(shapes, spec)
+        stored = row_shapes(shapes, spec)
+        unsketched = RowFormat(spec.dtype, tuple(r * d for r, d in shapes.values())).row_bytes
+        out[model] = {
+            "matrices": len(shapes), "floats": sum(r * d for r, d in shapes.values()), "sketch_width": k,
+            "row_bytes": RowFormat(spec.dtype, tuple(r * w for r, w in stored.values())).row_bytes,
+            "raw_float32_row_bytes": RowFormat("float32", tuple(r * d for r, d in shapes.values())).row_bytes,
+            "unsketched_row_bytes": unsketched,
+            # P_l (d, k) float32 + the whitening (U (k, k), roots (k,)) float32 + the curvature sums (k, k) float64
+            "codec_bytes": sum(4 * d * w * (w < d) + 4 * (w * w + w) for (_, d), (_, w) in
+                               zip(shapes.values(), stored.values(), strict=True)),
+            "curvature_bytes": sum(8 * w * w for _, w in stored.values()),
+            "unsketched_codec_and_curvature_bytes": sum(4 * (d * d + d) + 8 * d * d for _, d in shapes.values())}
+    return out
+
+
+def synthetic_layer_memory(d: int = 4096, r: int = 8, pilot: int = 512, matrices: int = 128, batch: int = 64,
+                           seed: int = 0) -> dict:
+    """Peak memory of the codec + curvature state of ONE (r, d) LoRA matrix under the width rule's layout, measured
+    with synthetic gradients, then scaled by `matrices` (the 8B model has 128; the scaling is stated, not measured).
+
+    What the pipeline holds per matrix: the sketch P (d, k) (`Sketch`), the pilot's sketched curvature sums (k, k)
+    float64 (`curvature_partials` of the sketched blocks), the whitening made from them (`Whitening`) and the
+    gradient pass's curvature sums (k, k) float64. Measured: the bytes of those tensors, and the CPU peak RSS
+    increase while running the pilot and a gradient-pass batch loop (one matrix; the rest of the process excluded)."""
+    import resource
+
+    from hyperinf_ops.core.sketch import Sketch, sketch_width
+    from hyperinf_ops.settings import DEFAULT_COMPRESSION
+
+    shapes = MODEL_SHAPES["Llama-3-8B"]
+    k = sketch_width(shapes, DEFAULT_COMPRESSION)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    gen = torch.Generator().manual_seed(seed)
+    sketch = Sketch({"m": (r, d)}, CompressionSpec(sketch_dim=k, seed=seed))
+    pilot_parts = []
+    for start in range(0, pilot, batch):  # the row codec's pilot: sketched blocks, their curvature sums
+        g = torch.randn(min(batch, pilot - start), r, d, generator=gen) * torch.linspace(2, 0.01, d)
+        pilot_parts.append(curvature_partials(sketch.apply({"m": g})))
+    white = Whitening.from_curvature(merge_curvature(pilot_parts), DEFAULT_COMPRESSION.whiten)
+    pass_parts = [curvature_partials(sketch.apply({"m": torch.randn(batch, r, d, generator=gen)}))
+                  for _ in range(4)]  # the gradient pass: its curvature sums, whitened rows
+    curvature = merge_curvature(pass_parts)
+    rows = white.apply(sketch.apply({"m": torch.randn(batch, r, d, generator=gen)}))
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - before
+    state = {"sketch_P": sketch.matrix("m").numel() * 4,
+             "whitening": white.bases["m"].numel() * 4 + white.roots["m"].numel() * 4,
+             "curvature_sums": curvature["m"].gfim_sum.numel() * 8}
+    total = sum(state.values())
+    del rows
+    return {"d": d, "r": r, "k": k, "matrices_scaled_by": matrices, "state_bytes_one_matrix": state,
+            "state_bytes_one_matrix_total": total, "state_bytes_scaled": total * matrices,
+            # not scaled: dominated by the synthetic (64, r, d) gradient batch and its float64 copy, which the pass
+            # holds once per batch for the whole model, not per matrix
+            "peak_rss_increase_one_matrix_with_its_batch": peak,
+            "unsketched_whitening_and_curvature_scaled": (4 * (d * d + d) + 8 * d * d) * matrices}
+
+
 # ------------------------------------------------------------------------------------------------- tables
 
 
 def format_table(result: Mapping) -> str:
     """One row per setting: bytes, ratio, then AUROC (Spearman vs raw) per ranking, and the goal check."""
-    head = f"{'setting':<26} {'bytes':>7} {'ratio':>6}  " + "  ".join(f"{SHORT[r]:>13}" for r in RANKINGS)
+    names = list(result["settings"][0]["rankings"])  # the rankings measured (--methods)
+    head = f"{'setting':<26} {'bytes':>7} {'ratio':>6}  " + "  ".join(f"{SHORT[r]:>13}" for r in names)
     lines = [f"{result['source']}: n={result['n']}, flipped={result['flipped']}, {result['matrices']} matrices "
              f"{result['shapes']}, raw {result['raw_bytes']} bytes; cells: AUROC (Spearman vs raw)", head,
              "-" * len(head)]
     for s in result["settings"]:
         cells = "  ".join(f"{s['rankings'][r]['auroc']:.3f} ({s['rankings'][r]['spearman_vs_raw']:+.2f})"
-                          for r in RANKINGS)
+                          for r in names)
         goal = "  meets goal" if s["meets_goal"] else ""
         lines.append(f"{s['label']:<26} {s['bytes']:>7} {1 / s['ratio']:>5.1f}x  {cells}  "
                      f"max drop {s['max_auroc_drop']:+.3f}{goal}")
     lines += ["", "detection of flips among the 10% / 20% most harmful:",
-              f"{'setting':<26} " + "  ".join(f"{SHORT[r]:>11}" for r in RANKINGS)]
+              f"{'setting':<26} " + "  ".join(f"{SHORT[r]:>11}" for r in names)]
     for s in result["settings"]:
         lines.append(f"{s['label']:<26} " + "  ".join(
             f"{s['rankings'][r]['detection_at_10']:.2f} / {s['rankings'][r]['detection_at_20']:.2f}"
-            for r in RANKINGS))
+            for r in names))
     return "\n".join(lines)
 
 
 def aggregate(results: Sequence[Mapping]) -> dict:
     """Per setting group (sketch seeds pooled) over several runs: mean, min and max of every ranking's AUROC,
     of its difference to the same run's raw float32 AUROC, and of its Spearman vs raw; the worst drop."""
+    names = list(results[0]["settings"][0]["rankings"])
     groups: dict[str, list[tuple[Mapping, Mapping]]] = {}
     for result in results:
         raw = result["settings"][0]
@@ -504,7 +672,7 @@ def aggregate(results: Sequence[Mapping]) -> dict:
     out = {}
     for group, pairs in groups.items():
         entry = {"ratio": pairs[0][0]["ratio"], "bytes": pairs[0][0]["bytes"], "runs": len(pairs), "rankings": {}}
-        for r in RANKINGS:
+        for r in names:
             au = [s["rankings"][r]["auroc"] for s, _ in pairs]
             diff = [s["rankings"][r]["auroc"] - raw["rankings"][r]["auroc"] for s, raw in pairs]
             rho = [s["rankings"][r]["spearman_vs_raw"] for s, _ in pairs]
@@ -520,7 +688,8 @@ def aggregate(results: Sequence[Mapping]) -> dict:
 
 
 def format_aggregate(agg: Mapping, sources: Sequence[str]) -> str:
-    head = f"{'setting':<22} {'ratio':>6} {'runs':>4}  " + "  ".join(f"{SHORT[r]:>19}" for r in RANKINGS)
+    names = list(next(iter(agg.values()))["rankings"])
+    head = f"{'setting':<22} {'ratio':>6} {'runs':>4}  " + "  ".join(f"{SHORT[r]:>19}" for r in names)
     lines = [f"over {len(sources)} runs ({', '.join(sources)}); cells: mean AUROC [min diff to raw, max diff]",
              head, "-" * len(head)]
     for group, e in agg.items():
@@ -530,7 +699,7 @@ def format_aggregate(agg: Mapping, sources: Sequence[str]) -> str:
         lines.append(f"{group:<22} {1 / e['ratio']:>5.1f}x {e['runs']:>4}  {cells}  worst drop "
                      f"{e['worst_drop']:+.3f}{goal}")
     lines += ["", "mean Spearman vs raw (min over runs):", f"{'setting':<22} " + "  ".join(
-        f"{SHORT[r]:>13}" for r in RANKINGS)]
+        f"{SHORT[r]:>13}" for r in names)]
     for group, e in agg.items():
         lines.append(f"{group:<22} " + "  ".join(f"{v['spearman_mean']:+.3f} ({v['spearman_min']:+.2f})"
                                                  for v in e["rankings"].values()))
@@ -556,14 +725,15 @@ def markdown_summary(agg: Mapping) -> str:
 def markdown_aggregate(agg: Mapping) -> str:
     """`aggregate` as two Markdown tables (docs/compression.md): AUROC mean [min, max difference to raw] per
     ranking with the worst drop and the goal, then the mean Spearman vs raw (min over runs)."""
-    head = "| setting | smaller | runs | " + " | ".join(RANKINGS) + " | worst drop | goal |"
-    lines = [head, "|" + "---|" * (len(RANKINGS) + 5)]
+    names = list(next(iter(agg.values()))["rankings"])
+    head = "| setting | smaller | runs | " + " | ".join(names) + " | worst drop | goal |"
+    lines = [head, "|" + "---|" * (len(names) + 5)]
     for group, e in agg.items():
         cells = " | ".join(f"{v['auroc_mean']:.3f} [{v['diff_min']:+.3f}, {v['diff_max']:+.3f}]"
                            for v in e["rankings"].values())
         lines.append(f"| {group} | {1 / e['ratio']:.1f}x | {e['runs']} | {cells} | {e['worst_drop']:+.3f} | "
                      f"{'yes' if e['meets_goal'] else 'no'} |")
-    lines += ["", "| setting | " + " | ".join(RANKINGS) + " |", "|" + "---|" * (len(RANKINGS) + 1)]
+    lines += ["", "| setting | " + " | ".join(names) + " |", "|" + "---|" * (len(names) + 1)]
     for group, e in agg.items():
         lines.append(f"| {group} | " + " | ".join(f"{v['spearman_mean']:.3f} ({v['spearman_min']:.3f})"
                                                   for v in e["rankings"].values()) + " |")
@@ -584,7 +754,18 @@ def build(kind: str, out: Path, seed: int, n_pool: int, n_target: int, overrides
     from pipelines.runner import materialize_all
 
     overrides = {"train": {"seed": seed}, "compression": RAW_ROWS, **(overrides or {})}
-    if kind == "demo":
+    if kind == "smollm2":  # bench_scale's causal run (q/v r=8, 1 epoch), target = held-out "ai" pairs (set `ai`)
+        import yaml
+        from bench_scale import CAUSAL_CONFIG
+
+        from hyperinf_ops.data.chatterbot import build_chatterbot_dataset
+
+        paths = build_chatterbot_dataset(out, n_pool=n_pool, n_target=n_target, n_shards=2)
+        config_path = out / "hyperinf.yaml"
+        config_path.write_text(yaml.safe_dump({
+            **CAUSAL_CONFIG, **overrides, "storage_root": "store", "signals": {"checkpoints": False},
+            "data": {"path": "pool", "label_column": "label"}, "targets": {"ai": {"path": f"targets/{paths.target.name}"}}}))
+    elif kind == "demo":
         paths = build_demo_dataset(out, n_pool=n_pool, n_target=n_target, seed=seed)
         config_path = write_demo_config(paths, overrides=overrides)
     else:
@@ -602,11 +783,13 @@ def build(kind: str, out: Path, seed: int, n_pool: int, n_target: int, overrides
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
+    global PILOT_FRACTION  # --pilot-fraction sets the pilot sample's share for every setting
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="synthetic low-rank gradients (seconds)")
     parser.add_argument("--store", help="storage root of a finished pipeline run with raw rows")
     parser.add_argument("--target-set", default="clean_val")
-    parser.add_argument("--build", choices=("demo", "bbc"), help="build this dataset under --out and run the pipeline")
+    parser.add_argument("--build", choices=("demo", "bbc", "smollm2"),
+                        help="build this dataset under --out and run the pipeline (smollm2: --n-pool chatterbot pairs)")
     parser.add_argument("--out", type=Path)
     parser.add_argument("--seed", type=int, default=0, help="--build: dataset and warm-up seed")
     parser.add_argument("--n-pool", type=int, default=4000, help="--build demo")
@@ -617,7 +800,16 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument("--aggregate", nargs="+", type=Path, help="JSON results of several runs")
     parser.add_argument("--ks", type=int, nargs="+", default=list(KS))
     parser.add_argument("--no-extras", action="store_true", help="only raw, fp16 and the random sketches")
-    parser.add_argument("--kinds", nargs="+", choices=("raw", "sketch", "orth", "eigen", "white"),
+    parser.add_argument("--layouts", action="store_true",
+                        help="issue 20's candidate layouts at --ks (layout_settings) instead of issue 8's settings")
+    parser.add_argument("--widths", action="store_true",
+                        help="issue 20: the width rule's bytes per example and the 8B codec + curvature memory")
+    parser.add_argument("--pilot-fraction", type=float, default=PILOT_FRACTION,
+                        help="share of the pool in the pilot (the pipeline: 512 examples or the whole pool)")
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS,
+                        help="influence rankings to measure (hyperinf and tracin always: self-influence needs them)")
+    parser.add_argument("--kinds", nargs="+", choices=("raw", "sketch", "orth", "eigen", "white", "swhite", "hybrid",
+                                                       "wjl"),
                         help="only these kinds of settings (raw float32, the reference, is always run)")
     parser.add_argument("--lissa-iterations", type=int, default=1000)
     parser.add_argument("--json", type=Path, help="write the result here")
@@ -631,7 +823,11 @@ def main(argv: Sequence[str] | None = None) -> dict:
         # small matmuls 10x slower with 2 threads under load 8).
         torch.set_num_threads(args.threads or 1)
 
-    if args.aggregate:
+    PILOT_FRACTION = args.pilot_fraction
+    if args.widths:
+        out = {"widths": widths_report(), "memory_8b": synthetic_layer_memory(matrices=128)}
+        print(json.dumps(out, indent=1))
+    elif args.aggregate:
         results = [json.loads(p.read_text()) for p in args.aggregate]
         out = {"sources": [r["source"] for r in results], "groups": aggregate(results)}
         print(format_aggregate(out["groups"], [p.stem for p in args.aggregate]))
@@ -641,7 +837,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         if args.build:
             if args.out is None:
                 parser.error("--build needs --out")
-            n_target = args.n_target or (500 if args.build == "demo" else 300)
+            n_target = args.n_target or {"demo": 500, "bbc": 300, "smollm2": 20}[args.build]
             overrides = {"train": {"seed": args.seed, **args.train}} if args.train else None
             args.store = str(build(args.build, args.out, args.seed, args.n_pool, n_target, overrides))
             if args.build_only:
@@ -662,11 +858,12 @@ def main(argv: Sequence[str] | None = None) -> dict:
                 args.json.write_text(json.dumps(out, indent=1))
             return out
         start = time.perf_counter()
-        settings = default_settings(args.ks, extras=not args.no_extras)
+        settings = layout_settings(args.ks) if args.layouts else default_settings(args.ks, extras=not args.no_extras)
         if args.kinds:
             settings = [settings[0]] + [x for x in settings[1:] if x.kind in args.kinds]
-        out = evaluate(pool, settings,
-                       lissa_iterations=args.lissa_iterations)
+        methods = [m for m in METHODS if m in {*args.methods, "hyperinf", "tracin"}]
+        out = evaluate(pool, settings, lissa_iterations=args.lissa_iterations, methods=methods)
+        out["pilot_fraction"] = PILOT_FRACTION
         out["seconds"] = time.perf_counter() - start
         print(format_table(out))
         print(f"benchmark: {out['seconds']:.1f} s")

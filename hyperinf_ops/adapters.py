@@ -74,16 +74,17 @@ class AdapterManifest(BaseModel):
         return {n: tuple(self.matrix_shapes[n]) for n in select_matrices(list(self.matrix_shapes), modules)}
 
     def fingerprint(self, modules: tuple[str, ...] | None, compression: CompressionSpec,
-                    whitening: str = "") -> Fingerprint:
+                    whitening: str = "", model_dtype: str = "float32") -> Fingerprint:
         """The fingerprint of gradient rows taken under this adapter for the selected matrices, compressed so
-        (whitened rows: `whitening` is the digest of their whitening, stages/codec.py)."""
+        (whitened rows: `whitening` is the digest of their whitening, stages/codec.py), with the base weights in
+        `model_dtype`."""
         from hyperinf_ops.tasks import get_task
 
         model_id = self.model if self.model in BUNDLED_MODELS else Path(self.model).name
         return Fingerprint.create(
             model_id=model_id, model_hash=self.model_hash, adapter_hash=self.adapter_hash, task=self.task,
             lora_modules=self.lora_modules, shapes=self.selected_shapes(modules), compression=compression,
-            whitening=whitening, loss_reduction=get_task(self.task).loss_reduction)
+            whitening=whitening, loss_reduction=get_task(self.task).loss_reduction, model_dtype=model_dtype)
 
 
 def recipe_key(recipe: Mapping[str, Any]) -> str:

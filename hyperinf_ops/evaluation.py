@@ -2,7 +2,8 @@
 
 For N examples with per-example losses l_k (the task's own loss: cross-entropy of the class id, or the mean
 next-token cross-entropy of the response tokens) `loss = (1/N) sum_k l_k`; for tasks with classes
-`accuracy = (1/N) #{k : argmax logits_k = y_k}` and the majority baseline is the accuracy of a model that
+`accuracy = (1/N) #{k : argmax logits_k = y_k}` (causal LM: the exact match, the share of examples whose
+greedy decoding reproduces the response, outputs.exact_matches) and the majority baseline is the accuracy of a model that
 learned only the class prior of its training rows: the share of the evaluated examples whose label is the
 training rows' most common label. A warm-up "learns" when its held-out accuracy beats that baseline
 (classification) or its held-out loss falls below the untrained model's (causal LM).
@@ -19,14 +20,14 @@ import torch
 from torch import Tensor
 
 from hyperinf_ops.models.lora import LoadedModel, batches
-from hyperinf_ops.signals.outputs import ExampleOutputs
+from hyperinf_ops.signals.outputs import ExampleOutputs, exact_matches
 
 __all__ = ["EvalResult", "MajorityBaseline", "evaluate_model", "example_losses", "example_outputs", "majority_baseline"]
 
 
 @dataclass(frozen=True)
 class EvalResult:
-    """Mean loss (and accuracy, tasks with classes) of a model over `examples` records."""
+    """Mean loss and accuracy (causal LM: exact match) of a model over `examples` records."""
 
     examples: int
     loss: float
@@ -45,7 +46,8 @@ class MajorityBaseline:
 def example_outputs(loaded: LoadedModel, records: Sequence[Mapping[str, Any]], *, batch_size: int = 64,
                     max_length: int = 128) -> ExampleOutputs:
     """What `loaded.model` says about each of `records` in eval mode (dropout off): per-example loss (N,) and, for
-    tasks with classes, logits (N, C) and the given class ids; the model's mode is restored."""
+    tasks with classes, logits (N, C) and the given class ids, else the exact-match flags; the model's mode is
+    restored."""
     if not records:
         raise ValueError("nothing to evaluate: no records")
     model, task = loaded.model, loaded.task
@@ -56,7 +58,11 @@ def example_outputs(loaded: LoadedModel, records: Sequence[Mapping[str, Any]], *
         for _, batch in batches(loaded, records, batch_size, max_length):
             logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
             targets = task.loss_targets(model, batch["labels"], batch["attention_mask"])
-            parts.append(ExampleOutputs.of(task.per_example_losses(logits, targets), logits, targets))
+            out = ExampleOutputs.of(task.per_example_losses(logits, targets), logits, targets)
+            if out.logits is None:
+                out = ExampleOutputs(out.losses, exact=exact_matches(logits, targets,
+                                                                     loaded.tokenizer.eos_token_id).cpu())
+            parts.append(out)
     finally:
         model.train(was_training)
     return ExampleOutputs.cat(parts)

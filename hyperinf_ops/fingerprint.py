@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from hyperinf_ops.core.row_format import RowFormat
-from hyperinf_ops.core.sketch import row_shapes
+from hyperinf_ops.core.sketch import row_shapes, sketch_width
 from hyperinf_ops.errors import FingerprintMismatchError
 from hyperinf_ops.settings import CompressionSpec
 
@@ -75,13 +75,16 @@ class Fingerprint:
     lora_modules: tuple[str, ...]
     rank: int
     matrices_hash: str
-    sketch_dim: int  # per LoRA matrix; 0 = raw rows
+    sketch_dim: int  # per LoRA matrix, as stored (the width rule's when it picked one: sketch_width); 0 = raw
     sketch_seed: int
     row_dtype: str
     row_blocks: tuple[int, ...]  # floats of each matrix's (r, k) block in a row, sorted names
     whitening: str = ""  # digest of the whitening the blocks are stored under ("" = none; whitening.py)
     grad_dtype: str = "float32"
     loss_reduction: str = "mean"
+    # the dtype the base weights ran in: a bf16 pass gives other gradients than an fp32 one (devices.py). Left out
+    # of the JSON (and so of the digest) when float32, so rows stored before the field existed stay current.
+    model_dtype: str = "float32"
 
     def __post_init__(self) -> None:
         # JSON round trips give lists; keep the dataclass hashable and comparable.
@@ -112,6 +115,7 @@ class Fingerprint:
         whitening: str = "",
         grad_dtype: str = "float32",
         loss_reduction: str = "mean",
+        model_dtype: str = "float32",
     ) -> Fingerprint:
         """Fingerprint from the raw matrix shapes (rank read from them), how rows are compressed and the digest
         of the whitening they are stored under (required when `compression.whitened`)."""
@@ -128,17 +132,21 @@ class Fingerprint:
             lora_modules=tuple(lora_modules),
             rank=ranks.pop(),
             matrices_hash=shapes_hash(shapes),
-            sketch_dim=compression.sketch_dim,
+            sketch_dim=sketch_width(shapes, compression),
             sketch_seed=compression.seed,
             row_dtype=compression.dtype,
             row_blocks=tuple(r * k for r, k in row_shapes(shapes, compression).values()),
             whitening=whitening,
             grad_dtype=grad_dtype,
             loss_reduction=loss_reduction,
+            model_dtype=model_dtype,
         )
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), sort_keys=True)
+        data = asdict(self)
+        if data["model_dtype"] == "float32":
+            del data["model_dtype"]
+        return json.dumps(data, sort_keys=True)
 
     @classmethod
     def from_json(cls, text: str) -> Fingerprint:

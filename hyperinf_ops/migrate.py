@@ -59,9 +59,9 @@ def _expected_format(store: LanceStore, cfg: Any) -> RowFormat | None:
 
 def _configured_shapes(cfg: Any) -> dict[str, tuple[int, int]] | None:
     """name -> (r, d) of the LoRA gradient matrices the config asks for, read from the model's config.json without
-    loading weights (`capacity.lora_shapes`: the attention query/value projections); None for a model or a
+    loading weights (`architecture.lora_shapes`: the attention query/value projections); None for a model or a
     `lora.modules` entry it cannot place."""
-    from hyperinf_ops.capacity import lora_shapes, model_config
+    from hyperinf_ops.architecture import lora_shapes, model_config
 
     try:
         every = lora_shapes(model_config(cfg.model), cfg.lora.rank, None)

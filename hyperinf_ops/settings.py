@@ -20,6 +20,7 @@ __all__ = [
     "BUNDLED_MODELS",
     "CompressionSpec",
     "DEFAULT_COMPRESSION",
+    "ROW_BUDGET",
     "METHODS",
     "PIPELINE_METHODS",
     "SELF_INFLUENCE_METHODS",
@@ -50,6 +51,11 @@ SolverDtype = Literal["float64", "float32"]
 StorageDtype = Literal["float32", "float16", "int8", "int4"]
 Schedule = Literal["linear", "constant"]
 InverseInit = Literal["scaled", "paper"]
+# The base model's weights: `auto` = bfloat16 on a CUDA device that supports it, float32 elsewhere (devices.py).
+Precision = Literal["auto", "float32", "bfloat16"]
+BaseDtype = Literal["float32", "bfloat16"]
+# Recompute activations in the backward: `auto` = on from 1024 tokens per example (devices.use_checkpointing).
+Checkpointing = bool | Literal["auto"]
 
 TASKS: tuple[str, ...] = get_args(TaskName)
 METHODS: tuple[str, ...] = get_args(Method)
@@ -63,7 +69,7 @@ SELF_TARGET = "self"
 SELF_INFLUENCE_METHODS = ("hyperinf", "tracin")
 # Rankings beside influence (signals/, stages/rankings.py): target-free ones are stored under SELF_TARGET,
 # `hyperinf_cp` and `fused` under every configured target set.
-SIGNALS = ("loss", "margin", "aum", "probe", "confident", "hyperinf_cp", "fused")
+SIGNALS = ("loss", "margin", "aum", "probe", "confident", "hyperinf_cp", "similarity", "fused")
 # The target-free signals, stored under target set SELF_TARGET.
 SELF_SIGNALS = ("loss", "margin", "aum", "probe", "confident")
 DEVICE_PATTERN = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
@@ -90,12 +96,18 @@ class ModelSpec(Settings):
 
     name: a bundled model (`minilm`, `smollm2`) or an absolute path to a local Hugging Face folder.
     device: `auto` = CUDA when available, else CPU.
+    precision: the base weights' dtype, `auto` = bfloat16 on a CUDA device that supports it, float32 elsewhere;
+    LoRA weights, the classifier head and per-example gradients stay float32 (a bf16 pass gives other rows:
+    it is part of their fingerprint). gradient_checkpointing: recompute each layer's activations in the
+    backward (the same gradients, ~1/3 more compute, a fraction of the memory); `auto` = from 1024 tokens.
     """
 
     name: str = "minilm"
     task: TaskName = "classification"
     max_length: int = Field(128, ge=4)
     device: Device = "auto"
+    precision: Precision = "auto"
+    gradient_checkpointing: Checkpointing = "auto"
 
 
 def _no_empty_list(value: tuple[str, ...] | None) -> tuple[str, ...] | None:
@@ -156,9 +168,12 @@ class SignalSettings(Settings):
     checkpoints: `hyperinf_cp` = HyperINF summed over the warm-up's epoch checkpoints (one more gradient pass per
     earlier epoch; false = not computed). fuse: the rankings `fused` combines: influence estimators and
     `hyperinf_cp` (per target set), `loss`, `margin`, `aum`, `probe`, `confident`, `self_influence`
-    (target-free); None = `default_fusion`."""
+    (target-free); None = `default_fusion`. similarity: `similarity` = the cosine of each example's frozen
+    base-model embedding to each target set's mean embedding (signals/similarity.py: the baseline a user tries
+    before gradients; one forward pass of the pool and the target sets; any task)."""
 
     probe: bool = True
+    similarity: bool = False
     folds: int = Field(0, ge=0)
     checkpoints: bool = True
     fuse: tuple[str, ...] | None = Field(None, strict=False, min_length=1)
@@ -188,14 +203,19 @@ class CompressionSpec(Settings):
     whiten: p > 0 stores each block b as b W, W = U (S + lambda)^-p from the GFIM U S U^T of a pilot sample of
     `pilot_examples` pool examples (a rotation and a scale per direction: lossless by itself, it makes a
     coordinate-wise quantizer equally precise in every direction). dtype: float32, float16 (per-row scale),
-    int8 / int4 (per-block scale). The library default is exact (raw float32); the pipeline's default is
-    `DEFAULT_COMPRESSION`."""
+    int8 / int4 (per-block scale). row_budget: bytes a stored row may take (0 = no budget); with whitened rows
+    (`whiten > 0`) and `sketch_dim = 0`, a model whose unsketched rows would take more gets the widest sketch
+    (a multiple of 8) whose rows fit, whitened in the sketch space (`sketch.sketch_width`: the width rule, so
+    MiniLM keeps unsketched rows and a 4096-wide model is sketched; docs/compression.md, issue 20). An explicit
+    `sketch_dim`, or `whiten = 0`, is never changed by it: `{whiten: 0, dtype: float32}` is exact raw float32.
+    The library default is exact (raw float32); the pipeline's default is `DEFAULT_COMPRESSION`."""
 
     sketch_dim: int = Field(0, ge=0)
     seed: int = Field(0, ge=0)
     dtype: StorageDtype = "float32"
     whiten: float = Field(0.0, ge=0, le=1)
     pilot_examples: int = Field(512, ge=2)
+    row_budget: int = Field(0, ge=0)
 
     @property
     def raw(self) -> bool:
@@ -209,16 +229,22 @@ class CompressionSpec(Settings):
 
 # The pipeline's default: half-whitened int4 rows, 8x smaller than raw float32 with every measured ranking's
 # mislabel AUROC within 0.002 of raw (docs/compression.md: demo 3 seeds, BBC News).
-DEFAULT_COMPRESSION = CompressionSpec(whiten=0.25, dtype="int4")
+# Wider models are sketched to the widest whitened int4 rows of at most ROW_BUDGET bytes (issue 20: 64 KB an example
+# for Llama-3-8B's 128 q/v LoRA matrices, sketch 120 of 4096); MiniLM's 36,960-byte rows stay unsketched.
+ROW_BUDGET = 65536
+DEFAULT_COMPRESSION = CompressionSpec(whiten=0.25, dtype="int4", row_budget=ROW_BUDGET)
 
 
 class GradientSettings(Settings):
     """The gradient pass: which LoRA matrices enter influence (substrings of parameter names, None = all),
-    examples per forward/backward, and how rows are stored."""
+    examples per forward/backward (`auto`: from the free device memory on CUDA, 32 elsewhere; a batch that runs
+    out of device memory is halved and retried), how rows are stored, and the dtype the base weights run in
+    (resolved, not `auto`: part of the rows' fingerprint)."""
 
     modules: tuple[str, ...] | None = Field(None, strict=False)
-    batch_size: int = Field(32, ge=1)
+    batch_size: Annotated[int, Field(ge=1)] | Literal["auto"] = 32
     compression: CompressionSpec = Field(default_factory=CompressionSpec)
+    model_dtype: BaseDtype = "float32"
 
 
 class SolverOptions(Settings):

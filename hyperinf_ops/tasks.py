@@ -43,8 +43,8 @@ class Task(Protocol):
     def column_roles(self, data: Any) -> dict[str, str | None]:
         """Prepared column -> input column of a `DataSection` (text columns and `label`)."""
 
-    def load_model(self, path: Path, labels: Sequence[str]) -> nn.Module:
-        """The base Hugging Face model with this task's head (float32)."""
+    def load_model(self, path: Path, labels: Sequence[str], dtype: torch.dtype = torch.float32) -> nn.Module:
+        """The base Hugging Face model with this task's head, its weights in `dtype`."""
 
     def collate(self, tokenizer: Any, records: Sequence[Mapping[str, Any]], label2id: Mapping[str, int],
                 max_length: int) -> dict[str, Tensor]:
@@ -81,13 +81,13 @@ class Classification:
     def column_roles(self, data: Any) -> dict[str, str | None]:
         return {"text": data.text_column, "label": data.label_column}
 
-    def load_model(self, path: Path, labels: Sequence[str]) -> nn.Module:
+    def load_model(self, path: Path, labels: Sequence[str], dtype: torch.dtype = torch.float32) -> nn.Module:
         from transformers import AutoModelForSequenceClassification
 
         label2id = {str(name): i for i, name in enumerate(labels)}
         return AutoModelForSequenceClassification.from_pretrained(
             path, num_labels=len(labels), label2id=label2id, id2label={i: n for n, i in label2id.items()},
-            dtype=torch.float32)
+            dtype=dtype)
 
     def collate(self, tokenizer: Any, records: Sequence[Mapping[str, Any]], label2id: Mapping[str, int],
                 max_length: int) -> dict[str, Tensor]:
@@ -129,10 +129,10 @@ class CausalLM:
     def column_roles(self, data: Any) -> dict[str, str | None]:
         return {"prompt": data.prompt_column, "response": data.response_column, "label": data.label_column}
 
-    def load_model(self, path: Path, labels: Sequence[str]) -> nn.Module:
+    def load_model(self, path: Path, labels: Sequence[str], dtype: torch.dtype = torch.float32) -> nn.Module:
         from transformers import AutoModelForCausalLM
 
-        return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
 
     def collate(self, tokenizer: Any, records: Sequence[Mapping[str, Any]], label2id: Mapping[str, int],
                 max_length: int) -> dict[str, Tensor]:

@@ -81,6 +81,9 @@ def _parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="build the bundled demo (MiniLM + Rotten Tomatoes) and run every asset")
     demo.add_argument("--n-pool", type=int, default=4000, help="pool examples (default 4000; 20%% flipped)")
     demo.add_argument("--n-target", type=int, default=500, help="clean target examples (default 500)")
+    demo.add_argument("--llm", action="store_true",
+                      help="the LLM demo instead: SmolLM2-135M-Instruct on a mixed pool of 2,038 prompt/response "
+                           "pairs from 4 packaged sources, target task BBC News sections (data/instructions.py)")
     demo.add_argument("--evaluate", action="store_true",
                       help="also fit fresh adapters on curated, random and full subsets and test them (the "
                            "`evaluation` asset: 6 more warm-ups on 80%% of the pool)")
@@ -121,6 +124,9 @@ def _parser() -> argparse.ArgumentParser:
     plan.add_argument("--config", type=Path, required=True, help="the hyperinf YAML file")
     plan.add_argument("--examples", type=int, required=True, help="pool examples to plan for")
     plan.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    plan.add_argument("--tokens", type=int, default=None,
+                      help="average tokens per example of a model never measured, its times scaled by them "
+                      "(default: max_length)")
     plan.set_defaults(command=_plan)
 
     ui = sub.add_parser("ui", help="start the Dagster UI (dagster dev) on 127.0.0.1 for this project")
@@ -162,13 +168,26 @@ def _demo(args: argparse.Namespace) -> int:
 
     started = time.perf_counter()
     workdir = args.workdir.resolve()
-    paths = build_demo_dataset(workdir, n_pool=args.n_pool, n_target=args.n_target)
-    config = write_demo_config(paths, evaluation=DEMO_EVALUATION if args.evaluate else None)
-    print(f"demo data: {paths.n_pool} Rotten Tomatoes snippets in {len(paths.shards)} shards "
-          f"({paths.n_flipped} labels flipped), {paths.n_target} clean target examples; config {config}")
+    config = _llm_demo_data(workdir, args.evaluate) if args.llm else None
+    if config is None:
+        paths = build_demo_dataset(workdir, n_pool=args.n_pool, n_target=args.n_target)
+        config = write_demo_config(paths, evaluation=DEMO_EVALUATION if args.evaluate else None)
+        print(f"demo data: {paths.n_pool} Rotten Tomatoes snippets in {len(paths.shards)} shards "
+              f"({paths.n_flipped} labels flipped), {paths.n_target} clean target examples; config {config}")
     status = _materialize(config, args.dagster_home, verbose=args.verbose)
     print(f"demo wall time: {time.perf_counter() - started:.0f} s")
     return status
+
+
+def _llm_demo_data(workdir: Path, evaluate: bool) -> Path:
+    """The LLM demo's data and config under `<workdir>/llm/` (hyperinf_ops/data/instructions.py)."""
+    from hyperinf_ops.data.instructions import LLM_EVALUATION, build_instruction_mix, write_llm_config
+
+    paths = build_instruction_mix(workdir / "llm")
+    config = write_llm_config(paths, evaluation=LLM_EVALUATION if evaluate else None)
+    print(f"LLM demo data: {paths.n_pool} prompt/response pairs from 4 sources in {len(paths.shards)} shards, "
+          f"{paths.n_target} target pairs of BBC News sections, {paths.n_test} test pairs; config {config}")
+    return config
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -265,7 +284,7 @@ def _plan(args: argparse.Namespace) -> int:
     """`hyperinf plan`: hyperinf_ops/capacity.py."""
     from hyperinf_ops.capacity import plan_command
 
-    return plan_command(_config_path(args.config), args.examples, args.device)
+    return plan_command(_config_path(args.config), args.examples, args.device, args.tokens)
 
 
 # ---------------------------------------------------------------------------------------------- ui

@@ -11,14 +11,14 @@ import torch
 from hyperinf_ops import scorer
 from hyperinf_ops.core.curvature import curvature_partials
 from hyperinf_ops.core.estimators import EstimatorOptions, mean_target_gradient
-from hyperinf_ops.core.row_format import INT_LEVELS, RowFormat
-from hyperinf_ops.core.sketch import Sketch
+from hyperinf_ops.core.row_format import INT_LEVELS, ROW_OVERHEAD, RowFormat
+from hyperinf_ops.core.sketch import Sketch, row_shapes, sketch_width
 from hyperinf_ops.core.whitening import Whitening
-from hyperinf_ops.errors import DataError, GradientMismatchError, NonFiniteGradientError
+from hyperinf_ops.errors import ConfigError, DataError, GradientMismatchError, NonFiniteGradientError
 from hyperinf_ops.fingerprint import Fingerprint
 from hyperinf_ops.preconditioners import prepare
 from hyperinf_ops.scorer import raw_gradient_batches, score_store
-from hyperinf_ops.settings import CompressionSpec
+from hyperinf_ops.settings import DEFAULT_COMPRESSION, ROW_BUDGET, CompressionSpec
 from hyperinf_ops.stages.queries import query_vector
 from hyperinf_ops.store import GradientBatch, LanceStore, Query
 
@@ -202,14 +202,101 @@ def test_store_scores_and_self_influence_of_whitened_int4_rows_equal_a_dense_com
         assert (rows[k] - train[k]).abs().max() < 0.2 * train[k].abs().max()
     curvature = store.read_curvature(fp)
     v = mean_target_gradient(target)
+    queries = _score_against_dense(store, curvature, v, w, rows, fp, ids)
+    with pytest.raises(GradientMismatchError, match="stored under whitening"):
+        score_store(store, queries, whitening=None)
+    with pytest.raises(GradientMismatchError, match="stored under whitening"):
+        next(raw_gradient_batches(store, sketch.row_shapes, whitening=_whitening(train)))
+
+
+# ------------------------------------------------------------------------------- the width rule (issue 20)
+
+
+def test_width_rule_rows_sketched_and_whitened_in_sketch_space_equal_a_dense_computation_there(tmp_path):
+    """A row budget these matrices do not fit (160 floats: 148 bytes as int4 rows) makes the width rule sketch
+    them to k = 8 (100 bytes); the whitening is the pilot's in the sketch space. The curvature the pass stores is
+    exactly P^T (sum g^T g) P (dense float64, per shard and merged), the rows decode to the sketched blocks (int4
+    rounding of the whitened values), and scores / self-influence through the store equal the dense computation
+    on those decoded blocks with the query sketched by the same P."""
+    spec = CompressionSpec(whiten=0.25, dtype="int4", row_budget=130)
+    assert sketch_width(SHAPES, spec) == 8
+    sketch = Sketch(SHAPES, spec)
+    assert sketch.row_shapes == {"a.lora_A": (4, 8), "b.lora_B": (4, 8)}
+    assert RowFormat("int4", (32, 32)).row_bytes == 100 <= spec.row_budget < RowFormat("int4", (96, 64)).row_bytes
+    train, target = _grads(120, 4), _grads(10, 5)
+    blocks = sketch.apply(train)
+    w = _whitening({k: t[:40] for k, t in blocks.items()})  # the pilot: sketched blocks of 40 examples
+    assert w.widths == {"a.lora_A": 8, "b.lora_B": 8}
+    fp = _fp(spec, w.digest())
+    assert fp.sketch_dim == 8 and fp.row_blocks == (32, 32)
+    store = LanceStore(str(tmp_path))
+    ids = [f"id{i:03d}" for i in range(120)]
+    for s, sl in enumerate((slice(0, 70), slice(70, 120))):
+        part = {k: t[sl] for k, t in blocks.items()}
+        store.write_gradients(f"s{s}", GradientBatch(ids[sl], sketch.flatten(w.apply(part)), sketch.sq_norms(part)),
+                              fp)
+        store.write_curvature(f"s{s}", curvature_partials(part), fp, examples_digest=f"d{s}")
+    curvature = store.read_curvature(fp)
+    for name, g in train.items():
+        p = sketch.matrix(name).double()
+        rows64 = g.double().reshape(-1, g.shape[-1])
+        torch.testing.assert_close(curvature[name].gfim_sum, p.T @ (rows64.T @ rows64) @ p, rtol=1e-5, atol=1e-8)
+        assert curvature[name].count == 120 and curvature[name].numel == 32
+    decoded = {}
+    for batch_ids, got in raw_gradient_batches(store, sketch.row_shapes, whitening=w, batch_rows=32):
+        decoded.update({i: {k: b[j] for k, b in got.items()} for j, i in enumerate(batch_ids)})
+    rows = {k: torch.stack([decoded[i][k] for i in ids]) for k in SHAPES}
+    for k in SHAPES:
+        assert (rows[k] - blocks[k]).abs().max() < 0.2 * blocks[k].abs().max()
+    v = sketch.apply_one(mean_target_gradient(target))
+    _score_against_dense(store, curvature, v, w, rows, fp, ids)
+
+
+def _lora(layers: int, modules: dict[str, tuple[int, int]]) -> dict[str, tuple[int, int]]:
+    return {f"l.{i:02d}.{m}.lora_{s}": (8, d_in if s == "A" else d_out)
+            for i in range(layers) for m, (d_in, d_out) in modules.items() for s in "AB"}
+
+
+def test_width_rule_keeps_minilm_and_fits_wide_models_in_64_kb():
+    """The pipeline's default: MiniLM keeps unsketched whitened int4 rows (36,960 value + scale bytes); SmolLM2-135M
+    and Llama-3-8B (q/v r=8) are sketched to the widest multiple of 8 within 65,536 bytes a row; an explicit
+    sketch_dim, row_budget 0 or unwhitened rows (`{whiten: 0, dtype: float32}`: raw float32, the reference) are
+    never changed; a budget nothing fits is refused."""
+    minilm = _lora(6, {"query": (384, 384), "value": (384, 384)})
+    smol = _lora(30, {"q_proj": (576, 576), "v_proj": (576, 192)})
+    llama = _lora(32, {"q_proj": (4096, 4096), "v_proj": (4096, 1024)})
+    assert sum(r * d for r, d in llama.values()) == 3_407_872 and len(llama) == 128
+
+    def row_bytes(shapes, spec):
+        return RowFormat(spec.dtype, tuple(r * k for r, k in row_shapes(shapes, spec).values())).row_bytes
+
+    d = DEFAULT_COMPRESSION
+    assert d.row_budget == ROW_BUDGET == 65536
+    assert sketch_width(minilm, d) == 0 and row_shapes(minilm, d) == dict(sorted(minilm.items()))
+    assert row_bytes(minilm, d) == 36_960 + 24 * 4 + ROW_OVERHEAD  # values + steps, the norms, the fixed bytes
+    assert sketch_width(smol, d) == 128 and row_bytes(smol, d) == 62_452
+    assert sketch_width(llama, d) == 120 and row_bytes(llama, d) == 62_516 <= 65_536 < row_bytes(
+        llama, d.model_copy(update={"row_budget": 0}))
+    assert row_bytes(llama, d.model_copy(update={"sketch_dim": 128})) > 65_536  # explicit: never changed
+    fp = Fingerprint.create(model_id="m", model_hash="h", adapter_hash="a", task="causal_lm", lora_modules=["q"],
+                            shapes=llama, compression=d, whitening="w")
+    assert fp.sketch_dim == 120 and fp.row_format.row_bytes == 62_516
+    exact = CompressionSpec(**{**d.model_dump(), "whiten": 0, "dtype": "float32"})  # how the YAML merges it
+    assert sketch_width(llama, exact) == 0 and row_bytes(llama, exact) == 4 * 3_407_872 + 4 * 128 + ROW_OVERHEAD
+    with pytest.raises(ConfigError, match="row_budget"):
+        sketch_width(llama, d.model_copy(update={"row_budget": 4000}))
+
+
+def _score_against_dense(store, curvature, v, w, rows, fp, ids) -> list:
+    """Score the store with every estimator's query (and hyperinf's self-influence) and check the stored scores
+    equal a dense computation over the decoded blocks `rows` (name -> (n, r, k)); returns the queries."""
     queries, expected = [], {}
     for method in ("hyperinf", "tracin", "datainf"):
         prepared = prepare(curvature, EstimatorOptions(method=method))
         vector, _ = query_vector(store, v, prepared, w)
         queries.append(Query("t", method, vector, fp.digest()))
-        train_batches = [rows] if method == "datainf" else None
-        pv = prepared.apply_one(v, train_batches=train_batches)
-        expected[method] = sum(torch.einsum("nrd,rd->n", rows[k].double(), pv[k]) for k in SHAPES).numpy()
+        pv = prepared.apply_one(v, train_batches=[rows] if method == "datainf" else None)
+        expected[method] = sum(torch.einsum("nrd,rd->n", rows[k].double(), pv[k]) for k in rows).numpy()
     hyperinf = prepare(curvature, EstimatorOptions(method="hyperinf"))
     score_store(store, queries, self_influence=[hyperinf], whitening=w, batch_rows=16)
     table = store.open("scores").to_table().to_pandas().set_index("sample_id")
@@ -217,9 +304,5 @@ def test_store_scores_and_self_influence_of_whitened_int4_rows_equal_a_dense_com
         got = table[(table["target_set"] == "t") & (table["method"] == method)].loc[ids, "score"].to_numpy()
         assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max(), method
     got = table[table["target_set"] == "self"].loc[ids, "score"].to_numpy()
-    want = -hyperinf.self_influence(rows).numpy()
-    np.testing.assert_allclose(got, want, rtol=1e-4)
-    with pytest.raises(GradientMismatchError, match="stored under whitening"):
-        score_store(store, queries, whitening=None)
-    with pytest.raises(GradientMismatchError, match="stored under whitening"):
-        next(raw_gradient_batches(store, sketch.row_shapes, whitening=_whitening(train)))
+    np.testing.assert_allclose(got, -hyperinf.self_influence(rows).numpy(), rtol=1e-4)
+    return queries

@@ -46,10 +46,13 @@ def test_defaults_and_relative_paths(project: Path, monkeypatch: pytest.MonkeyPa
     assert cfg.model == "minilm" and cfg.task == "classification"
     assert cfg.lora.rank == 8 and cfg.lora.alpha == 16 and cfg.train.epochs == 2
     assert cfg.estimators == ("hyperinf", "datainf", "tracin")
-    # half-whitened int4 rows, no sketch (docs/compression.md); a compression mapping overrides key by key
-    assert cfg.compression == CompressionSpec(whiten=0.25, dtype="int4") and cfg.damping_ratio == 0.1
+    # half-whitened int4 rows, no sketch unless a row would pass 64 KB (the width rule, docs/compression.md); a
+    # compression mapping overrides key by key
+    assert cfg.compression == CompressionSpec(whiten=0.25, dtype="int4", row_budget=65536) and cfg.damping_ratio == 0.1
     partial = load_config({**minimal(), "compression": {"sketch_dim": 48}}, base_dir=project).compression
-    assert (partial.sketch_dim, partial.whiten, partial.dtype) == (48, 0.25, "int4")
+    assert (partial.sketch_dim, partial.whiten, partial.dtype, partial.row_budget) == (48, 0.25, "int4", 65536)
+    exact = load_config({**minimal(), "compression": {"whiten": 0, "dtype": "float32"}}, base_dir=project).compression
+    assert (exact.sketch_dim, exact.whiten, exact.dtype) == (0, 0.0, "float32")  # raw float32 at any width
     # without a curation block: the measured default (docs/results.md, section 7), over the first target set
     assert cfg.curation.query == DEFAULT_CURATION["query"] and cfg.curation.method is None and not cfg.curation_auto
     assert cfg.curation.params == {"target_set": "clean_val", "method": "hyperinf", **DEFAULT_CURATION["params"]}

@@ -18,12 +18,14 @@ from hyperinf_ops.signals.cross_fit import fold_assignment
 from hyperinf_ops.stages.evaluation import Candidate, EvaluationPlan, choose, split_test
 from hyperinf_ops.store import LanceStore
 
-SIGNALS = {"folds": 2, "checkpoints": True, "probe": True, "fuse": ["loss", "hyperinf_cp", "probe", "aum"]}
+SIGNALS = {"folds": 2, "checkpoints": True, "probe": True, "similarity": True,
+           "fuse": ["loss", "hyperinf_cp", "probe", "aum"]}
 
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory):
-    """A 120-example tiny project with every signal on (2 folds, checkpoints, probe), materialized once."""
+    """A 120-example tiny project with every signal on (2 folds, checkpoints, probe, similarity), materialized
+    once."""
     import dagster as dg
 
     from pipelines.runner import materialize_all
@@ -93,14 +95,13 @@ def test_aum_is_the_mean_training_margin(project, monkeypatch):
     labels = pool_labels(store, cfg.task)
     loaded = load_lora_model(cfg.model_spec, labels, lora=cfg.lora, seed=cfg.train.seed)
     steps, logits = [], []
-    real_batches = training.batches
+    real_accumulate = training._accumulate
 
-    def recording(*args, **kwargs):
-        for chunk, batch in real_batches(*args, **kwargs):
-            steps.append(([r["sample_id"] for r in chunk], batch["labels"].numpy().copy()))
-            yield chunk, batch
+    def recording(loaded, chunk, *args, **kwargs):  # one optimizer step's examples, in the order trained
+        steps.append(([r["sample_id"] for r in chunk], np.array([loaded.label2id[r["label"]] for r in chunk])))
+        return real_accumulate(loaded, chunk, *args, **kwargs)
 
-    monkeypatch.setattr(training, "batches", recording)
+    monkeypatch.setattr(training, "_accumulate", recording)
     hook = loaded.model.register_forward_hook(lambda m, a, out: logits.append(out.logits.detach().double().numpy()))
     records = store.open("examples").to_table(columns=["sample_id", "text", "label"]).to_pylist()
     training.warmup_train(loaded, records, cfg.train, max_length=cfg.max_length)
@@ -134,6 +135,32 @@ def test_probe_and_confident_are_cleanlab_on_the_stored_probabilities(project, s
         g = store.open("label_suggestions").to_table().to_pandas().set_index("sample_id").loc[rows.index]
         assert (g["source"] == "cross_fit").all() and (g["issue"].to_numpy() == rows["issue"].to_numpy()).all()
         assert (g["suggested_label"].to_numpy() == np.array(labels)[probs.argmax(1)]).all()
+
+
+def test_similarity_is_the_cosine_to_the_target_sets_mean_embedding(project):
+    """Each example embedded alone (no padding to mask) by the base model, by hand: the stored `similarity` of
+    every target set is the cosine of the example's mean-pooled state to the mean of the target set's."""
+    from transformers import AutoModel, AutoTokenizer
+
+    from hyperinf_ops.models import resolve_model
+
+    cfg, store = project
+    path = resolve_model(cfg.model_spec.name)
+    tokenizer, model = AutoTokenizer.from_pretrained(path), AutoModel.from_pretrained(path).eval()
+
+    def embed(text: str) -> np.ndarray:
+        with torch.no_grad():
+            state = model(**tokenizer(text, truncation=True, max_length=cfg.max_length, return_tensors="pt"))
+        pooled = state.last_hidden_state[0].double().mean(0).numpy()
+        return pooled / np.linalg.norm(pooled)
+
+    pool = np.stack([embed(r["text"]) for r in _pool(store)])
+    targets = store.open("targets").to_table(columns=["target_set", "text"]).to_pylist()
+    assert set(cfg.targets) == {t["target_set"] for t in targets}
+    for name in cfg.targets:
+        centre = np.mean([embed(t["text"]) for t in targets if t["target_set"] == name], axis=0)
+        np.testing.assert_allclose(_scores(store, name, "similarity").to_numpy(),
+                                   pool @ (centre / np.linalg.norm(centre)), rtol=1e-4, atol=1e-5)
 
 
 def test_hyperinf_under_the_epoch_1_checkpoint_and_hyperinf_cp(project):
@@ -280,3 +307,16 @@ def test_split_test_is_seeded_disjoint_and_order_free():
     assert [r["sample_id"] for r in again[0]] == [r["sample_id"] for r in validation]
     with pytest.raises(Exception, match="too few"):
         split_test(records[:1], 0.5)
+
+
+def test_exact_match_is_greedy_decoding_up_to_the_first_eos():
+    """Teacher-forced argmax over the response equals what greedy decoding emits: a miss before the end-of-sequence
+    token fails the example, what follows that token (never generated) does not count."""
+    from hyperinf_ops.signals.outputs import exact_matches
+
+    eos, ignored = 4, -100
+    targets = torch.tensor([[ignored, 3, eos, 1], [ignored, 3, eos, 1], [ignored, 2, 2, eos], [ignored] * 4])
+    argmax = torch.tensor([[0, 3, eos, 0], [0, 2, eos, 1], [0, 2, 2, eos], [0, 0, 0, 0]])
+    logits = torch.nn.functional.one_hot(argmax, 5).double()
+    assert exact_matches(logits, targets, eos).tolist() == [True, False, True, False]  # no target: no match
+    assert exact_matches(logits, targets, None).tolist() == [False, False, True, False]  # every target counts

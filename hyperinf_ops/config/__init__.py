@@ -50,6 +50,7 @@ from hyperinf_ops.settings import (
     SELF_INFLUENCE_METHODS,
     SELF_SIGNALS,
     SELF_TARGET,
+    Checkpointing,
     CompressionSpec,
     Device,
     EstimatorOptions,
@@ -57,6 +58,7 @@ from hyperinf_ops.settings import (
     LoraSettings,
     ModelSpec,
     PipelineMethod,
+    Precision,
     Settings,
     SignalSettings,
     SolverOptions,
@@ -129,12 +131,21 @@ class HyperinfConfig(Settings):
     estimators: tuple[PipelineMethod, ...] = Field(("hyperinf", "datainf", "tracin"), strict=False, min_length=1)
     damping_ratio: float = Field(0.1, gt=0, le=MAX_DAMPING_RATIO)
     estimator_options: SolverOptions = Field(default_factory=SolverOptions)
-    # How gradient rows are stored: half-whitened int4 codes by default (8x smaller than exact float32 rows);
-    # docs/compression.md has what each setting costs in quality and bytes.
+    # How gradient rows are stored: half-whitened int4 codes by default (8x smaller than exact float32 rows), and for
+    # models whose rows would pass `row_budget` (64 KB) sketched to the widest width that fits, whitened in the sketch
+    # space (the width rule: sketch.sketch_width); docs/compression.md has what each setting costs in quality and bytes.
     compression: CompressionSpec = DEFAULT_COMPRESSION
     max_length: int = Field(128, ge=4)
-    gradient_batch_size: int = Field(32, ge=1)
+    # examples per forward/backward of the gradient pass; `auto` = from the free memory on CUDA (32 elsewhere), and
+    # a batch that runs out of device memory is halved and retried (no example lost or scored twice)
+    gradient_batch_size: Annotated[int, Field(ge=1)] | typing.Literal["auto"] = 32
     device: Device = "auto"
+    # the base weights' dtype: `auto` = bfloat16 on a CUDA device with bf16 support, float32 elsewhere (LoRA weights,
+    # the classifier head and per-example gradients stay float32); part of the gradient rows' fingerprint
+    precision: Precision = "auto"
+    # recompute activations in the backward of the warm-up and the gradient pass (identical gradients, a fraction
+    # of the memory, ~1/3 more compute); `auto` = on from max_length 1024
+    gradient_checkpointing: Checkpointing = "auto"
     signals: SignalSettings = Field(default_factory=SignalSettings)  # rankings beside influence (stages/rankings.py)
     curation: CurationSection = Field(default_factory=CurationSection)
     evaluation: EvaluationSection | None = None
@@ -185,12 +196,16 @@ class HyperinfConfig(Settings):
     # ------------------------------------------------------------------ the settings core functions take
     @property
     def model_spec(self) -> ModelSpec:
-        return ModelSpec(name=self.model, task=self.task, max_length=self.max_length, device=self.device)
+        return ModelSpec(name=self.model, task=self.task, max_length=self.max_length, device=self.device,
+                         precision=self.precision, gradient_checkpointing=self.gradient_checkpointing)
 
     @property
     def gradient_settings(self) -> GradientSettings:
         """The gradient pass: matrix selection, batch size, and how rows are compressed."""
+        from hyperinf_ops.devices import resolve_dtype_name  # torch: only when a pass is about to run
+
         return GradientSettings(modules=self.lora.gradient_modules, batch_size=self.gradient_batch_size,
+                                model_dtype=resolve_dtype_name(self.precision, self.device),
                                 compression=self.compression)
 
     def estimator(self, method: str) -> EstimatorOptions:
@@ -366,6 +381,8 @@ def rankings(raw: Mapping[str, Any]) -> dict[str, str]:
             out["confident"] = SELF_TARGET
     if signals.get("checkpoints", SignalSettings().checkpoints) and "hyperinf" in out:
         out["hyperinf_cp"] = "*"
+    if signals.get("similarity", SignalSettings().similarity):
+        out["similarity"] = "*"
     out["fused"] = "*"
     return out
 
@@ -381,7 +398,8 @@ def _signal_problems(signals: Mapping[str, Any], task: Any, estimators: Any) -> 
     if not unknown:
         return []
     why = {"confident": "needs signals.folds >= 2", "hyperinf_cp": "needs signals.checkpoints: true and hyperinf",
-           "probe": "needs signals.probe: true and classes", "margin": "needs classes", "aum": "needs classes"}
+           "probe": "needs signals.probe: true and classes", "margin": "needs classes", "aum": "needs classes",
+           "similarity": "needs signals.similarity: true"}
     return [f"signals.fuse: {m!r} is not a ranking this config writes"
             + (f" ({why[m]})" if m in why else f"{did_you_mean(str(m), available)}; available: {sorted(available)}")
             for m in unknown]

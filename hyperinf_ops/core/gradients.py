@@ -9,6 +9,12 @@ weight gradients. Forward hooks on each selected ``lora_A`` / ``lora_B`` ``nn.Li
 outputs returns ``dy`` without computing (or touching) any parameter ``.grad``. peft multiplies the
 ``lora_B`` output by ``scaling`` after the hooked module, so ``dy`` already carries the scaling.
 
+Precision: with half-precision base weights (bf16 on CUDA) peft keeps the LoRA matrices in float32 and casts
+their input up, so ``x`` and ``dy`` are float32 and so are the gradients; half-precision ones (a model cast
+whole) are cast up before the einsum: the gradients are always summed and returned in float32 or wider.
+Activation checkpointing (``checkpointing=True``, models/checkpointing.py) recomputes each layer in the backward;
+the hooks capture only during the forward, so the recompute adds nothing and the gradients are the same.
+
 Supported: peft LoRA on ``nn.Linear`` layers (``lora.Linear``; GPT-2 ``Conv1D`` with ``fan_in_fan_out``
 also works because its ``lora_A`` / ``lora_B`` are plain ``nn.Linear``), for
 ``*ForSequenceClassification`` (single-label) and ``*ForCausalLM`` / ``*LMHeadModel`` heads. Not supported
@@ -20,6 +26,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -131,9 +138,10 @@ def _prepare(
     return kwargs, labels, mask
 
 
-def _capture(store: list[tuple[Tensor, Tensor]]) -> Callable[[nn.Module, tuple, Tensor], None]:
+def _capture(store: list[tuple[Tensor, Tensor]], active: list[bool]) -> Callable[[nn.Module, tuple, Tensor], None]:
     def hook(module: nn.Module, args: tuple, output: Tensor) -> None:
-        store.append((args[0].detach(), output))  # output stays in the graph: autograd.grad targets it
+        if active[0]:  # off once the forward is done: a checkpointed backward calls the module again
+            store.append((args[0].detach(), output))  # output stays in the graph: autograd.grad targets it
 
     return hook
 
@@ -141,8 +149,11 @@ def _capture(store: list[tuple[Tensor, Tensor]]) -> Callable[[nn.Module, tuple, 
 def _linear_per_example_grad(x: Tensor, dy: Tensor, mask: Tensor, m: _LoraMatrix) -> Tensor:
     """Per-example weight grad of ``y = x W^T``: (B, r, d_in) for lora_A, (B, r, d_out) for lora_B.
 
-    x: (B, T, d_in) or (B, d_in); dy: (B, T, d_out) or (B, d_out); mask: (B, T) token mask.
+    x: (B, T, d_in) or (B, d_in); dy: (B, T, d_out) or (B, d_out); mask: (B, T) token mask. Half-precision
+    inputs are cast up: the sum over tokens is float32.
     """
+    if x.dtype in (torch.float16, torch.bfloat16) or dy.dtype in (torch.float16, torch.bfloat16):
+        x, dy = x.float(), dy.float()
     if x.dim() == 2 and x.shape[0] == mask.shape[0]:
         x, dy = x[:, None], dy[:, None]  # one vector per example (e.g. a pooler): no token axis to mask
     elif x.dim() == 3 and x.shape[:2] == mask.shape:
@@ -160,16 +171,26 @@ def _linear_per_example_grad(x: Tensor, dy: Tensor, mask: Tensor, m: _LoraMatrix
     return torch.einsum("btr,btd->brd", dy, x)
 
 
+def _checkpointing(model: nn.Module, enabled: bool) -> AbstractContextManager:
+    if not enabled:
+        return nullcontext()
+    # imported here: hyperinf_ops.models imports the core modules, and most passes do not checkpoint
+    from hyperinf_ops.models.checkpointing import activation_checkpointing
+
+    return activation_checkpointing(model)
+
+
 def per_example_lora_gradients(
     model: nn.Module,
     batch: Mapping[str, Tensor],
     *,
     modules: Sequence[str] | str | None = None,
     dtype: torch.dtype | None = None,
+    checkpointing: bool = False,
 ) -> GradDict:
     """Gradient of each example's own loss w.r.t. each selected LoRA matrix, from one forward/backward
     (`lora_gradients_and_outputs` without the outputs)."""
-    return lora_gradients_and_outputs(model, batch, modules=modules, dtype=dtype)[0]
+    return lora_gradients_and_outputs(model, batch, modules=modules, dtype=dtype, checkpointing=checkpointing)[0]
 
 
 def lora_gradients_and_outputs(
@@ -178,6 +199,7 @@ def lora_gradients_and_outputs(
     *,
     modules: Sequence[str] | str | None = None,
     dtype: torch.dtype | None = None,
+    checkpointing: bool = False,
 ) -> tuple[GradDict, ExampleOutputs]:
     """Gradient of each example's own loss w.r.t. each selected LoRA matrix, from one forward/backward, and
     what that forward said about each example (its loss; logits and given class for classification heads).
@@ -192,7 +214,9 @@ def lora_gradients_and_outputs(
             that pool the first token (BERT, RoBERTa) need right padding, as they do for training.
         modules: substrings of the parameter names selecting LoRA matrices (e.g. ``["query"]``,
             ``["layers.5."]``); None = all lora_A / lora_B matrices of the active adapters.
-        dtype: optional dtype of the returned grads (computed in the model's dtype).
+        dtype: optional dtype of the returned grads (computed in the LoRA matrices' dtype, float32 at least).
+        checkpointing: recompute each transformer layer's activations in the backward (models/checkpointing.py):
+            less memory for long sequences, the same gradients.
 
     Returns:
         name -> (B, r, d) on the model's device, keys sorted; ``lora_A`` as (r, d_in), ``lora_B``
@@ -205,16 +229,18 @@ def lora_gradients_and_outputs(
     inputs, labels, mask = _prepare(base, batch, task, matrices[0].module.weight.device)
 
     captures: dict[str, list[tuple[Tensor, Tensor]]] = {m.name: [] for m in matrices}
+    active = [True]
     modes = {mod: mod.training for mod in model.modules()}
     # a frozen LoRA matrix's output carries no graph: enable its weight for the pass (.grad stays untouched)
     frozen = [m.module.weight for m in matrices if not m.module.weight.requires_grad]
-    handles = [m.module.register_forward_hook(_capture(captures[m.name])) for m in matrices]
+    handles = [m.module.register_forward_hook(_capture(captures[m.name], active)) for m in matrices]
     try:
         model.eval()
         for w in frozen:
             w.requires_grad_(True)
-        with torch.enable_grad():
+        with torch.enable_grad(), _checkpointing(model, checkpointing):
             logits = model(**inputs).logits
+            active[0] = False
             losses = task.per_example_losses(logits, labels)
             unused = [name for name, calls in captures.items() if not calls]
             if unused:

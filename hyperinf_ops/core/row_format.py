@@ -28,7 +28,11 @@ from torch import Tensor
 from hyperinf_ops.errors import DataError, NonFiniteGradientError
 from hyperinf_ops.settings import StorageDtype
 
-__all__ = ["INT_LEVELS", "STORAGE_DTYPES", "EncodedRows", "RowFormat"]
+__all__ = ["INT_LEVELS", "ROW_OVERHEAD", "STORAGE_DTYPES", "EncodedRows", "RowFormat"]
+
+# Bytes a stored row has besides its vector and per-block floats: grad_scale, the fingerprint digest, sample_id and
+# shard (README "Measured": 37,071-37,094 bytes on disk for MiniLM's 36,960-byte vectors). `RowFormat.row_bytes`.
+ROW_OVERHEAD = 4 + 16 + 24 + 8
 
 STORAGE_DTYPES: tuple[str, ...] = get_args(StorageDtype)
 INT_LEVELS = {"int8": 127, "int4": 7}
@@ -74,6 +78,14 @@ class RowFormat:
     @property
     def integer(self) -> bool:
         return self.dtype in INT_LEVELS
+
+    @property
+    def row_bytes(self) -> int:
+        """Bytes one stored row takes: its values, the squared norm of every block (float32) and, for integer
+        codes, every block's step (float32), plus ROW_OVERHEAD. The count `hyperinf plan` prints and the
+        compression row budget (`sketch.sketch_width`) is checked against."""
+        per_block = 4 * (2 if self.integer else 1)
+        return self.stored_width * self.value_type.bit_width // 8 + per_block * len(self.blocks) + ROW_OVERHEAD
 
     def _slices(self) -> list[slice]:
         out, start = [], 0

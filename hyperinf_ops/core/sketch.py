@@ -10,6 +10,14 @@ target gradient v_l P_l, DataInf, self-influence. So the compressed path is infl
 the sketched model, and its scores equal a dense computation in sketch space; how well it ranks like raw
 influence is measured (docs/compression.md), not assumed. `sketch_dim = 0`, or k >= d_l, keeps g_l raw.
 
+The width rule (`sketch_width`, issue 20): with whitened rows, `sketch_dim = 0` and a `row_budget` (the pipeline's
+default: 64 KB), a model whose unsketched rows would take more than the budget is sketched to the widest k (a
+multiple of 8) whose rows fit (`RowFormat.row_bytes`: values, per-block scales and norms, the row's fixed bytes),
+and the whitening is then taken in the sketch space. MiniLM (24 matrices of (8, 384): 36,960-byte int4 rows) keeps
+unsketched rows; SmolLM2-135M (120 matrices, d = 576 / 192) gets k = 128 (62,452 bytes); Llama-3-8B with q/v r=8
+(128 matrices, d = 4096 / 1024) gets k = 120 (62,516 bytes instead of 1.7 MB). What it costs in ranking quality
+is measured in docs/compression.md: it keeps HyperINF's ranking where k is a large share of d, not at d/k ~ 32.
+
 P_l is drawn on the CPU in float32 from a `torch.Generator` seeded by sha256 of (seed, l's index in sorted
 name order), so any machine and device builds the same matrices. A row is every matrix's c_l flattened
 row-major and concatenated in sorted name order.
@@ -24,16 +32,52 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor
 
-from hyperinf_ops.errors import GradientMismatchError
+from hyperinf_ops.core.row_format import RowFormat
+from hyperinf_ops.errors import ConfigError, GradientMismatchError
 from hyperinf_ops.settings import CompressionSpec
 
-__all__ = ["Sketch", "row_shapes"]
+__all__ = ["SKETCH_ALIGN", "Sketch", "row_shapes", "sketch_width"]
+
+# The width rule picks sketch widths that are multiples of this.
+SKETCH_ALIGN = 8
+
+
+def _blocks(shapes: Mapping[str, tuple[int, int]], k: int) -> tuple[int, ...]:
+    """Floats of each matrix's stored block under sketch width k (0 = none), sorted names."""
+    return tuple(r * (d if k == 0 or k >= d else k) for _, (r, d) in sorted(shapes.items()))
+
+
+def sketch_width(shapes: Mapping[str, tuple[int, int]], spec: CompressionSpec) -> int:
+    """The sketch width k the rows of matrices `shapes` (name -> (r, d)) are stored at under `spec` (0 = none).
+
+    `spec.sketch_dim` when it is set, or when the rows are not whitened or have no `row_budget`. Otherwise the
+    width rule: 0 when the unsketched rows fit the budget (`RowFormat.row_bytes` <= row_budget), else the largest
+    multiple of SKETCH_ALIGN below the widest d whose rows fit. ConfigError when not even SKETCH_ALIGN fits.
+    """
+    if spec.sketch_dim or not spec.whitened or not spec.row_budget or not shapes:
+        return spec.sketch_dim
+    def fits(k: int) -> bool:
+        return RowFormat(spec.dtype, _blocks(shapes, k)).row_bytes <= spec.row_budget
+    if fits(0):
+        return 0
+    widest, best = max(d for _, d in shapes.values()), 0
+    for k in range(SKETCH_ALIGN, widest, SKETCH_ALIGN):  # bytes grow with k: stop at the first that does not fit
+        if not fits(k):
+            break
+        best = k
+    if best == 0:
+        raise ConfigError(f"compression.row_budget = {spec.row_budget} bytes is too small for {len(shapes)} LoRA "
+                          f"matrices: even a sketch of {SKETCH_ALIGN} per matrix in {spec.dtype} takes "
+                          f"{RowFormat(spec.dtype, _blocks(shapes, SKETCH_ALIGN)).row_bytes}; raise it or set "
+                          "compression.sketch_dim")
+    return best
 
 
 def row_shapes(shapes: Mapping[str, tuple[int, int]], spec: CompressionSpec) -> dict[str, tuple[int, int]]:
-    """(r, k_l) of each matrix's stored block: k_l = sketch_dim, or d_l when raw or sketch_dim >= d_l."""
-    return {name: (r, d if spec.raw or spec.sketch_dim >= d else spec.sketch_dim)
-            for name, (r, d) in sorted(shapes.items())}
+    """(r, k_l) of each matrix's stored block: k_l = the sketch width (`sketch_width`: sketch_dim or the width
+    rule's), or d_l when unsketched or the width >= d_l."""
+    k = sketch_width(shapes, spec)
+    return {name: (r, d if k == 0 or k >= d else k) for name, (r, d) in sorted(shapes.items())}
 
 
 def _seed(seed: int, index: int) -> int:

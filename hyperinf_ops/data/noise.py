@@ -12,19 +12,19 @@ import pandas as pd
 __all__ = ["flip_labels"]
 
 
-def flip_labels(pool: pd.DataFrame, classes: Sequence[str], fraction: float, rng: np.random.Generator
-                ) -> pd.DataFrame:
-    """`pool` with round(fraction * n) seeded labels moved to another of `classes` (uniformly), the given label
-    kept as `true_label` and `flipped` marking the changed rows."""
+def flip_labels(pool: pd.DataFrame, classes: Sequence[str], fraction: float, rng: np.random.Generator, *,
+                column: str = "label", flag: str = "flipped", truth: str = "true_label") -> pd.DataFrame:
+    """`pool` with round(fraction * n) seeded values of `column` moved to another of `classes` (uniformly), the
+    given value kept as `truth` and `flag` marking the changed rows."""
     n = len(pool)
     flip = np.zeros(n, dtype=bool)
     flip[rng.choice(n, size=round(fraction * n), replace=False)] = True
-    truth = pool["label"].to_numpy(dtype=object)
-    labels = truth.copy()
+    given = pool[column].to_numpy(dtype=object)
+    values = given.copy()
     for i in np.flatnonzero(flip):
-        others = [c for c in classes if c != labels[i]]
-        labels[i] = others[int(rng.integers(len(others)))]
-    return pool.assign(label=labels, flipped=flip, true_label=truth)
+        others = [c for c in classes if c != values[i]]
+        values[i] = others[int(rng.integers(len(others)))]
+    return pool.assign(**{column: values, flag: flip, truth: given})
 
 
 def true_labels(given: Sequence[object], flipped: Sequence[object], true_label: Sequence[object] | None,

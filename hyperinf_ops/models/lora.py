@@ -21,7 +21,7 @@ from transformers import AutoTokenizer
 from transformers.pytorch_utils import Conv1D
 from transformers.utils import logging as hf_logging
 
-from hyperinf_ops.devices import resolve_device
+from hyperinf_ops.devices import resolve_device, resolve_dtype, use_checkpointing
 from hyperinf_ops.errors import ConfigError, DataError, ModelLoadError
 from hyperinf_ops.fingerprint import tensor_hash
 from hyperinf_ops.models.pooling import pooling_of, use_mean_pooling
@@ -48,6 +48,12 @@ class LoadedModel:
     model_path: Path
     lora_modules: tuple[str, ...]
     pooling: str = "model"  # what the classifier head reads: "mean" (masked token mean) or the model's own
+    dtype: torch.dtype = torch.float32  # the base weights' (LoRA weights and the classifier head: float32)
+    checkpointing: bool = False  # recompute layer activations in the backward (models/checkpointing.py)
+
+    @property
+    def dtype_name(self) -> str:
+        return str(self.dtype).removeprefix("torch.")
 
 
 def load_lora_model(spec: ModelSpec, labels: Sequence[str], *, lora: LoraSettings | None = None,
@@ -56,13 +62,16 @@ def load_lora_model(spec: ModelSpec, labels: Sequence[str], *, lora: LoraSetting
 
     Classification needs the `labels` (their order fixes the class ids: pass them sorted); a fresh adapter
     gets a new classifier head, trained as a peft `modules_to_save`. A saved adapter brings its own LoRA
-    settings; `lora` describes new adapters only.
+    settings; `lora` describes new adapters only. The base weights are loaded in `spec.precision`
+    (devices.resolve_dtype); the LoRA matrices and the classifier head are float32 whatever it is (the head casts
+    its input up), so the optimizer and the per-example gradients work in float32.
     """
     if (lora is None) == (adapter_dir is None):
         raise ValueError("pass exactly one of `lora` (a fresh adapter) or `adapter_dir` (a saved one)")
     path = resolve_model(spec.name, cache_dir=cache_dir)
     task = get_task(spec.task)
     device = resolve_device(spec.device)
+    dtype = resolve_dtype(spec.precision, device)
     with _quiet_transformers():
         try:
             tokenizer = AutoTokenizer.from_pretrained(path)
@@ -76,16 +85,45 @@ def load_lora_model(spec: ModelSpec, labels: Sequence[str], *, lora: LoraSetting
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)  # the fresh head and LoRA A are seeded, without touching the global RNG
             try:
-                base = task.load_model(path, list(label2id))
+                base = task.load_model(path, list(label2id), dtype=dtype)
             except (OSError, ValueError, KeyError) as err:
                 raise ModelLoadError(f"cannot load a {task.name} model from {path}: {err}") from err
             pooling = "model"
             if task.has_classes:
                 base.config.pad_token_id = tokenizer.pad_token_id
                 pooling = "mean" if pooling_of(path) == "mean" and use_mean_pooling(base) else "model"
+                if dtype != torch.float32:
+                    _float32_heads(base)  # before peft copies the head: a saved fp32 head loads without rounding
             model, modules = _with_adapter(base, task, lora, adapter_dir)
+            _float32_adapter(model)
     return LoadedModel(model=model.to(device), tokenizer=tokenizer, label2id=label2id, task=task, device=device,
-                       model_path=path, lora_modules=modules, pooling=pooling)
+                       model_path=path, lora_modules=modules, pooling=pooling, dtype=dtype,
+                       checkpointing=use_checkpointing(spec.gradient_checkpointing, spec.max_length))
+
+
+# The classifier heads peft trains as `modules_to_save` for sequence classification (peft's SEQ_CLS list).
+_HEAD_NAMES = ("classifier", "score")
+
+
+def _float_inputs(_module: nn.Module, args: tuple) -> tuple:
+    return tuple(a.float() if isinstance(a, Tensor) and a.is_floating_point() else a for a in args)
+
+
+def _float32_heads(base: nn.Module) -> None:
+    """Cast the classifier head to float32 and make it cast its (half-precision) input up, so the head trains and
+    its logits come out in float32 under half-precision base weights."""
+    for name, mod in base.named_modules():
+        if name.rsplit(".", 1)[-1] in _HEAD_NAMES:
+            mod.float()
+            mod.register_forward_pre_hook(_float_inputs)
+
+
+def _float32_adapter(model: nn.Module) -> None:
+    """LoRA matrices in float32 (peft already upcasts the LoRA weights of a half-precision model; this covers every
+    other path), so AdamW and the per-example gradients never work in bf16 (peft casts a LoRA input up)."""
+    for name, param in model.named_parameters():
+        if "lora_" in name and param.is_floating_point() and param.dtype != torch.float32:
+            param.data = param.data.float()
 
 
 def _with_adapter(base: nn.Module, task: Task, lora: LoraSettings | None,

@@ -34,6 +34,7 @@ import pyarrow.compute as pc
 from hyperinf_ops.adapters import AdapterManifest, AdapterStore, folder_digest, recipe_key
 from hyperinf_ops.core.gradients import lora_matrix_shapes
 from hyperinf_ops.data.prepare import prepare_targets, record_columns, records_digest
+from hyperinf_ops.devices import resolve_dtype_name
 from hyperinf_ops.evaluation import majority_baseline
 from hyperinf_ops.models import adapter_hash, load_lora_model, model_hash, pooling_of, resolve_model
 from hyperinf_ops.models.lora import LoadedModel, adapter_parameters
@@ -90,7 +91,10 @@ def adapter_recipe(labels: list[str], spec: ModelSpec, lora: LoraSettings, train
     if given is not None:
         return recipe_key({"given": folder_digest(given)})
     path = resolve_model(spec.name)
+    dtype = resolve_dtype_name(spec.precision, spec.device)
     return recipe_key({
+        # a bf16 warm-up trains another adapter; float32 keeps the keys of adapters trained before the setting
+        **({"precision": dtype} if dtype != "float32" else {}),
         "model_hash": model_hash(path), "task": spec.task, "max_length": spec.max_length, "labels": labels,
         # The pooling the classifier head reads (mean for sentence-transformers folders) changes what is trained.
         "pooling": pooling_of(path) if get_task(spec.task).has_classes else "model",

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from hyperinf_ops.adapters import AdapterManifest, AdapterStore, recipe_key
 from hyperinf_ops.core.curvature import CurvaturePartial, curvature_partials
-from hyperinf_ops.core.sketch import Sketch
+from hyperinf_ops.core.sketch import Sketch, sketch_width
 from hyperinf_ops.core.whitening import Whitening
 from hyperinf_ops.data.prepare import record_columns
 from hyperinf_ops.errors import DataError
@@ -57,8 +57,12 @@ class CodecSummary(Summary):
 
 def _key(manifest: AdapterManifest, settings: GradientSettings) -> str:
     c = settings.compression
-    return recipe_key({"adapter": manifest.adapter_hash, "modules": settings.modules, "sketch_dim": c.sketch_dim,
-                       "seed": c.seed, "whiten": c.whiten, "pilot_examples": c.pilot_examples})[:16]
+    # the sketch width the rows get (the width rule's when compression.sketch_dim is 0 and the model is wide)
+    sketch_dim = sketch_width(manifest.selected_shapes(settings.modules), c)
+    return recipe_key({"adapter": manifest.adapter_hash, "modules": settings.modules, "sketch_dim": sketch_dim,
+                       "seed": c.seed, "whiten": c.whiten, "pilot_examples": c.pilot_examples,
+                       # a bf16 pass's pilot is another whitening; float32 keeps the keys stored before the field
+                       **({"model_dtype": settings.model_dtype} if settings.model_dtype != "float32" else {})})[:16]
 
 
 def _paths(store: LanceStore, key: str) -> tuple[Location, Location]:
@@ -112,7 +116,8 @@ def row_fingerprint(store: LanceStore, settings: GradientSettings) -> Fingerprin
     """The fingerprint gradient rows taken under the current adapter with these settings carry."""
     manifest = AdapterStore(store.root).require_current()
     digest = _require_manifest(store, settings)[1]["digest"] if settings.compression.whitened else ""
-    return manifest.fingerprint(settings.modules, settings.compression, whitening=digest)
+    return manifest.fingerprint(settings.modules, settings.compression, whitening=digest,
+                                model_dtype=settings.model_dtype)
 
 
 def _pilot_records(store: LanceStore, task: str, size: int, seed: int) -> list[dict]:

@@ -8,7 +8,11 @@ probabilities and cleanlab's label-issue flag per example:
                predicting the fold it did not see (signals/cross_fit.py): `folds` warm-ups of cost
 
 Each is reused while its source (model, labels, recipe, folds and the pool's content) is unchanged; a changed
-pool computes it again. Classification only (a causal LM has no label to judge).
+pool computes it again. Classification only (a causal LM has no label to judge). Beside them, for any task:
+
+    similarity the cosine of each example's frozen base-model embedding to each target set's mean embedding
+               (signals/similarity.py), one row per (target set, example): the baseline a user tries before
+               gradients (`signals.similarity`); one forward pass of the pool and the target sets
 """
 
 from __future__ import annotations
@@ -47,19 +51,44 @@ class CrossFitSummary(Summary):
 
 def cross_fit_sources(store: LanceStore, spec: ModelSpec, lora: LoraSettings, train: TrainSettings,
                       signals: SignalSettings) -> dict[str, str]:
-    """signal -> what its rows depend on (a digest), for the signals these settings compute (none without
-    classes): the model and labels (probe: and max_length; confident: the warm-up recipe and the folds), and the
-    pool's content."""
-    if not get_task(spec.task).has_classes:
+    """signal -> what its rows depend on (a digest), for the signals these settings compute: the model and labels
+    (probe: and max_length; confident: the warm-up recipe and the folds; similarity: the model, max_length and
+    the target sets' content), and the pool's content. probe and confident need classes."""
+    classes = get_task(spec.task).has_classes
+    if not (classes or signals.similarity):
         return {}
     examples = require_table(store, "examples", "ingest the pool first").to_table(
         columns=["sample_id", "content_hash"])
     pool = content_digest(examples["sample_id"].to_pylist(), examples["content_hash"].to_pylist())
-    recipe = adapter_recipe(pool_labels(store, spec.task), spec, lora, train, None)
-    parts = {"probe": [recipe, "probe", PROBE_FOLDS, pool] if signals.probe else None,
-             "confident": [recipe, signals.folds, pool] if signals.folds else None}
+    recipe = adapter_recipe(pool_labels(store, spec.task), spec, lora, train, None) if classes else None
+    parts = {"probe": [recipe, "probe", PROBE_FOLDS, pool] if classes and signals.probe else None,
+             "confident": [recipe, signals.folds, pool] if classes and signals.folds else None,
+             "similarity": [spec.name, spec.max_length, pool, _targets_digest(store)] if signals.similarity
+             else None}
     return {name: hashlib.sha256(json.dumps(part).encode()).hexdigest()[:32] for name, part in parts.items()
             if part is not None}
+
+
+def _targets_digest(store: LanceStore) -> str:
+    sets = require_table(store, "targets", "ingest the target sets first").to_table(
+        columns=["target_set", "sample_id", "content_hash"])
+    return content_digest([f"{t}/{i}" for t, i in zip(sets["target_set"].to_pylist(), sets["sample_id"].to_pylist(),
+                                                       strict=True)], sets["content_hash"].to_pylist())
+
+
+def _similarity(store: LanceStore, spec: ModelSpec, records: list[dict], source: str, log: Log) -> None:
+    """Write `similarity` for every target set (signals/similarity.py): one forward pass of pool and targets."""
+    from hyperinf_ops.models import resolve_model
+    from hyperinf_ops.signals.similarity import embed_records, target_similarity
+
+    path = resolve_model(spec.name)
+    pool = embed_records(path, records, spec.task, spec.max_length)
+    targets = store.open("targets").to_table(columns=["target_set", *record_columns(spec.task)]).to_pylist()
+    for name in sorted({t["target_set"] for t in targets}):
+        rows = [t for t in targets if t["target_set"] == name]
+        values = target_similarity(pool, embed_records(path, rows, spec.task, spec.max_length))
+        store.write_label_signal("similarity", name, [r["sample_id"] for r in records], values, source=source)
+        log(f"similarity/{name}: cosine of {len(records)} pool embeddings to the mean of {len(rows)} target ones")
 
 
 def cross_fit_labels(store: LanceStore, spec: ModelSpec, lora: LoraSettings, train: TrainSettings,
@@ -71,14 +100,15 @@ def cross_fit_labels(store: LanceStore, spec: ModelSpec, lora: LoraSettings, tra
 
     start = time.perf_counter()
     sources = cross_fit_sources(store, spec, lora, train, signals)
-    notes = [] if sources else [f"task {spec.task} has no classes: no probe, no cross-fit" if not
-                                get_task(spec.task).has_classes else "signals.probe and signals.folds are off"]
-    classes = pool_labels(store, spec.task)
+    label_sources = {name: source for name, source in sources.items() if name != "similarity"}
+    notes = [] if label_sources else [f"task {spec.task} has no classes: no probe, no cross-fit" if not
+                                      get_task(spec.task).has_classes else "signals.probe and signals.folds are off"]
+    classes = pool_labels(store, spec.task) if label_sources else []
     # sorted by sample id: the folds and the warm-ups' shuffles must not depend on the order rows are stored in
     records = sorted(store.open("examples").to_table(columns=record_columns(spec.task)).to_pylist(),
                      key=lambda r: r["sample_id"]) if sources else []
     index = {c: i for i, c in enumerate(classes)}
-    labels = np.array([index[r["label"]] for r in records], dtype=np.int64)
+    labels = np.array([index[r["label"]] for r in records] if label_sources else [], dtype=np.int64)
     fits: dict[str, Callable[[], np.ndarray]] = {
         "probe": lambda: out_of_fold_probe(
             frozen_embeddings(resolve_model(spec.name), [r["text"] for r in records], max_length=spec.max_length),
@@ -86,7 +116,17 @@ def cross_fit_labels(store: LanceStore, spec: ModelSpec, lora: LoraSettings, tra
         "confident": lambda: out_of_fold_probabilities(spec, lora, train, classes, records, signals.folds, log=log),
     }
     computed, issues, timing = [], {}, {}
-    for name, source in sources.items():
+    if "similarity" in sources:
+        sets = set(store.open("targets").to_table(columns=["target_set"])["target_set"].to_pylist())
+        if all(set(store.read_label_signal("similarity", t)["source"].to_pylist()) == {sources["similarity"]}
+               for t in sets):
+            log(f"similarity {sources['similarity']}: current for {len(sets)} target sets: skipped")
+        else:
+            started = time.perf_counter()
+            _similarity(store, spec, records, sources["similarity"], log)
+            computed.append("similarity")
+            timing["similarity"] = time.perf_counter() - started
+    for name, source in label_sources.items():
         stored = store.read_label_signal(name, SELF_TARGET)
         if stored.num_rows and set(stored["source"].to_pylist()) == {source}:
             issues[name] = int(np.asarray(stored["issue"].to_pylist(), dtype=bool).sum())

@@ -166,7 +166,7 @@ def evaluation_schema() -> pa.Schema:
         pa.field("n_flipped", pa.int64()),  # planted flips still wrong in the subset (pools with `flipped`)
         pa.field("label_counts", pa.string(), nullable=False),  # JSON {label: examples}
         pa.field("validation_examples", pa.int64(), nullable=False),
-        pa.field("validation_accuracy", pa.float64()),  # null for tasks without classes
+        pa.field("validation_accuracy", pa.float64()),  # causal LM: exact match (signals/outputs.exact_matches)
         pa.field("validation_loss", pa.float64(), nullable=False),
         pa.field("test_examples", pa.int64(), nullable=False),
         pa.field("test_accuracy", pa.float64()),
@@ -333,8 +333,10 @@ def _candidate_subsets(store: LanceStore, candidates: Sequence[Candidate]
 
 
 def plan_fits(store: LanceStore, plan: EvaluationPlan, pool: Sequence[Mapping[str, Any]]) -> list[Fit]:
-    """Every fit of the plan, in the order they run: per seed, the full pool and the oracle, then the candidates,
-    then one random subset per distinct curated size below the pool's (so early rows already compare)."""
+    """Every fit of the plan, in the order they run: the smallest training sets first (stable: per seed, the full
+    pool and the oracle, the candidates, then one random subset per distinct curated size below the pool's), so
+    an evaluation stopped early has compared the most candidates with random subsets of their size, and the
+    full-pool fits (the costliest; the first seed's is the warm-up itself) come last."""
     pool_ids = [r["sample_id"] for r in pool]
     subsets = _candidate_subsets(store, plan.candidates)
     clean = tuple(r["sample_id"] for r in pool if r.get("flipped") is False)
@@ -352,7 +354,7 @@ def plan_fits(store: LanceStore, plan: EvaluationPlan, pool: Sequence[Mapping[st
             chosen = np.random.default_rng([s, n]).choice(len(pool_ids), size=n, replace=False)
             fits.append(Fit("random", None, round(n / len(pool_ids), 4), s,
                              tuple(sorted(pool_ids[i] for i in chosen))))
-    return fits
+    return sorted(fits, key=lambda fit: len(fit.ids))
 
 
 def _warmup_adapter(store: LanceStore, spec: ModelSpec, lora: LoraSettings, train: TrainSettings,

@@ -12,6 +12,7 @@ from torch import Tensor
 
 from hyperinf_ops.adapters import AdapterManifest, AdapterStore
 from hyperinf_ops.core.gradients import lora_gradients_and_outputs
+from hyperinf_ops.devices import activation_bytes_per_example, auto_batch_size, run_with_backoff
 from hyperinf_ops.errors import ModelLoadError
 from hyperinf_ops.memory import release_memory
 from hyperinf_ops.models.lora import LoadedModel, adapter_hash, batches, load_lora_model
@@ -53,16 +54,42 @@ def gradient_batches(loaded: LoadedModel, records: Sequence[Mapping[str, Any]], 
     """(sample_ids, per-example LoRA gradients name -> (b, r, d), what the forward said of each example: loss,
     logits) batch by batch (memory: one batch deep).
 
-    With `log`, reports `phase: done/total examples (rate, ETA)` about ten times over the pass and at its end."""
-    n_batches = math.ceil(len(records) / settings.batch_size)
+    With `log`, reports `phase: done/total examples (rate, ETA)` about ten times over the pass and at its end.
+    The base weights must be in `settings.model_dtype` (the rows' fingerprint says so). An `auto` batch size is
+    chosen from the free device memory (CUDA; 32 elsewhere); a batch that runs out of device memory is halved and
+    run again (devices.run_with_backoff: every record is yielded exactly once, in order)."""
+    if loaded.dtype_name != settings.model_dtype:
+        raise ModelLoadError(f"the model's base weights are {loaded.dtype_name} but these gradient rows are "
+                             f"fingerprinted as {settings.model_dtype}: load it with that precision")
+    size = _batch_size(loaded, settings, max_length)
+    n_batches = math.ceil(len(records) / size)
     meter = ProgressMeter(phase, len(records), (lambda e: log(str(e))) if log else None,
                           every=max(1, n_batches // 10))
-    for chunk, batch in batches(loaded, records, settings.batch_size, max_length):
-        grads, outputs = lora_gradients_and_outputs(loaded.model, batch, modules=settings.modules)
+
+    def run(chunk: Sequence[Mapping[str, Any]]) -> tuple[dict[str, Tensor], ExampleOutputs]:
+        (_, batch), = batches(loaded, chunk, len(chunk), max_length)
+        return lora_gradients_and_outputs(loaded.model, batch, modules=settings.modules,
+                                          checkpointing=loaded.checkpointing)
+
+    def backoff(old: int, new: int) -> None:
+        if log:
+            log(f"{phase}: a batch of {old} ran out of device memory; continuing with {new}")
+
+    for chunk, (grads, outputs) in run_with_backoff(records, size, run, device=loaded.device, on_backoff=backoff):
         release_memory()  # the pass's activations and graph are freed: return their pages (memory.py)
         meter.update(len(chunk))
         yield [str(r["sample_id"]) for r in chunk], grads, outputs
     meter.finish()
+
+
+def _batch_size(loaded: LoadedModel, settings: GradientSettings, max_length: int) -> int:
+    if settings.batch_size != "auto":
+        return settings.batch_size
+    config = getattr(loaded.model, "config", None)
+    if config is None:
+        return 32
+    per_example = activation_bytes_per_example(config, max_length, loaded.dtype, checkpointing=loaded.checkpointing)
+    return auto_batch_size(loaded.device, per_example, fallback=32)
 
 
 def finite_rows(grads: Mapping[str, Tensor]) -> Tensor:

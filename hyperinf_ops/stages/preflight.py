@@ -122,8 +122,8 @@ def _check_columns(store: LanceStore, tables: dict[str, pa.Table], shards: dict[
 
 def _check_model_fits(cfg: Any) -> None:
     """ConfigError for `max_length` beyond the model's positions or `lora.rank` above its width
-    (capacity.model_fit_problem; before, the first was found while tokenizing, the second by asking for terabytes)."""
-    from hyperinf_ops.capacity import model_fit_problem
+    (architecture.model_fit_problem; before, the first was found while tokenizing, the second by asking for terabytes)."""
+    from hyperinf_ops.architecture import model_fit_problem
 
     problem = model_fit_problem(cfg)
     if problem:

@@ -10,6 +10,8 @@ them like an estimator's:
     probe        target set `self`: cleanlab's label quality of out-of-fold probabilities of a logistic regression
                  on the base model's frozen embeddings (stages/cross_fit.py)
     confident    target set `self`: cleanlab's label quality of out-of-fold probabilities of `folds` warm-ups
+    similarity   every target set: the cosine of the example's frozen base-model embedding to the target set's
+                 mean embedding (signals/similarity.py; `signals.similarity`, any task)
     hyperinf_cp  every target set: HyperINF summed over the warm-up's checkpoints, each epoch's scores divided by
                  their standard deviation first (stages/checkpoints.py; the end point is the stored `hyperinf`;
                  an adapter without earlier checkpoints, given or trained one epoch, has its end point only)
@@ -62,7 +64,7 @@ class RankingsSummary(Summary):
 
 def fusion_member(member: str, target_set: str, estimators: Sequence[str]) -> tuple[str, str] | None:
     """The (target set, method) of `scores` a `signals.fuse` member reads for `target_set`, None if unknown."""
-    if member in estimators or member == "hyperinf_cp":
+    if member in estimators or member in ("hyperinf_cp", "similarity"):
         return target_set, member
     if member == "self_influence":
         return SELF_TARGET, "hyperinf"
@@ -109,7 +111,15 @@ def write_rankings(store: LanceStore, fingerprint: Fingerprint, gradients_versio
                              "margin instead")
             put(SELF_TARGET, "aum", np.where(missing, margin, aum))
     cross_fitted = {}
-    for name, source in (sources or {}).items() if classes else ():
+    sources = dict(sources or {})
+    similarity_source = sources.pop("similarity", None)
+    for t in targets if similarity_source else ():
+        values = _aligned(store.read_label_signal("similarity", t), ids, similarity_source)
+        if values is None or np.isnan(values).any():
+            notes.append(f"similarity/{t}: no current rows for these examples (materialize cross_fit): left out")
+            continue
+        put(t, "similarity", values)
+    for name, source in sources.items() if classes else ():
         values = _aligned(store.read_label_signal(name, SELF_TARGET), ids, source)
         if values is None or np.isnan(values).any():
             notes.append(f"{name}: no current rows for these examples (materialize cross_fit): left out")
