@@ -320,3 +320,17 @@ def test_exact_match_is_greedy_decoding_up_to_the_first_eos():
     logits = torch.nn.functional.one_hot(argmax, 5).double()
     assert exact_matches(logits, targets, eos).tolist() == [True, False, True, False]  # no target: no match
     assert exact_matches(logits, targets, None).tolist() == [False, False, True, False]  # every target counts
+
+
+def test_similarity_of_a_causal_pair_embeds_prompt_and_response(tmp_path):
+    """A causal LM's pairs are embedded as prompt, newline, response: the pool pair equal to the target set's one
+    example has cosine 1 and ranks first; one with the same prompt and another response does not."""
+    from hyperinf_ops.signals.similarity import embed_records, target_similarity
+
+    model = save_tiny_model(tmp_path / "tiny_llama", task="causal_lm")
+    target = [{"prompt": "what is this", "response": "a good film"}]
+    pool = [{"prompt": "hello", "response": "hi"}, {"prompt": "what is this", "response": "a dull film"}, target[0],
+            {"prompt": "how are you", "response": "fine thanks"}]
+    values = target_similarity(embed_records(model, pool, "causal_lm", 32), embed_records(model, target,
+                                                                                            "causal_lm", 32))
+    assert values[2] == pytest.approx(1.0) and int(np.argmax(values)) == 2 and values[1] < 1 - 1e-6

@@ -129,7 +129,8 @@ LLM_CONFIG: dict[str, Any] = {
 # `hyperinf demo --llm --evaluate`: curated 5% and 20% by every estimator and the similarity baseline, random
 # subsets of both sizes and the full pool, over three training seeds (docs/results.md, section 8).
 LLM_EVALUATION: dict[str, Any] = {"queries": ["top_fraction"], "fractions": [0.05, 0.2], "balance": False,
-                                  "methods": ["hyperinf", "datainf", "tracin", "similarity"], "seeds": 3}
+                                  "methods": ["hyperinf", "datainf", "tracin", "similarity", "fused"],
+                                  "seeds": 3}
 
 
 def write_llm_config(paths: DatasetPaths, config_path: str | Path | None = None, *, storage_root: str = "store",
