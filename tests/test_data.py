@@ -194,13 +194,17 @@ def test_demo_dataset(tmp_path: Path):
 
 def test_instruction_mix(tmp_path: Path):
     """The LLM demo's pool: >= 2,000 pairs from 4 sources, 30% wrong answers in each templated source, target and
-    test pairs of the target task with right answers, no prompt in two of pool, target and test; seeded."""
+    test pairs of the target task with right answers (the target balanced by section), no prompt in two of pool,
+    target and test; seeded."""
+    from hyperinf_ops.data.bbc import BBC_TOPICS
     from hyperinf_ops.data.instructions import LLM_TARGET, build_instruction_mix, write_llm_config
 
-    paths = build_instruction_mix(tmp_path / "llm", n_target=32, n_test=160)
+    paths = build_instruction_mix(tmp_path / "llm")
     pool = pd.concat([pd.read_parquet(p) for p in paths.shards])
     target, test = pd.read_parquet(paths.target), pd.read_parquet(paths.test)
-    assert len(pool) == paths.n_pool == 2038 and len(target) == 32 and len(test) == 160
+    assert len(pool) == paths.n_pool == 2038 and len(target) == 50 and len(test) == 142
+    assert target["response"].value_counts().to_dict() == dict.fromkeys(BBC_TOPICS, 10)
+    assert set(test["response"]) == set(BBC_TOPICS)
     sizes = pool["label"].value_counts().to_dict()
     assert sizes == {"chatterbot": 1038, "rotten_tomatoes": 400, "debates": 300, LLM_TARGET: 300}
     wrong = pool.groupby("label")["wrong_answer"].sum().to_dict()
@@ -210,7 +214,7 @@ def test_instruction_mix(tmp_path: Path):
     assert set(target["response"]) | set(test["response"]) <= set(pool.loc[pool["label"] == LLM_TARGET, "right_answer"])
     prompts = [set(df["prompt"]) for df in (pool, target, test)]
     assert not prompts[0] & prompts[1] and not prompts[0] & prompts[2] and not prompts[1] & prompts[2]
-    again = build_instruction_mix(tmp_path / "again", n_target=32, n_test=160)
+    again = build_instruction_mix(tmp_path / "again")
     assert pd.concat([pd.read_parquet(p) for p in again.shards]).equals(pool)
     cfg = load_config(write_llm_config(paths, evaluation={"seeds": 3, "queries": ["top_fraction"]}))
     assert cfg.task == "causal_lm" and cfg.model == "smollm2" and cfg.signals.similarity

@@ -72,12 +72,13 @@ def _source_pairs(seed: int) -> dict[str, pd.DataFrame]:
             .reset_index(drop=True) for name, df in sources.items()}
 
 
-def build_instruction_mix(out_dir: str | Path, *, n_target: int = 32, n_test: int = 160,
+def build_instruction_mix(out_dir: str | Path, *, n_target: int = 50, n_test: int = 142,
                           pool_sizes: Mapping[str, int | None] | None = None, wrong_fraction: float = 0.3,
                           seed: int = 0, n_shards: int = 4) -> DatasetPaths:
     """Write the mixed pool (`pool_sizes`: source -> pairs, None = all; default every chatterbot pair and 400 /
-    300 / 300 of rotten_tomatoes / debates / bbc_news: 2,038 pairs), a target set of `n_target` bbc_news pairs
-    and a test split of `n_test` others (right answers), shuffled, as the demo's layout (`<out_dir>/pool/`,
+    300 / 300 of rotten_tomatoes / debates / bbc_news: 2,038 pairs), a target set of `n_target` bbc_news pairs,
+    n_target // 5 of every section, and a test split of the other `n_test` held-out ones (right answers),
+    shuffled, as the demo's layout (`<out_dir>/pool/`,
     `<out_dir>/targets/bbc_news.parquet`, `<out_dir>/test/test.parquet`)."""
     if not 0 <= wrong_fraction < 1 or n_target < 1 or n_test < 1 or n_shards < 1:
         raise DataError(f"need 0 <= wrong_fraction < 1, n_target >= 1, n_test >= 1, n_shards >= 1 (got "
@@ -88,9 +89,18 @@ def build_instruction_mix(out_dir: str | Path, *, n_target: int = 32, n_test: in
         raise DataError(f"unknown sources {unknown}: the sources are chatterbot, rotten_tomatoes, debates, {LLM_TARGET}")
     rng = np.random.default_rng(seed)
     sources = _source_pairs(seed)
-    held = n_target + n_test
-    target, test = sources[LLM_TARGET].iloc[:n_target], sources[LLM_TARGET].iloc[n_target:held]
-    sources[LLM_TARGET] = sources[LLM_TARGET].iloc[held:]
+    held = sources[LLM_TARGET].iloc[: n_target + n_test]
+    per_section = n_target // len(BBC_TOPICS)
+    if per_section < 1 or (held["response"].value_counts().reindex(BBC_TOPICS, fill_value=0) < per_section).any():
+        raise DataError(f"n_target {n_target}: need at least {len(BBC_TOPICS)} and {n_target // len(BBC_TOPICS)} "
+                        f"held-out headlines of every section among the first {n_target + n_test}")
+    # balanced by section, as the classification demo's target set is by label: influence on a mean target
+    # gradient follows the target's answers (a target of mostly sports and business headlines selects pairs
+    # answering sports or business, right or wrong); the test split is the rest of the held-out headlines
+    target = held.groupby("response", group_keys=False).sample(n=per_section, random_state=seed)
+    target = target.sample(frac=1, random_state=seed)
+    test = held.drop(index=target.index)
+    sources[LLM_TARGET] = sources[LLM_TARGET].iloc[n_target + n_test:]
     parts = []
     for name, size in sizes.items():
         available = sources[name]
