@@ -21,6 +21,7 @@ __all__ = [
     "CompressionSpec",
     "DEFAULT_COMPRESSION",
     "ROW_BUDGET",
+    "UNIT_RANKINGS",
     "METHODS",
     "PIPELINE_METHODS",
     "SELF_INFLUENCE_METHODS",
@@ -69,7 +70,9 @@ SELF_TARGET = "self"
 SELF_INFLUENCE_METHODS = ("hyperinf", "tracin")
 # Rankings beside influence (signals/, stages/rankings.py): target-free ones are stored under SELF_TARGET,
 # `hyperinf_cp` and `fused` under every configured target set.
-SIGNALS = ("loss", "margin", "aum", "probe", "confident", "hyperinf_cp", "similarity", "fused")
+# `<estimator>_unit`: the estimator's score over the example's gradient norm (signals.unit; LESS's normalisation).
+UNIT_RANKINGS = ("hyperinf_unit", "tracin_unit")
+SIGNALS = ("loss", "margin", "aum", "probe", "confident", "hyperinf_cp", "similarity", *UNIT_RANKINGS, "fused")
 # The target-free signals, stored under target set SELF_TARGET.
 SELF_SIGNALS = ("loss", "margin", "aum", "probe", "confident")
 DEVICE_PATTERN = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
@@ -170,10 +173,15 @@ class SignalSettings(Settings):
     `hyperinf_cp` (per target set), `loss`, `margin`, `aum`, `probe`, `confident`, `self_influence`
     (target-free); None = `default_fusion`. similarity: `similarity` = the cosine of each example's frozen
     base-model embedding to each target set's mean embedding (signals/similarity.py: the baseline a user tries
-    before gradients; one forward pass of the pool and the target sets; any task)."""
+    before gradients; one forward pass of the pool and the target sets; any task). unit: `hyperinf_unit` and
+    `tracin_unit` = the estimator's score divided by the example's stored gradient norm, i.e. the cosine of the
+    example's gradient to the preconditioned query, up to the query's norm (LESS's normalisation: raw inner
+    products favour examples with large gradients, such as wrong answers and rarely predicted ones; no extra
+    pass: the rows store their blocks' squared norms)."""
 
     probe: bool = True
     similarity: bool = False
+    unit: bool = False
     folds: int = Field(0, ge=0)
     checkpoints: bool = True
     fuse: tuple[str, ...] | None = Field(None, strict=False, min_length=1)

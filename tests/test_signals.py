@@ -18,7 +18,7 @@ from hyperinf_ops.signals.cross_fit import fold_assignment
 from hyperinf_ops.stages.evaluation import Candidate, EvaluationPlan, choose, split_test
 from hyperinf_ops.store import LanceStore
 
-SIGNALS = {"folds": 2, "checkpoints": True, "probe": True, "similarity": True,
+SIGNALS = {"folds": 2, "checkpoints": True, "probe": True, "similarity": True, "unit": True,
            "fuse": ["loss", "hyperinf_cp", "probe", "aum"]}
 
 
@@ -161,6 +161,25 @@ def test_similarity_is_the_cosine_to_the_target_sets_mean_embedding(project):
         centre = np.mean([embed(t["text"]) for t in targets if t["target_set"] == name], axis=0)
         np.testing.assert_allclose(_scores(store, name, "similarity").to_numpy(),
                                    pool @ (centre / np.linalg.norm(centre)), rtol=1e-4, atol=1e-5)
+
+
+def test_unit_rankings_divide_by_the_exact_gradient_norm(project):
+    """`hyperinf_unit` / `tracin_unit` = the stored score over the example's gradient norm, here checked against
+    the norm of its raw per-example LoRA gradients from a fresh pass (the whitening is lossless; int4 codes and
+    the stored norms are of the exact blocks), so the ranking is the cosine's, up to the query's norm."""
+    from hyperinf_ops.stages.loading import gradient_batches, load_current_model
+
+    cfg, store = project
+    loaded, _ = load_current_model(cfg.storage_root, cfg.model_spec)
+    norms = {}
+    for ids, grads, _ in gradient_batches(loaded, _pool(store), cfg.gradient_settings, cfg.max_length):
+        sq = sum(g.double().square().sum(dim=(1, 2)) for g in grads.values())
+        norms.update(zip(ids, sq.sqrt().tolist(), strict=True))
+    for target in cfg.targets:
+        for method in ("hyperinf", "tracin"):
+            raw, unit = _scores(store, target, method), _scores(store, target, f"{method}_unit")
+            np.testing.assert_allclose(unit.to_numpy(), raw.to_numpy() / pd.Series(norms)[raw.index].to_numpy(),
+                                       rtol=1e-4)
 
 
 def test_hyperinf_under_the_epoch_1_checkpoint_and_hyperinf_cp(project):

@@ -383,6 +383,8 @@ def rankings(raw: Mapping[str, Any]) -> dict[str, str]:
         out["hyperinf_cp"] = "*"
     if signals.get("similarity", SignalSettings().similarity):
         out["similarity"] = "*"
+    if signals.get("unit", SignalSettings().unit):
+        out.update({f"{m}_unit": "*" for m in ("hyperinf", "tracin") if m in out})
     out["fused"] = "*"
     return out
 
@@ -399,7 +401,8 @@ def _signal_problems(signals: Mapping[str, Any], task: Any, estimators: Any) -> 
         return []
     why = {"confident": "needs signals.folds >= 2", "hyperinf_cp": "needs signals.checkpoints: true and hyperinf",
            "probe": "needs signals.probe: true and classes", "margin": "needs classes", "aum": "needs classes",
-           "similarity": "needs signals.similarity: true"}
+           "similarity": "needs signals.similarity: true", "hyperinf_unit": "needs signals.unit: true and hyperinf",
+           "tracin_unit": "needs signals.unit: true and tracin"}
     return [f"signals.fuse: {m!r} is not a ranking this config writes"
             + (f" ({why[m]})" if m in why else f"{did_you_mean(str(m), available)}; available: {sorted(available)}")
             for m in unknown]

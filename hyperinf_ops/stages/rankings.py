@@ -12,6 +12,10 @@ them like an estimator's:
     confident    target set `self`: cleanlab's label quality of out-of-fold probabilities of `folds` warm-ups
     similarity   every target set: the cosine of the example's frozen base-model embedding to the target set's
                  mean embedding (signals/similarity.py; `signals.similarity`, any task)
+    *_unit       every target set, hyperinf and tracin (`signals.unit`): the estimator's stored score over the
+                 example's stored gradient norm sqrt(sum_l |b_l|^2) (the rows' `sq_norms`): LESS's unit-normalised
+                 gradients, so a large gradient (a wrong answer, a rarely predicted token) does not by itself
+                 make an example influential
     hyperinf_cp  every target set: HyperINF summed over the warm-up's checkpoints, each epoch's scores divided by
                  their standard deviation first (stages/checkpoints.py; the end point is the stored `hyperinf`;
                  an adapter without earlier checkpoints, given or trained one epoch, has its end point only)
@@ -34,13 +38,14 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 import numpy as np
+import pandas as pd
 import pyarrow as pa
 
 from hyperinf_ops.adapters import AdapterStore
 from hyperinf_ops.errors import DataError
 from hyperinf_ops.fingerprint import Fingerprint
 from hyperinf_ops.scorer import ranking_table, write_ranking
-from hyperinf_ops.settings import SELF_SIGNALS, SELF_TARGET, SIGNALS, SignalSettings
+from hyperinf_ops.settings import SELF_SIGNALS, SELF_TARGET, SIGNALS, UNIT_RANKINGS, SignalSettings
 from hyperinf_ops.signals.fusion import rank_fusion
 from hyperinf_ops.signals.label_quality import assess_labels
 from hyperinf_ops.stages.checkpoints import checkpoint_signal
@@ -64,7 +69,7 @@ class RankingsSummary(Summary):
 
 def fusion_member(member: str, target_set: str, estimators: Sequence[str]) -> tuple[str, str] | None:
     """The (target set, method) of `scores` a `signals.fuse` member reads for `target_set`, None if unknown."""
-    if member in estimators or member in ("hyperinf_cp", "similarity"):
+    if member in estimators or member in ("hyperinf_cp", "similarity", *UNIT_RANKINGS):
         return target_set, member
     if member == "self_influence":
         return SELF_TARGET, "hyperinf"
@@ -119,6 +124,11 @@ def write_rankings(store: LanceStore, fingerprint: Fingerprint, gradients_versio
             notes.append(f"similarity/{t}: no current rows for these examples (materialize cross_fit): left out")
             continue
         put(t, "similarity", values)
+    units = [m for m in ("hyperinf", "tracin") if m in estimators] if signals.unit else []
+    norms = _row_norms(store, fingerprint) if units else None
+    for t in targets:
+        for m in units:
+            put(t, f"{m}_unit", _scores(store, t, m, ids) / norms.reindex(ids.to_pylist()).to_numpy())
     for name, source in sources.items() if classes else ():
         values = _aligned(store.read_label_signal(name, SELF_TARGET), ids, source)
         if values is None or np.isnan(values).any():
@@ -179,6 +189,17 @@ def _outputs(store: LanceStore, fingerprint: Fingerprint) -> pa.Table:
     if table.num_rows == 0:
         raise DataError("no example outputs of the current gradient rows: materialize lora_gradients first")
     return table.sort_by("sample_id")
+
+
+def _row_norms(store: LanceStore, fingerprint: Fingerprint) -> pd.Series:
+    """sample_id -> the stored gradient row's norm, sqrt of the sum of its blocks' squared norms (floored at the
+    smallest positive one, so a zero gradient scores 0 rather than NaN)."""
+    rows = store.open("gradients").to_table(columns=["sample_id", "sq_norms"],
+                                            filter=f"fingerprint = {sql_literal(fingerprint.digest())}")
+    blocks = rows["sq_norms"].combine_chunks()
+    sq = np.asarray(blocks.values, dtype=np.float64).reshape(len(rows), -1).sum(1)
+    norms = np.sqrt(np.maximum(sq, sq[sq > 0].min() if (sq > 0).any() else 1.0))
+    return pd.Series(norms, index=rows["sample_id"].to_pylist())
 
 
 def _aligned(rows: pa.Table, ids: pa.ChunkedArray, source: str | None) -> np.ndarray | None:
