@@ -66,6 +66,8 @@ def summarize(workdir: Path) -> dict[str, Any]:
     store = LanceStore(str(root / "store"))
     fits = store.open("evaluation").to_table().to_pandas()
     fits["option"] = fits.apply(_option, axis=1)
+    # a run still in progress keeps an earlier plan's rows until it ends: the newest fit per (option, seed) counts
+    fits = fits.sort_values("created_at").drop_duplicates(["option", "seed"], keep="last")
     # the pool's extra columns ride along in `examples` (the pipeline never reads them)
     pool = store.open("examples").to_table(columns=["sample_id", "label", "wrong_answer"]).to_pandas()
     pool = pool.set_index("sample_id")
