@@ -103,8 +103,7 @@ def test_aum_is_the_mean_training_margin(project, monkeypatch):
 
     monkeypatch.setattr(training, "_accumulate", recording)
     hook = loaded.model.register_forward_hook(lambda m, a, out: logits.append(out.logits.detach().double().numpy()))
-    records = store.open("examples").to_table(columns=["sample_id", "text", "label"]).to_pylist()
-    training.warmup_train(loaded, records, cfg.train, max_length=cfg.max_length)
+    training.warmup_train(loaded, _pool(store), cfg.train, max_length=cfg.max_length)  # sorted, as the warm-up
     hook.remove()
     assert adapter_hash(loaded.model) == load_current_model(cfg.storage_root, cfg.model_spec)[1].adapter_hash
     sums: dict[str, list[float]] = {}

@@ -184,7 +184,10 @@ def train_or_load_adapter(store: LanceStore, spec: ModelSpec, lora: LoraSettings
         source = "given"
     else:
         loaded = load_lora_model(spec, labels, lora=lora, seed=train.seed)
-        records = examples.to_table(columns=record_columns(spec.task)).to_pylist()
+        # sorted by sample id: the seeded shuffle must not depend on the order shards were stored in, and the
+        # evaluation's full-pool fit (sorted the same way) is then this very training (its records' digest)
+        records = sorted(examples.to_table(columns=record_columns(spec.task)).to_pylist(),
+                         key=lambda r: r["sample_id"])
         heldout = heldout() if heldout else None
         log(f"warm-up training on {len(records)} examples: {train.epochs} epochs, batch {train.batch_size}, "
             f"lr {train.lr}, device {loaded.device}"
