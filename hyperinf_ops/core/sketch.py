@@ -42,9 +42,14 @@ __all__ = ["SKETCH_ALIGN", "Sketch", "row_shapes", "sketch_width"]
 SKETCH_ALIGN = 8
 
 
+def _stored_width(d: int, k: int) -> int:
+    """A (r, d) matrix's stored columns under sketch width k: d when unsketched (k = 0) or k >= d, else k."""
+    return d if k == 0 or k >= d else k
+
+
 def _blocks(shapes: Mapping[str, tuple[int, int]], k: int) -> tuple[int, ...]:
     """Floats of each matrix's stored block under sketch width k (0 = none), sorted names."""
-    return tuple(r * (d if k == 0 or k >= d else k) for _, (r, d) in sorted(shapes.items()))
+    return tuple(r * _stored_width(d, k) for _, (r, d) in sorted(shapes.items()))
 
 
 def sketch_width(shapes: Mapping[str, tuple[int, int]], spec: CompressionSpec) -> int:
@@ -77,7 +82,7 @@ def row_shapes(shapes: Mapping[str, tuple[int, int]], spec: CompressionSpec) -> 
     """(r, k_l) of each matrix's stored block: k_l = the sketch width (`sketch_width`: sketch_dim or the width
     rule's), or d_l when unsketched or the width >= d_l."""
     k = sketch_width(shapes, spec)
-    return {name: (r, d if k == 0 or k >= d else k) for name, (r, d) in sorted(shapes.items())}
+    return {name: (r, _stored_width(d, k)) for name, (r, d) in sorted(shapes.items())}
 
 
 def _seed(seed: int, index: int) -> int:

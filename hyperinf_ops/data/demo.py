@@ -16,7 +16,7 @@ import pandas as pd
 import yaml
 
 from hyperinf_ops.data.noise import flip_labels
-from hyperinf_ops.data.shards import DatasetPaths, write_pool_and_target
+from hyperinf_ops.data.shards import DatasetPaths, relative_path, write_pool_and_target
 from hyperinf_ops.errors import DataError
 
 __all__ = ["DEMO_CONFIG", "DEMO_EVALUATION", "DemoPaths", "build_demo_dataset", "demo_epochs", "write_demo_config"]
@@ -140,20 +140,13 @@ def write_demo_config(paths: DatasetPaths, config_path: str | Path | None = None
         "storage_root": storage_root,
         **DEMO_CONFIG,
         "train": {**DEMO_CONFIG["train"], "epochs": demo_epochs(paths.n_pool)},
-        "data": {"path": _relative(paths.pool_dir, base), "text_column": "text", "label_column": "label"},
-        "targets": {"clean_val": {"path": _relative(paths.target, base)}},
+        "data": {"path": relative_path(paths.pool_dir, base), "text_column": "text", "label_column": "label"},
+        "targets": {"clean_val": {"path": relative_path(paths.target, base)}},
     }
     if evaluation is not None:
-        doc["evaluation"] = {"test": {"path": _relative(paths.test, base)}, **evaluation}
+        doc["evaluation"] = {"test": {"path": relative_path(paths.test, base)}, **evaluation}
     for key, value in (overrides or {}).items():
         doc[key] = {**doc[key], **value} if isinstance(value, Mapping) and isinstance(doc.get(key), dict) else value
     config_path.parent.mkdir(parents=True, exist_ok=True)
     config_path.write_text(yaml.safe_dump(doc, sort_keys=False))
     return config_path
-
-
-def _relative(path: Path, base: Path) -> str:
-    try:
-        return str(path.resolve().relative_to(base))
-    except ValueError:
-        return str(path.resolve())

@@ -31,9 +31,9 @@ import yaml
 from hyperinf_ops.data.bbc import BBC_TOPICS, load_bbc_articles
 from hyperinf_ops.data.chatterbot import chatterbot_pairs
 from hyperinf_ops.data.debates import load_debate_statements
-from hyperinf_ops.data.demo import _relative, rotten_tomatoes_csv
+from hyperinf_ops.data.demo import rotten_tomatoes_csv
 from hyperinf_ops.data.noise import flip_labels
-from hyperinf_ops.data.shards import DatasetPaths, write_pool_and_target
+from hyperinf_ops.data.shards import DatasetPaths, relative_path, write_pool_and_target
 from hyperinf_ops.errors import DataError
 
 __all__ = ["LLM_CONFIG", "LLM_EVALUATION", "LLM_TARGET", "build_instruction_mix", "write_llm_config"]
@@ -153,12 +153,12 @@ def write_llm_config(paths: DatasetPaths, config_path: str | Path | None = None,
     base = config_path.parent
     doc: dict[str, Any] = {
         "storage_root": storage_root, **LLM_CONFIG,
-        "data": {"path": _relative(paths.pool_dir, base), "prompt_column": "prompt", "response_column": "response",
+        "data": {"path": relative_path(paths.pool_dir, base), "prompt_column": "prompt", "response_column": "response",
                  "label_column": "label"},
-        "targets": {LLM_TARGET: {"path": _relative(paths.target, base)}},
+        "targets": {LLM_TARGET: {"path": relative_path(paths.target, base)}},
     }
     if evaluation is not None:
-        doc["evaluation"] = {"test": {"path": _relative(paths.test, base)}, **evaluation}
+        doc["evaluation"] = {"test": {"path": relative_path(paths.test, base)}, **evaluation}
     config_path.parent.mkdir(parents=True, exist_ok=True)
     config_path.write_text(yaml.safe_dump(doc, sort_keys=False))
     return config_path

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-__all__ = ["DatasetPaths", "write_pool_and_target"]
+__all__ = ["DatasetPaths", "relative_path", "write_pool_and_target"]
 
 
 @dataclass(frozen=True)
@@ -47,3 +47,11 @@ def write_pool_and_target(pool: pd.DataFrame, target: pd.DataFrame, test: pd.Dat
     target.reset_index(drop=True).to_parquet(target_path, index=False)
     test.reset_index(drop=True).to_parquet(test_path, index=False)
     return pool_dir, tuple(shards), target_path, test_path
+
+
+def relative_path(path: Path, base: Path) -> str:
+    """`path` relative to `base` (a config file's folder) when it lies below it, else absolute."""
+    try:
+        return str(path.resolve().relative_to(base))
+    except ValueError:
+        return str(path.resolve())

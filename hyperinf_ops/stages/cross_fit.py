@@ -81,14 +81,16 @@ def _similarity(store: LanceStore, spec: ModelSpec, records: list[dict], source:
     from hyperinf_ops.models import resolve_model
     from hyperinf_ops.signals.similarity import embed_records, target_similarity
 
-    path = resolve_model(spec.name)
-    pool = embed_records(path, records, spec.task, spec.max_length)
     targets = store.open("targets").to_table(columns=["target_set", *record_columns(spec.task)]).to_pylist()
-    for name in sorted({t["target_set"] for t in targets}):
-        rows = [t for t in targets if t["target_set"] == name]
-        values = target_similarity(pool, embed_records(path, rows, spec.task, spec.max_length))
+    # one pass (one model load) over the pool and every target set
+    embedded = embed_records(resolve_model(spec.name), [*records, *targets], spec.task, spec.max_length)
+    pool, target_rows = embedded[: len(records)], embedded[len(records):]
+    sets = np.array([t["target_set"] for t in targets], dtype=object)
+    for name in sorted(set(sets)):
+        values = target_similarity(pool, target_rows[sets == name])
         store.write_label_signal("similarity", name, [r["sample_id"] for r in records], values, source=source)
-        log(f"similarity/{name}: cosine of {len(records)} pool embeddings to the mean of {len(rows)} target ones")
+        log(f"similarity/{name}: cosine of {len(records)} pool embeddings to the mean of {int((sets == name).sum())} "
+            "target ones")
 
 
 def cross_fit_labels(store: LanceStore, spec: ModelSpec, lora: LoraSettings, train: TrainSettings,
