@@ -15,12 +15,13 @@ from hyperinf_ops.location import Location
 
 def chosen_curation(hyperinf: HyperinfResource, log=None) -> tuple[str, dict, dict]:
     """(query, params, report) the export runs: the configured ones, or under `curation.method: auto` the
-    evaluation's choice (stages.evaluation.choose; the full pool = drop_harmful with fraction 0), with the
+    evaluation's choice (stages.evaluation_plan.choose; the full pool = drop_harmful with fraction 0), with the
     candidates' table for the manifest."""
     cfg = hyperinf.config
     if not cfg.curation_auto:
         return cfg.curation.query, dict(cfg.curation.params), {}
-    from hyperinf_ops.stages.evaluation import EVALUATION_TABLE, choose
+    from hyperinf_ops.stages.evaluation import EVALUATION_TABLE
+    from hyperinf_ops.stages.evaluation_plan import choose
     from hyperinf_ops.tasks import get_task
 
     plan, store = evaluation_plan(cfg), hyperinf.store

@@ -11,14 +11,14 @@ from assets_defs.resources import HyperinfResource
 
 
 def evaluation_plan(cfg):
-    """The config's `evaluation:` block as a stages.evaluation.EvaluationPlan (None without one)."""
-    from hyperinf_ops.stages.evaluation import EvaluationPlan
+    """The config's `evaluation:` block as a stages.evaluation_plan.EvaluationPlan (None without one)."""
+    from hyperinf_ops.stages.evaluation_plan import EvaluationPlan
 
     ev = cfg.evaluation
     if ev is None:
         return None
     return EvaluationPlan(test_path=str(ev.test.path), candidates=cfg.evaluation_candidates, seeds=ev.seeds,
-                          full=ev.full, validation=ev.validation)
+                          full=ev.full, validation=ev.validation, subset_epochs=ev.subset_epochs)
 
 
 @step_asset(

@@ -12,7 +12,7 @@ the product's defaults plus an `evaluation:` block whose candidates are `--queri
                 (mean-pooled), scored with the same `detection_metrics`
     selection   every option of the product's evaluation (full pool, oracle = the pool without its flips, each
                 candidate's export rows and labels, random subsets of the candidates' sizes) scored twice on the test
-                half of the test file (stages.evaluation.split_test; the validation half only chooses):
+                half of the test file (stages.evaluation_plan.split_test; the validation half only chooses):
                   product  a fresh LoRA adapter fine-tuned with the warm-up recipe (the `evaluation` table)
                   probe    an independent downstream model: logistic regression on frozen MiniLM embeddings of the
                            option's rows with its labels (scikit-learn, C = 1)
@@ -170,14 +170,8 @@ def evaluate_store(config_path: Path, model_dir: Path | None = None) -> dict[str
     from hyperinf_ops.export import Manifest
     from hyperinf_ops.stages.adapter import pool_labels
     from hyperinf_ops.stages.curation import export_dir
-    from hyperinf_ops.stages.evaluation import (
-        EVALUATION_TABLE,
-        EvaluationPlan,
-        plan_fits,
-        pool_records,
-        split_test,
-        summarize,
-    )
+    from hyperinf_ops.stages.evaluation import EVALUATION_TABLE, pool_records
+    from hyperinf_ops.stages.evaluation_plan import EvaluationPlan, plan_fits, split_test, summarize
     from hyperinf_ops.stages.reports import mislabel_report
     from hyperinf_ops.store import LanceStore
 

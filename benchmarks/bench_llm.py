@@ -3,12 +3,12 @@ subsets of the same size, the embedding-similarity baseline and the full pool on
 
 The run is the product's own (`hyperinf demo --llm --evaluate`, hyperinf_ops/data/instructions.py): SmolLM2-135M-
 Instruct, 2,038 prompt/response pairs from four packaged sources (30% of the templated answers wrong), a target
-set of 32 BBC News headline -> section pairs and 160 test pairs of that task; the `evaluation` asset fine-tunes a
-fresh LoRA adapter with the warm-up recipe on every candidate (`top_fraction` of hyperinf, datainf, tracin and
-similarity at 5% and 20%), on random subsets of both sizes and on the full pool, for 3 training seeds, and scores
-each on the reported half of the test split: mean response-token loss and exact match (greedy decoding
-reproduces the section word). This script reads that `evaluation` table, the `scores` and the pool, and prints
-(and writes as JSON / markdown):
+set of 50 BBC News headline -> section pairs and 142 test pairs of that task; the `evaluation` asset fine-tunes a
+fresh LoRA adapter with the warm-up recipe on every candidate (`top_fraction` of each configured ranking at each
+configured fraction; the subsets for `evaluation.subset_epochs` epochs when set), on random subsets of the same
+sizes and on the full pool, for 3 training seeds, and scores each on the reported half of the test split: mean
+response-token loss and exact match (greedy decoding reproduces the section word). This script reads that
+`evaluation` table, the `scores` and the pool, and prints (and writes as JSON / markdown):
 
     per option     test loss and exact match, mean +- std over seeds; the subset's share of target-task pairs
                    and of wrong answers (from the pool's `wrong_answer` column, which the pipeline never reads)
@@ -32,6 +32,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import yaml
 
 from hyperinf_ops.data.instructions import LLM_TARGET
 from hyperinf_ops.store import LanceStore
@@ -95,12 +96,17 @@ def summarize(workdir: Path) -> dict[str, Any]:
                           "beats_on_loss_every_seed": all(d < 0 for d in d_loss),
                           "loss_diff_mean": float(np.mean(d_loss)), "exact_diff_mean": float(np.mean(d_exact))}
         comparisons[f"{method} {fraction:.0%}"] = out
+    evaluation = yaml.safe_load((root / "hyperinf.yaml").read_text()).get("evaluation") or {}
     return {"pool": int(len(pool)), "sources": pool["label"].value_counts().to_dict(),
+            "subset_epochs": evaluation.get("subset_epochs"),
             "test_examples": int(fits["test_examples"].iloc[0]), "options": options, "comparisons": comparisons}
 
 
 def markdown(summary: dict[str, Any]) -> str:
-    lines = ["| option | pairs | seeds | test loss | exact match | BBC share | wrong answers |",
+    epochs = summary.get("subset_epochs")
+    lines = [f"Subsets trained for {epochs} epochs (the full pool: the warm-up's)." if epochs else
+             "Every fit trained with the warm-up's recipe.", "",
+             "| option | pairs | seeds | test loss | exact match | BBC share | wrong answers |",
              "|---|---|---|---|---|---|---|"]
     for name, o in sorted(summary["options"].items(), key=lambda kv: (kv[1]["n_examples"], kv[0])):
         share = f"{o['target_task_share']:.2f}" if "target_task_share" in o else ""

@@ -10,7 +10,7 @@ influence scores) runs in-process on an ephemeral Dagster instance (`pipelines.r
     full     the whole pool
 
 and tests it on a held-out test file. Reported per (subset, method, fraction): mean +- sample std over the seeds
-of test accuracy and test loss (`stages.evaluation.summarize`), and the mean number of planted label flips kept.
+of test accuracy and test loss (`stages.evaluation_plan.summarize`), and the mean number of planted label flips kept.
 
     (c) BBC News: MiniLM, the bundled BBC recipe (data/bbc.py: demo warm-up, max_length 128), 20% of the pool's
         labels flipped, target = the clean topic-balanced target set, test = a clean held-out split.
@@ -159,11 +159,12 @@ def store_root(folder: str | Path) -> Path:
 
 
 def read_evaluation(root: str | Path) -> dict[str, Any]:
-    """The stored `evaluation` rows of a finished run, their summary (`stages.evaluation.summarize`), the pool's
+    """The stored `evaluation` rows of a finished run, their summary (`stages.evaluation_plan.summarize`), the pool's
     size and flips, and per curated (method, fraction) what `top_fraction` selects now: its size, flips and label
     counts (the evaluation rows must agree: `matches_query`)."""
     from hyperinf_ops.query import connect, run_query
-    from hyperinf_ops.stages.evaluation import EVALUATION_TABLE, summarize
+    from hyperinf_ops.stages.evaluation import EVALUATION_TABLE
+    from hyperinf_ops.stages.evaluation_plan import summarize
     from hyperinf_ops.store import LanceStore
 
     store = LanceStore(str(store_root(root)))

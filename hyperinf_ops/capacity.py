@@ -31,6 +31,7 @@ from hyperinf_ops.architecture import (
 from hyperinf_ops.config import HyperinfConfig
 from hyperinf_ops.core.row_format import RowFormat
 from hyperinf_ops.core.sketch import row_shapes, sketch_width
+from hyperinf_ops.devices import use_checkpointing
 from hyperinf_ops.errors import ConfigError, DataError
 
 __all__ = ["FORWARD_SHARE", "GPU_FACTORS", "RECOMPUTE", "THROUGHPUT", "Memory", "Plan", "Throughput", "plan",
@@ -75,7 +76,6 @@ GPU_FACTORS = {"warmup": 30.0, "gradients": 30.0, "scoring": 20.0}
 # SCALED from the measured gradient rate by it, not measured.
 FORWARD_SHARE = 1 / 3
 _DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8}
-_DTYPE_NAMES = {"fp32": "float32", "fp16": "float16", "half": "float16", "bf16": "bfloat16", "fp64": "float64"}
 
 
 @dataclass(frozen=True)
@@ -149,39 +149,25 @@ def reference_model(config: dict) -> str:
     return "minilm" if architecture(config).model_type == "bert" else "smollm2"
 
 
-def weight_dtype(cfg: Any, device: str = "cpu") -> str:
-    """The dtype the base weights run in on `device`: the config's `precision` (or `train.precision` /
-    `train.dtype`: bf16, float16, ...) when it has one, `auto` = bfloat16 on cuda (a GPU with bf16 assumed) and
-    float32 elsewhere (devices.resolve_dtype_name's rule); float32 without one, whatever config.json's
-    torch_dtype (the checkpoint's dtype, not the one the weights are loaded in)."""
-    for owner in (cfg, getattr(cfg, "train", None)):
-        for attr in ("precision", "dtype", "model_dtype"):
-            value = getattr(owner, attr, None)
-            if value == "auto":
-                return "bfloat16" if device == "cuda" else "float32"
-            name = _DTYPE_NAMES.get(str(value), str(value)) if value is not None else None
-            if name in _DTYPE_BYTES:
-                return name
-    return "float32"
+def weight_dtype(cfg: HyperinfConfig, device: str = "cpu") -> str:
+    """The dtype the base weights run in on `device` (cpu or cuda): the config's `precision`; `auto` is
+    devices.resolve_dtype_name's rule with a bf16 GPU assumed (the plan is for a device it does not run on):
+    bfloat16 on cuda, float32 elsewhere. config.json's torch_dtype is the checkpoint's dtype, not this one."""
+    if cfg.precision == "auto":
+        return "bfloat16" if device == "cuda" else "float32"
+    return cfg.precision
 
 
-def _checkpointing(cfg: Any) -> bool:
-    """Whether the warm-up and the gradient pass recompute activations (the config's `gradient_checkpointing`,
-    `auto` by devices.use_checkpointing's rule; off for a config without the setting)."""
-    setting = getattr(cfg, "gradient_checkpointing", False)
-    if setting == "auto":
-        try:
-            from hyperinf_ops.devices import use_checkpointing
-        except ImportError:
-            return False
-        return bool(use_checkpointing(setting, cfg.max_length))
-    return setting is True
+def _checkpointing(cfg: HyperinfConfig) -> bool:
+    """Whether the warm-up and the gradient pass recompute activations (`gradient_checkpointing`, `auto` by
+    devices.use_checkpointing's rule)."""
+    return use_checkpointing(cfg.gradient_checkpointing, cfg.max_length)
 
 
-def _batch(cfg: Any) -> tuple[int, bool]:
+def _batch(cfg: HyperinfConfig) -> tuple[int, bool]:
     """The gradient batch the memory is estimated for, and whether it is `auto` (32 shown: a CUDA run picks the
     batch that fits its free memory, elsewhere it is 32)."""
-    batch = getattr(cfg, "gradient_batch_size", 32)
+    batch = cfg.gradient_batch_size
     return (batch, False) if isinstance(batch, int) else (32, True)
 
 
@@ -201,7 +187,7 @@ def _memory(cfg: HyperinfConfig, config: dict, tokens: int, raw: dict[str, tuple
                   activations=batch * tokens * layers * size + logits, logits=logits,
                   curvature=2 * 4 * sum(k * k for _, k in stored.values()), batch=batch,
                   gradient_floats=gradient_floats, stored_dtype=config.get("torch_dtype") or config.get("dtype"),
-                  auto_batch=auto, checkpointing=checkpointing, precision_auto=getattr(cfg, "precision", None) == "auto")
+                  auto_batch=auto, checkpointing=checkpointing, precision_auto=cfg.precision == "auto")
 
 
 def _row_flops(blocks: Any) -> float:

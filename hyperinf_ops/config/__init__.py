@@ -190,9 +190,9 @@ class HyperinfConfig(Settings):
 
     @property
     def evaluation_candidates(self) -> tuple[Any, ...]:
-        """The evaluation's candidate curations (stages/evaluation.Candidate): every query x ranking x fraction
+        """The evaluation's candidate curations (stages/evaluation_plan.Candidate): every query x ranking x fraction
         (x class-balance variant for top_fraction); empty without an `evaluation:` block."""
-        from hyperinf_ops.stages.evaluation import WITHOUT_FRACTION, Candidate
+        from hyperinf_ops.stages.evaluation_plan import WITHOUT_FRACTION, Candidate
 
         ev = self.evaluation
         if ev is None:

@@ -215,7 +215,10 @@ class EvaluationSection(Settings):
     suggested label differs; top_fraction: the share kept, class-balanced with `balance: true`, both with
     `[false, true]`; drop_issues takes none: it drops as many as cleanlab finds label issues).
     Every fit is repeated for `seeds` training seeds (train.seed, train.seed + 1, ...). `methods` default to
-    the first estimator and `fused`, `target_set` to the curation's."""
+    the first estimator and `fused`, `target_set` to the curation's. `subset_epochs`: the epochs of the curated
+    and random subsets' fits (None: the warm-up's `train.epochs`); the full pool and the oracle keep the
+    warm-up's. LESS trains its selected 5% for 4 epochs: under a one-epoch warm-up recipe a 5% subset gets a
+    twentieth of the full pool's optimizer steps, and its fits differ more by training seed than by ranking."""
 
     test: TestFile
     queries: tuple[Literal["drop_harmful", "drop_issues", "relabel", "top_fraction"], ...] = Field(
@@ -227,6 +230,7 @@ class EvaluationSection(Settings):
     balance: bool | Annotated[tuple[StrictBool, ...], Field(strict=False, min_length=1)] = True
     full: bool = True
     validation: float = Field(0.5, gt=0, lt=1)
+    subset_epochs: int | None = Field(None, ge=1)
 
     @property
     def balance_variants(self) -> tuple[bool, ...]:

@@ -13,10 +13,9 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-import yaml
 
 from hyperinf_ops.data.noise import flip_labels
-from hyperinf_ops.data.shards import DatasetPaths, relative_path, write_pool_and_target
+from hyperinf_ops.data.shards import DatasetPaths, write_dataset_config, write_pool_and_target
 from hyperinf_ops.errors import DataError
 
 __all__ = ["DEMO_CONFIG", "DEMO_EVALUATION", "DemoPaths", "build_demo_dataset", "demo_epochs", "write_demo_config"]
@@ -129,24 +128,9 @@ def demo_epochs(n_pool: int) -> int:
 def write_demo_config(paths: DatasetPaths, config_path: str | Path | None = None, *, storage_root: str = "store",
                       overrides: Mapping[str, Any] | None = None,
                       evaluation: Mapping[str, Any] | None = None) -> Path:
-    """Write a YAML config for the demo data (default `<root>/hyperinf.yaml`) and return its path.
-
-    Paths in the file are relative to its folder; `overrides` replace top-level keys (nested
-    mappings are merged one level deep, e.g. {"train": {"epochs": 1}}). `evaluation` (e.g. DEMO_EVALUATION, or
-    {} for the section's defaults) adds an `evaluation:` block on the dataset's test split."""
-    config_path = Path(config_path or paths.root / "hyperinf.yaml").resolve()
-    base = config_path.parent
-    doc: dict[str, Any] = {
-        "storage_root": storage_root,
-        **DEMO_CONFIG,
-        "train": {**DEMO_CONFIG["train"], "epochs": demo_epochs(paths.n_pool)},
-        "data": {"path": relative_path(paths.pool_dir, base), "text_column": "text", "label_column": "label"},
-        "targets": {"clean_val": {"path": relative_path(paths.target, base)}},
-    }
-    if evaluation is not None:
-        doc["evaluation"] = {"test": {"path": relative_path(paths.test, base)}, **evaluation}
-    for key, value in (overrides or {}).items():
-        doc[key] = {**doc[key], **value} if isinstance(value, Mapping) and isinstance(doc.get(key), dict) else value
-    config_path.parent.mkdir(parents=True, exist_ok=True)
-    config_path.write_text(yaml.safe_dump(doc, sort_keys=False))
-    return config_path
+    """Write the demo's YAML config (default `<root>/hyperinf.yaml`, paths relative to it) and return its path;
+    `overrides` and `evaluation` (e.g. DEMO_EVALUATION) as in shards.write_dataset_config."""
+    settings = {**DEMO_CONFIG, "train": {**DEMO_CONFIG["train"], "epochs": demo_epochs(paths.n_pool)}}
+    return write_dataset_config(paths, settings, data_columns={"text_column": "text", "label_column": "label"},
+                                target_name="clean_val", config_path=config_path, storage_root=storage_root,
+                                overrides=overrides, evaluation=evaluation)

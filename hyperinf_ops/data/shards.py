@@ -4,13 +4,16 @@ evaluation's test split)."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
+import yaml
 
-__all__ = ["DatasetPaths", "relative_path", "write_pool_and_target"]
+__all__ = ["DatasetPaths", "relative_path", "write_dataset_config", "write_pool_and_target"]
 
 
 @dataclass(frozen=True)
@@ -55,3 +58,29 @@ def relative_path(path: Path, base: Path) -> str:
         return str(path.resolve().relative_to(base))
     except ValueError:
         return str(path.resolve())
+
+
+def write_dataset_config(paths: DatasetPaths, settings: Mapping[str, Any], *, data_columns: Mapping[str, str],
+                         target_name: str, config_path: str | Path | None = None, storage_root: str = "store",
+                         overrides: Mapping[str, Any] | None = None,
+                         evaluation: Mapping[str, Any] | None = None) -> Path:
+    """Write a YAML config over a builder's dataset (default `<root>/hyperinf.yaml`) and return its path.
+
+    `settings`: the model, training and curation keys; `data_columns`: the pool's column keys (text_column, ...).
+    Paths in the file are relative to its folder. `overrides` replace top-level keys (nested mappings are merged
+    one level deep, e.g. {"train": {"epochs": 1}}); `evaluation` (a mapping, {} for the section's defaults) adds
+    an `evaluation:` block over the test split."""
+    config_path = Path(config_path or paths.root / "hyperinf.yaml").resolve()
+    base = config_path.parent
+    doc: dict[str, Any] = {
+        "storage_root": storage_root, **settings,
+        "data": {"path": relative_path(paths.pool_dir, base), **data_columns},
+        "targets": {target_name: {"path": relative_path(paths.target, base)}},
+    }
+    if evaluation is not None:
+        doc["evaluation"] = {"test": {"path": relative_path(paths.test, base)}, **evaluation}
+    for key, value in (overrides or {}).items():
+        doc[key] = {**doc[key], **value} if isinstance(value, Mapping) and isinstance(doc.get(key), dict) else value
+    config_path.parent.mkdir(parents=True, exist_ok=True)
+    config_path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return config_path
