@@ -162,6 +162,37 @@ def test_similarity_is_the_cosine_to_the_target_sets_mean_embedding(project):
                                    pool @ (centre / np.linalg.norm(centre)), rtol=1e-4, atol=1e-5)
 
 
+def test_probe_and_similarity_share_one_embedding_pass(project, tmp_path):
+    """With both due, the probe and similarity come from one forward pass of the pool and the target sets (one model
+    load), and are what each gave when made."""
+    import shutil
+    from unittest import mock
+
+    from hyperinf_ops.location import Location
+    from hyperinf_ops.signals import similarity
+    from hyperinf_ops.stages.cross_fit import cross_fit_labels
+
+    cfg, store = project
+    shutil.copytree(cfg.storage_root, tmp_path / "store")
+    copy = LanceStore(str(tmp_path / "store"))
+    Location(copy.uri("label_signals")).remove_tree()  # nothing current: both are due
+    real, calls = similarity.embed_records, []
+
+    def counted(model_path, records, task, max_length):
+        calls.append(len(records))
+        return real(model_path, records, task, max_length)
+
+    with mock.patch.object(similarity, "embed_records", counted):
+        summary = cross_fit_labels(copy, cfg.model_spec, cfg.lora, cfg.train,
+                                   cfg.signals.model_copy(update={"folds": 0}), log=lambda _: None)
+    n_pool, n_targets = copy.open("examples").count_rows(), copy.open("targets").count_rows()
+    assert set(summary.computed) == {"probe", "similarity"} and calls == [n_pool + n_targets]
+    for name, target in (("probe", "self"), *(("similarity", t) for t in cfg.targets)):
+        made, again = (s.read_label_signal(name, target).to_pandas().set_index("sample_id")["value"].sort_index()
+                       for s in (store, copy))
+        np.testing.assert_allclose(again.to_numpy(), made.to_numpy(), rtol=1e-4, atol=1e-5)
+
+
 def test_unit_rankings_divide_by_the_exact_gradient_norm(project):
     """`hyperinf_unit` / `tracin_unit` = the stored score over the example's gradient norm, here checked against
     the norm of its raw per-example LoRA gradients from a fresh pass (the whitening is lossless; int4 codes and

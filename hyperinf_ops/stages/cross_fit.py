@@ -17,6 +17,7 @@ pool computes it again. Classification only (a causal LM has no label to judge).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import time
@@ -76,14 +77,21 @@ def _targets_digest(store: LanceStore) -> str:
                                                        strict=True)], sets["content_hash"].to_pylist())
 
 
-def _similarity(store: LanceStore, spec: ModelSpec, records: list[dict], source: str, log: Log) -> None:
-    """Write `similarity` for every target set (signals/similarity.py): one forward pass of pool and targets."""
-    from hyperinf_ops.models import resolve_model
-    from hyperinf_ops.signals.similarity import embed_records, target_similarity
+def _similarity_current(store: LanceStore, source: str, log: Log) -> bool:
+    """Whether every target set's stored `similarity` rows carry `source` (then they are kept)."""
+    sets = set(store.open("targets").to_table(columns=["target_set"])["target_set"].to_pylist())
+    if all(set(store.read_label_signal("similarity", t)["source"].to_pylist()) == {source} for t in sets):
+        log(f"similarity {source}: current for {len(sets)} target sets: skipped")
+        return True
+    return False
 
-    targets = store.open("targets").to_table(columns=["target_set", *record_columns(spec.task)]).to_pylist()
-    # one pass (one model load) over the pool and every target set
-    embedded = embed_records(resolve_model(spec.name), [*records, *targets], spec.task, spec.max_length)
+
+def _similarity(store: LanceStore, records: list[dict], targets: list[dict], embedded: np.ndarray, source: str,
+                log: Log) -> None:
+    """Write `similarity` for every target set (signals/similarity.py) from `embedded`: the pool's embeddings,
+    then the target sets' examples'."""
+    from hyperinf_ops.signals.similarity import target_similarity
+
     pool, target_rows = embedded[: len(records)], embedded[len(records):]
     sets = np.array([t["target_set"] for t in targets], dtype=object)
     for name in sorted(set(sets)):
@@ -98,7 +106,8 @@ def cross_fit_labels(store: LanceStore, spec: ModelSpec, lora: LoraSettings, tra
     """Compute (or keep) the signals of the module docstring."""
     from hyperinf_ops.models import resolve_model
     from hyperinf_ops.signals.cross_fit import out_of_fold_probabilities
-    from hyperinf_ops.signals.probe import frozen_embeddings, out_of_fold_probe
+    from hyperinf_ops.signals.probe import out_of_fold_probe
+    from hyperinf_ops.signals.similarity import embed_records
 
     start = time.perf_counter()
     sources = cross_fit_sources(store, spec, lora, train, signals)
@@ -111,23 +120,27 @@ def cross_fit_labels(store: LanceStore, spec: ModelSpec, lora: LoraSettings, tra
                      key=lambda r: r["sample_id"]) if sources else []
     index = {c: i for i, c in enumerate(classes)}
     labels = np.array([index[r["label"]] for r in records] if label_sources else [], dtype=np.int64)
+    similarity_due = "similarity" in sources and not _similarity_current(store, sources["similarity"], log)
+    targets = store.open("targets").to_table(columns=["target_set", *record_columns(spec.task)]).to_pylist() \
+        if similarity_due else []
+
+    @functools.cache
+    def embedded() -> np.ndarray:
+        """(N + M, h) frozen embeddings of the pool, then of the target sets' examples when similarity is due: one
+        forward pass (one model load) for the probe and similarity both."""
+        return embed_records(resolve_model(spec.name), [*records, *targets], spec.task, spec.max_length)
+
     fits: dict[str, Callable[[], np.ndarray]] = {
-        "probe": lambda: out_of_fold_probe(
-            frozen_embeddings(resolve_model(spec.name), [r["text"] for r in records], max_length=spec.max_length),
-            [r["label"] for r in records], classes, folds=PROBE_FOLDS, seed=train.seed),
+        "probe": lambda: out_of_fold_probe(embedded()[: len(records)], [r["label"] for r in records], classes,
+                                           folds=PROBE_FOLDS, seed=train.seed),
         "confident": lambda: out_of_fold_probabilities(spec, lora, train, classes, records, signals.folds, log=log),
     }
     computed, issues, timing = [], {}, {}
-    if "similarity" in sources:
-        sets = set(store.open("targets").to_table(columns=["target_set"])["target_set"].to_pylist())
-        if all(set(store.read_label_signal("similarity", t)["source"].to_pylist()) == {sources["similarity"]}
-               for t in sets):
-            log(f"similarity {sources['similarity']}: current for {len(sets)} target sets: skipped")
-        else:
-            started = time.perf_counter()
-            _similarity(store, spec, records, sources["similarity"], log)
-            computed.append("similarity")
-            timing["similarity"] = time.perf_counter() - started
+    if similarity_due:
+        started = time.perf_counter()
+        _similarity(store, records, targets, embedded(), sources["similarity"], log)
+        computed.append("similarity")
+        timing["similarity"] = time.perf_counter() - started
     for name, source in label_sources.items():
         stored = store.read_label_signal(name, SELF_TARGET)
         if stored.num_rows and set(stored["source"].to_pylist()) == {source}:
