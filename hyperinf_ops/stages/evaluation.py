@@ -114,9 +114,9 @@ def run_evaluation(store: LanceStore, spec: ModelSpec, lora: LoraSettings, train
     for i, (fit, key) in enumerate(zip(fits, keys, strict=True), 1):
         if key in stored:
             continue
+        epochs = plan.epochs(fit)
         log(f"evaluation fit {i}/{len(fits)}: {fit.label} seed {fit.seed}, {len(fit.ids)} examples"
-            + (f", {len(fit.relabel)} relabelled" if fit.relabel else "")
-            + (f", {plan.epochs(fit)} epochs" if plan.epochs(fit) else ""))
+            + (f", {len(fit.relabel)} relabelled" if fit.relabel else "") + (f", {epochs} epochs" if epochs else ""))
         relabel = dict(fit.relabel)
         records = [{**by_id[j], "original_label": by_id[j]["label"], "label": relabel.get(j, by_id[j]["label"])}
                    for j in fit.ids]
@@ -125,7 +125,7 @@ def run_evaluation(store: LanceStore, spec: ModelSpec, lora: LoraSettings, train
         if same:
             log("  the warm-up adapter is this fit (same records, recipe and seed): tested, not trained again")
         row = _fit_and_test(spec, lora, train, labels, records, validation, test, fit, log,
-                            adapter=(AdapterStore(store.root), warmup) if same else None, epochs=plan.epochs(fit))
+                            adapter=(AdapterStore(store.root), warmup) if same else None, epochs=epochs)
         row["fit_key"] = key
         store.replace_where(EVALUATION_TABLE, {"fit_key": key}, pa.Table.from_pylist([row], evaluation_schema()),
                             schema=evaluation_schema(), unique=None)
