@@ -55,17 +55,19 @@ def preconditioners(context: dg.AssetExecutionContext, hyperinf: HyperinfResourc
 
 
 @step_asset(
-    group="influence", kinds={"pytorch", "lance"}, code_version="2",
+    group="influence", kinds={"pytorch", "lance"}, code_version="3",
     deps=[preconditioners, target_sets, lora_adapter],
     description="One preconditioned query vector (laid out like the gradient rows) per (target set, estimator) in `queries`, from the "
-                "stored mean target gradients and the stored preconditioners.",
+                "stored mean target gradients and the stored preconditioners (with signals.cover the target "
+                "gradients are kept per example, for the cover rankings).",
 )
 def target_queries(context: dg.AssetExecutionContext, hyperinf: HyperinfResource) -> dg.MaterializeResult:
     from hyperinf_ops.stages.queries import build_target_queries
 
     cfg = hyperinf.config
     summary, wall = timed(build_target_queries, hyperinf.store, list(cfg.targets), cfg.model_spec,
-                          cfg.gradient_settings, [cfg.estimator(m) for m in cfg.estimators], log=context.log.info)
+                          cfg.gradient_settings, [cfg.estimator(m) for m in cfg.estimators],
+                          per_example=bool(cfg.cover_estimators), log=context.log.info)
     rows = [{"target/method": key, **health} for key, health in sorted(summary.diagnostics.items())]
     return dg.MaterializeResult(
         data_version=dg.DataVersion(summary.digest),
@@ -74,12 +76,13 @@ def target_queries(context: dg.AssetExecutionContext, hyperinf: HyperinfResource
 
 
 @step_asset(
-    group="influence", kinds={"lance"}, code_version="4",
+    group="influence", kinds={"lance"}, code_version="5",
     deps=[target_queries, dg.AssetDep(lora_gradients, partition_mapping=dg.AllPartitionMapping()), cross_fit,
           checkpoint_scores],
     description="Every ranking of the pool, in `scores`, one sign convention (higher = keep; most negative = most "
                 "harmful): score = -influence on every target set for every configured estimator; target set "
-                "`self`: -self-influence under the hyperinf and tracin preconditioners, from the same scan; and "
+                "`self`: -self-influence under the hyperinf and tracin preconditioners, and the cover rankings "
+                "(signals.cover: one query per target example), from the same scan; and "
                 "the rankings beside influence (loss, margin, aum, confident, hyperinf_cp, fused; "
                 "stages/rankings.py) with `label_suggestions`.",
 )
@@ -93,8 +96,9 @@ def influence_scores(context: dg.AssetExecutionContext, hyperinf: HyperinfResour
     pairs = [(t, m) for t in cfg.targets for m in cfg.estimators]
     shown = curation_pair(hyperinf)
     summary, wall = timed(score, store, cfg.gradient_settings, pairs, task=cfg.task, shown=shown,
-                          self_influence=cfg.self_influence_estimators,
-                          device=None if cfg.device == "auto" else cfg.device, log=context.log.info,
+                          self_influence=cfg.self_influence_estimators, cover=cfg.cover_estimators,
+                          spec=cfg.model_spec, device=None if cfg.device == "auto" else cfg.device,
+                          log=context.log.info,
                           rankings=lambda fp, version, run_id: write_rankings(
                               store, fp, version, run_id, list(cfg.targets), cfg.estimators, cfg.signals,
                               cfg.fusion_members,

@@ -320,13 +320,17 @@ def load_store(root: str, target_set: str = "clean_val") -> Pool:
     row = store.read_target_gradient(target_set)
     if row is None:
         raise SystemExit(f"no target gradient for {target_set!r} in {root}: run the pipeline first")
-    flat, target, start = torch.from_numpy(row["vector"]), {}, 0
+    width = sum(r * d for r, d in shapes.values())
+    flat = torch.from_numpy(row["vector"])
+    if flat.numel() == row["count"] * width:  # kept per example (signals.cover): v is their mean
+        flat = flat.reshape(row["count"], width).mean(0)
+    if flat.numel() != width:
+        raise SystemExit(f"target vector has {flat.numel()} entries, the matrices {width}")
+    target, start = {}, 0
     for name in sorted(shapes):
         r, d = shapes[name]
         target[name] = flat[start: start + r * d].reshape(r, d).to(torch.float64)
         start += r * d
-    if start != flat.numel():
-        raise SystemExit(f"target vector has {flat.numel()} entries, the matrices {start}")
     examples = store.open("examples")
     if "flipped" not in examples.schema.names:  # a causal-LM pool (SmolLM2): no planted flips, Spearman only
         return Pool(source=str(root), grads=grads, target=target, flipped=np.zeros(len(ids), bool), sample_ids=ids)

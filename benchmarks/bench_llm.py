@@ -19,6 +19,13 @@ Commands (PY=.venv/bin/python; 2 shared CPU cores):
 
     $PY -m pipelines.cli demo --llm --evaluate --workdir /tmp/llm       # or: hyperinf demo --llm --evaluate
     $PY benchmarks/bench_llm.py --workdir /tmp/llm --out benchmarks/results/llm
+
+Another target task from the same sources (the pool is built the same way; the target set and test split are
+held-out pairs of that source, balanced by answer), then the same pipeline and table:
+
+    $PY benchmarks/bench_llm.py --workdir /tmp/llm_rt --build-task rotten_tomatoes [--methods m1 m2 ...]
+    $PY -m pipelines.cli run --config /tmp/llm_rt/llm/hyperinf.yaml
+    $PY benchmarks/bench_llm.py --workdir /tmp/llm_rt --out benchmarks/results/llm/rotten_tomatoes
 """
 
 from __future__ import annotations
@@ -34,7 +41,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from hyperinf_ops.data.instructions import LLM_TARGET
+from hyperinf_ops.data.instructions import LLM_EVALUATION, SOURCES, build_instruction_mix, write_llm_config
 from hyperinf_ops.store import LanceStore
 
 
@@ -50,20 +57,22 @@ def _option(row: pd.Series) -> str:
     return row["subset"]
 
 
-def composition(store: LanceStore, pool: pd.DataFrame, method: str, fraction: float) -> dict[str, float]:
+def composition(store: LanceStore, pool: pd.DataFrame, task: str, method: str, fraction: float) -> dict[str, float]:
     """The share of target-task pairs and of wrong answers in the top ceil(fraction N) of `method`'s ranking of the
-    target set (what `top_fraction` with balance false keeps)."""
+    target set `task` (what `top_fraction` with balance false keeps)."""
     scores = store.open("scores").to_table(
-        columns=["sample_id", "score"], filter=f"target_set = '{LLM_TARGET}' AND method = '{method}'").to_pandas()
+        columns=["sample_id", "score"], filter=f"target_set = '{task}' AND method = '{method}'").to_pandas()
     keep = scores.sort_values(["score", "sample_id"], ascending=[False, True]).head(math.ceil(fraction * len(scores)))
     chosen = pool.loc[keep["sample_id"]]
-    return {"target_task_share": float((chosen["label"] == LLM_TARGET).mean()),
+    return {"target_task_share": float((chosen["label"] == task).mean()),
             "wrong_answer_share": float(chosen["wrong_answer"].mean()),
-            "wrong_target_answers": int((chosen["wrong_answer"] & (chosen["label"] == LLM_TARGET)).sum())}
+            "wrong_target_answers": int((chosen["wrong_answer"] & (chosen["label"] == task)).sum())}
 
 
 def summarize(workdir: Path) -> dict[str, Any]:
     root = workdir / "llm"
+    config = yaml.safe_load((root / "hyperinf.yaml").read_text())
+    task = next(iter(config["targets"]))
     store = LanceStore(str(root / "store"))
     fits = store.open("evaluation").to_table().to_pandas()
     fits["option"] = fits.apply(_option, axis=1)
@@ -79,7 +88,7 @@ def summarize(workdir: Path) -> dict[str, Any]:
         entry = {"n_examples": int(first["n_examples"]), "seeds": sorted(group["seed"].tolist()),
                  "test_loss": loss, "exact_match": exact}
         if first["subset"] == "curated":
-            entry.update(composition(store, pool, first["method"], float(first["fraction"])))
+            entry.update(composition(store, pool, task, first["method"], float(first["fraction"])))
         options[name] = entry
     comparisons = {}
     for (method, fraction), group in fits[fits["subset"] == "curated"].groupby(["method", "fraction"]):
@@ -96,17 +105,17 @@ def summarize(workdir: Path) -> dict[str, Any]:
                           "beats_on_loss_every_seed": all(d < 0 for d in d_loss),
                           "loss_diff_mean": float(np.mean(d_loss)), "exact_diff_mean": float(np.mean(d_exact))}
         comparisons[f"{method} {fraction:.0%}"] = out
-    evaluation = yaml.safe_load((root / "hyperinf.yaml").read_text()).get("evaluation") or {}
-    return {"pool": int(len(pool)), "sources": pool["label"].value_counts().to_dict(),
+    evaluation = config.get("evaluation") or {}
+    return {"task": task, "pool": int(len(pool)), "sources": pool["label"].value_counts().to_dict(),
             "subset_epochs": evaluation.get("subset_epochs"),
             "test_examples": int(fits["test_examples"].iloc[0]), "options": options, "comparisons": comparisons}
 
 
 def markdown(summary: dict[str, Any]) -> str:
     epochs = summary.get("subset_epochs")
-    lines = [f"Subsets trained for {epochs} epochs (the full pool: the warm-up's)." if epochs else
+    lines = [f"Target task: {summary['task']}.", "", f"Subsets trained for {epochs} epochs (the full pool: the warm-up's)." if epochs else
              "Every fit trained with the warm-up's recipe.", "",
-             "| option | pairs | seeds | test loss | exact match | BBC share | wrong answers |",
+             "| option | pairs | seeds | test loss | exact match | target-task share | wrong answers |",
              "|---|---|---|---|---|---|---|"]
     for name, o in sorted(summary["options"].items(), key=lambda kv: (kv[1]["n_examples"], kv[0])):
         share = f"{o['target_task_share']:.2f}" if "target_task_share" in o else ""
@@ -128,7 +137,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", type=Path, required=True, help="the --workdir of `hyperinf demo --llm`")
     parser.add_argument("--out", type=Path, help="write evaluation.json and tables.md here")
+    parser.add_argument("--build-task", choices=SOURCES[1:],
+                        help="build <workdir>/llm with this target task and the demo's evaluation, then stop")
+    parser.add_argument("--methods", nargs="+", help="with --build-task: the evaluation's rankings (default the "
+                        "demo's)")
     args = parser.parse_args()
+    if args.build_task:
+        paths = build_instruction_mix(args.workdir / "llm", target_task=args.build_task)
+        evaluation = {**LLM_EVALUATION, **({"methods": args.methods} if args.methods else {})}
+        print(write_llm_config(paths, evaluation=evaluation, target_task=args.build_task))
+        return
     summary = summarize(args.workdir)
     table = markdown(summary)
     print(table)

@@ -23,7 +23,7 @@ import math
 import time
 import uuid
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -54,6 +54,7 @@ from hyperinf_ops.store.vectors import MAX_READ_BYTES, iter_fixed_rows
 
 __all__ = [
     "SELF_TARGET",
+    "QueryGroup",
     "ScoreSummary",
     "ranking_table",
     "raw_gradient_batches",
@@ -90,6 +91,17 @@ class ScoreSummary:
     device: str
     seconds: float
     rows_per_second: float
+
+
+@dataclass(frozen=True)
+class QueryGroup:
+    """Queries scored in the same scan and reduced to one ranking (target_set, method): its scores are
+    `reduce(sample_ids, influence)` with influence (n, m) = <vectors_j, row_k> (signals/cover.py's cover)."""
+
+    target_set: str
+    method: str
+    vectors: Tensor  # (m, width), laid out like the queries
+    reduce: Callable[[pa.Array, np.ndarray], np.ndarray]
 
 
 def _fixed_rows(batch: pa.RecordBatch, column: str) -> Tensor:
@@ -237,6 +249,7 @@ def score_store(
     queries: Sequence[Query],
     *,
     self_influence: Sequence[Prepared] = (),
+    groups: Sequence[QueryGroup] = (),
     batch_rows: int = BATCH_ROWS,
     device: torch.device | str | None = None,
     whitening: Whitening | None = None,
@@ -253,17 +266,20 @@ def score_store(
     (FingerprintMismatchError otherwise, nothing written). self_influence: prepared inverses (hyperinf, exact,
     exact_full, tracin) of the rows' blocks (GradientMismatchError for inverses of other shapes, nothing
     written); each writes target set SELF_TARGET, method = its method, score = -sum_l <b_l M_l, b_l>_F.
+    groups: query groups (QueryGroup) scored with the queries and written as one ranking each (n x m values of a
+    group stay in memory until it is reduced).
     whitening: the one the rows are stored under (their fingerprint names it; GradientMismatchError for any
     other), undone before self-influence. version: the gradients table version to scan (default latest;
     recorded as `gradients_version`). dtype: matmul dtype of the queries. progress: rows scanned, with rate and
     ETA, about ten times over the scan.
     """
-    if not queries and not self_influence:
-        raise DataError("nothing to score: no queries and no self-influence")
+    if not queries and not self_influence and not groups:
+        raise DataError("nothing to score: no queries, no query groups and no self-influence")
     reserved = [q.method for q in queries if q.target_set == SELF_TARGET]
     if reserved:
         raise DataError(f"target set {SELF_TARGET!r} is reserved for self-influence scores (queries {reserved})")
-    keys = [(q.target_set, q.method) for q in queries] + [(SELF_TARGET, p.method) for p in self_influence]
+    keys = ([(q.target_set, q.method) for q in queries] + [(g.target_set, g.method) for g in groups]
+            + [(SELF_TARGET, p.method) for p in self_influence])
     if len(set(keys)) != len(keys):
         raise DataError(f"duplicate (target_set, method) among queries and self-influence: {keys}")
     for prepared in self_influence:
@@ -279,12 +295,11 @@ def score_store(
     dim = fmt.width
     for prepared in self_influence:
         _check_blocks(prepared.shapes, fmt)
-    q = torch.zeros((len(queries), dim), dtype=dtype, device=dev)
-    for j, query in enumerate(queries):
-        vector = torch.as_tensor(query.vector).reshape(-1)
-        if vector.numel() != dim:
-            raise GradientMismatchError(f"queries have {vector.numel()} dims, gradient rows {dim}")
-        q[j] = vector.to(dev, dtype)
+    vectors = [torch.as_tensor(query.vector).reshape(1, -1) for query in queries] + [g.vectors for g in groups]
+    for vector in vectors:
+        if vector.ndim != 2 or vector.shape[1] != dim:
+            raise GradientMismatchError(f"queries have {vector.shape[-1]} dims, gradient rows {dim}")
+    q = (torch.cat(vectors) if vectors else torch.zeros((0, dim))).to(dev, dtype)
     inverses = [p.to(dev) for p in self_influence]
 
     id_chunks: list[pa.Array] = []
@@ -292,7 +307,7 @@ def score_store(
     self_chunks: list[np.ndarray] = []
     chunk_rows = max(1, _CHUNK_BYTES // (dim * torch.finfo(dtype).bits // 8))
     self_rows = max(1, _SELF_CHUNK_BYTES // (dim * 4))
-    codes = (IntegerCodeProduct(fmt, q, chunk_rows) if queries and dev.type == "cpu" and dtype == torch.float32
+    codes = (IntegerCodeProduct(fmt, q, chunk_rows) if len(q) and dev.type == "cpu" and dtype == torch.float32
              and IntegerCodeProduct.supports(fmt) else None)
     converted = torch.empty((chunk_rows, dim), dtype=dtype) if dev.type == "cpu" and codes is None else None
     total = ds.count_rows()
@@ -300,7 +315,7 @@ def score_store(
     with _one_cpu_thread(dev):
         for batch, (meta, values) in enumerate(iter_fixed_rows(ds, "grad", _meta_columns(fmt), batch_rows), 1):
             rows = _tensor(values)
-            if queries:
+            if len(q):
                 score_chunks.append(_query_scores(fmt, rows, meta, q, converted, codes))
             for i in range(0, len(rows) if inverses else 0, self_rows):
                 blocks = _blocks(fmt, rows[i: i + self_rows].to(dev), meta.slice(i, self_rows), inverses[0].shapes,
@@ -313,7 +328,7 @@ def score_store(
             if batch % _TRIM_EVERY == 0:
                 release_memory()
     meter.finish()
-    scores = np.concatenate(score_chunks) if score_chunks else np.zeros((0, len(queries)))
+    scores = np.concatenate(score_chunks) if score_chunks else np.zeros((0, len(q)))
     if not np.isfinite(scores).all():
         raise NonFiniteGradientError("non-finite scores: a query or a gradient row holds NaN/inf")
     selfs_all = np.concatenate(self_chunks) if self_chunks else np.zeros((0, len(inverses)))
@@ -321,7 +336,12 @@ def score_store(
         raise NonFiniteGradientError("non-finite self-influence: a gradient row holds NaN/inf")
     sample_ids = pa.concat_arrays(id_chunks) if id_chunks else pa.array([], pa.string())
     n = len(sample_ids)
-    columns = [scores[:, j] for j in range(len(queries))] + [-selfs_all[:, k] for k in range(len(inverses))]
+    columns = [scores[:, j] for j in range(len(queries))]
+    start_col = len(queries)
+    for group in groups:
+        columns.append(group.reduce(sample_ids, scores[:, start_col: start_col + len(group.vectors)]))
+        start_col += len(group.vectors)
+    columns += [-selfs_all[:, k] for k in range(len(inverses))]
 
     run_id = run_id or uuid.uuid4().hex
     created = datetime.now(UTC)

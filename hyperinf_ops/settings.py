@@ -22,6 +22,7 @@ __all__ = [
     "DEFAULT_COMPRESSION",
     "ROW_BUDGET",
     "UNIT_RANKINGS",
+    "COVER_RANKINGS",
     "METHODS",
     "PIPELINE_METHODS",
     "SELF_INFLUENCE_METHODS",
@@ -72,6 +73,9 @@ SELF_INFLUENCE_METHODS = ("hyperinf", "tracin")
 # `hyperinf_cp` and `fused` under every configured target set.
 # `<estimator>_unit`: the estimator's score over the example's gradient norm (signals.unit; LESS's normalisation).
 UNIT_RANKINGS = ("hyperinf_unit", "tracin_unit")
+# `<estimator>_cover`: each target example's most influential pool examples first (signals.cover; signals/cover.py).
+# Written by the influence scan itself (one query per target example), so not among SIGNALS.
+COVER_RANKINGS = ("hyperinf_cover", "tracin_cover")
 SIGNALS = ("loss", "margin", "aum", "probe", "confident", "hyperinf_cp", "similarity", *UNIT_RANKINGS, "fused")
 # The target-free signals, stored under target set SELF_TARGET.
 SELF_SIGNALS = ("loss", "margin", "aum", "probe", "confident")
@@ -177,11 +181,15 @@ class SignalSettings(Settings):
     `tracin_unit` = the estimator's score divided by the example's stored gradient norm, i.e. the cosine of the
     example's gradient to the preconditioned query, up to the query's norm (LESS's normalisation: raw inner
     products favour examples with large gradients, such as wrong answers and rarely predicted ones; no extra
-    pass: the rows store their blocks' squared norms)."""
+    pass: the rows store their blocks' squared norms). cover: `hyperinf_cover` and `tracin_cover` = every target
+    example's most influential pool examples first, a round robin over the target examples of the unit-normalised
+    influence on each (signals/cover.py: LESS's max over subtasks, each target example a subtask; the influence
+    scan gets one query per target example, and `target_gradients` keeps every target example's gradient)."""
 
     probe: bool = True
     similarity: bool = False
     unit: bool = False
+    cover: bool = False
     folds: int = Field(0, ge=0)
     checkpoints: bool = True
     fuse: tuple[str, ...] | None = Field(None, strict=False, min_length=1)

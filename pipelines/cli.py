@@ -86,7 +86,7 @@ def _parser() -> argparse.ArgumentParser:
                            "pairs from 4 packaged sources, target task BBC News sections (data/instructions.py)")
     demo.add_argument("--evaluate", action="store_true",
                       help="also fit fresh adapters on curated, random and full subsets and test them (the "
-                           "`evaluation` asset: 6 more warm-ups on 80%% of the pool; with --llm, 23 adapters: "
+                           "`evaluation` asset: 6 more warm-ups on 80%% of the pool; with --llm, 29 adapters: "
                            "curated and random 5%% for 4 epochs, the full pool, 3 seeds)")
     demo.add_argument("--workdir", type=Path, default=Path(DEMO_WORKDIR),
                       help=f"where data, store and instance go (default {DEMO_WORKDIR})")

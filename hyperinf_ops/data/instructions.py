@@ -38,6 +38,7 @@ from hyperinf_ops.errors import DataError
 __all__ = ["LLM_CONFIG", "LLM_EVALUATION", "LLM_TARGET", "build_instruction_mix", "write_llm_config"]
 
 LLM_TARGET = "bbc_news"
+SOURCES = ("chatterbot", "rotten_tomatoes", "debates", LLM_TARGET)  # the templated ones after chatterbot
 _BBC_PROMPT = f"BBC News section of this headline ({', '.join(BBC_TOPICS)}): {{}}"
 _RT_PROMPT = "Movie review: {}\nPositive or negative?"
 _DEBATE_PROMPT = "2016 debate statement: {}\nDemocrat, Republican or moderator?"
@@ -73,33 +74,36 @@ def _source_pairs(seed: int) -> dict[str, pd.DataFrame]:
 
 def build_instruction_mix(out_dir: str | Path, *, n_target: int = 50, n_test: int = 142,
                           pool_sizes: Mapping[str, int | None] | None = None, wrong_fraction: float = 0.3,
-                          seed: int = 0, n_shards: int = 4) -> DatasetPaths:
+                          seed: int = 0, n_shards: int = 4, target_task: str = LLM_TARGET) -> DatasetPaths:
     """Write the mixed pool (`pool_sizes`: source -> pairs, None = all; default every chatterbot pair and 400 /
-    300 / 300 of rotten_tomatoes / debates / bbc_news: 2,038 pairs), a target set of `n_target` bbc_news pairs,
-    n_target // 5 of every section, and a test split of the other `n_test` held-out ones (right answers),
-    shuffled, as the demo's layout (`<out_dir>/pool/`,
-    `<out_dir>/targets/bbc_news.parquet`, `<out_dir>/test/test.parquet`)."""
+    300 / 300 of rotten_tomatoes / debates / bbc_news: 2,038 pairs), a target set of `n_target` held-out pairs of
+    the templated source `target_task` (bbc_news: the demo's), as many of every answer (n_target // answers
+    each), and a test split of the other `n_test` held-out ones (right answers), shuffled, as the demo's layout
+    (`<out_dir>/pool/`, `<out_dir>/targets/<target_task>.parquet`, `<out_dir>/test/test.parquet`)."""
     if not 0 <= wrong_fraction < 1 or n_target < 1 or n_test < 1 or n_shards < 1:
         raise DataError(f"need 0 <= wrong_fraction < 1, n_target >= 1, n_test >= 1, n_shards >= 1 (got "
                         f"{wrong_fraction}, {n_target}, {n_test}, {n_shards})")
     sizes = {"chatterbot": None, "rotten_tomatoes": 400, "debates": 300, LLM_TARGET: 300, **(pool_sizes or {})}
-    unknown = sorted(set(sizes) - {"chatterbot", "rotten_tomatoes", "debates", LLM_TARGET})
+    unknown = sorted(set(sizes) - set(SOURCES))
     if unknown:
-        raise DataError(f"unknown sources {unknown}: the sources are chatterbot, rotten_tomatoes, debates, {LLM_TARGET}")
+        raise DataError(f"unknown sources {unknown}: the sources are {', '.join(SOURCES)}")
+    if target_task not in SOURCES[1:]:
+        raise DataError(f"target_task {target_task!r}: one of the templated sources {', '.join(SOURCES[1:])}")
     rng = np.random.default_rng(seed)
     sources = _source_pairs(seed)
-    held = sources[LLM_TARGET].iloc[: n_target + n_test]
-    per_section = n_target // len(BBC_TOPICS)
-    if per_section < 1 or (held["response"].value_counts().reindex(BBC_TOPICS, fill_value=0) < per_section).any():
-        raise DataError(f"n_target {n_target}: need at least {len(BBC_TOPICS)} and {n_target // len(BBC_TOPICS)} "
-                        f"held-out headlines of every section among the first {n_target + n_test}")
-    # balanced by section, as the classification demo's target set is by label: influence on a mean target
+    held = sources[target_task].iloc[: n_target + n_test]
+    answers = sorted(sources[target_task]["response"].unique())
+    per_answer = n_target // len(answers)
+    if per_answer < 1 or (held["response"].value_counts().reindex(answers, fill_value=0) < per_answer).any():
+        raise DataError(f"n_target {n_target}: need at least {len(answers)} and {per_answer} held-out "
+                        f"{target_task} pairs of every answer among the first {n_target + n_test}")
+    # balanced by answer, as the classification demo's target set is by label: influence on a mean target
     # gradient follows the target's answers (a target of mostly sports and business headlines selects pairs
-    # answering sports or business, right or wrong); the test split is the rest of the held-out headlines
-    target = held.groupby("response", group_keys=False).sample(n=per_section, random_state=seed)
+    # answering sports or business, right or wrong); the test split is the rest of the held-out pairs
+    target = held.groupby("response", group_keys=False).sample(n=per_answer, random_state=seed)
     target = target.sample(frac=1, random_state=seed)
     test = held.drop(index=target.index)
-    sources[LLM_TARGET] = sources[LLM_TARGET].iloc[n_target + n_test:]
+    sources[target_task] = sources[target_task].iloc[n_target + n_test:]
     parts = []
     for name, size in sizes.items():
         available = sources[name]
@@ -114,14 +118,15 @@ def build_instruction_mix(out_dir: str | Path, *, n_target: int = 50, n_test: in
     pool["right_answer"] = pool["right_answer"].fillna(pool["response"])
     pool = pool.iloc[rng.permutation(len(pool))].reset_index(drop=True)
     pool_dir, shards, target_path, test_path = write_pool_and_target(pool, target, test, out_dir, n_shards,
-                                                                     LLM_TARGET)
+                                                                     target_task)
     return DatasetPaths(root=Path(out_dir), pool_dir=pool_dir, shards=shards, target=target_path, n_pool=len(pool),
                         n_target=len(target), test=test_path, n_test=len(test))
 
 
 # The LLM demo's settings: SmolLM2-135M-Instruct with its own chat template, LoRA r=8 on q/v (LESS's), one
 # warm-up epoch over the pool (batch 8), 64 tokens (the BBC pairs fit; longer pairs keep their end), the three
-# estimators compared and the similarity baseline beside them. Sized for 2 CPU cores.
+# estimators compared, their cover rankings (each target example's most influential pairs first) and the
+# similarity baseline beside them. Sized for 2 CPU cores.
 LLM_CONFIG: dict[str, Any] = {
     "model": "smollm2",
     "task": "causal_lm",
@@ -131,24 +136,27 @@ LLM_CONFIG: dict[str, Any] = {
     "damping_ratio": 0.1,
     "max_length": 64,
     "gradient_batch_size": 16,
-    "signals": {"similarity": True, "unit": True},
+    "signals": {"similarity": True, "unit": True, "cover": True},
     "curation": {"query": "top_fraction", "params": {"fraction": 0.05, "balance": False}},
 }
 # `hyperinf demo --llm --evaluate`: curated 5% (LESS's share) by every estimator, hyperinf_unit (LESS's
-# normalisation), fused and the similarity baseline, a random 5% and the full pool, over three training seeds; the
+# normalisation), the cover rankings (LESS's max over subtasks, each target example a subtask), fused and the
+# similarity baseline, a random 5% and the full pool, over three training seeds; the
 # 5% subsets train for 4 epochs as LESS's do (52 optimizer steps; under the warm-up's one epoch they get 13, and
 # their fits differ more by training seed than by ranking), the full pool for the warm-up's one (255 steps).
-# 23 more adapters, about an hour on 2 CPU cores (docs/results.md, section 8).
+# 29 more adapters, about 80 minutes on 2 CPU cores (docs/results.md, section 8).
 LLM_EVALUATION: dict[str, Any] = {"queries": ["top_fraction"], "fractions": [0.05], "balance": False,
-                                  "methods": ["hyperinf", "hyperinf_unit", "datainf", "tracin", "similarity", "fused"],
+                                  "methods": ["hyperinf", "hyperinf_unit", "hyperinf_cover", "datainf", "tracin",
+                                              "tracin_cover", "similarity", "fused"],
                                   "seeds": 3, "subset_epochs": 4}
 
 
 def write_llm_config(paths: DatasetPaths, config_path: str | Path | None = None, *, storage_root: str = "store",
-                     evaluation: Mapping[str, Any] | None = None) -> Path:
+                     evaluation: Mapping[str, Any] | None = None, target_task: str = LLM_TARGET) -> Path:
     """Write the LLM demo's YAML config (default `<root>/hyperinf.yaml`, paths relative to it) and return its path;
-    `evaluation` adds an `evaluation:` block over the test split."""
+    `evaluation` adds an `evaluation:` block over the test split; `target_task`: the target set's name (the
+    source build_instruction_mix took it from)."""
     return write_dataset_config(paths, LLM_CONFIG, data_columns={"prompt_column": "prompt", "response_column": "response",
                                                                  "label_column": "label"},
-                                target_name=LLM_TARGET, config_path=config_path, storage_root=storage_root,
+                                target_name=target_task, config_path=config_path, storage_root=storage_root,
                                 evaluation=evaluation)

@@ -5,7 +5,8 @@ are) is computed once under the current adapter and stored (`target_gradients`, 
 target rows and the fingerprint are unchanged); each method's query is v preconditioned by its stored artifact
 (preconditioners stage; no solve here), flattened like a row (whitened rows: mapped by `Whitening.to_rows`).
 DataInf reads the training rows in one scan through its preconditioner. Queries of sets or methods no longer
-configured are removed.
+configured are removed. With `signals.cover` every target example's gradient is kept instead of the mean alone;
+`cover_queries` preconditions each for the cover rankings (the influence scan scores them, stages/scores.py).
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from hyperinf_ops.stages.common import Log, Summary, drop_stale, require_table
 from hyperinf_ops.stages.preconditioners import checked_fingerprint, load_preconditioner
 from hyperinf_ops.store import LanceStore, Query, sql_literal
 
-__all__ = ["QueriesSummary", "build_target_queries", "query_vector", "target_gradient"]
+__all__ = ["QueriesSummary", "TargetGradient", "build_target_queries", "cover_queries", "query_vector", "target_gradient"]
 
 
 @dataclass
@@ -58,28 +59,51 @@ def _target_rows(store: LanceStore, name: str, task: str):
     return table
 
 
-def _unflatten(vector: np.ndarray, shapes: Mapping[str, tuple[int, int]]) -> dict[str, Tensor]:
+def _unflatten(vector: np.ndarray, shapes: Mapping[str, tuple[int, int]], count: int | None = None
+               ) -> dict[str, Tensor]:
+    """A flat float64 vector -> name -> (r, k) blocks (sorted names); with `count`: count stacked vectors ->
+    name -> (count, r, k)."""
+    lead = () if count is None else (count,)
+    flat = torch.from_numpy(vector.copy()).reshape(*lead, -1)
     out, start = {}, 0
     for name in sorted(shapes):
         r, d = shapes[name]
-        out[name] = torch.from_numpy(vector[start: start + r * d].copy()).reshape(r, d)
+        out[name] = flat[..., start: start + r * d].reshape(*lead, r, d)
         start += r * d
     return out
 
 
-def target_gradient(store: LanceStore, name: str, spec: ModelSpec, settings: GradientSettings,
-                    fingerprint: Fingerprint, *, log: Log = print) -> tuple[dict[str, Tensor], int, bool]:
-    """(v: name -> (r, k) float64 mean gradient over the set's finite examples in block space, their number,
-    recomputed?).
+@dataclass(frozen=True)
+class TargetGradient:
+    """A target set's gradients in block space (sketched like the rows when they are): the mean v (name -> (r, k)
+    float64), the examples with a finite gradient, whether they were (re)computed with the model now, and, when
+    asked for (signals.cover), every example's gradient (name -> (count, r, k) float64)."""
 
-    Read from `target_gradients` when stored for the same target rows and fingerprint, else computed under the
-    current adapter (raw, then sketched like the rows: the sketch is linear) and stored."""
+    mean: dict[str, Tensor]
+    count: int
+    recomputed: bool
+    examples: dict[str, Tensor] | None = None
+
+
+def target_gradient(store: LanceStore, name: str, spec: ModelSpec, settings: GradientSettings,
+                    fingerprint: Fingerprint, *, per_example: bool = False, log: Log = print) -> TargetGradient:
+    """A target set's TargetGradient.
+
+    Read from `target_gradients` when stored for the same target rows and fingerprint (and, for `per_example`,
+    stored per example), else computed under the current adapter (raw, then sketched like the rows: the sketch
+    is linear) and stored: the mean v (width floats) or, for `per_example`, every example's gradient (count x
+    width floats; v is their mean)."""
     rows = _target_rows(store, name, spec.task)
     digest = content_digest(rows["sample_id"].to_pylist(), rows["content_hash"].to_pylist())
     sketch = Sketch(AdapterStore(store.root).require_current().selected_shapes(settings.modules), settings.compression)
     stored = store.read_target_gradient(name)
     if stored is not None and stored["content_digest"] == digest and stored["fingerprint"] == fingerprint.digest():
-        return _unflatten(stored["vector"], sketch.row_shapes), stored["count"], False
+        count = stored["count"]
+        if len(stored["vector"]) == count * sketch.width:  # stored per example (for one example: the mean too)
+            examples = _unflatten(stored["vector"], sketch.row_shapes, count)
+            return TargetGradient({k: t.mean(0) for k, t in examples.items()}, count, False, examples)
+        if not per_example:
+            return TargetGradient(_unflatten(stored["vector"], sketch.row_shapes), count, False)
     from hyperinf_ops.stages.loading import (  # the model: here only
         finite_rows,
         gradient_batches,
@@ -87,7 +111,8 @@ def target_gradient(store: LanceStore, name: str, spec: ModelSpec, settings: Gra
     )
 
     loaded, _ = load_current_model(store.root, spec)
-    total: dict[str, Tensor] = {}
+    sums: dict[str, Tensor] = {}
+    stacks: dict[str, list[Tensor]] = {}
     n = 0
     records = rows.drop_columns(["content_hash"]).to_pylist()
     for _ids, grads, _outputs in gradient_batches(loaded, records, settings, spec.max_length,
@@ -95,15 +120,27 @@ def target_gradient(store: LanceStore, name: str, spec: ModelSpec, settings: Gra
         keep = finite_rows(grads)
         if not bool(keep.all()):
             log(f"target set {name}: {int((~keep).sum())} examples with non-finite gradients left out")
-        for key, g in grads.items():
-            part = g[keep].sum(0, dtype=torch.float64)
-            total[key] = part if key not in total else total[key] + part
         n += int(keep.sum())
+        kept = {key: g[keep].cpu() for key, g in grads.items()}
+        if per_example:
+            for key, g in sketch.apply(kept).items():
+                stacks.setdefault(key, []).append(g.cpu().to(torch.float64))
+            continue
+        for key, g in kept.items():
+            part = g.sum(0, dtype=torch.float64)
+            sums[key] = part if key not in sums else sums[key] + part
     if n == 0:
         raise DataError(f"target set {name!r}: no example has a finite gradient")
-    v = {key: t.to(torch.float64) for key, t in sketch.apply_one({k: (t / n).cpu() for k, t in total.items()}).items()}
-    store.write_target_gradient(name, torch.cat([v[k].reshape(-1) for k in sorted(v)]), n, digest, fingerprint)
-    return v, n, True
+    examples = None
+    if per_example:
+        examples = {key: torch.cat(parts) for key, parts in sorted(stacks.items())}
+        v = {key: t.mean(0) for key, t in examples.items()}
+        flat = torch.cat([examples[k].reshape(n, -1) for k in sorted(examples)], dim=1)
+    else:
+        v = {key: t.to(torch.float64) for key, t in sketch.apply_one({k: t / n for k, t in sums.items()}).items()}
+        flat = torch.cat([v[k].reshape(-1) for k in sorted(v)])
+    store.write_target_gradient(name, flat, n, digest, fingerprint)
+    return TargetGradient(v, n, True, examples)
 
 
 def _worst(diagnostics: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
@@ -129,19 +166,34 @@ def query_vector(store: LanceStore, v: Mapping[str, Tensor], prepared: Prepared,
     return vector, {k: d.to_dict() for k, d in measured.items()}
 
 
+def cover_queries(store: LanceStore, name: str, spec: ModelSpec, settings: GradientSettings,
+                  fingerprint: Fingerprint, prepared: Prepared, whitening: Whitening | None = None) -> Tensor:
+    """The queries of target set `name`'s cover ranking (signals/cover.py): every target example's gradient
+    preconditioned by `prepared` (a stored inverse: hyperinf, tracin), laid out like a row (whitened rows: mapped
+    by `Whitening.to_rows`); (m, width) float32. Reads the per-example target gradients the queries stage kept
+    (`per_example`)."""
+    examples = target_gradient(store, name, spec, settings, fingerprint, per_example=True).examples
+    pv = prepared.apply(examples)
+    q = whitening.to_rows(pv) if whitening is not None else pv
+    return torch.cat([q[k].reshape(len(q[k]), -1) for k in sorted(q)], dim=1).float()
+
+
 def build_target_queries(store: LanceStore, targets: Sequence[str], spec: ModelSpec, settings: GradientSettings,
-                         methods: Sequence[EstimatorOptions], *, log: Log = print) -> QueriesSummary:
-    """Every (target set, method) query from the stored preconditioners (see the module docstring)."""
+                         methods: Sequence[EstimatorOptions], *, per_example: bool = False,
+                         log: Log = print) -> QueriesSummary:
+    """Every (target set, method) query from the stored preconditioners (see the module docstring);
+    `per_example` (signals.cover): the target gradients are kept per example for the cover rankings."""
     start = time.perf_counter()
     fp = checked_fingerprint(store, settings)
     whitening = current_whitening(store, settings)
     queries, sizes, recomputed = [], {}, []
     for name in targets:
-        v, sizes[name], fresh = target_gradient(store, name, spec, settings, fp, log=log)
-        if fresh:
+        target = target_gradient(store, name, spec, settings, fp, per_example=per_example, log=log)
+        sizes[name] = target.count
+        if target.recomputed:
             recomputed.append(name)
         for options in methods:
-            vector, diagnostics = query_vector(store, v, load_preconditioner(store, fp, options), whitening)
+            vector, diagnostics = query_vector(store, target.mean, load_preconditioner(store, fp, options), whitening)
             queries.append(Query(name, options.method, vector, fp.digest(), diagnostics))
     store.write_queries(queries)
     drop_stale(store, "queries", ["target_set", "method"], {(t, o.method) for t in targets for o in methods})

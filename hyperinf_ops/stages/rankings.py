@@ -16,6 +16,8 @@ them like an estimator's:
                  example's stored gradient norm sqrt(sum_l |b_l|^2) (the rows' `sq_norms`): LESS's unit-normalised
                  gradients, so a large gradient (a wrong answer, a rarely predicted token) does not by itself
                  make an example influential
+    *_cover      every target set, hyperinf and tracin (`signals.cover`): written by the influence scan itself
+                 (stages/scores.py, signals/cover.py), listed here because `fused` may read them
     hyperinf_cp  every target set: HyperINF summed over the warm-up's checkpoints, each epoch's scores divided by
                  their standard deviation first (stages/checkpoints.py; the end point is the stored `hyperinf`;
                  an adapter without earlier checkpoints, given or trained one epoch, has its end point only)
@@ -38,19 +40,25 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 import numpy as np
-import pandas as pd
 import pyarrow as pa
 
 from hyperinf_ops.adapters import AdapterStore
 from hyperinf_ops.errors import DataError
 from hyperinf_ops.fingerprint import Fingerprint
 from hyperinf_ops.scorer import ranking_table, write_ranking
-from hyperinf_ops.settings import SELF_SIGNALS, SELF_TARGET, SIGNALS, UNIT_RANKINGS, SignalSettings
+from hyperinf_ops.settings import (
+    COVER_RANKINGS,
+    SELF_SIGNALS,
+    SELF_TARGET,
+    SIGNALS,
+    UNIT_RANKINGS,
+    SignalSettings,
+)
 from hyperinf_ops.signals.fusion import rank_fusion
 from hyperinf_ops.signals.label_quality import assess_labels
 from hyperinf_ops.stages.checkpoints import checkpoint_signal
 from hyperinf_ops.stages.common import Log, Summary, drop_stale, require_table
-from hyperinf_ops.stages.scores import read_scores
+from hyperinf_ops.stages.scores import read_scores, row_norms
 from hyperinf_ops.store import LanceStore, label_suggestions_schema, sql_literal
 
 __all__ = ["RankingsSummary", "fusion_member", "write_rankings"]
@@ -69,7 +77,7 @@ class RankingsSummary(Summary):
 
 def fusion_member(member: str, target_set: str, estimators: Sequence[str]) -> tuple[str, str] | None:
     """The (target set, method) of `scores` a `signals.fuse` member reads for `target_set`, None if unknown."""
-    if member in estimators or member in ("hyperinf_cp", "similarity", *UNIT_RANKINGS):
+    if member in estimators or member in ("hyperinf_cp", "similarity", *UNIT_RANKINGS, *COVER_RANKINGS):
         return target_set, member
     if member == "self_influence":
         return SELF_TARGET, "hyperinf"
@@ -125,7 +133,7 @@ def write_rankings(store: LanceStore, fingerprint: Fingerprint, gradients_versio
             continue
         put(t, "similarity", values)
     units = [m for m in ("hyperinf", "tracin") if m in estimators] if signals.unit else []
-    norms = _row_norms(store, fingerprint) if units else None
+    norms = row_norms(store, fingerprint) if units else None
     for t in targets:
         for m in units:
             put(t, f"{m}_unit", _scores(store, t, m, ids) / norms.reindex(ids.to_pylist()).to_numpy())
@@ -155,7 +163,7 @@ def write_rankings(store: LanceStore, fingerprint: Fingerprint, gradients_versio
         for member in fuse:
             key = fusion_member(member, t, estimators)
             values = written.get(key) if key else None
-            stored = key is not None and (key[1] in estimators or key == (SELF_TARGET, "hyperinf"))
+            stored = key is not None and (key[1] in (*estimators, *COVER_RANKINGS) or key == (SELF_TARGET, "hyperinf"))
             if values is None and stored:
                 values = _scores(store, *key, ids)
             if values is None:
@@ -189,17 +197,6 @@ def _outputs(store: LanceStore, fingerprint: Fingerprint) -> pa.Table:
     if table.num_rows == 0:
         raise DataError("no example outputs of the current gradient rows: materialize lora_gradients first")
     return table.sort_by("sample_id")
-
-
-def _row_norms(store: LanceStore, fingerprint: Fingerprint) -> pd.Series:
-    """sample_id -> the stored gradient row's norm, sqrt of the sum of its blocks' squared norms (floored at the
-    smallest positive one, so a zero gradient scores 0 rather than NaN)."""
-    rows = store.open("gradients").to_table(columns=["sample_id", "sq_norms"],
-                                            filter=f"fingerprint = {sql_literal(fingerprint.digest())}")
-    blocks = rows["sq_norms"].combine_chunks()
-    sq = np.asarray(blocks.values, dtype=np.float64).reshape(len(rows), -1).sum(1)
-    norms = np.sqrt(np.maximum(sq, sq[sq > 0].min() if (sq > 0).any() else 1.0))
-    return pd.Series(norms, index=rows["sample_id"].to_pylist())
 
 
 def _aligned(rows: pa.Table, ids: pa.ChunkedArray, source: str | None) -> np.ndarray | None:

@@ -153,7 +153,7 @@ def agreement_check(store: LanceStore, spec: ModelSpec, settings: GradientSettin
     sample = {name: torch.cat([g[name].cpu() for _, g in batches]) for name in exact.shapes}
     spearman = {}
     for name in targets:
-        v, _, _ = target_gradient(store, name, spec, settings, fp, log=log)
+        v = target_gradient(store, name, spec, settings, fp, log=log).mean
         reference = score_gradients(exact.apply_one(v), sample).numpy()
         stored = read_scores(store, name, options.method).set_index("sample_id")["score"].reindex(sample_ids)
         spearman[name] = float(pd.Series(reference).corr(pd.Series(stored.to_numpy()), method="spearman"))

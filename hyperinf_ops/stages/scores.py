@@ -1,6 +1,7 @@
-"""Stage: every stored gradient row scored against every configured (target set, method) query, and its
-self-influence under the stored hyperinf / tracin preconditioners (target set "self"), in one scan
-(`scorer.score_store`), with the numbers a person checks first: score distribution and the extremes."""
+"""Stage: every stored gradient row scored against every configured (target set, method) query, its
+self-influence under the stored hyperinf / tracin preconditioners (target set "self") and, with
+`signals.cover`, every target example's query of the cover rankings (`<method>_cover`, signals/cover.py), in one
+scan (`scorer.score_store`), with the numbers a person checks first: score distribution and the extremes."""
 
 from __future__ import annotations
 
@@ -12,25 +13,29 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 
 from hyperinf_ops.data.prepare import RESERVED_COLUMNS
 from hyperinf_ops.errors import DataError
 from hyperinf_ops.fingerprint import Fingerprint
-from hyperinf_ops.scorer import score_store
+from hyperinf_ops.scorer import QueryGroup, score_store
 from hyperinf_ops.settings import (
     SELF_INFLUENCE_METHODS,
     SELF_TARGET,
     SIGNALS,
     EstimatorOptions,
     GradientSettings,
+    ModelSpec,
 )
+from hyperinf_ops.signals.cover import cover_scores
 from hyperinf_ops.stages.codec import current_whitening
 from hyperinf_ops.stages.common import Log, Summary, drop_stale
 from hyperinf_ops.stages.preconditioners import checked_fingerprint, load_preconditioner
 from hyperinf_ops.store import LanceStore, sql_literal
 from hyperinf_ops.tasks import get_task
 
-__all__ = ["ScoreStepSummary", "display_columns", "extremes", "read_scores", "score", "self_influence_pairs"]
+__all__ = ["ScoreStepSummary", "display_columns", "extremes", "read_scores", "row_norms", "score",
+           "self_influence_pairs"]
 
 SHOWN = 10  # rows in "most helpful / most harmful" lists
 SHOWN_CARRY = 4  # carry columns in them: a pool may carry dozens
@@ -87,14 +92,47 @@ def self_influence_pairs() -> set[tuple[str, str]]:
     return {(SELF_TARGET, m) for m in SELF_INFLUENCE_METHODS}
 
 
+def row_norms(store: LanceStore, fingerprint: Fingerprint) -> pd.Series:
+    """sample_id -> the stored gradient row's norm, sqrt of the sum of its blocks' squared norms (floored at the
+    smallest positive one, so a zero gradient scores 0 rather than NaN)."""
+    rows = store.open("gradients").to_table(columns=["sample_id", "sq_norms"],
+                                            filter=f"fingerprint = {sql_literal(fingerprint.digest())}")
+    blocks = rows["sq_norms"].combine_chunks()
+    sq = np.asarray(blocks.values, dtype=np.float64).reshape(len(rows), -1).sum(1)
+    norms = np.sqrt(np.maximum(sq, sq[sq > 0].min() if (sq > 0).any() else 1.0))
+    return pd.Series(norms, index=rows["sample_id"].to_pylist())
+
+
+def _cover_groups(store: LanceStore, settings: GradientSettings, spec: ModelSpec, fingerprint: Fingerprint,
+                  targets: Sequence[str], cover: Sequence[EstimatorOptions]) -> list[QueryGroup]:
+    """One QueryGroup per (target set, cover method): its target examples' queries, reduced by cover_scores over
+    the rows' norms."""
+    from hyperinf_ops.stages.queries import cover_queries
+
+    if not cover:
+        return []
+    norms = row_norms(store, fingerprint)
+
+    def reduce(sample_ids: pa.Array, influence: np.ndarray) -> np.ndarray:
+        return cover_scores(influence, norms.reindex(sample_ids.to_pylist()).to_numpy())
+
+    whitening = current_whitening(store, settings)
+    return [QueryGroup(t, f"{o.method}_cover",
+                       cover_queries(store, t, spec, settings, fingerprint, load_preconditioner(store, fingerprint, o),
+                                     whitening), reduce)
+            for t in targets for o in cover]
+
+
 def score(store: LanceStore, settings: GradientSettings, pairs: Sequence[tuple[str, str]], *, task: str,
           shown: tuple[str, str], self_influence: Sequence[EstimatorOptions] = (), device: str | None = None,
+          cover: Sequence[EstimatorOptions] = (), spec: ModelSpec | None = None,
           rankings: Callable[[Fingerprint, int, str], Any] | None = None, log: Log = print) -> ScoreStepSummary:
-    """Score every gradient row against the stored query of every (target set, method) in `pairs` and its
-    self-influence under the stored preconditioner of every options in `self_influence` (target set "self",
-    same scan); `shown` is the pair whose most helpful / harmful examples the summary lists. `rankings(fingerprint,
-    gradients version, run id)` then writes the rankings beside influence (stages/rankings.py; its pairs are
-    part of the summary)."""
+    """Score every gradient row against the stored query of every (target set, method) in `pairs`, its
+    self-influence under the stored preconditioner of every options in `self_influence` (target set "self")
+    and, for every options in `cover` (hyperinf, tracin; `spec` then needed), the cover ranking
+    `<method>_cover` of every target set in `pairs` (signals/cover.py), all in one scan; `shown` is the pair
+    whose most helpful / harmful examples the summary lists. `rankings(fingerprint, gradients version, run id)`
+    then writes the rankings beside influence (stages/rankings.py; its pairs are part of the summary)."""
     start = time.perf_counter()
     fp = checked_fingerprint(store, settings)
     wanted = set(pairs)
@@ -102,10 +140,13 @@ def score(store: LanceStore, settings: GradientSettings, pairs: Sequence[tuple[s
     missing = sorted(wanted - {(q.target_set, q.method) for q in queries})
     if missing:
         raise DataError(f"no stored queries for {missing}: materialize target_queries first")
+    if cover and spec is None:
+        raise DataError("cover rankings need the model spec (their target examples' gradients)")
     prepared = [load_preconditioner(store, fp, o) for o in self_influence]
-    result = score_store(store, queries, self_influence=prepared, whitening=current_whitening(store, settings),
-                         device=device, progress=lambda e: log(str(e)))
-    written = wanted | {(SELF_TARGET, p.method) for p in prepared}
+    groups = _cover_groups(store, settings, spec, fp, sorted({t for t, _ in pairs}), cover) if cover else []
+    result = score_store(store, queries, self_influence=prepared, groups=groups,
+                         whitening=current_whitening(store, settings), device=device, progress=lambda e: log(str(e)))
+    written = wanted | {(SELF_TARGET, p.method) for p in prepared} | {(g.target_set, g.method) for g in groups}
     drop_stale(store, "scores", ["target_set", "method"], written, among=lambda key: key[1] not in SIGNALS)
     ranked = rankings(fp, result.gradients_version, result.run_id) if rankings is not None else None
     written |= {tuple(pair.split("/", 1)) for pair in (ranked.pairs if ranked is not None else [])}
@@ -128,6 +169,8 @@ def score(store: LanceStore, settings: GradientSettings, pairs: Sequence[tuple[s
         most_helpful=extremes(store, task, *shown, helpful=True),
         most_harmful=extremes(store, task, *shown, helpful=False))
     log(f"scored {result.rows} rows x {len(queries)} queries"
+        + (f" + {len(groups)} cover rankings ({sum(len(g.vectors) for g in groups)} target-example queries)"
+           if groups else "")
         + (f" + self-influence ({', '.join(p.method for p in prepared)})" if prepared else "")
         + f" in {result.seconds:.1f}s on {result.device}, scores v{summary.scores_version}")
     return summary
