@@ -23,6 +23,7 @@ __all__ = [
     "ROW_BUDGET",
     "UNIT_RANKINGS",
     "COVER_RANKINGS",
+    "cover_on",
     "METHODS",
     "PIPELINE_METHODS",
     "SELF_INFLUENCE_METHODS",
@@ -184,12 +185,13 @@ class SignalSettings(Settings):
     pass: the rows store their blocks' squared norms). cover: `hyperinf_cover` and `tracin_cover` = every target
     example's most influential pool examples first, a round robin over the target examples of the unit-normalised
     influence on each (signals/cover.py: LESS's max over subtasks, each target example a subtask; the influence
-    scan gets one query per target example, and `target_gradients` keeps every target example's gradient)."""
+    scan gets one query per target example, and `target_gradients` keeps every target example's gradient);
+    None = on for a causal LM (`cover_on`), off otherwise."""
 
     probe: bool = True
     similarity: bool = False
     unit: bool = False
-    cover: bool = False
+    cover: bool | None = None
     folds: int = Field(0, ge=0)
     checkpoints: bool = True
     fuse: tuple[str, ...] | None = Field(None, strict=False, min_length=1)
@@ -200,6 +202,12 @@ class SignalSettings(Settings):
         if folds == 1:
             raise ValueError("one fold leaves nothing out; use 0 (off) or >= 2")
         return folds
+
+
+def cover_on(cover: bool | None, task: Any) -> bool:
+    """`signals.cover` resolved: None = on for a causal LM, where the cover ranking selected best on both tasks
+    measured (docs/results.md, section 8), off for classification (not measured there)."""
+    return task == "causal_lm" if cover is None else cover
 
 
 def default_fusion(estimators: tuple[str, ...] | list[str], checkpoints: bool, probe: bool,

@@ -64,8 +64,12 @@ def test_defaults_and_relative_paths(project: Path, monkeypatch: pytest.MonkeyPa
         "loss", "tracin", "probe")
     causal = load_config({**minimal(), "task": "causal_lm"}, base_dir=project)
     assert causal.fusion_members == ("loss", "hyperinf_cp") and causal.curation.query == "top_fraction"
-    assert causal.curation.params == {"target_set": "clean_val", "method": "hyperinf", "fraction": 0.8,
+    # a causal LM: the top 5% by the cover ranking, which is on by default there (docs/results.md, section 8)
+    assert causal.curation.params == {"target_set": "clean_val", "method": "hyperinf_cover", "fraction": 0.05,
                                       "balance": True}
+    assert [o.method for o in causal.cover_estimators] == ["hyperinf", "tracin"] and not cfg.cover_estimators
+    assert load_config({**minimal(), "task": "causal_lm", "signals": {"cover": False}},
+                       base_dir=project).curation.params["method"] == "hyperinf"
     # a query's target set and method default to the first target set and estimator, balance to on
     top = load_config({**minimal(), "curation": {"query": "top_fraction", "params": {"fraction": 0.8}}},
                       base_dir=project)

@@ -237,8 +237,9 @@ def test_causal_lm_with_where_target(tmp_path: Path):
     cfg = load_config(cfg_path)
     store = LanceStore(str(cfg.storage_root))
     assert report.gradients == ["a", "b"] and AdapterStore(cfg.storage_root).current().source == "trained"
-    # the estimators, hyperinf_cp (one epoch: its end point) and fused of the target set; self-influence and loss
-    assert store.open("targets").count_rows() == 5 and counts(store)["scores"] == 40 * (2 + 2 + 2 + 1)
+    # the estimators, their cover rankings (on by default for a causal LM), hyperinf_cp (one epoch: its end point)
+    # and fused of the target set; self-influence and loss
+    assert store.open("targets").count_rows() == 5 and counts(store)["scores"] == 40 * (2 + 2 + 2 + 2 + 1)
     assert not store.exists("label_suggestions") or store.open("label_suggestions").count_rows() == 0
     assert pd.read_parquet(cfg.storage_root / "exports" / "top_k" / "subset.parquet").shape[0] == 5
     agreement = agreement_check(store, cfg.model_spec, cfg.gradient_settings, cfg.estimator("hyperinf"),

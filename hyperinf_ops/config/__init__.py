@@ -62,6 +62,7 @@ from hyperinf_ops.settings import (
     SolverOptions,
     TaskName,
     TrainSettings,
+    cover_on,
     default_fusion,
 )
 
@@ -225,8 +226,9 @@ class HyperinfConfig(Settings):
     @property
     def cover_estimators(self) -> list[EstimatorOptions]:
         """The estimators whose cover ranking (`<method>_cover`) the scoring writes: hyperinf and tracin when
-        configured, with `signals.cover`."""
-        return [self.estimator(m) for m in ("hyperinf", "tracin") if self.signals.cover and m in self.estimators]
+        configured, with `signals.cover` (by default for a causal LM)."""
+        return [self.estimator(m) for m in ("hyperinf", "tracin")
+                if cover_on(self.signals.cover, self.task) and m in self.estimators]
 
     @property
     def self_influence_estimators(self) -> list[EstimatorOptions]:
@@ -310,8 +312,12 @@ def _curation_with_defaults(raw: Mapping[str, Any]) -> Any:
     info = curation_queries().get(query)
     if info is None or not isinstance(params, Mapping) or not isinstance(estimators, list | tuple) or not estimators:
         return curation
+    method = estimators[0]
+    signals = raw.get("signals") if isinstance(raw.get("signals"), Mapping) else {}
+    if raw.get("task") == "causal_lm" and method in ("hyperinf", "tracin") and cover_on(signals.get("cover"), "causal_lm"):
+        method = f"{method}_cover"  # a causal LM's best selection on both tasks measured (docs/results.md, section 8)
     # class-balanced by default: measured better than the plain top fraction (docs/results.md, section 2)
-    defaults = {"target_set": next(iter(targets)), "method": estimators[0], "balance": True}
+    defaults = {"target_set": next(iter(targets)), "method": method, "balance": True}
     if isinstance(params.get("method"), str) and params["method"] in SELF_SIGNALS:
         defaults["target_set"] = SELF_TARGET  # target-free rankings are stored under target set `self`
     return {**curation, "query": query,
@@ -358,7 +364,7 @@ def rankings(raw: Mapping[str, Any]) -> dict[str, str]:
         out["similarity"] = "*"
     if signals.get("unit", SignalSettings().unit):
         out.update({f"{m}_unit": "*" for m in ("hyperinf", "tracin") if m in out})
-    if signals.get("cover", SignalSettings().cover):
+    if cover_on(signals.get("cover"), raw.get("task", "classification")):
         out.update({f"{m}_cover": "*" for m in ("hyperinf", "tracin") if m in out})
     out["fused"] = "*"
     return out
