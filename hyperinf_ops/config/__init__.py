@@ -315,7 +315,7 @@ def _curation_with_defaults(raw: Mapping[str, Any]) -> Any:
     method = estimators[0]
     signals = raw.get("signals") if isinstance(raw.get("signals"), Mapping) else {}
     if raw.get("task") == "causal_lm" and method in ("hyperinf", "tracin") and cover_on(signals.get("cover"), "causal_lm"):
-        method = f"{method}_cover"  # a causal LM's best selection on both tasks measured (docs/results.md, section 8)
+        method = f"{method}_cover"  # lowest test loss on both LLM tasks measured (docs/results.md, section 8)
     # class-balanced by default: measured better than the plain top fraction (docs/results.md, section 2)
     defaults = {"target_set": next(iter(targets)), "method": method, "balance": True}
     if isinstance(params.get("method"), str) and params["method"] in SELF_SIGNALS:
