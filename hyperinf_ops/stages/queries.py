@@ -167,15 +167,19 @@ def query_vector(store: LanceStore, v: Mapping[str, Tensor], prepared: Prepared,
 
 
 def cover_queries(store: LanceStore, name: str, spec: ModelSpec, settings: GradientSettings,
-                  fingerprint: Fingerprint, prepared: Prepared, whitening: Whitening | None = None) -> Tensor:
-    """The queries of target set `name`'s cover ranking (signals/cover.py): every target example's gradient
-    preconditioned by `prepared` (a stored inverse: hyperinf, tracin), laid out like a row (whitened rows: mapped
-    by `Whitening.to_rows`); (m, width) float32. Reads the per-example target gradients the queries stage kept
-    (`per_example`)."""
+                  fingerprint: Fingerprint, prepared: Sequence[Prepared], whitening: Whitening | None = None
+                  ) -> list[Tensor]:
+    """The queries of target set `name`'s cover rankings (signals/cover.py), one (m, width) float32 tensor per
+    stored inverse in `prepared` (hyperinf, tracin): every target example's gradient preconditioned by it, laid
+    out like a row (whitened rows: mapped by `Whitening.to_rows`). Reads the per-example target gradients the
+    queries stage kept (`per_example`) once for every inverse."""
     examples = target_gradient(store, name, spec, settings, fingerprint, per_example=True).examples
-    pv = prepared.apply(examples)
-    q = whitening.to_rows(pv) if whitening is not None else pv
-    return torch.cat([q[k].reshape(len(q[k]), -1) for k in sorted(q)], dim=1).float()
+    out = []
+    for inverse in prepared:
+        pv = inverse.apply(examples)
+        q = whitening.to_rows(pv) if whitening is not None else pv
+        out.append(torch.cat([q[k].reshape(len(q[k]), -1) for k in sorted(q)], dim=1).float())
+    return out
 
 
 def build_target_queries(store: LanceStore, targets: Sequence[str], spec: ModelSpec, settings: GradientSettings,

@@ -117,10 +117,11 @@ def _cover_groups(store: LanceStore, settings: GradientSettings, spec: ModelSpec
         return cover_scores(influence, norms.reindex(sample_ids.to_pylist()).to_numpy())
 
     whitening = current_whitening(store, settings)
-    return [QueryGroup(t, f"{o.method}_cover",
-                       cover_queries(store, t, spec, settings, fingerprint, load_preconditioner(store, fingerprint, o),
-                                     whitening), reduce)
-            for t in targets for o in cover]
+    prepared = [load_preconditioner(store, fingerprint, o) for o in cover]
+    return [QueryGroup(t, f"{o.method}_cover", vectors, reduce)
+            for t in targets
+            for o, vectors in zip(cover, cover_queries(store, t, spec, settings, fingerprint, prepared, whitening),
+                                  strict=True)]
 
 
 def score(store: LanceStore, settings: GradientSettings, pairs: Sequence[tuple[str, str]], *, task: str,
