@@ -28,14 +28,22 @@ __all__ = ["cover_scores"]
 
 def cover_scores(influence: np.ndarray, row_norms: np.ndarray) -> np.ndarray:
     """influence: (n, m) <q_j, row_k> of n pool rows against m target examples' queries; row_norms: (n,) > 0.
-    Returns (n,) float64 cover(k) of the module docstring: higher = placed earlier."""
-    influence = np.asarray(influence, dtype=np.float64)
+    Returns (n,) float64 cover(k) of the module docstring: higher = placed earlier.
+
+    One target example (column) at a time, so the memory beyond `influence` is a few (n,) vectors: the scan
+    already holds n x m scores, and a 1M-row pool against 50 target examples is 400 MB of them in float64."""
+    influence = np.asarray(influence)
     n, m = influence.shape
     if m == 0:
         raise ValueError("cover needs at least one target example")
+    row_norms = np.asarray(row_norms, dtype=np.float64)
     if row_norms.shape != (n,) or not (row_norms > 0).all():
         raise ValueError(f"row_norms must be {n} positive values, got shape {row_norms.shape}")
-    unit = influence / row_norms[:, None]
-    # percentile per column: rank 1 (lowest) -> 1/n, the highest -> 1; ties get distinct ranks by row order
-    percentile = (np.argsort(np.argsort(unit, axis=0, kind="stable"), axis=0, kind="stable") + 1) / n
-    return percentile.max(1) + percentile.mean(1) / (n + 1)
+    steps = np.arange(1, n + 1, dtype=np.float64) / n
+    best, total, percentile = np.zeros(n), np.zeros(n), np.empty(n)
+    for j in range(m):
+        # percentile in the column: the lowest 1/n, the highest 1; ties get distinct ranks by row order
+        percentile[np.argsort(influence[:, j] / row_norms, kind="stable")] = steps
+        np.maximum(best, percentile, out=best)
+        total += percentile
+    return best + total / m / (n + 1)
