@@ -135,7 +135,7 @@ def target_gradient(store: LanceStore, name: str, spec: ModelSpec, settings: Gra
     if per_example:
         examples = {key: torch.cat(parts) for key, parts in sorted(stacks.items())}
         v = {key: t.mean(0) for key, t in examples.items()}
-        flat = torch.cat([examples[k].reshape(n, -1) for k in sorted(examples)], dim=1)
+        flat = _row_layout(examples)
     else:
         v = {key: t.to(torch.float64) for key, t in sketch.apply_one({k: t / n for k, t in sums.items()}).items()}
         flat = torch.cat([v[k].reshape(-1) for k in sorted(v)])
@@ -178,8 +178,14 @@ def cover_queries(store: LanceStore, name: str, spec: ModelSpec, settings: Gradi
     for inverse in prepared:
         pv = inverse.apply(examples)
         q = whitening.to_rows(pv) if whitening is not None else pv
-        out.append(torch.cat([q[k].reshape(len(q[k]), -1) for k in sorted(q)], dim=1).float())
+        out.append(_row_layout(q).float())
     return out
+
+
+def _row_layout(stacks: Mapping[str, Tensor]) -> Tensor:
+    """name -> (n, r, k) -> (n, width): every matrix's values side by side in sorted-name order, as a row holds
+    them."""
+    return torch.cat([stacks[k].reshape(len(stacks[k]), -1) for k in sorted(stacks)], dim=1)
 
 
 def build_target_queries(store: LanceStore, targets: Sequence[str], spec: ModelSpec, settings: GradientSettings,
