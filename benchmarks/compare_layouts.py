@@ -36,15 +36,14 @@ from hyperinf_ops.store import LanceStore  # noqa: E402
 
 
 def _scores(store: LanceStore, target_set: str) -> pd.DataFrame:
-    table = store.open("scores").to_table(columns=["sample_id", "target_set", "method", "score"],
+    table = store.open("scores").to_table(columns=["sample_id", "method", "score"],
                                           filter=f"target_set = '{target_set}'")
     return table.to_pandas()
 
 
-def _bytes_per_row(root: Path) -> float:
+def _bytes_per_row(root: Path, store: LanceStore) -> float:
     files = [p for p in (root / "lance" / "gradients.lance").rglob("*") if p.is_file()]
-    rows = LanceStore(str(root)).open("gradients").count_rows()
-    return sum(p.stat().st_size for p in files) / max(rows, 1)
+    return sum(p.stat().st_size for p in files) / max(store.open("gradients").count_rows(), 1)
 
 
 def _top(scores: pd.Series, fraction: float) -> set[str]:
@@ -54,18 +53,21 @@ def _top(scores: pd.Series, fraction: float) -> set[str]:
 
 
 def _selection(store: LanceStore, fraction: float) -> dict[str, dict]:
-    """method (or "full" / "random") -> test loss / accuracy per seed from the stored evaluation table."""
+    """method (or "full" / "random") -> test loss / accuracy per seed from the stored evaluation table: the
+    curated fits at `fraction`, the random fits of their sizes (a random subset records its own share, e.g.
+    0.2002 for 408 of 2,038) and the full pool's."""
     if not store.exists("evaluation"):
         return {}
     ev = store.open("evaluation").to_table().to_pandas()
+    curated = ev[(ev.subset == "curated") & ((ev.fraction - fraction).abs() < 1e-9)]
+    keep = ev[(ev.subset == "full") | ev.index.isin(curated.index)
+              | ((ev.subset == "random") & ev.n_examples.isin(curated.n_examples))]
     out: dict[str, dict] = {}
-    for (subset, method), rows in ev.groupby([ev.subset, ev.method.fillna("")]):
-        if subset != "full" and abs(rows.fraction.iloc[0] - fraction) > 1e-9:
-            continue
+    for (subset, method), rows in keep.groupby([keep.subset, keep.method.fillna("")]):
         rows = rows.sort_values("seed")
-        name = method if subset == "curated" else subset
-        out[name] = {"seeds": rows.seed.tolist(), "test_loss": rows.test_loss.tolist(),
-                     "test_accuracy": rows.test_accuracy.tolist()}
+        out[method if subset == "curated" else subset] = {
+            "seeds": rows.seed.tolist(), "test_loss": rows.test_loss.tolist(),
+            "test_accuracy": rows.test_accuracy.tolist()}
     return out
 
 
@@ -74,11 +76,12 @@ def compare(stores: Mapping[str, Path], target_set: str, fraction: float,
     """Every layout's rankings, export and selection against the first store's (see the module docstring); only
     `methods` when given, else every ranking all stores hold."""
     names = list(stores)
-    frames = {name: _scores(LanceStore(str(root)), target_set) for name, root in stores.items()}
+    opened = {name: LanceStore(str(root)) for name, root in stores.items()}
+    frames = {name: _scores(store, target_set) for name, store in opened.items()}
     reference = frames[names[0]]
     groups = None
     if group_by:
-        examples = LanceStore(str(stores[names[0]])).open("examples").to_table(columns=["sample_id", group_by])
+        examples = opened[names[0]].open("examples").to_table(columns=["sample_id", group_by])
         groups = examples.to_pandas().set_index("sample_id")[group_by]
     methods = sorted(set(methods or reference.method).intersection(*(set(f.method) for f in frames.values())))
     agreement: dict[str, dict[str, dict]] = {}
@@ -97,11 +100,12 @@ def compare(stores: Mapping[str, Path], target_set: str, fraction: float,
                 agreement[name][method]["spearman_by_group"] = {
                     str(g): float(spearmanr(ref.loc[ids], got.loc[ids]).statistic)
                     for g, ids in ref.groupby(groups.loc[common]).groups.items()}
-    return {"target_set": target_set, "fraction": fraction, "group_by": group_by, "stores": {k: str(v) for k, v in stores.items()},
-            "bytes_per_row": {name: _bytes_per_row(Path(root)) for name, root in stores.items()},
-            "agreement": agreement,
-            "selection": {name: {m: v for m, v in _selection(LanceStore(str(root)), fraction).items()
-                                 if m in methods or m in ("full", "random")} for name, root in stores.items()}}
+    selection = {name: {m: v for m, v in _selection(store, fraction).items() if m in methods or m in ("full", "random")}
+                 for name, store in opened.items()}
+    return {"target_set": target_set, "fraction": fraction, "group_by": group_by,
+            "stores": {k: str(v) for k, v in stores.items()},
+            "bytes_per_row": {name: _bytes_per_row(Path(stores[name]), store) for name, store in opened.items()},
+            "agreement": agreement, "selection": selection}
 
 
 def _mean_half(values: Sequence[float]) -> str:

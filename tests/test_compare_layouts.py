@@ -32,9 +32,13 @@ def _store(root: Path, scores: np.ndarray, row_bytes: int, test_loss: float) -> 
     rng = np.random.default_rng(row_bytes)  # random bytes: Lance would compress constant ones away
     lance.write_dataset(pa.table({"sample_id": ids, "vector": [rng.bytes(row_bytes) for _ in ids]}),
                         root / "lance" / "gradients.lance")
-    lance.write_dataset(pa.table({"subset": ["curated", "full"], "method": ["hyperinf", None],
-                                  "fraction": [0.1, 1.0], "seed": [0, 0], "test_loss": [test_loss, 0.5],
-                                  "test_accuracy": [0.8, 0.7]}), root / "lance" / "evaluation.lance")
+    # a random subset records its own share (4 of 40 here; 408 of 2,038 = 0.2002 in the LLM demo), a random fit of
+    # another size (a 20% candidate's) must not be read as the 10% one's
+    lance.write_dataset(pa.table({"subset": ["curated", "random", "random", "full"],
+                                  "method": ["hyperinf", None, None, None], "fraction": [0.1, 0.1003, 0.2, 1.0],
+                                  "n_examples": [4, 4, 8, N], "seed": [0, 0, 0, 0],
+                                  "test_loss": [test_loss, 0.9, 0.8, 0.5], "test_accuracy": [0.8, 0.1, 0.2, 0.7]}),
+                        root / "lance" / "evaluation.lance")
     return root
 
 
@@ -60,10 +64,11 @@ def test_agreement_overlap_selection_and_bytes(bench, tmp_path):
     assert result["bytes_per_row"]["raw"] >= 4000
     assert result["selection"]["k=8"]["hyperinf"]["test_loss"] == [0.31]
     assert result["selection"]["raw"]["full"]["test_loss"] == [0.5]
+    assert result["selection"]["raw"]["random"]["test_loss"] == [0.9]
     table = bench.markdown(result)
     assert "| hyperinf | 1.000 / 1.000 / 1.00 / a " in table and "-1.000 / -1.000 / 0.00 / a -1.000" in table
     selection_row = next(line for line in table.splitlines() if line.startswith("| reversed |"))
-    assert selection_row.endswith("| 0.500 | 0.600 |")  # full pool, then the curated fit
+    assert selection_row.endswith("| 0.500 | 0.600 | 0.900 |")  # full pool, the curated fit, random
 
 
 def test_names_may_hold_equals_signs(bench, tmp_path):
