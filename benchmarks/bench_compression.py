@@ -29,6 +29,9 @@ What a setting is (the pipeline's data flow, with the row compressed before anyt
                random basis of the rest; issue 20's candidate, measured here only)
       wjl      c_l = g_l B_l, B_l = U_l (S_l + lambda_l)^-q U_l^T Q_l (the pilot GFIM's whitening, q = 1/2 or 1/4, then
                a random orthonormal Q_l (d_l, k): a JL sketch of the whitened gradient; measured here only)
+      krylov   c_l = g_l K_l, K_l an orthonormal basis of the block Krylov space of the pilot's damped GFIM started
+               from the mean target gradient (`krylov_bases`: a target-dependent basis, measured here only), stored
+               whitened in its space like swhite
     and sums the curvature of c (exact, float64, as `curvature.curvature_partials` does in the pass);
   - the row stored is the concatenated c in the storage dtype, encoded and decoded by the product's `RowFormat`
     (float32; float16 divided by its max |value|; int8 / int4 with one absmax scale per example and LoRA matrix),
@@ -161,6 +164,35 @@ def pilot_bases(grads: Mapping[str, Tensor], kind: str, k: int, seed: int, power
     return out
 
 
+def krylov_bases(grads: Mapping[str, Tensor], target: Mapping[str, Tensor], k: int, seed: int
+                 ) -> dict[str, Tensor | None]:
+    """name -> K_l (d_l, k): an orthonormal basis of the block Krylov space span{v^T, A v^T, A^2 v^T, ...} of the
+    pilot's damped GFIM A = G_pilot + lambda I (`_pilot`) started from the mean target gradient's rows v_l (r, d_l),
+    r columns per step, the last step cut to k. CG's space for (G + lambda I) x = v^T: the query's preconditioned
+    direction lies in it up to the pilot's error, so the target's scores survive the restriction to k columns.
+    A target-dependent basis (measured here only): a target set added after the rows are written gets none of it.
+    None where k >= d_l."""
+    curvature = _curvature(_pilot(grads, seed))
+    out: dict[str, Tensor | None] = {}
+    for name in sorted(grads):
+        d = grads[name].shape[-1]
+        if k >= d:
+            out[name] = None
+            continue
+        part = curvature[name]
+        damped = part.gfim() + part.damping(DAMPING_RATIO) * torch.eye(d, dtype=torch.float64)
+        block = torch.linalg.qr(target[name].to(torch.float64).T)[0]
+        columns = [block]
+        while sum(c.shape[1] for c in columns) < k:
+            step, basis = damped @ block, torch.cat(columns, 1)
+            for _ in range(2):  # twice: one Gram-Schmidt pass leaves float64 round-off in the earlier directions
+                step = step - basis @ (basis.T @ step)
+            block = torch.linalg.qr(step)[0][:, : k - basis.shape[1]]
+            columns.append(block)
+        out[name] = torch.cat(columns, 1).to(torch.float32).contiguous()
+    return out
+
+
 def whitening(grads: Mapping[str, Tensor], seed: int, power: float = 0.5) -> Whitening:
     """The product's whitening (`hyperinf_ops.core.whitening.Whitening`, W = U (S + lambda)^-power) from the GFIM
     of the pilot sample (`_pilot`: here a fraction of the pool; the pipeline takes `pilot_examples`)."""
@@ -216,7 +248,7 @@ def vector_bytes(shapes: Mapping[str, tuple[int, int]], widths: Mapping[str, int
 
 @dataclass(frozen=True)
 class Setting:
-    kind: str  # raw, sketch, orth, eigen, white, swhite, hybrid, wjl
+    kind: str  # raw, sketch, orth, eigen, white, swhite, hybrid, wjl, krylov
     dtype: str = "float32"
     k: int | None = None
     seed: int = 0
@@ -230,6 +262,8 @@ class Setting:
             return f"white^{self.power:g} pilot{self.seed} {self.dtype}"
         if self.kind == "swhite":
             return f"sketch k={self.k} P{self.seed} white^{self.power:g} {self.dtype}"
+        if self.kind == "krylov":
+            return f"krylov k={self.k} pilot{self.seed} white^{self.power:g} {self.dtype}"
         if self.kind == "wjl":
             return f"wjl^{self.power:g} k={self.k} P{self.seed} {self.dtype}"
         seed = f" P{self.seed}" if self.kind in ("sketch", "orth", "hybrid") else ""
@@ -242,6 +276,8 @@ class Setting:
             return f"white^{self.power:g} {self.dtype}"
         if self.kind == "swhite":
             return f"sketch k={self.k} white^{self.power:g} {self.dtype}"
+        if self.kind == "krylov":
+            return f"krylov k={self.k} white^{self.power:g} {self.dtype}"
         if self.kind == "wjl":
             return f"wjl^{self.power:g} k={self.k} {self.dtype}"
         return f"{self.kind} k={self.k} {self.dtype}" if self.kind in ("sketch", "orth", "hybrid") else self.label
@@ -269,13 +305,13 @@ def layout_settings(ks: Sequence[int], seeds: Sequence[int] = SKETCH_SEEDS) -> l
     """Issue 20's candidates at each k: raw fp32 (the reference) and today's whitened int4, then per k the plain
     sketch (fp32), the sketch whitened in sketch space (int4: the width rule's layout; fp32: the same without
     quantization), the pilot's top-k/2 eigenvectors + a random basis of the rest (hybrid, fp32) and the
-    whitened JL sketch (wjl, q = 1/2 and 1/4, fp32)."""
+    whitened JL sketch (wjl, q = 1/2 and 1/4, fp32) and the target's Krylov basis whitened in its space (int4)."""
     out = [Setting("raw"), Setting("white", "int4", None, 0, 0.25)]
     for k in ks:
         out += [Setting("sketch", "float32", k, s) for s in seeds]
         out += [Setting("swhite", dtype, k, s, 0.25) for dtype in ("int4", "float32") for s in seeds]
         out += [Setting("hybrid", "float32", k, 0), Setting("wjl", "float32", k, 0, 0.5),
-                Setting("wjl", "float32", k, 0, 0.25)]
+                Setting("wjl", "float32", k, 0, 0.25), Setting("krylov", "int4", k, 0, 0.25)]
     return out
 
 
@@ -439,6 +475,8 @@ def evaluate(pool: Pool, settings: Sequence[Setting], *, lissa_iterations: int =
                     bases = orthonormal_bases(shapes, setting.k, setting.seed)
                 elif setting.kind in ("hybrid", "wjl"):
                     bases = pilot_bases(pool.grads, setting.kind, setting.k, setting.seed, setting.power)
+                elif setting.kind == "krylov":
+                    bases = krylov_bases(pool.grads, pool.target, setting.k, setting.seed)
                 elif setting.kind == "swhite":
                     bases = sketch_bases(shapes, setting.k, setting.seed)
                 else:
@@ -452,7 +490,7 @@ def evaluate(pool: Pool, settings: Sequence[Setting], *, lissa_iterations: int =
             v, widths = pool.target, {name: shapes[name][1] for name in shapes}
         else:
             c, bases = cache[key]
-            if setting.kind == "swhite":
+            if setting.kind in ("swhite", "krylov"):
                 # whitened in the sketch space from the pilot's sketched GFIM (the pipeline's width-rule layout)
                 white = whitening(c, setting.seed, setting.power)
                 rows = white.undo(store_rows(white.apply(c), setting.dtype))
@@ -813,7 +851,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS,
                         help="influence rankings to measure (hyperinf and tracin always: self-influence needs them)")
     parser.add_argument("--kinds", nargs="+", choices=("raw", "sketch", "orth", "eigen", "white", "swhite", "hybrid",
-                                                       "wjl"),
+                                                       "wjl", "krylov"),
                         help="only these kinds of settings (raw float32, the reference, is always run)")
     parser.add_argument("--lissa-iterations", type=int, default=1000)
     parser.add_argument("--json", type=Path, help="write the result here")

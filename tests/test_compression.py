@@ -138,3 +138,24 @@ def test_whitening_is_lossless_before_quantization():
     assert white["label"] == "white^0.5 pilot0 float32" and white["ratio"] == 1
     for name in bench.RANKINGS:
         assert white["rankings"][name]["spearman_vs_raw"] > 0.999, name
+
+
+def test_krylov_basis_holds_the_target_and_its_scores():
+    """The Krylov basis is orthonormal and contains the mean target gradient's rows, so a plain dot-product score
+    (tracin) restricted to it is the raw one exactly; HyperINF's ranking agrees with raw better than a random
+    subspace of the same width does."""
+    pool = bench.synthetic_pool(n=400, seed=2)
+    k = 24
+    bases = bench.krylov_bases(pool.grads, pool.target, k, seed=0)
+    for name, basis in bases.items():
+        assert basis.shape == (128, k)
+        assert torch.allclose(basis.T @ basis, torch.eye(k), atol=1e-5)
+        v = pool.target[name].float()
+        assert torch.allclose(v @ basis @ basis.T, v, atol=1e-5 * float(v.abs().max()))
+    result = bench.evaluate(pool, [bench.Setting("raw"), bench.Setting("krylov", "float32", k, 0, 0.25),
+                                   bench.Setting("orth", "float32", k, 0)],
+                            lissa_iterations=50, methods=("hyperinf", "tracin"), log=lambda *_: None)
+    raw, krylov, orth = result["settings"]
+    assert krylov["label"] == f"krylov k={k} pilot0 white^0.25 float32"
+    assert krylov["rankings"]["tracin"]["spearman_vs_raw"] > 0.9999
+    assert krylov["rankings"]["hyperinf"]["spearman_vs_raw"] > orth["rankings"]["hyperinf"]["spearman_vs_raw"]
