@@ -30,7 +30,6 @@ from datetime import UTC, datetime
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import torch
 from torch import Tensor
 
@@ -48,18 +47,17 @@ from hyperinf_ops.fingerprint import Fingerprint, require_match
 from hyperinf_ops.memory import release_memory
 from hyperinf_ops.preconditioners import Prepared
 from hyperinf_ops.progress import ProgressCallback, ProgressMeter
+from hyperinf_ops.ranking_table import ranking_table, write_ranking
 from hyperinf_ops.settings import SELF_TARGET
-from hyperinf_ops.store import LanceStore, Query, scores_schema
+from hyperinf_ops.store import LanceStore, Query
 from hyperinf_ops.store.vectors import MAX_READ_BYTES, iter_fixed_rows
 
 __all__ = [
     "SELF_TARGET",
     "QueryGroup",
     "ScoreSummary",
-    "ranking_table",
     "raw_gradient_batches",
     "score_store",
-    "write_ranking",
 ]
 
 # Rows per read. Measured on 200k x 8192 fp16 rows (2 loaded CPU cores): 256-4096 all within noise of each
@@ -196,18 +194,6 @@ def _blocks(fmt: RowFormat, values: Tensor, meta: pa.RecordBatch, shapes: Mappin
         out[name] = x[:, start: start + r * d].reshape(-1, r, d)
         start += r * d
     return whitening.undo(out) if whitening is not None else out
-
-
-def _ranks(sample_ids: pa.Array, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """rank 1 = highest score (ties: smaller sample_id first); percentile = (n - rank + 1) / n."""
-    order = pc.sort_indices(
-        pa.table({"score": scores, "sample_id": sample_ids}),
-        sort_keys=[("score", "descending"), ("sample_id", "ascending")],
-    ).to_numpy()
-    n = len(scores)
-    rank = np.empty(n, dtype=np.int64)
-    rank[order] = np.arange(1, n + 1)
-    return rank, (n - rank + 1) / n
 
 
 def _query_scores(fmt: RowFormat, rows: Tensor, meta: pa.RecordBatch, q: Tensor,
@@ -361,39 +347,6 @@ def score_store(
         seconds=seconds,
         rows_per_second=n / seconds if seconds > 0 else math.inf,
     )
-
-
-def ranking_table(sample_ids: pa.Array | Sequence[str], target_set: str, method: str, values: np.ndarray, *,
-                  fingerprint: str, gradients_version: int, run_id: str, created_at: datetime) -> pa.Table:
-    """One (target_set, method)'s `scores` rows: `values` (N,) as the score (higher = keep), with rank 1 = the
-    highest (ties: smaller sample_id first) and percentile (n - rank + 1) / n."""
-    sample_ids = pa.array(sample_ids, pa.string()) if not isinstance(sample_ids, pa.Array) else sample_ids
-    values = np.asarray(values, dtype=np.float64)
-    if len(values) != len(sample_ids) or not np.isfinite(values).all():
-        raise NonFiniteGradientError(f"{target_set}/{method}: need {len(sample_ids)} finite scores")
-    n = len(sample_ids)
-    rank, percentile = _ranks(sample_ids, values)
-    return pa.table(
-        {
-            "sample_id": sample_ids,
-            "target_set": pa.repeat(pa.scalar(target_set, pa.string()), n),
-            "method": pa.repeat(pa.scalar(method, pa.string()), n),
-            "score": values,
-            "rank": rank,
-            "percentile": percentile,
-            "fingerprint": pa.repeat(pa.scalar(fingerprint, pa.string()), n),
-            "gradients_version": pa.repeat(pa.scalar(gradients_version, pa.int64()), n),
-            "run_id": pa.repeat(pa.scalar(run_id, pa.string()), n),
-            "created_at": pa.repeat(pa.scalar(created_at, pa.timestamp("us", tz="UTC")), n),
-        },
-        schema=scores_schema(),
-    )
-
-
-def write_ranking(store: LanceStore, table: pa.Table) -> int:
-    """Replace one (target_set, method)'s rows of `scores` by `table` (a `ranking_table`) in one commit."""
-    key = {"target_set": table["target_set"][0].as_py(), "method": table["method"][0].as_py()}
-    return store.replace_where("scores", key, table)
 
 
 def raw_gradient_batches(

@@ -45,7 +45,7 @@ import pyarrow as pa
 from hyperinf_ops.adapters import AdapterStore
 from hyperinf_ops.errors import DataError
 from hyperinf_ops.fingerprint import Fingerprint
-from hyperinf_ops.scorer import ranking_table, write_ranking
+from hyperinf_ops.ranking_table import ranking_table, write_ranking
 from hyperinf_ops.settings import (
     COVER_RANKINGS,
     SELF_SIGNALS,
