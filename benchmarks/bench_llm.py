@@ -57,11 +57,14 @@ def _option(row: pd.Series) -> str:
     return row["subset"]
 
 
-def composition(store: LanceStore, pool: pd.DataFrame, task: str, method: str, fraction: float) -> dict[str, float]:
-    """The share of target-task pairs and of wrong answers in the top ceil(fraction N) of `method`'s ranking of the
-    target set `task` (what `top_fraction` with balance false keeps)."""
+def composition(store: LanceStore, pool: pd.DataFrame, task: str, method: str, fraction: float,
+                target_set: str | None = None) -> dict[str, float]:
+    """The share of target-task pairs and of wrong answers in the top ceil(fraction N) of `method`'s ranking of
+    `target_set` (default the target set `task`; `self` for a target-free ranking such as the loss): what
+    `top_fraction` with balance false keeps."""
     scores = store.open("scores").to_table(
-        columns=["sample_id", "score"], filter=f"target_set = '{task}' AND method = '{method}'").to_pandas()
+        columns=["sample_id", "score"],
+        filter=f"target_set = '{target_set or task}' AND method = '{method}'").to_pandas()
     keep = scores.sort_values(["score", "sample_id"], ascending=[False, True]).head(math.ceil(fraction * len(scores)))
     chosen = pool.loc[keep["sample_id"]]
     return {"target_task_share": float((chosen["label"] == task).mean()),
@@ -88,7 +91,7 @@ def summarize(workdir: Path) -> dict[str, Any]:
         entry = {"n_examples": int(first["n_examples"]), "seeds": sorted(group["seed"].tolist()),
                  "test_loss": loss, "exact_match": exact}
         if first["subset"] == "curated":
-            entry.update(composition(store, pool, task, first["method"], float(first["fraction"])))
+            entry.update(composition(store, pool, task, first["method"], float(first["fraction"]), first["target_set"]))
         options[name] = entry
     comparisons = {}
     for (method, fraction), group in fits[fits["subset"] == "curated"].groupby(["method", "fraction"]):

@@ -205,8 +205,8 @@ class SignalSettings(Settings):
 
 
 def cover_on(cover: bool | None, task: Any) -> bool:
-    """`signals.cover` resolved: None = on for a causal LM, where the cover ranking's 5% had the lowest test loss on
-    both tasks measured (docs/results.md, section 8), off for classification (not measured there)."""
+    """`signals.cover` resolved: None = on for a causal LM, where the cover ranking had the lowest test loss of the
+    rankings on both tasks measured (docs/results.md, section 8), off for classification (not measured there)."""
     return task == "causal_lm" if cover is None else cover
 
 
