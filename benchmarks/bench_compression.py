@@ -181,15 +181,14 @@ def krylov_bases(grads: Mapping[str, Tensor], target: Mapping[str, Tensor], k: i
             continue
         part = curvature[name]
         damped = part.gfim() + part.damping(DAMPING_RATIO) * torch.eye(d, dtype=torch.float64)
-        block = torch.linalg.qr(target[name].to(torch.float64).T)[0]
-        columns = [block]
-        while sum(c.shape[1] for c in columns) < k:
-            step, basis = damped @ block, torch.cat(columns, 1)
+        basis = block = torch.linalg.qr(target[name].to(torch.float64).T)[0][:, :k]
+        while basis.shape[1] < k:
+            step = damped @ block
             for _ in range(2):  # twice: one Gram-Schmidt pass leaves float64 round-off in the earlier directions
                 step = step - basis @ (basis.T @ step)
             block = torch.linalg.qr(step)[0][:, : k - basis.shape[1]]
-            columns.append(block)
-        out[name] = torch.cat(columns, 1).to(torch.float32).contiguous()
+            basis = torch.cat([basis, block], 1)
+        out[name] = basis.to(torch.float32).contiguous()
     return out
 
 

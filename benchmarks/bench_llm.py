@@ -58,13 +58,12 @@ def _option(row: pd.Series) -> str:
 
 
 def composition(store: LanceStore, pool: pd.DataFrame, task: str, method: str, fraction: float,
-                target_set: str | None = None) -> dict[str, float]:
+                target_set: str) -> dict[str, float]:
     """The share of target-task pairs and of wrong answers in the top ceil(fraction N) of `method`'s ranking of
-    `target_set` (default the target set `task`; `self` for a target-free ranking such as the loss): what
+    `target_set` (the fit's: the task's target set, or `self` for a target-free ranking such as the loss): what
     `top_fraction` with balance false keeps."""
     scores = store.open("scores").to_table(
-        columns=["sample_id", "score"],
-        filter=f"target_set = '{target_set or task}' AND method = '{method}'").to_pandas()
+        columns=["sample_id", "score"], filter=f"target_set = '{target_set}' AND method = '{method}'").to_pandas()
     keep = scores.sort_values(["score", "sample_id"], ascending=[False, True]).head(math.ceil(fraction * len(scores)))
     chosen = pool.loc[keep["sample_id"]]
     return {"target_task_share": float((chosen["label"] == task).mean()),

@@ -64,7 +64,7 @@ def test_defaults_and_relative_paths(project: Path, monkeypatch: pytest.MonkeyPa
         "loss", "tracin", "probe")
     causal = load_config({**minimal(), "task": "causal_lm"}, base_dir=project)
     assert causal.fusion_members == ("loss", "hyperinf_cp") and causal.curation.query == "top_fraction"
-    # a causal LM: the top 20% by the cover ranking, which is on by default there (docs/results.md, section 8 (e))
+    # a causal LM: the top 20% by the cover ranking, which is on by default there (docs/results.md, section 8 (f))
     assert causal.curation.params == {"target_set": "clean_val", "method": "hyperinf_cover", "fraction": 0.2,
                                       "balance": True}
     assert [o.method for o in causal.cover_estimators] == ["hyperinf", "tracin"] and not cfg.cover_estimators

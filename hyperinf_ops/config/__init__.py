@@ -5,8 +5,8 @@ settings of `settings.py`), then the checks that relate two sections (`cross_sec
 curation and evaluation parameters vs target sets and estimators), and raises one `ConfigError` listing *every*
 problem as `key: message`, with a did-you-mean for misspelled keys and choices, so a user fixes the file in one
 round. Relative paths (data, targets, storage root, adapter, a model folder) resolve against the config file's
-folder (or `base_dir` for a mapping), so a config means the same thing from any cwd. `cfg.to_dict()` gives back a mapping that
-`load_config` turns into an equal config.
+folder (or `base_dir` for a mapping), so a config means the same thing from any cwd. `cfg.to_dict()` gives back
+a mapping that `load_config` turns into an equal config.
 """
 
 from __future__ import annotations

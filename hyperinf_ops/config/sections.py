@@ -145,7 +145,7 @@ Scalar = str | bool | int | float
 # estimator's influence on the first target set (HyperINF by default). A causal LM has no label to judge: the
 # top 20% by the first estimator's cover ranking (`hyperinf_cover`; section 8: the cover ranking had the lowest test
 # loss of the rankings on both LLM tasks measured, below the full pool, random subsets and the embedding-similarity
-# baseline). 20%, not LESS's 5%, because the user's training recipe is unknown (section 8 (e)): the cover 20% beat
+# baseline). 20%, not LESS's 5%, because the user's training recipe is unknown (section 8 (f)): the cover 20% beat
 # the full pool in every seed of every (task, recipe) run, one epoch and LESS's four; the 5% lost to it under one
 # epoch on the BBC task.
 DEFAULT_CURATION: dict[str, Any] = {"query": "drop_issues", "params": {}}
