@@ -119,12 +119,17 @@ def _expected_size(store, query: str, params: dict, n_pool: int) -> int | None:
     if not isinstance(fraction, int | float) or query not in ("top_fraction", "drop_harmful"):
         return None
     if query == "drop_harmful":
-        return n_pool - math.ceil(fraction * n_pool)
+        return n_pool - _share(fraction, n_pool)
     sizes = [n_pool]
     if params.get("balance") is True:
         sizes = store.open("examples").to_table(columns=["label"]).group_by("label").aggregate(
             [("label", "count")])["label_count"].to_pylist()
-    return sum(math.ceil(fraction * n) for n in sizes)
+    return sum(_share(fraction, n) for n in sizes)
+
+
+def _share(fraction: float, n: int) -> int:
+    """The SQL files' count of a fraction of n rows: ceil(round(fraction * n, 9)) (0.07 x 100 is 7, not 8)."""
+    return math.ceil(round(fraction * n, 9))
 
 
 @step_asset(

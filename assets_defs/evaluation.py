@@ -53,9 +53,10 @@ def evaluation(context: dg.AssetExecutionContext, hyperinf: HyperinfResource) ->
 
 
 def _label(row: dict) -> str:
-    """A metadata key for an option: `full`, `oracle`, `random_0.8`, `relabel_fused_0.2`."""
+    """A metadata key for an option: `full`, `oracle`, `random_0.8`, `relabel_fused_0.2`,
+    `top_fraction_hyperinf_0.2_balanced` (`balance: [false, true]` fits both variants)."""
     if row["candidate"]:
-        return f"{row['query']}_{row['method']}_{row['fraction']:g}"
+        return f"{row['query']}_{row['method']}_{row['fraction']:g}" + ("_balanced" if row.get("balance") else "")
     return row["subset"] if row["subset"] != "random" else f"random_{row['fraction']:g}"
 
 
@@ -67,7 +68,8 @@ def _accuracy_plot(rows: list[dict]) -> dg.MetadataValue:
     series: dict[str, list[float | None]] = {}
     for r in rows:
         if r["subset"] in ("curated", "random"):
-            name = f"{r['query']} ({r['method']})" if r["candidate"] else "random (x = size share)"
+            balanced = ", balanced" if r.get("balance") else ""
+            name = f"{r['query']} ({r['method']}{balanced})" if r["candidate"] else "random (x = size share)"
             series.setdefault(name, [None] * len(fractions))[fractions.index(r["fraction"])] = r[key]
     refs = {f"{r['subset']} pool": r[key] for r in rows if r["subset"] in ("full", "oracle")}
     return lines_markdown(fractions, series, title=f"mean {key.replace('_', ' ')} over seeds (test half)",

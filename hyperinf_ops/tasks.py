@@ -39,6 +39,7 @@ class Task(Protocol):
     has_classes: ClassVar[bool]  # labels are classes of a classifier head (and accuracy means something)
     loss_reduction: ClassVar[str]  # recorded in the gradient fingerprint
     peft_task_type: ClassVar[str]
+    truncation: ClassVar[str]  # what `collate` keeps of an example longer than max_length
 
     def column_roles(self, data: Any) -> dict[str, str | None]:
         """Prepared column -> input column of a `DataSection` (text columns and `label`)."""
@@ -49,6 +50,9 @@ class Task(Protocol):
     def collate(self, tokenizer: Any, records: Sequence[Mapping[str, Any]], label2id: Mapping[str, int],
                 max_length: int) -> dict[str, Tensor]:
         """`input_ids`, `attention_mask`, `labels` (+ `token_type_ids` when the tokenizer makes them)."""
+
+    def token_lengths(self, tokenizer: Any, records: Sequence[Mapping[str, Any]]) -> list[int]:
+        """Each record's tokens before `collate` cuts it at max_length (what over-long means)."""
 
     def loss_targets(self, model: nn.Module, labels: Tensor, mask: Tensor) -> Tensor:
         """The labels the per-example loss reads, validated (DataError naming the bad examples)."""
@@ -77,6 +81,7 @@ class Classification:
     has_classes: ClassVar[bool] = True
     loss_reduction: ClassVar[str] = "mean"
     peft_task_type: ClassVar[str] = "SEQ_CLS"
+    truncation: ClassVar[str] = "the text keeps its first max_length tokens"
 
     def column_roles(self, data: Any) -> dict[str, str | None]:
         return {"text": data.text_column, "label": data.label_column}
@@ -102,6 +107,9 @@ class Classification:
         batch["labels"] = torch.tensor([label2id[str(r["label"])] for r in records], dtype=torch.long)
         return batch
 
+    def token_lengths(self, tokenizer: Any, records: Sequence[Mapping[str, Any]]) -> list[int]:
+        return [len(ids) for ids in tokenizer([r["text"] for r in records])["input_ids"]]
+
     def loss_targets(self, model: nn.Module, labels: Tensor, mask: Tensor) -> Tensor:
         n, num_labels = mask.shape[0], model.config.num_labels
         if labels.shape != (n,) or labels.is_floating_point():
@@ -125,6 +133,8 @@ class CausalLM:
     has_classes: ClassVar[bool] = False
     loss_reduction: ClassVar[str] = "mean_over_response_tokens"
     peft_task_type: ClassVar[str] = "CAUSAL_LM"
+    truncation: ClassVar[str] = ("the prompt keeps its end (at least half of max_length) and the response its start, "
+                                 "without its end-of-sequence token")
 
     def column_roles(self, data: Any) -> dict[str, str | None]:
         return {"prompt": data.prompt_column, "response": data.response_column, "label": data.label_column}
@@ -136,18 +146,17 @@ class CausalLM:
 
     def collate(self, tokenizer: Any, records: Sequence[Mapping[str, Any]], label2id: Mapping[str, int],
                 max_length: int) -> dict[str, Tensor]:
-        """Right-padded prompt + response; eos ends the response; over-long pairs keep the response and the end
-        of the prompt (at least one prompt token: the first response token is predicted from the one before)."""
+        """Right-padded prompt + response; eos ends the response. An over-long pair keeps the end of its prompt,
+        at least min(its length, max_length // 2) tokens (the request and the template's turn marker the response
+        answers: a response trained from a one-token prompt is a different example), and the start of its
+        response in the rest (a short answer whole, eos included)."""
         for field in ("prompt", "response"):
             raw = tokenizer([r[field] for r in records], add_special_tokens=False)["input_ids"]
             _require_tokens(records, torch.tensor([len(ids) for ids in raw]), field)
-        eos = tokenizer.eos_token_id
         rows = []
         for r in records:
-            prompt, response = _prompt_response_ids(tokenizer, r["prompt"], r["response"])
-            if eos is not None and eos not in response:
-                response = [*response, eos]
-            response = response[: max_length - 1]
+            prompt, response = self._ids(tokenizer, r)
+            response = response[: max_length - min(len(prompt), max_length // 2)]
             prompt = prompt[-(max_length - len(response)):]
             rows.append((prompt + response, [IGNORE_INDEX] * len(prompt) + response))
         width = max(len(ids) for ids, _ in rows)
@@ -159,6 +168,16 @@ class CausalLM:
             labels[i, : len(lab)] = torch.tensor(lab)
             mask[i, : len(ids)] = 1
         return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
+
+    def token_lengths(self, tokenizer: Any, records: Sequence[Mapping[str, Any]]) -> list[int]:
+        return [sum(map(len, self._ids(tokenizer, r))) for r in records]
+
+    @staticmethod
+    def _ids(tokenizer: Any, record: Mapping[str, Any]) -> tuple[list[int], list[int]]:
+        """The prompt's and the response's token ids, the response ended by eos (when the tokenizer has one)."""
+        prompt, response = _prompt_response_ids(tokenizer, record["prompt"], record["response"])
+        eos = tokenizer.eos_token_id
+        return prompt, response if eos is None or eos in response else [*response, eos]
 
     def loss_targets(self, model: nn.Module, labels: Tensor, mask: Tensor) -> Tensor:
         """Shifted next-token targets (B, T), aligned with the logits: position t predicts token t + 1. A

@@ -5,5 +5,5 @@
 SELECT sample_id, target_set, method, score, rank, percentile
 FROM scores
 WHERE target_set = $target_set AND method = $method
-QUALIFY rank <= count(*) OVER () - ceil($fraction * count(*) OVER ())
+QUALIFY rank <= count(*) OVER () - ceil(round($fraction * count(*) OVER (), 9))
 ORDER BY rank;

@@ -7,7 +7,7 @@
 -- ordered by rank.
 SELECT s.sample_id, s.target_set, s.method, s.score, s.rank, s.percentile,
        CASE WHEN g.suggested_label <> g.label
-                 AND s.rank > count(*) OVER () - ceil($fraction * count(*) OVER ())
+                 AND s.rank > count(*) OVER () - ceil(round($fraction * count(*) OVER (), 9))
             THEN g.suggested_label END AS new_label
 FROM scores AS s
 JOIN label_suggestions AS g USING (sample_id)

@@ -64,9 +64,10 @@ def test_defaults_and_relative_paths(project: Path, monkeypatch: pytest.MonkeyPa
         "loss", "tracin", "probe")
     causal = load_config({**minimal(), "task": "causal_lm"}, base_dir=project)
     assert causal.fusion_members == ("loss", "hyperinf_cp") and causal.curation.query == "top_fraction"
-    # a causal LM: the top 20% by the cover ranking, which is on by default there (docs/results.md, section 8 (f))
+    # a causal LM: the top 20% by the cover ranking, which is on by default there (docs/results.md, section 8 (f)),
+    # not balanced by the label (a causal LM's label is metadata: balancing by source would undo the selection)
     assert causal.curation.params == {"target_set": "clean_val", "method": "hyperinf_cover", "fraction": 0.2,
-                                      "balance": True}
+                                      "balance": False}
     assert [o.method for o in causal.cover_estimators] == ["hyperinf", "tracin"] and not cfg.cover_estimators
     assert load_config({**minimal(), "task": "causal_lm", "signals": {"cover": False}},
                        base_dir=project).curation.params["method"] == "hyperinf"
@@ -218,6 +219,19 @@ def test_evaluation_block(project: Path):
                       "(task causal_lm has none): use drop_harmful or top_fraction"]
     assert problems({**minimal(), "task": "causal_lm", "curation": {"query": "relabel", "params": {
         "fraction": 0.2}}}, base_dir=project)[0].startswith("curation.query: 'relabel' reads label suggestions")
+    # a causal LM's evaluation compares the curation's default ranking (the cover one), unbalanced, with fused
+    top = {"test": {"path": "data/val.parquet"}, "queries": ["top_fraction"]}
+    llm = load_config({**minimal(), "task": "causal_lm", "evaluation": top}, base_dir=project)
+    assert [c.name for c in llm.evaluation_candidates] == ["top_fraction(hyperinf_cover, 0.2)", "top_fraction(fused, 0.2)"]
+    # a query that reads the harmful end or the sign takes the estimator itself, and refuses a cover ranking
+    harm = load_config({**minimal(), "task": "causal_lm", "curation": {"query": "drop_harmful", "params": {
+        "fraction": 0.1}}}, base_dir=project)
+    assert harm.curation.params["method"] == "hyperinf"
+    assert problems({**minimal(), "task": "causal_lm", "curation": {"query": "conflicts", "params": {
+        "set_a": "clean_val", "set_b": "clean_val", "method": "hyperinf_cover"}}}, base_dir=project) == [
+        "curation.params.method: 'hyperinf_cover' ranks by a best percentile in (0, 1], with no sign and no harmful "
+        "end, which query 'conflicts' reads: use method: hyperinf (the cover rankings drive top_fraction, top_k, "
+        "class_balanced_top_k)"]
     assert load_config(cfg.to_dict()) == cfg
     grid = load_config({**minimal(), "evaluation": {"test": {"path": "data/val.parquet"}, "queries": ["top_fraction"],
                                                     "methods": ["loss", "hyperinf"], "fractions": [0.8],

@@ -95,11 +95,36 @@ def test_collate_causal_masks_the_prompt(tmp_path: Path, template: str | None):
         assert (labels[i][~real] == IGNORE_INDEX).all() and (ids[i][~real] == tok.pad_token_id).all()
         if template is not None:
             assert tok.decode(ids[i][real]).startswith("<s> user")
-    # over-long: the response survives, the prompt is cut from the left
+    # over-long: a short response survives whole, the prompt is cut from the left
     cut = collate(tok, [{"prompt": "the " * 40 + "end", "response": "fun fun"}], "causal_lm", {}, max_length=12)
     assert cut["input_ids"].shape[1] == 12 and (cut["labels"] != IGNORE_INDEX).sum() >= 3
+    task = get_task("causal_lm")
+    prompt, response = task._ids(tok, {"prompt": "the " * 40 + "end", "response": "fun fun"})
+    assert cut["input_ids"][0].tolist() == prompt[-(12 - len(response)):] + response
+    # a long response keeps its start and leaves the prompt's end half of max_length: the request it answers
+    both = {"prompt": "the " * 40 + "end", "response": "fun " * 40}
+    cut = collate(tok, [both], "causal_lm", {}, max_length=12)
+    prompt, response = task._ids(tok, both)
+    kept = cut["labels"][0] != IGNORE_INDEX
+    assert int((~kept).sum()) == 6 and cut["input_ids"][0, :6].tolist() == prompt[-6:]
+    assert cut["input_ids"][0, 6:].tolist() == response[:6] and tok.eos_token_id not in cut["labels"][0].tolist()
+    assert task.token_lengths(tok, [both, records[0]]) == [len(prompt) + len(response),
+                                                          sum(map(len, task._ids(tok, records[0])))]
     with pytest.raises(DataError, match=r"response of sample_id\(s\) \['b'\] tokenizes to nothing"):
         collate(tok, [records[0], {**records[1], "response": "   "}], "causal_lm", {}, 64)
+
+
+def test_an_over_long_pool_is_warned_with_its_share_and_the_cut(tmp_path: Path):
+    """The warm-up warns (once, from a sample) what share of the pool max_length cuts and what the cut keeps."""
+    from hyperinf_ops.stages.adapter import over_length_warning
+
+    folder = save_tiny_model(tmp_path / "m", task="causal_lm")
+    loaded = load(cfg_for(folder, tmp_path, "causal_lm"), None)
+    short, long = {"prompt": "hi", "response": "fun"}, {"prompt": "the " * 40, "response": "fun"}
+    assert over_length_warning(loaded, [short] * 3, 16) is None
+    warning = over_length_warning(loaded, [short] * 3 + [long], 16)
+    assert warning.startswith("25% of the pool's 4 examples are longer than max_length 16 tokens (longest 4")
+    assert warning.endswith(f"{loaded.task.truncation}; raise max_length to keep them whole")
 
 
 def test_adapter_round_trip(tmp_path: Path, tiny_bert: Path):

@@ -136,12 +136,18 @@ def test_a_target_file_that_repeats_pool_examples_is_a_warning(tmp_path, tiny_mo
         pool = pd.read_parquet(root / "pool" / "shard-0.parquet").head(4).drop(columns=["id"])
         pd.concat([pool, sentences(6, seed=11)]).to_parquet(root / "targets" / "mixed.parquet", index=False)
         doc["targets"]["mixed"] = {"path": "targets/mixed.parquet"}
+        # a test file holding 3 of the target set's own examples: the curation selects for them
+        pd.concat([sentences(6, seed=11).head(3), sentences(7, seed=12)]).to_parquet(root / "test" / "t.parquet",
+                                                                                    index=False)
+        doc["evaluation"] = {"test": {"path": "test/t.parquet"}, "seeds": 1}
 
     cfg = load_config(_project(tmp_path, tiny_model, overlap))
     lines: list[str] = []
     checked = preflight(LanceStore(str(cfg.storage_root)), cfg, log=lines.append)
     assert lines == ["warning: target set 'mixed': 4 of 10 examples are also in the pool (same text and label): "
-                     "their scores include their own gradient"]
+                     "their scores include their own gradient",
+                     "warning: evaluation test file: 3 of 10 examples are also in target set 'mixed' (same text and "
+                     "label): the curation selects for them, so the evaluation overstates it"]
     assert checked.pending == ["shard-0", "shard-1"] and checked.pool_rows == 40
     assert checked.target_rows == {"clean": 10, "mixed": 10}
 

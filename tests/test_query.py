@@ -131,6 +131,20 @@ def test_balanced_top_fraction_keeps_every_labels_share(con, store, fraction):
     assert got["rank"].is_monotonic_increasing
 
 
+@pytest.mark.parametrize(("query", "fraction", "rows"), [("top_fraction", 0.07, 7), ("top_fraction", 0.29, 29),
+                                                          ("drop_harmful", 0.07, 93), ("top_fraction", 0.071, 8)])
+def test_a_fraction_of_a_round_count_is_that_count(query, fraction, rows):
+    """7% of 100 rows keeps 7: the float product 0.07 * 100 = 7.000000000000001 must not round up to 8."""
+    con = duckdb.connect()
+    con.execute("CREATE TABLE scores AS SELECT 'e' || i AS sample_id, 'A' AS target_set, 'hyperinf' AS method, "
+                "-i::DOUBLE AS score, i AS rank, 1 - i / 100 AS percentile FROM range(1, 101) AS t(i)")
+    con.execute("CREATE TABLE examples AS SELECT 'e' || i AS sample_id, i % 2 AS label FROM range(1, 101) AS t(i)")
+    params = {"target_set": "A", "method": "hyperinf", "fraction": fraction}
+    assert run_query(con, query, params | ({"balance": False} if query == "top_fraction" else {})).num_rows == rows
+    if query == "top_fraction" and fraction < 0.071:  # balanced: 7% of each label's 50 rows is 3.5 -> 4 each
+        assert run_query(con, query, params | {"balance": True}).num_rows == 8
+
+
 def test_drop_harmful(con, store):
     got = _frame(run_query(con, "drop_harmful", {"target_set": "B", "method": "tracin", "fraction": 0.1}))
     s = _scores(store)

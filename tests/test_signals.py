@@ -435,15 +435,17 @@ def test_split_test_is_seeded_disjoint_and_order_free():
 
 def test_exact_match_is_greedy_decoding_up_to_the_first_eos():
     """Teacher-forced argmax over the response equals what greedy decoding emits: a miss before the end-of-sequence
-    token fails the example, what follows that token (never generated) does not count."""
+    token fails the example, what follows that token (never generated) does not count, and a response cut before
+    its end-of-sequence token (max_length) is no match however well its start is predicted."""
     from hyperinf_ops.signals.outputs import exact_matches
 
     eos, ignored = 4, -100
-    targets = torch.tensor([[ignored, 3, eos, 1], [ignored, 3, eos, 1], [ignored, 2, 2, eos], [ignored] * 4])
-    argmax = torch.tensor([[0, 3, eos, 0], [0, 2, eos, 1], [0, 2, 2, eos], [0, 0, 0, 0]])
+    targets = torch.tensor([[ignored, 3, eos, 1], [ignored, 3, eos, 1], [ignored, 2, 2, eos], [ignored] * 4,
+                            [ignored, 2, 2, 3]])
+    argmax = torch.tensor([[0, 3, eos, 0], [0, 2, eos, 1], [0, 2, 2, eos], [0, 0, 0, 0], [0, 2, 2, 3]])
     logits = torch.nn.functional.one_hot(argmax, 5).double()
-    assert exact_matches(logits, targets, eos).tolist() == [True, False, True, False]  # no target: no match
-    assert exact_matches(logits, targets, None).tolist() == [False, False, True, False]  # every target counts
+    assert exact_matches(logits, targets, eos).tolist() == [True, False, True, False, False]  # no target: no match
+    assert exact_matches(logits, targets, None).tolist() == [False, False, True, False, True]  # every target counts
 
 
 def test_similarity_of_a_causal_pair_embeds_prompt_and_response(tmp_path):

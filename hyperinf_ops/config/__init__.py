@@ -28,6 +28,7 @@ from pydantic import (
 from hyperinf_ops.config.cross_section import (
     DEFAULT_ESTIMATORS,
     cross_section_problems,
+    default_method,
     rankings,
     with_defaults,
 )
@@ -205,7 +206,7 @@ class HyperinfConfig(Settings):
         candidates = (
             Candidate(query=q, method=m, fraction=None if q in WITHOUT_FRACTION else f, balance=b,
                       target_set=SELF_TARGET if written.get(m) == SELF_TARGET else self.evaluation_target)
-            for q in ev.queries for m in ev.methods or (self.estimators[0], "fused") for f in ev.fractions
+            for q in ev.queries for m in ev.methods or (default_method(self.to_dict()), "fused") for f in ev.fractions
             for b in (ev.balance_variants if q == "top_fraction" else (False,)))
         return tuple(dict.fromkeys(candidates))  # drop_issues takes no fraction: one candidate per ranking
 

@@ -10,9 +10,10 @@ from collections.abc import Collection, Mapping
 from typing import Any
 
 from hyperinf_ops.config.problems import did_you_mean
-from hyperinf_ops.config.query_params import LABEL_QUERIES, TARGET_PARAMS, query_param_problem
+from hyperinf_ops.config.query_params import HELP_QUERIES, LABEL_QUERIES, TARGET_PARAMS, query_param_problem
 from hyperinf_ops.config.sections import DataSection, EvaluationSection, curation_queries, default_curation
 from hyperinf_ops.settings import (
+    COVER_RANKINGS,
     DEFAULT_COMPRESSION,
     SELF_INFLUENCE_METHODS,
     SELF_SIGNALS,
@@ -22,7 +23,7 @@ from hyperinf_ops.settings import (
     cover_on,
 )
 
-__all__ = ["DEFAULT_ESTIMATORS", "cross_section_problems", "rankings", "with_defaults"]
+__all__ = ["DEFAULT_ESTIMATORS", "cross_section_problems", "default_method", "rankings", "with_defaults"]
 
 # The influence estimators a config without `estimators:` scores with (the first one ranks the curation).
 DEFAULT_ESTIMATORS = ("hyperinf", "datainf", "tracin")
@@ -31,8 +32,10 @@ DEFAULT_ESTIMATORS = ("hyperinf", "datainf", "tracin")
 def with_defaults(raw: Any) -> Any:
     """The raw mapping with the defaults that depend on other keys: causal_lm reads `prompt` / `response`
     columns and needs no label; the curation query's `target_set` / `method` default to the first target
-    set / estimator; a `compression` mapping overrides DEFAULT_COMPRESSION key by key (`{sketch_dim: 48}`
-    keeps the default whitening and int4 codes; `{whiten: 0, dtype: float32}` stores exact rows)."""
+    set / estimator (`default_method`: a causal LM's cover ranking), its `balance` to class-balanced for a
+    classifier and unbalanced for a causal LM (so does the evaluation's); a `compression` mapping overrides
+    DEFAULT_COMPRESSION key by key (`{sketch_dim: 48}` keeps the default whitening and int4 codes;
+    `{whiten: 0, dtype: float32}` stores exact rows)."""
     if not isinstance(raw, Mapping):
         return raw
     raw = dict(raw)
@@ -41,6 +44,8 @@ def with_defaults(raw: Any) -> Any:
     data = raw.get("data")
     if raw.get("task") == "causal_lm" and isinstance(data, Mapping):
         raw["data"] = {"prompt_column": "prompt", "response_column": "response", "label_column": None, **data}
+    if raw.get("task") == "causal_lm" and isinstance(raw.get("evaluation"), Mapping):
+        raw["evaluation"] = {"balance": False, **raw["evaluation"]}  # as the curation's default (_curation_with_defaults)
     if "curation" in raw or "targets" in raw:
         raw["curation"] = _curation_with_defaults(raw)
     return raw
@@ -60,16 +65,28 @@ def _curation_with_defaults(raw: Mapping[str, Any]) -> Any:
     info = curation_queries().get(query)
     if info is None or not isinstance(params, Mapping) or not isinstance(estimators, list | tuple) or not estimators:
         return curation
-    method = estimators[0]
-    signals = raw.get("signals") if isinstance(raw.get("signals"), Mapping) else {}
-    if raw.get("task") == "causal_lm" and method in ("hyperinf", "tracin") and cover_on(signals.get("cover"), "causal_lm"):
-        method = f"{method}_cover"  # lowest test loss on both LLM tasks measured (docs/results.md, section 8)
-    # class-balanced by default: measured better than the plain top fraction (docs/results.md, section 2)
-    defaults = {"target_set": next(iter(targets)), "method": method, "balance": True}
+    causal = raw.get("task") == "causal_lm"
+    # Class-balanced by default for a classifier: measured better than the plain top fraction (docs/results.md,
+    # section 2). A causal LM's label is metadata (a source or a topic): balancing by it would keep every source's
+    # share, i.e. undo the selection; its measured export is unbalanced (section 8).
+    defaults = {"target_set": next(iter(targets)), "method": default_method(raw, query), "balance": not causal}
     if isinstance(params.get("method"), str) and params["method"] in SELF_SIGNALS:
         defaults["target_set"] = SELF_TARGET  # target-free rankings are stored under target set `self`
     return {**curation, "query": query,
             "params": {**{k: v for k, v in defaults.items() if k in info.params}, **params}}
+
+
+def default_method(raw: Mapping[str, Any], query: str | None = None) -> str:
+    """The ranking a curation or an evaluation reads when none is named: the first estimator, or its cover ranking
+    for a causal LM with `signals.cover` (lowest test loss on both LLM tasks measured, docs/results.md section 8)
+    when `query` (None: a top fraction) reads only the most helpful end (HELP_QUERIES)."""
+    estimators = raw.get("estimators") or DEFAULT_ESTIMATORS
+    method = str(estimators[0])
+    signals = raw.get("signals") if isinstance(raw.get("signals"), Mapping) else {}
+    if (raw.get("task") == "causal_lm" and method in ("hyperinf", "tracin") and (query is None or query in HELP_QUERIES)
+            and cover_on(signals.get("cover"), "causal_lm")):
+        return f"{method}_cover"
+    return method
 
 
 def cross_section_problems(raw: Mapping[str, Any]) -> list[str]:
@@ -214,6 +231,10 @@ def _curation_problems(raw: Mapping[str, Any]) -> list[str]:
             problems.append(_unknown_target(where, value, targets))
         elif key == "method":
             problems += _method_problems(where, value, on_self, written)
+            if value in COVER_RANKINGS and info.name not in HELP_QUERIES:
+                problems.append(f"{where}: {value!r} ranks by a best percentile in (0, 1], with no sign and no harmful "
+                                f"end, which query {info.name!r} reads: use method: {value.removesuffix('_cover')} "
+                                f"(the cover rankings drive {', '.join(HELP_QUERIES)})")
         elif (problem := query_param_problem(info.name, key, value)) is not None:
             problems.append(f"{where}: {problem}")
     missing = [k for k in info.params if k not in params]

@@ -7,10 +7,14 @@ from typing import Annotated, Any
 
 from pydantic import Field, StrictBool, StrictInt, TypeAdapter, ValidationError
 
-__all__ = ["LABEL_QUERIES", "TARGET_PARAMS", "query_param_problem"]
+__all__ = ["HELP_QUERIES", "LABEL_QUERIES", "TARGET_PARAMS", "query_param_problem"]
 
 # Curation queries that read `label_suggestions` (tasks with classes only).
 LABEL_QUERIES = ("relabel", "drop_issues")
+# Curation queries that read only the order of the most helpful examples: the ones a cover ranking can drive. The
+# others read the sign or the harmful end (conflicts: score > 0 for one set and < 0 for another; drop_harmful,
+# relabel, mislabel_candidates: the lowest scores), which a cover ranking, a best percentile in (0, 1], does not have.
+HELP_QUERIES = ("top_fraction", "top_k", "class_balanced_top_k")
 # Query parameters that name a target set; `target_set` and `method` get defaults when a query takes them.
 TARGET_PARAMS = ("target_set", "set_a", "set_b")
 # Types and ranges of the curation queries' numeric and flag parameters (by query, else by name), checked with

@@ -220,9 +220,10 @@ class EvaluationSection(Settings):
     suggested label differs; top_fraction: the share kept, class-balanced with `balance: true`, both with
     `[false, true]`; drop_issues takes none: it drops as many as cleanlab finds label issues).
     Every fit is repeated for `seeds` training seeds (train.seed, train.seed + 1, ...). `methods` default to
-    the first estimator and `fused`, `target_set` to the curation's. `subset_epochs`: the epochs of the curated
-    and random subsets' fits (None: the warm-up's `train.epochs`); the full pool and the oracle keep the
-    warm-up's. LESS trains its selected 5% for 4 epochs: under a one-epoch warm-up recipe a 5% subset gets a
+    the curation's default ranking (the first estimator; a causal LM's cover ranking) and `fused`,
+    `target_set` to the curation's; `balance` to true for a classifier, false for a causal LM. `subset_epochs`:
+    the epochs of the curated and random subsets' fits (None: the warm-up's `train.epochs`); the full pool and
+    the oracle keep the warm-up's. LESS trains its selected 5% for 4 epochs: under a one-epoch warm-up recipe a 5% subset gets a
     twentieth of the full pool's optimizer steps, and its fits differ more by training seed than by ranking."""
 
     test: TestFile

@@ -81,11 +81,14 @@ class ExampleOutputs:
 def exact_matches(logits: Tensor, targets: Tensor, eos_token_id: int | None, ignore_index: int = -100) -> Tensor:
     """(B,) bool: for next-token logits (B, T, V) and shifted targets (B, T) (`ignore_index` off the response),
     whether the argmax equals the target at every response position up to and including the first target that
-    is `eos_token_id` (later targets, e.g. a template's newline after it, are never generated)."""
+    is `eos_token_id` (later targets, e.g. a template's newline after it, are never generated). With an eos id, a
+    response without it among its targets (cut at max_length) is not an exact match: its ending was never checked."""
     valid = targets != ignore_index
+    complete = valid.any(1)
     if eos_token_id is not None:
         is_eos = (targets == eos_token_id) & valid
         after = (is_eos.long().cumsum(1) - is_eos.long()) > 0  # strictly after the first eos
         valid &= ~after
+        complete &= is_eos.any(1)
     hit = logits.argmax(-1) == targets
-    return (hit | ~valid).all(1) & valid.any(1)
+    return (hit | ~valid).all(1) & complete

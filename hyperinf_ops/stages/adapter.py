@@ -45,14 +45,18 @@ from hyperinf_ops.store import LanceStore
 from hyperinf_ops.tasks import get_task
 from hyperinf_ops.training import TrainStats, warmup_train
 
-__all__ = ["AdapterSummary", "HeldOut", "adapter_pending", "adapter_recipe", "heldout_records", "pool_labels",
-           "pool_change", "train_or_load_adapter", "warmup_problem"]
+__all__ = ["AdapterSummary", "HeldOut", "adapter_pending", "adapter_recipe", "heldout_records", "over_length_warning",
+           "pool_labels", "pool_change", "train_or_load_adapter", "warmup_problem"]
 
 # A held-out loss that ends this much above its start (relative) diverged; below it, it merely stayed flat.
 DIVERGED_RISE = 0.01
 
 # Pool rows the warm-up is evaluated on when no target set comes from a file.
 POOL_SAMPLE_EXAMPLES = 512
+
+# Pool rows tokenized to estimate the share longer than max_length: seconds, where a million pairs through a chat
+# template would take minutes.
+_LENGTH_SAMPLE = 2000
 
 
 @dataclass(frozen=True)
@@ -189,6 +193,9 @@ def train_or_load_adapter(store: LanceStore, spec: ModelSpec, lora: LoraSettings
         records = sorted(examples.to_table(columns=record_columns(spec.task)).to_pylist(),
                          key=lambda r: r["sample_id"])
         heldout = heldout() if heldout else None
+        long = over_length_warning(loaded, records, spec.max_length)
+        if long:
+            log(f"warning: {long}")
         log(f"warm-up training on {len(records)} examples: {train.epochs} epochs, batch {train.batch_size}, "
             f"lr {train.lr}, device {loaded.device}"
             + (f"; evaluated on {len(heldout.records)} records of {heldout.source}" if heldout else ""))
@@ -224,6 +231,20 @@ def train_or_load_adapter(store: LanceStore, spec: ModelSpec, lora: LoraSettings
                           seconds=time.perf_counter() - start)
 
 
+def over_length_warning(loaded: LoadedModel, records: Sequence[Mapping[str, Any]], max_length: int) -> str | None:
+    """What share of `records` (an evenly spaced sample of at most _LENGTH_SAMPLE) is longer than max_length
+    tokens and what the cut keeps of them, or None when none is: the gradients, the warm-up and the evaluation
+    all see the cut example."""
+    sample = records[:: max(1, -(-len(records) // _LENGTH_SAMPLE))]
+    lengths = loaded.task.token_lengths(loaded.tokenizer, sample)
+    long = sum(n > max_length for n in lengths)
+    if not long:
+        return None
+    of = f"{len(records)} examples" + (f" (a sample of {len(sample)})" if len(sample) < len(records) else "")
+    return (f"{long / len(sample):.0%} of the pool's {of} are longer than max_length {max_length} tokens (longest "
+            f"{max(lengths)}): {loaded.task.truncation}; raise max_length to keep them whole")
+
+
 def warmup_problem(train: Mapping[str, Any] | None) -> str | None:
     """Why the warm-up recorded in `train` (an AdapterSummary's `train`) did not learn, with advice that fits the
     failure, or None when it learned or when there is no held-out curve to judge (a given adapter, one trained
@@ -243,7 +264,8 @@ def warmup_problem(train: Mapping[str, Any] | None) -> str | None:
     if not finite or heldout[-1] > heldout[0] * (1 + DIVERGED_RISE):
         return (f"the warm-up diverged: loss on {where} {heldout[0]:.4g} before training, {heldout[-1]:.4g} after "
                 f"{recipe}: lower train.lr")
-    too_little = f"{recipe}: raise train.lr or train.epochs, or check that the labels follow from the text"
+    data = "the labels follow from the text" if majority else "the responses follow from the prompts"
+    too_little = f"{recipe}: raise train.lr or train.epochs, or check that {data}"
     if accuracy and majority:
         return (f"the warm-up adapter is no better than always predicting the pool's majority class "
                 f"{majority['label']!r}: accuracy {accuracy[-1]:.3f} vs {majority['accuracy']:.3f} on {where} "

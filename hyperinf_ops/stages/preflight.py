@@ -15,12 +15,13 @@ functions, so a mistake costs seconds and no table changes:
                       whose file is gone do not count, ingest removes them)
     target sets       files prepared like the pool; `where:` predicates run over the new pool (sandboxed, as
                       the target_sets asset runs them); no set empty; labels the pool has (prepare_targets)
-    evaluation test   prepared like the pool, labels the pool has (prepare_test)
+    evaluation test   prepared like the pool, labels the pool has (prepare_test; a classifier's only)
     the pool          at least two examples; for classification, at least two labels
     signals.folds     every label has at least `folds` pool examples (the cross-fit splits each label)
 
 Warnings (returned, not raised): target or test examples that are also in the pool (a target example scores
-itself; a test example measures memorization).
+itself; a test example measures memorization), test examples that are also in a target set (the curation selects
+for them).
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from hyperinf_ops.migrate import row_layout_problem
 from hyperinf_ops.stages.common import Log, Summary
 from hyperinf_ops.stages.pool import gone_shards, prepare_shard, stored_digest
 from hyperinf_ops.store import LanceStore
+from hyperinf_ops.tasks import get_task
 
 __all__ = ["PreflightSummary", "preflight"]
 
@@ -92,8 +94,12 @@ def preflight(store: LanceStore, cfg: Any, *, log: Log = print) -> PreflightSumm
     warnings = [_overlap_warning(f"target set {name!r}", table, in_pool, "their scores include their own gradient")
                 for name, table in targets.items() if cfg.targets[name].path is not None]
     if cfg.evaluation is not None:
-        test = prepare_test(cfg.evaluation.test.path, cfg.data, cfg.task, labels)
+        # A causal LM's label is metadata (a source, a topic): a test file may name ones the pool does not have.
+        test = prepare_test(cfg.evaluation.test.path, cfg.data, cfg.task, labels if get_task(cfg.task).has_classes else [])
         warnings.append(_overlap_warning("evaluation test file", test, in_pool, "the evaluation trains on them"))
+        warnings += [_overlap_warning("evaluation test file", test, set(table["content_hash"].to_pylist()),
+                                      "the curation selects for them, so the evaluation overstates it",
+                                      where=f"target set {name!r}") for name, table in targets.items()]
     summary = PreflightSummary(shards=shards, pending=pending, gone=gone, pool_rows=pool.num_rows,
                                target_rows={n: t.num_rows for n, t in targets.items()},
                                warnings=[w for w in warnings if w])
@@ -160,11 +166,11 @@ def _new_pool(tables: dict[str, pa.Table], *, id_column: str | None) -> pa.Table
     return pool if len(first) == pool.num_rows else pool.take([row for row, _ in first.values()])
 
 
-def _overlap_warning(source: str, table: pa.Table, in_pool: set[str], consequence: str) -> str:
-    shared = sum(h in in_pool for h in table["content_hash"].to_pylist())
+def _overlap_warning(source: str, table: pa.Table, hashes: set[str], consequence: str, *, where: str = "the pool") -> str:
+    shared = sum(h in hashes for h in table["content_hash"].to_pylist())
     if not shared:
         return ""
-    return f"{source}: {shared} of {table.num_rows} examples are also in the pool (same text and label): {consequence}"
+    return f"{source}: {shared} of {table.num_rows} examples are also in {where} (same text and label): {consequence}"
 
 
 def _check_adapter(folder: Path, lora: Any) -> None:
