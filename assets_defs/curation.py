@@ -39,7 +39,7 @@ def chosen_curation(hyperinf: HyperinfResource, log=None) -> tuple[str, dict, di
 
 
 @step_asset(
-    group="curation", kinds={"duckdb", "parquet"}, code_version="4",
+    group="curation", kinds={"duckdb", "parquet"}, code_version="5",
     deps=[influence_scores, evaluation],
     description="The curated fine-tuning set, exported as Parquet + JSONL + manifest.json (query text, parameters, "
                 "Lance versions, what it did to the labels): the configured `sql/` curation query over the scores, "

@@ -22,7 +22,7 @@ def evaluation_plan(cfg):
 
 
 @step_asset(
-    group="curation", kinds={"pytorch", "lance"}, code_version="2",
+    group="curation", kinds={"pytorch", "lance"}, code_version="3",
     deps=[influence_scores],
     description="With an `evaluation:` block in the config (else it records that there is none): fresh LoRA adapters fine-tuned with the warm-up "
                 "recipe on every candidate curation (query x ranking x fraction), on random subsets of the same "

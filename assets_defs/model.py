@@ -14,7 +14,7 @@ from hyperinf_ops.store import sql_literal
 
 
 @step_asset(
-    group="model", kinds={"pytorch", "huggingface"}, code_version="3",
+    group="model", kinds={"pytorch", "huggingface"}, code_version="4",
     deps=[dg.AssetDep(pool_examples, partition_mapping=dg.AllPartitionMapping())],
     automation=ONCE,
     advisory_checks={"warmup_learns": "The warm-up adapter beats the pool's majority class on held-out records (the "
@@ -103,7 +103,7 @@ GPU_STEP_TAGS = {"dagster-k8s/config": {"container_config": {"resources": {"limi
 
 
 @step_asset(
-    group="model", kinds={"pytorch", "lance"}, code_version="4",
+    group="model", kinds={"pytorch", "lance"}, code_version="5",
     partitions_def=pool_shards, op_tags=GPU_STEP_TAGS,
     deps=[pool_examples, lora_adapter, row_codec],
     checks={"gradients_finite": "Every example of the shard has a finite gradient (non-finite ones are left out)."},

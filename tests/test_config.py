@@ -7,7 +7,7 @@ import pytest
 import yaml
 
 from hyperinf_ops.config import HyperinfConfig, load_config
-from hyperinf_ops.config.sections import DEFAULT_CURATION
+from hyperinf_ops.config.sections import DEFAULT_CURATION, DROP_ISSUES_MAX_FRACTION
 from hyperinf_ops.errors import ConfigError
 from hyperinf_ops.settings import CompressionSpec
 from hyperinf_ops.store.lease import hold_root
@@ -55,7 +55,8 @@ def test_defaults_and_relative_paths(project: Path, monkeypatch: pytest.MonkeyPa
     assert (exact.sketch_dim, exact.whiten, exact.dtype) == (0, 0.0, "float32")  # raw float32 at any width
     # without a curation block: the measured default (docs/results.md, section 7), over the first target set
     assert cfg.curation.query == DEFAULT_CURATION["query"] and cfg.curation.method is None and not cfg.curation_auto
-    assert cfg.curation.params == {"target_set": "clean_val", "method": "hyperinf", **DEFAULT_CURATION["params"]}
+    assert cfg.curation.params == {"target_set": "clean_val", "method": "hyperinf", **DEFAULT_CURATION["params"],
+                                   "max_fraction": DROP_ISSUES_MAX_FRACTION}  # a weak warm-up's count capped
     # the rankings beside influence: the loss, HyperINF over the warm-up's checkpoints and the probe fused, no
     # cross-fit; the fusion follows the estimators and the task
     assert (cfg.signals.folds, cfg.signals.checkpoints, cfg.signals.probe) == (0, True, True)

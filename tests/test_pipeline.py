@@ -20,6 +20,7 @@ from tiny_models import save_tiny_model
 
 from assets_defs import ASSET_CHECKS, ASSETS
 from hyperinf_ops.config import load_config
+from hyperinf_ops.config.sections import DROP_ISSUES_MAX_FRACTION
 from hyperinf_ops.preconditioners import exact as exact_module
 from hyperinf_ops.preconditioners import hyperinf as hyperinf_module
 from hyperinf_ops.query import connect, run_query
@@ -264,11 +265,12 @@ def test_evaluation_fits_every_candidate_and_auto_exports_the_validation_winner(
     for q in ("drop_harmful", "drop_issues", "relabel"):
         for m in ("fused", "loss"):
             params = {"target_set": "self" if m == "loss" else "clean", "method": m,
-                      **({} if q == "drop_issues" else {"fraction": 0.2})}
+                      **({"max_fraction": DROP_ISSUES_MAX_FRACTION} if q == "drop_issues" else {"fraction": 0.2})}
             subsets[f"{q}({m}{'' if q == 'drop_issues' else ', 0.2'})"] = run_query(con, q, params).to_pylist()
     n_issues = con.execute("SELECT count(*) FROM label_suggestions WHERE issue").fetchone()[0]
     con.close()
-    sizes = sorted({160, 200 - n_issues} - {200}, reverse=True)
+    dropped = min(n_issues, math.ceil(DROP_ISSUES_MAX_FRACTION * 200))
+    sizes = sorted({160, 200 - dropped} - {200}, reverse=True)
     assert sorted((r["seed"], r["subset"], r["candidate"] or "") for r in rows) == sorted(
         (seed, s, c) for seed in (0, 1) for s, c in [("full", ""), ("oracle", ""), *(("curated", c) for c in subsets),
                                                      *(("random", "") for _ in sizes)])
@@ -294,7 +296,7 @@ def test_evaluation_fits_every_candidate_and_auto_exports_the_validation_winner(
         if r["query"] == "relabel":
             assert len(selected) == 200 and all(new[i] != examples[i][0] for i in new)
         if r["query"] == "drop_issues":
-            assert len(selected) == 200 - n_issues
+            assert len(selected) == 200 - dropped
     meta = _meta(instance, "evaluation")
     assert meta["fits"] == len(rows) == 2 * (2 + 6 + len(sizes)) and meta["reused"] == 0
     assert meta["plot"].startswith("![mean test accuracy")

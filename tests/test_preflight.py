@@ -152,6 +152,24 @@ def test_a_target_file_that_repeats_pool_examples_is_a_warning(tmp_path, tiny_mo
     assert checked.target_rows == {"clean": 10, "mixed": 10}
 
 
+def test_a_target_set_without_one_of_the_pools_labels_is_a_warning(tmp_path, tiny_model):
+    from hyperinf_ops.config import load_config
+    from hyperinf_ops.stages.preflight import preflight
+    from hyperinf_ops.store import LanceStore
+
+    def one_label(doc, root):
+        frame = sentences(20, seed=13)
+        frame[frame["label"] == "pos"].to_parquet(root / "targets" / "pos.parquet", index=False)
+        doc["targets"]["pos"] = {"path": "targets/pos.parquet"}
+
+    cfg = load_config(_project(tmp_path, tiny_model, one_label))
+    lines: list[str] = []
+    preflight(LanceStore(str(cfg.storage_root)), cfg, log=lines.append)
+    assert lines == ["warning: target set 'pos' has no example of label(s) ['neg'] of the pool: their examples score "
+                     "as harmful to it and a drop curation removes them first; add a few examples of every label the "
+                     "curated set should keep"]
+
+
 def test_a_failed_step_is_one_line_naming_the_step_and_the_trace_file(tmp_path, tiny_model, capsys, monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError("disk on fire")

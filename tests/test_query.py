@@ -145,6 +145,18 @@ def test_a_fraction_of_a_round_count_is_that_count(query, fraction, rows):
         assert run_query(con, query, params | {"balance": True}).num_rows == 8
 
 
+@pytest.mark.parametrize(("issues", "kept"), [(10, 90), (40, 75)])
+def test_drop_issues_drops_what_cleanlab_counts_up_to_max_fraction(issues, kept):
+    """k = the issues cleanlab marks, at most ceil(max_fraction * n): a weak warm-up's flagged share is capped."""
+    con = duckdb.connect()
+    con.execute("CREATE TABLE scores AS SELECT 'e' || i AS sample_id, 'A' AS target_set, 'hyperinf' AS method, "
+                "-i::DOUBLE AS score, i AS rank, 1 - i / 100 AS percentile FROM range(1, 101) AS t(i)")
+    con.execute(f"CREATE TABLE label_suggestions AS SELECT 'e' || i AS sample_id, i <= {issues} AS issue "
+                "FROM range(1, 101) AS t(i)")
+    got = run_query(con, "drop_issues", {"target_set": "A", "method": "hyperinf", "max_fraction": 0.25})
+    assert got["rank"].to_pylist() == list(range(1, kept + 1))  # the most harmful (highest ranks) go
+
+
 def test_drop_harmful(con, store):
     got = _frame(run_query(con, "drop_harmful", {"target_set": "B", "method": "tracin", "fraction": 0.1}))
     s = _scores(store)

@@ -13,6 +13,7 @@ from hyperinf_project import make_project
 from tiny_models import save_tiny_model
 
 from hyperinf_ops.config import load_config
+from hyperinf_ops.errors import DataError
 from hyperinf_ops.signals import MarginHistory, assess_labels, classification_margins, rank_fusion
 from hyperinf_ops.signals.cross_fit import fold_assignment
 from hyperinf_ops.stages.evaluation_plan import Candidate, EvaluationPlan, choose, split_test
@@ -420,6 +421,10 @@ def test_choice_reads_only_the_validation_half():
     assert choose(tie, plan, has_classes=True).candidate is None  # ties go to the full pool
     lossy = [{**r, "validation_loss": 0.1 if r["subset"] == "full" else r["validation_loss"]} for r in rows]
     assert choose(lossy, plan, has_classes=False).candidate is None  # causal LM: the lowest validation loss
+    # a run stopped part-way: a new plan's first fit beside the old plan's, or a seed missing, is refused
+    for broken in (rows + [row(a, 0, 0.99, 0.99)], [r for r in rows if (r["candidate"], r["seed"]) != (b.name, 1)]):
+        with pytest.raises(DataError, match="does not hold one fit per seed"):
+            choose(broken, plan, has_classes=True)
 
 
 def test_split_test_is_seeded_disjoint_and_order_free():

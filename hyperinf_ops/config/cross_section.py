@@ -11,7 +11,13 @@ from typing import Any
 
 from hyperinf_ops.config.problems import did_you_mean
 from hyperinf_ops.config.query_params import HELP_QUERIES, LABEL_QUERIES, TARGET_PARAMS, query_param_problem
-from hyperinf_ops.config.sections import DataSection, EvaluationSection, curation_queries, default_curation
+from hyperinf_ops.config.sections import (
+    DROP_ISSUES_MAX_FRACTION,
+    DataSection,
+    EvaluationSection,
+    curation_queries,
+    default_curation,
+)
 from hyperinf_ops.settings import (
     COVER_RANKINGS,
     DEFAULT_COMPRESSION,
@@ -69,7 +75,8 @@ def _curation_with_defaults(raw: Mapping[str, Any]) -> Any:
     # Class-balanced by default for a classifier: measured better than the plain top fraction (docs/results.md,
     # section 2). A causal LM's label is metadata (a source or a topic): balancing by it would keep every source's
     # share, i.e. undo the selection; its measured export is unbalanced (section 8).
-    defaults = {"target_set": next(iter(targets)), "method": default_method(raw, query), "balance": not causal}
+    defaults = {"target_set": next(iter(targets)), "method": default_method(raw, query), "balance": not causal,
+                "max_fraction": DROP_ISSUES_MAX_FRACTION}
     if isinstance(params.get("method"), str) and params["method"] in SELF_SIGNALS:
         defaults["target_set"] = SELF_TARGET  # target-free rankings are stored under target set `self`
     return {**curation, "query": query,

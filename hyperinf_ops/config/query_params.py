@@ -25,6 +25,7 @@ _PARAM_TYPES: dict[tuple[str | None, str], Any] = {
     ("top_fraction", "fraction"): Annotated[_UNIT, Field(gt=0, le=1)],
     ("drop_harmful", "fraction"): Annotated[_UNIT, Field(ge=0, lt=1)],
     ("relabel", "fraction"): Annotated[_UNIT, Field(gt=0, le=1)],
+    ("drop_issues", "max_fraction"): Annotated[_UNIT, Field(gt=0, le=1)],
     (None, "k"): Annotated[StrictInt, Field(ge=1)],
     (None, "n"): Annotated[StrictInt, Field(ge=1)],
     (None, "balance"): StrictBool,

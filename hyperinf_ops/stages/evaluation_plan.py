@@ -5,7 +5,8 @@ the winner from the stored rows.
 A candidate curation is a `sql/` query over one ranking with one `$fraction` (`Candidate`):
 
     drop_harmful  every example but the ceil(f N) most harmful
-    drop_issues   every example but the k most harmful, k = the number of label issues cleanlab finds (no f)
+    drop_issues   every example but the k most harmful, k = the number of label issues cleanlab finds, at most
+                  ceil(DROP_ISSUES_MAX_FRACTION N) (no f)
     relabel       every example; among the ceil(f N) most harmful, those with another suggested label get it
     top_fraction  the ceil(f N) most helpful (class-balanced: the ceil(f N_c) most helpful of every label c)
 """
@@ -18,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from hyperinf_ops.config.sections import DROP_ISSUES_MAX_FRACTION
 from hyperinf_ops.errors import DataError
 from hyperinf_ops.export import RELABEL_COLUMN
 from hyperinf_ops.query import connect, run_query
@@ -52,6 +54,8 @@ class Candidate:
             out["fraction"] = self.fraction
         if self.query == "top_fraction":
             out["balance"] = self.balance
+        if self.query == "drop_issues":
+            out["max_fraction"] = DROP_ISSUES_MAX_FRACTION
         return out
 
     @property
@@ -128,16 +132,33 @@ def choose(rows: Sequence[Mapping[str, Any]], plan: EvaluationPlan, *, has_class
     """The plan's candidate (or the full pool) with the best mean validation accuracy over seeds (without classes:
     the lowest mean validation loss), from the stored rows; ties go to the full pool, then to the earlier
     candidate. Random subsets and the oracle are references, never chosen."""
+    names = {c.name: c for c in plan.candidates}
+    _require_whole_plan(rows, plan, names)
     table = summarize(rows)
     metric = "validation_accuracy" if has_classes else "validation_loss"
     sign = 1.0 if has_classes else -1.0
-    names = {c.name: c for c in plan.candidates}
     options = [r for r in table if r["subset"] == "full" or r.get("candidate") in names]
     if not options:
         raise DataError("no fitted candidate to choose from: run the evaluation first")
     order = {None: -1, **{c.name: i for i, c in enumerate(plan.candidates)}}
     best = max(options, key=lambda r: (sign * r[metric], -order[r.get("candidate")]))
     return Choice(candidate=names.get(best.get("candidate")), metric=metric, table=table)
+
+
+def _require_whole_plan(rows: Sequence[Mapping[str, Any]], plan: EvaluationPlan, names: Mapping[str, Any]) -> None:
+    """DataError unless every option the choice reads (the full pool, each candidate with fits) has one fit per
+    seed of the plan: a run stopped part-way leaves the new plan's first fits beside the old plan's (both seed 0 of
+    one candidate) or fewer seeds than asked, and means over such a mix compare different recipes."""
+    seeds: dict[tuple[str, Any], list[int]] = {}
+    for row in rows:
+        if row["subset"] == "full" or row.get("candidate") in names:
+            seeds.setdefault((row["subset"], row.get("candidate"), row["fraction"]), []).append(row["seed"])
+    odd = sorted(f"{candidate or subset} ({len(got)} fits, seeds {sorted(got)})" for (subset, candidate, _), got
+                 in seeds.items() if len(got) != len(set(got)) or len(set(got)) != plan.seeds)
+    if odd:
+        raise DataError(f"the stored evaluation does not hold one fit per seed ({plan.seeds}) of every option: "
+                        f"{', '.join(odd[:3])}{' ...' if len(odd) > 3 else ''}; a run stopped part-way leaves fits of "
+                        "two plans: materialize `evaluation` (it reuses every stored fit of the current plan)")
 
 
 def subset_label(row: Mapping[str, Any]) -> str:

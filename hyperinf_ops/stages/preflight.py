@@ -21,7 +21,7 @@ functions, so a mistake costs seconds and no table changes:
 
 Warnings (returned, not raised): target or test examples that are also in the pool (a target example scores
 itself; a test example measures memorization), test examples that are also in a target set (the curation selects
-for them).
+for them), and a classifier's target set without some of the pool's labels (their examples score as harmful).
 """
 
 from __future__ import annotations
@@ -93,6 +93,8 @@ def preflight(store: LanceStore, cfg: Any, *, log: Log = print) -> PreflightSumm
     in_pool = set(pool["content_hash"].to_pylist())
     warnings = [_overlap_warning(f"target set {name!r}", table, in_pool, "their scores include their own gradient")
                 for name, table in targets.items() if cfg.targets[name].path is not None]
+    if cfg.task == "classification":
+        warnings += [_missing_labels_warning(name, table, labels) for name, table in targets.items()]
     if cfg.evaluation is not None:
         # A causal LM's label is metadata (a source, a topic): a test file may name ones the pool does not have.
         test = prepare_test(cfg.evaluation.test.path, cfg.data, cfg.task, labels if get_task(cfg.task).has_classes else [])
@@ -171,6 +173,17 @@ def _overlap_warning(source: str, table: pa.Table, hashes: set[str], consequence
     if not shared:
         return ""
     return f"{source}: {shared} of {table.num_rows} examples are also in {where} (same text and label): {consequence}"
+
+
+def _missing_labels_warning(name: str, table: pa.Table, pool_labels: list[str]) -> str:
+    """A classifier's target set without some of the pool's labels: their examples push toward a class the target
+    never asks for, so they score as harmful and a drop curation takes them first."""
+    missing = sorted(set(pool_labels) - set(table["label"].to_pylist()))
+    if not missing:
+        return ""
+    return (f"target set {name!r} has no example of label(s) {missing[:_SHOWN]}{' ...' if len(missing) > _SHOWN else ''} "
+            "of the pool: their examples score as harmful to it and a drop curation removes them first; add a few "
+            "examples of every label the curated set should keep")
 
 
 def _check_adapter(folder: Path, lora: Any) -> None:

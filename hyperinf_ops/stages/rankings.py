@@ -43,6 +43,7 @@ import numpy as np
 import pyarrow as pa
 
 from hyperinf_ops.adapters import AdapterStore
+from hyperinf_ops.config.sections import DROP_ISSUES_MAX_FRACTION
 from hyperinf_ops.errors import DataError
 from hyperinf_ops.fingerprint import Fingerprint
 from hyperinf_ops.ranking_table import ranking_table, write_ranking
@@ -186,6 +187,10 @@ def write_rankings(store: LanceStore, fingerprint: Fingerprint, gradients_versio
                               fused_members=fused_members)
     log(f"rankings {', '.join(summary.pairs)} written"
         + (f"; {issues} of {suggestions} labels marked as issues ({source})" if suggestions else ""))
+    if suggestions and issues > DROP_ISSUES_MAX_FRACTION * suggestions:
+        log(f"warning: {issues / suggestions:.0%} of the labels marked as issues: drop_issues drops at most "
+            f"{DROP_ISSUES_MAX_FRACTION:.0%} (max_fraction); a warm-up that has not learned the task counts its own "
+            "mistakes as wrong labels (see its held-out accuracy)")
     return summary
 
 
