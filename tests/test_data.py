@@ -81,6 +81,7 @@ def test_id_column_and_duplicates(project: Path):
         (lambda df: df.assign(text=["ok", "  ", "ok2", None, "x", "y"]), r"2 empty or whitespace-only value"),
         (lambda df: df.assign(label=["pos", None, "pos", "neg", "pos", "neg"]), r"1 missing label"),
         (lambda df: df.assign(shard=1), r"\['shard'\] clash with columns hyperinf adds"),
+        (lambda df: df.assign(original_label="x"), r"\['original_label'\] clash with columns hyperinf adds"),
         # a list-typed text column was trained on as its repr (issue 19)
         (lambda df: df.assign(text=[["a", "b"], "ok", "x", "y", "z", "w"]),
          r"column 'text' holds list values, not texts \(rows \[0\]\); give one text per row"),

@@ -170,6 +170,26 @@ def test_a_target_set_without_one_of_the_pools_labels_is_a_warning(tmp_path, tin
                      "curated set should keep"]
 
 
+def test_the_warm_up_is_not_judged_on_target_rows_it_trains_on(tmp_path, tiny_model):
+    """Target rows that are also pool rows are left out of the warm-up's held-out records (they measure fit)."""
+    from hyperinf_ops.config import load_config
+    from hyperinf_ops.stages.adapter import heldout_records
+    from hyperinf_ops.stages.pool import ingest_shard
+    from hyperinf_ops.store import LanceStore
+
+    def overlap(doc, root):
+        pool = pd.read_parquet(root / "pool" / "shard-0.parquet").head(4).drop(columns=["id"])
+        pd.concat([pool, sentences(6, seed=11)]).to_parquet(root / "targets" / "clean.parquet", index=False)
+
+    cfg = load_config(_project(tmp_path, tiny_model, overlap))
+    store = LanceStore(str(cfg.storage_root))
+    for shard in sorted((tmp_path / "pool").glob("*.parquet")):
+        ingest_shard(store, shard.stem, shard, cfg.data, cfg.task, log=lambda *_: None)
+    held = heldout_records(store, cfg.targets, cfg.data, cfg.task)
+    assert held.source == "target set clean (not trained on; 4 rows also in the pool left out)"
+    assert [r["text"] for r in held.records] == sentences(6, seed=11)["text"].tolist()
+
+
 def test_a_failed_step_is_one_line_naming_the_step_and_the_trace_file(tmp_path, tiny_model, capsys, monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError("disk on fire")

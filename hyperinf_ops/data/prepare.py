@@ -32,8 +32,10 @@ from hyperinf_ops.tasks import get_task
 __all__ = ["RESERVED_COLUMNS", "content_digest", "prepare_examples", "prepare_targets", "prepare_test",
            "record_columns", "records_digest", "table_digest"]
 
-# Columns hyperinf adds to every prepared table; an input column of the same name would be shadowed.
-RESERVED_COLUMNS = ("sample_id", "content_hash", "text", "prompt", "response", "label", "shard")
+# Columns hyperinf adds to every prepared table, then to every export (sql/export_subset.sql); an input column of
+# the same name would be shadowed, or written twice into the export after the whole run.
+RESERVED_COLUMNS = ("sample_id", "content_hash", "text", "prompt", "response", "label", "shard", "original_label",
+                    "relabelled", "selected_for", "influence_method", "influence_score", "influence_rank")
 _SHOWN = 5  # offending ids / rows named in an error message
 
 

@@ -142,17 +142,23 @@ def _retrain_due(store: LanceStore, manifest: AdapterManifest, train: TrainSetti
 
 
 def heldout_records(store: LanceStore, targets: Mapping[str, Any], data: Any, task: str, seed: int = 0) -> HeldOut:
-    """What the warm-up is evaluated on: every target set given as a file (`targets`: the config's
-    TargetSections, `data` its DataSection), else a seeded sample of POOL_SAMPLE_EXAMPLES pool rows."""
+    """What the warm-up is evaluated on: the rows of every target set given as a file that are not also pool rows
+    (`targets`: the config's TargetSections, `data` its DataSection), else a seeded sample of POOL_SAMPLE_EXAMPLES
+    pool rows."""
     examples = require_table(store, "examples", "ingest the pool first")
     columns = record_columns(task)
     files = {name: t for name, t in targets.items() if t.path is not None}
     if files:
         pool = examples.to_table(columns=[*columns, "content_hash"])
         tables = prepare_targets(files, data, task, pool)
-        records = [r for name in files for r in tables[name].select(columns).to_pylist()]
-        return HeldOut(source=f"target set{'s' if len(files) > 1 else ''} {', '.join(files)} (not trained on)",
-                       records=records)
+        trained = set(pool["content_hash"].to_pylist())  # target rows that are also pool rows measure fit
+        kept = [r for name in files for r in tables[name].select([*columns, "content_hash"]).to_pylist()
+                if r["content_hash"] not in trained]
+        if kept:
+            left_out = sum(t.num_rows for t in tables.values()) - len(kept)
+            return HeldOut(source=f"target set{'s' if len(files) > 1 else ''} {', '.join(files)} (not trained on"
+                           + (f"; {left_out} rows also in the pool left out" if left_out else "") + ")",
+                           records=[{c: r[c] for c in columns} for r in kept])
     sample = examples.to_table(columns=columns, filter=sample_filter(examples, POOL_SAMPLE_EXAMPLES, seed))
     return HeldOut(source=f"{sample.num_rows} pool rows (trained on: fit, not generalisation)",
                    records=sample.to_pylist())
