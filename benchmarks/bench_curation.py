@@ -1,5 +1,6 @@
 """Curation that beats what a user would try instead: every stored ranking's mislabel detection, and every
-candidate export scored by two models, on real labelled datasets with 20% planted label flips.
+candidate export scored by two models, on real labelled datasets with planted label flips (`--flip-fraction`, 20%
+by default; 0: a clean pool).
 
 Per (dataset, seed) the WHOLE product runs (pipelines.runner.materialize_all on an ephemeral Dagster instance) with
 the product's defaults plus an `evaluation:` block whose candidates are `--queries` x `--methods` x `--fractions`
@@ -78,9 +79,9 @@ DEFAULT_FRACTIONS = (0.2,)
 
 
 def build_config(dataset: str, out: Path, seed: int, *, evaluation: Mapping[str, Any] | None,
-                 overrides: Mapping[str, Any], model_dir: Path | None = None) -> Path:
-    """The dataset under `out` (seed: which examples, which flips) and its bundled recipe with `overrides`, the
-    evaluation block (None: none) and train.seed = seed."""
+                 overrides: Mapping[str, Any], model_dir: Path | None = None, flip_fraction: float = 0.2) -> Path:
+    """The dataset under `out` (seed: which examples, which flips; `flip_fraction` of the pool's labels flipped)
+    and its bundled recipe with `overrides`, the evaluation block (None: none) and train.seed = seed."""
     overrides = {**overrides, "train": {**overrides.get("train", {}), "seed": seed}}
     if dataset == "quick":
         sys.path.insert(0, str(REPO / "tests"))
@@ -97,10 +98,10 @@ def build_config(dataset: str, out: Path, seed: int, *, evaluation: Mapping[str,
     from hyperinf_ops.data.demo import build_demo_dataset, write_demo_config
 
     if dataset == "demo":
-        paths = build_demo_dataset(out, seed=seed, n_shards=2, **SIZES["demo"])
+        paths = build_demo_dataset(out, seed=seed, n_shards=2, flip_fraction=flip_fraction, **SIZES["demo"])
         return write_demo_config(paths, overrides=overrides, evaluation=evaluation)
     builder = build_bbc_dataset if dataset == "bbc" else build_debates_dataset
-    paths = builder(out, seed=seed, n_shards=2, **SIZES[dataset])
+    paths = builder(out, seed=seed, n_shards=2, flip_fraction=flip_fraction, **SIZES[dataset])
     return write_bbc_config(paths, overrides=overrides, evaluation=evaluation)
 
 
@@ -225,7 +226,8 @@ def evaluate_store(config_path: Path, model_dir: Path | None = None) -> dict[str
 
 
 def run_one(dataset: str, out: Path, seed: int, *, evaluation: Mapping[str, Any] | None,
-            overrides: Mapping[str, Any], model_dir: Path | None = None, log=print) -> dict[str, Any]:
+            overrides: Mapping[str, Any], model_dir: Path | None = None, flip_fraction: float = 0.2,
+            log=print) -> dict[str, Any]:
     """Build, run the whole product (Dagster in-process), evaluate; the result dict of one run."""
     import dagster as dg
 
@@ -233,7 +235,8 @@ def run_one(dataset: str, out: Path, seed: int, *, evaluation: Mapping[str, Any]
     from pipelines.runner import failed_checks, materialize_all
 
     start = time.perf_counter()
-    config_path = build_config(dataset, out, seed, evaluation=evaluation, overrides=overrides, model_dir=model_dir)
+    config_path = build_config(dataset, out, seed, evaluation=evaluation, overrides=overrides, model_dir=model_dir,
+                               flip_fraction=flip_fraction)
     cfg = load_config(config_path)
     with dg.DagsterInstance.ephemeral() as instance:
         report = materialize_all(instance, config_path, cfg, log=lambda _: None)
@@ -383,6 +386,9 @@ def main(argv: Sequence[str] | None = None) -> Any:
     parser.add_argument("--train", type=json.loads, default={}, help="train overrides (JSON), e.g. the memorising "
                                                                      "regime")
     parser.add_argument("--no-evaluation", action="store_true", help="detection only")
+    parser.add_argument("--flip-fraction", type=float, default=0.2,
+                        help="share of the pool's labels flipped (0: a clean pool, what the default export does "
+                             "when there is nothing to find; detection AUROCs are then undefined)")
     parser.add_argument("--tag", default="", help="a name for this setting in the results (e.g. memorise)")
     parser.add_argument("--out", type=Path, help="working folder (datasets, stores)")
     parser.add_argument("--results-dir", type=Path, help="one JSON per (dataset, seed), written as it finishes")
@@ -438,7 +444,8 @@ def main(argv: Sequence[str] | None = None) -> Any:
                 print(f"{name}: done before ({path})", flush=True)
                 continue
             result = {**run_one(dataset, args.out / name, seed, evaluation=evaluation, overrides=overrides,
-                                log=lambda s: print(s, flush=True)), "tag": args.tag}
+                                flip_fraction=args.flip_fraction, log=lambda s: print(s, flush=True)),
+                      "tag": args.tag, "flip_fraction": args.flip_fraction}
             results.append(result)
             if path is not None:
                 path.parent.mkdir(parents=True, exist_ok=True)

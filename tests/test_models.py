@@ -123,7 +123,7 @@ def test_an_over_long_pool_is_warned_with_its_share_and_the_cut(tmp_path: Path):
     short, long = {"prompt": "hi", "response": "fun"}, {"prompt": "the " * 40, "response": "fun"}
     assert over_length_warning(loaded, [short] * 3, 16) is None
     warning = over_length_warning(loaded, [short] * 3 + [long], 16)
-    assert warning.startswith("25% of the pool's 4 examples are longer than max_length 16 tokens (longest 4")
+    assert warning.startswith("1 of the pool's 4 examples (25.0%) are longer than max_length 16 tokens (longest 4")
     assert warning.endswith(f"{loaded.task.truncation}; raise max_length to keep them whole")
 
 

@@ -246,9 +246,10 @@ def over_length_warning(loaded: LoadedModel, records: Sequence[Mapping[str, Any]
     long = sum(n > max_length for n in lengths)
     if not long:
         return None
-    of = f"{len(records)} examples" + (f" (a sample of {len(sample)})" if len(sample) < len(records) else "")
-    return (f"{long / len(sample):.0%} of the pool's {of} are longer than max_length {max_length} tokens (longest "
-            f"{max(lengths)}): {loaded.task.truncation}; raise max_length to keep them whole")
+    share = (f"{long} of the pool's {len(records)} examples ({long / len(sample):.1%})" if len(sample) == len(records)
+             else f"{long / len(sample):.1%} of the pool's {len(records)} examples (a sample of {len(sample)})")
+    return (f"{share} are longer than max_length {max_length} tokens (longest {max(lengths)}): "
+            f"{loaded.task.truncation}; raise max_length to keep them whole")
 
 
 def warmup_problem(train: Mapping[str, Any] | None) -> str | None:
