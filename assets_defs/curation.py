@@ -27,11 +27,7 @@ def chosen_curation(hyperinf: HyperinfResource, log=None) -> tuple[str, dict, di
     plan, store = evaluation_plan(cfg), hyperinf.store
     rows = store.open(EVALUATION_TABLE).to_table().to_pylist() if store.exists(EVALUATION_TABLE) else []
     choice = choose(rows, plan, has_classes=get_task(cfg.task).has_classes)
-    winner = choice.candidate or plan.candidates[0]
-    params = {**winner.params, "fraction": 0.0} if choice.candidate is None else winner.params
-    query = winner.query if choice.candidate is not None else "drop_harmful"
-    if choice.candidate is None:
-        params.pop("balance", None)
+    query, params = choice.export(plan)
     if log:
         log(f"curation.method auto: {choice.name} has the best {choice.metric.replace('_', ' ')}; exporting "
             f"{query}{params}")

@@ -421,6 +421,14 @@ def test_choice_reads_only_the_validation_half():
     assert choose(tie, plan, has_classes=True).candidate is None  # ties go to the full pool
     lossy = [{**r, "validation_loss": 0.1 if r["subset"] == "full" else r["validation_loss"]} for r in rows]
     assert choose(lossy, plan, has_classes=False).candidate is None  # causal LM: the lowest validation loss
+    assert choose(rows, plan, has_classes=True).export(plan) == ("drop_harmful", a.params)
+    # the full pool wins: drop_harmful with fraction 0 over the first candidate's ranking, whatever that
+    # candidate's own query takes (drop_issues: max_fraction)
+    issues = Candidate("drop_issues", "hyperinf", "clean", None)
+    alone = EvaluationPlan(test_path="unused", candidates=(issues,), seeds=2)
+    full = [row(None, s, 0.9, 0.9, "full") for s in (0, 1)] + [row(issues, s, 0.5, 0.5) for s in (0, 1)]
+    assert choose(full, alone, has_classes=True).export(alone) == (
+        "drop_harmful", {"target_set": "clean", "method": "hyperinf", "fraction": 0.0})
     # a run stopped part-way: a new plan's first fit beside the old plan's, or a seed missing, is refused
     for broken in (rows + [row(a, 0, 0.99, 0.99)], [r for r in rows if (r["candidate"], r["seed"]) != (b.name, 1)]):
         with pytest.raises(DataError, match="does not hold one fit per seed"):

@@ -97,6 +97,14 @@ class Choice:
     def name(self) -> str:
         return self.candidate.name if self.candidate is not None else "full pool"
 
+    def export(self, plan: EvaluationPlan) -> tuple[str, dict[str, Any]]:
+        """The sql/ query and parameters that export the winner: its own, or for the full pool drop_harmful with
+        fraction 0 (every scored example, in the first candidate's ranking order)."""
+        if self.candidate is not None:
+            return self.candidate.query, self.candidate.params
+        first = plan.candidates[0]
+        return "drop_harmful", {"target_set": first.target_set, "method": first.method, "fraction": 0.0}
+
 
 @dataclass(frozen=True)
 class Fit:
