@@ -224,6 +224,15 @@ def test_evaluation_block(project: Path):
     top = {"test": {"path": "data/val.parquet"}, "queries": ["top_fraction"]}
     llm = load_config({**minimal(), "task": "causal_lm", "evaluation": top}, base_dir=project)
     assert [c.name for c in llm.evaluation_candidates] == ["top_fraction(hyperinf_cover, 0.2)", "top_fraction(fused, 0.2)"]
+    both = load_config({**minimal(), "task": "causal_lm", "evaluation": {**top, "queries": ["top_fraction", "drop_harmful"],
+                                                                       "methods": ["hyperinf_cover", "hyperinf"]}},
+                       base_dir=project)  # a cover ranking has no harmful end: no drop_harmful(hyperinf_cover)
+    assert [c.name for c in both.evaluation_candidates] == [
+        "top_fraction(hyperinf_cover, 0.2)", "top_fraction(hyperinf, 0.2)", "drop_harmful(hyperinf, 0.2)"]
+    default_drop = load_config({**minimal(), "task": "causal_lm", "evaluation": {**top, "queries": ["drop_harmful"]}},
+                               base_dir=project)
+    assert [c.name for c in default_drop.evaluation_candidates] == ["drop_harmful(hyperinf, 0.2)",
+                                                                   "drop_harmful(fused, 0.2)"]
     # a query that reads the harmful end or the sign takes the estimator itself, and refuses a cover ranking
     harm = load_config({**minimal(), "task": "causal_lm", "curation": {"query": "drop_harmful", "params": {
         "fraction": 0.1}}}, base_dir=project)

@@ -33,7 +33,7 @@ from hyperinf_ops.config.cross_section import (
     with_defaults,
 )
 from hyperinf_ops.config.problems import did_you_mean, problem_text, renamed_key_problems
-from hyperinf_ops.config.query_params import TARGET_PARAMS, query_param_problem
+from hyperinf_ops.config.query_params import HELP_QUERIES, TARGET_PARAMS, query_param_problem
 from hyperinf_ops.config.sections import (
     AdapterSection,
     CurationSection,
@@ -48,6 +48,7 @@ from hyperinf_ops.config.strict_yaml import read_yaml
 from hyperinf_ops.errors import ConfigError
 from hyperinf_ops.settings import (
     BUNDLED_MODELS,
+    COVER_RANKINGS,
     DEFAULT_COMPRESSION,
     SELF_INFLUENCE_METHODS,
     SELF_TARGET,
@@ -196,18 +197,21 @@ class HyperinfConfig(Settings):
     @property
     def evaluation_candidates(self) -> tuple[Any, ...]:
         """The evaluation's candidate curations (stages/evaluation_plan.Candidate): every query x ranking x fraction
-        (x class-balance variant for top_fraction); empty without an `evaluation:` block."""
+        (x class-balance variant for top_fraction; a cover ranking only with the queries that read the most helpful
+        end); empty without an `evaluation:` block."""
         from hyperinf_ops.stages.evaluation_plan import WITHOUT_FRACTION, Candidate
 
         ev = self.evaluation
         if ev is None:
             return ()
-        written = rankings(self.to_dict())
+        raw = self.to_dict()
+        written = rankings(raw)
         candidates = (
             Candidate(query=q, method=m, fraction=None if q in WITHOUT_FRACTION else f, balance=b,
                       target_set=SELF_TARGET if written.get(m) == SELF_TARGET else self.evaluation_target)
-            for q in ev.queries for m in ev.methods or (default_method(self.to_dict()), "fused") for f in ev.fractions
-            for b in (ev.balance_variants if q == "top_fraction" else (False,)))
+            for q in ev.queries for m in ev.methods or (default_method(raw, q), "fused")
+            if m not in COVER_RANKINGS or q in HELP_QUERIES  # a cover ranking has no harmful end to drop
+            for f in ev.fractions for b in (ev.balance_variants if q == "top_fraction" else (False,)))
         return tuple(dict.fromkeys(candidates))  # drop_issues takes no fraction: one candidate per ranking
 
     @property
