@@ -133,8 +133,8 @@ class CausalLM:
     has_classes: ClassVar[bool] = False
     loss_reduction: ClassVar[str] = "mean_over_response_tokens"
     peft_task_type: ClassVar[str] = "CAUSAL_LM"
-    truncation: ClassVar[str] = ("the prompt keeps its end (at least half of max_length) and the response its start, "
-                                 "without its end-of-sequence token")
+    truncation: ClassVar[str] = ("a pair keeps its prompt's end (at least half of max_length when the prompt is that "
+                                 "long) and its response's start (a short response whole)")
 
     def column_roles(self, data: Any) -> dict[str, str | None]:
         return {"prompt": data.prompt_column, "response": data.response_column, "label": data.label_column}
@@ -155,7 +155,7 @@ class CausalLM:
             _require_tokens(records, torch.tensor([len(ids) for ids in raw]), field)
         rows = []
         for r in records:
-            prompt, response = self._ids(tokenizer, r)
+            prompt, response = self.token_ids(tokenizer, r)
             response = response[: max_length - min(len(prompt), max_length // 2)]
             prompt = prompt[-(max_length - len(response)):]
             rows.append((prompt + response, [IGNORE_INDEX] * len(prompt) + response))
@@ -170,10 +170,10 @@ class CausalLM:
         return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
 
     def token_lengths(self, tokenizer: Any, records: Sequence[Mapping[str, Any]]) -> list[int]:
-        return [sum(map(len, self._ids(tokenizer, r))) for r in records]
+        return [sum(map(len, self.token_ids(tokenizer, r))) for r in records]
 
     @staticmethod
-    def _ids(tokenizer: Any, record: Mapping[str, Any]) -> tuple[list[int], list[int]]:
+    def token_ids(tokenizer: Any, record: Mapping[str, Any]) -> tuple[list[int], list[int]]:
         """The prompt's and the response's token ids, the response ended by eos (when the tokenizer has one)."""
         prompt, response = _prompt_response_ids(tokenizer, record["prompt"], record["response"])
         eos = tokenizer.eos_token_id

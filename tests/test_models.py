@@ -99,17 +99,17 @@ def test_collate_causal_masks_the_prompt(tmp_path: Path, template: str | None):
     cut = collate(tok, [{"prompt": "the " * 40 + "end", "response": "fun fun"}], "causal_lm", {}, max_length=12)
     assert cut["input_ids"].shape[1] == 12 and (cut["labels"] != IGNORE_INDEX).sum() >= 3
     task = get_task("causal_lm")
-    prompt, response = task._ids(tok, {"prompt": "the " * 40 + "end", "response": "fun fun"})
+    prompt, response = task.token_ids(tok, {"prompt": "the " * 40 + "end", "response": "fun fun"})
     assert cut["input_ids"][0].tolist() == prompt[-(12 - len(response)):] + response
     # a long response keeps its start and leaves the prompt's end half of max_length: the request it answers
     both = {"prompt": "the " * 40 + "end", "response": "fun " * 40}
     cut = collate(tok, [both], "causal_lm", {}, max_length=12)
-    prompt, response = task._ids(tok, both)
+    prompt, response = task.token_ids(tok, both)
     kept = cut["labels"][0] != IGNORE_INDEX
     assert int((~kept).sum()) == 6 and cut["input_ids"][0, :6].tolist() == prompt[-6:]
     assert cut["input_ids"][0, 6:].tolist() == response[:6] and tok.eos_token_id not in cut["labels"][0].tolist()
     assert task.token_lengths(tok, [both, records[0]]) == [len(prompt) + len(response),
-                                                          sum(map(len, task._ids(tok, records[0])))]
+                                                          sum(map(len, task.token_ids(tok, records[0])))]
     with pytest.raises(DataError, match=r"response of sample_id\(s\) \['b'\] tokenizes to nothing"):
         collate(tok, [records[0], {**records[1], "response": "   "}], "causal_lm", {}, 64)
 
