@@ -317,6 +317,30 @@ def test_evaluation_fits_every_candidate_and_auto_exports_the_validation_winner(
     assert manifest["report"]["flipped"]["pool"] == 40 and len(manifest["report"]["labels"]) == 2
 
 
+def test_drop_rules_bench_drops_what_each_rule_says(built):
+    """benchmarks/drop_rules.py on a finished store: each rule drops what it names (cleanlab's count, the flagged,
+    the flagged with negative influence, a fifth, the planted flips), scored by the frozen-embedding probe."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from drop_rules import drop_rules
+
+    cfg_path, _, _ = built
+    cfg = load_config(cfg_path)
+    con = connect(LanceStore(str(cfg.storage_root)))
+    issues, harmful_issues = con.execute(
+        "SELECT count(*), count(*) FILTER (WHERE s.score < 0) FROM label_suggestions AS g JOIN scores AS s USING "
+        "(sample_id) WHERE g.issue AND s.target_set = 'clean' AND s.method = 'hyperinf'").fetchone()
+    con.close()
+    result = drop_rules(cfg_path)
+    dropped = {name: r["dropped"] for name, r in result["rules"].items()}
+    assert result["n"] == 200 and result["issues"] == issues and result["flips"] == 40
+    assert dropped == {"full": 0, "drop_issues": issues, "cleanlab": issues, "issues_harmful": harmful_issues,
+                       "drop_harmful_0.2": 40, "random_k": issues, "oracle": 40}
+    assert result["rules"]["oracle"]["flips_dropped"] == 40 and result["rules"]["full"]["flips_dropped"] == 0
+    assert all(0 <= r["probe_accuracy"] <= 1 for r in result["rules"].values())
+
+
 def test_auto_never_reads_the_test_rows_it_reports(tmp_path, tiny_model):
     """Only the test half changes (labels of the rows it holds, ids kept): every fit is made again, its
     validation numbers are the same, its test numbers move, and the choice does not."""
