@@ -4,6 +4,7 @@ with the section's column names (real MiniLM weights)."""
 import contextlib
 import io
 import json
+import math
 import re
 import shlex
 from pathlib import Path
@@ -11,6 +12,7 @@ from pathlib import Path
 import pytest
 from hyperinf_project import sentences
 
+from hyperinf_ops.config.sections import DROP_ISSUES_MAX_FRACTION
 from hyperinf_ops.store import LanceStore
 from pipelines.cli import main
 
@@ -57,11 +59,14 @@ def test_the_readme_walkthrough_runs_as_written(tmp_path, monkeypatch):
     export = tmp_path / "store" / "exports" / "drop_issues"
     subset = [json.loads(row) for row in (export / "subset.jsonl").read_text().splitlines()]
     manifest = json.loads((export / "manifest.json").read_text())
-    assert manifest["params"] == {"target_set": "wanted", "method": "hyperinf"}  # the default curation
-    # the pool without the k most harmful by HyperINF on `wanted`, k = the label issues cleanlab counts
+    # the default curation
+    assert manifest["params"] == {"target_set": "wanted", "method": "hyperinf", "max_fraction": DROP_ISSUES_MAX_FRACTION}
+    # the pool without the k most harmful by HyperINF on `wanted`, k = the label issues cleanlab counts (at most
+    # max_fraction of the pool)
     issues = LanceStore(str(tmp_path / "store")).open("label_suggestions").count_rows("issue")
     pool = {r["label"]: r["pool"] for r in manifest["report"]["labels"]}
-    assert sum(pool.values()) == 200 and 0 < issues < 200 and len(subset) == 200 - issues
+    dropped = min(issues, math.ceil(DROP_ISSUES_MAX_FRACTION * 200))
+    assert sum(pool.values()) == 200 and 0 < issues < 200 and len(subset) == 200 - dropped
     assert {r["label"] for r in subset} == {"pos", "neg"} and not any(r["relabelled"] for r in subset)
     harmful = outputs[1].splitlines()
     assert harmful[0].split()[:5] == ["sample_id", "target_set", "method", "score", "rank"] and len(harmful) == 6
