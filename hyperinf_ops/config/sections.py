@@ -142,8 +142,9 @@ Scalar = str | bool | int | float
 
 # The curation a config without a `curation:` block exports (docs/results.md, section 7: of the candidates measured
 # by benchmarks/bench_curation.py on three datasets, the one an independent downstream model scored above the full
-# pool on every one): drop as many examples as cleanlab counts label issues, the most harmful by the first
-# estimator's influence on the first target set (HyperINF by default). A causal LM has no label to judge: the
+# pool on every one): drop as many examples as cleanlab counts label issues (at most DROP_ISSUES_MAX_FRACTION of
+# the pool), the most harmful by the first estimator's influence on the first target set (HyperINF by default).
+# A causal LM has no label to judge: the
 # top 20% by the first estimator's cover ranking (`hyperinf_cover`; section 8: the cover ranking had the lowest test
 # loss of the rankings on both LLM tasks measured, below the full pool, random subsets and the embedding-similarity
 # baseline). 20%, not LESS's 5%, because the user's training recipe is unknown (section 8 (f)): the cover 20% beat
@@ -224,13 +225,15 @@ class EvaluationSection(Settings):
     query of `queries` over every ranking of `methods` with every `fractions` value as its `$fraction`
     (drop_harmful: the share dropped; relabel: the share of the most harmful considered, 1 = every example whose
     suggested label differs; top_fraction: the share kept, class-balanced with `balance: true`, both with
-    `[false, true]`; drop_issues takes none: it drops as many as cleanlab finds label issues).
+    `[false, true]`; drop_issues takes none: it drops as many as cleanlab finds label issues, at most
+    DROP_ISSUES_MAX_FRACTION of the pool).
     Every fit is repeated for `seeds` training seeds (train.seed, train.seed + 1, ...). `methods` default to
     the curation's default ranking (the first estimator; a causal LM's cover ranking) and `fused`,
     `target_set` to the curation's; `balance` to true for a classifier, false for a causal LM. `subset_epochs`:
     the epochs of the curated and random subsets' fits (None: the warm-up's `train.epochs`); the full pool and
-    the oracle keep the warm-up's. LESS trains its selected 5% for 4 epochs: under a one-epoch warm-up recipe a 5% subset gets a
-    twentieth of the full pool's optimizer steps, and its fits differ more by training seed than by ranking."""
+    the oracle keep the warm-up's. LESS trains its selected 5% for 4 epochs: under a one-epoch warm-up recipe a
+    5% subset gets a twentieth of the full pool's optimizer steps, and its fits differ more by training seed than
+    by ranking."""
 
     test: TestFile
     queries: tuple[Literal["drop_harmful", "drop_issues", "relabel", "top_fraction"], ...] = Field(

@@ -141,7 +141,7 @@ def choose(rows: Sequence[Mapping[str, Any]], plan: EvaluationPlan, *, has_class
     the lowest mean validation loss), from the stored rows; ties go to the full pool, then to the earlier
     candidate. Random subsets and the oracle are references, never chosen."""
     names = {c.name: c for c in plan.candidates}
-    _require_whole_plan(rows, plan, names)
+    _require_whole_plan([r for r in rows if r["subset"] == "full" or r.get("candidate") in names], plan.seeds)
     table = summarize(rows)
     metric = "validation_accuracy" if has_classes else "validation_loss"
     sign = 1.0 if has_classes else -1.0
@@ -153,18 +153,17 @@ def choose(rows: Sequence[Mapping[str, Any]], plan: EvaluationPlan, *, has_class
     return Choice(candidate=names.get(best.get("candidate")), metric=metric, table=table)
 
 
-def _require_whole_plan(rows: Sequence[Mapping[str, Any]], plan: EvaluationPlan, names: Mapping[str, Any]) -> None:
-    """DataError unless every option the choice reads (the full pool, each candidate with fits) has one fit per
-    seed of the plan: a run stopped part-way leaves the new plan's first fits beside the old plan's (both seed 0 of
-    one candidate) or fewer seeds than asked, and means over such a mix compare different recipes."""
+def _require_whole_plan(rows: Sequence[Mapping[str, Any]], n_seeds: int) -> None:
+    """DataError unless every option in `rows` (the fits the choice reads: the full pool's, the plan's candidates')
+    has one fit per seed of the plan: a run stopped part-way leaves the new plan's first fits beside the old plan's
+    (both seed 0 of one candidate) or fewer seeds than asked, and means over such a mix compare different recipes."""
     seeds: dict[tuple[str, Any], list[int]] = {}
     for row in rows:
-        if row["subset"] == "full" or row.get("candidate") in names:
-            seeds.setdefault((row["subset"], row.get("candidate"), row["fraction"]), []).append(row["seed"])
+        seeds.setdefault((row["subset"], row.get("candidate"), row["fraction"]), []).append(row["seed"])
     odd = sorted(f"{candidate or subset} ({len(got)} fits, seeds {sorted(got)})" for (subset, candidate, _), got
-                 in seeds.items() if len(got) != len(set(got)) or len(set(got)) != plan.seeds)
+                 in seeds.items() if len(got) != len(set(got)) or len(set(got)) != n_seeds)
     if odd:
-        raise DataError(f"the stored evaluation does not hold one fit per seed ({plan.seeds}) of every option: "
+        raise DataError(f"the stored evaluation does not hold one fit per seed ({n_seeds}) of every option: "
                         f"{', '.join(odd[:3])}{' ...' if len(odd) > 3 else ''}; a run stopped part-way leaves fits of "
                         "two plans: materialize `evaluation` (it reuses every stored fit of the current plan)")
 

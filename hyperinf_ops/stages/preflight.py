@@ -93,11 +93,11 @@ def preflight(store: LanceStore, cfg: Any, *, log: Log = print) -> PreflightSumm
     in_pool = set(pool["content_hash"].to_pylist())
     warnings = [_overlap_warning(f"target set {name!r}", table, in_pool, "their scores include their own gradient")
                 for name, table in targets.items() if cfg.targets[name].path is not None]
-    if cfg.task == "classification":
-        warnings += [_missing_labels_warning(name, table, labels) for name, table in targets.items()]
+    # A causal LM's label is metadata (a source, a topic): targets and tests may lack or add some.
+    classes = labels if get_task(cfg.task).has_classes else []
+    warnings += [_missing_labels_warning(name, table, classes) for name, table in targets.items()]
     if cfg.evaluation is not None:
-        # A causal LM's label is metadata (a source, a topic): a test file may name ones the pool does not have.
-        test = prepare_test(cfg.evaluation.test.path, cfg.data, cfg.task, labels if get_task(cfg.task).has_classes else [])
+        test = prepare_test(cfg.evaluation.test.path, cfg.data, cfg.task, classes)
         warnings.append(_overlap_warning("evaluation test file", test, in_pool, "the evaluation trains on them"))
         warnings += [_overlap_warning("evaluation test file", test, set(table["content_hash"].to_pylist()),
                                       "the curation selects for them, so the evaluation overstates it",
