@@ -5,10 +5,11 @@ test half of the test file) on finished bench_curation stores, clean ones (`--fl
 Rules, over the stored HyperINF ranking of the evaluation's target set and cleanlab's `label_suggestions`:
 
     full              every example
-    drop_issues       the product's default: the k most harmful by HyperINF, k = cleanlab's issue count
+    drop_issues       the product's default (sql/drop_issues.sql): the k most harmful by HyperINF, k = cleanlab's
+                      issue count, at most max_fraction of the pool
     cleanlab          the k examples cleanlab flags (what cleanlab alone would drop)
     issues_harmful    the flagged examples whose HyperINF score is negative (both signals agree)
-    drop_harmful_0.2  the 20% most harmful by HyperINF
+    drop_harmful_0.2  the 20% most harmful by HyperINF (sql/drop_harmful.sql)
     random_k          k random examples (mean of 5 draws)
     oracle            the planted flips (pools with flips)
 
@@ -29,7 +30,9 @@ import torch
 from bench_curation import frozen_embeddings, probe_accuracy
 
 from hyperinf_ops.config import load_config
+from hyperinf_ops.config.sections import DROP_ISSUES_MAX_FRACTION
 from hyperinf_ops.data.prepare import prepare_test
+from hyperinf_ops.query import connect, run_query
 from hyperinf_ops.stages.adapter import pool_labels
 from hyperinf_ops.stages.evaluation import pool_records
 from hyperinf_ops.stages.evaluation_plan import split_test
@@ -55,7 +58,17 @@ def drop_rules(config_path: Path) -> dict[str, Any]:
     x, x_test = frozen_embeddings([r["text"] for r in pool]), frozen_embeddings([r["text"] for r in test])
     y, y_test = np.array([r["label"] for r in pool]), [r["label"] for r in test]
     n, k = len(ids), int(issue.sum())
-    harmful_first = np.argsort(score, kind="stable")
+    ranking = {"target_set": cfg.evaluation_target, "method": "hyperinf"}
+    con = connect(store)
+    try:  # the product's own selections, not a copy of their SQL
+        kept = {query: set(run_query(con, query, {**ranking, **params})["sample_id"].to_pylist())
+                for query, params in (("drop_issues", {"max_fraction": DROP_ISSUES_MAX_FRACTION}),
+                                      ("drop_harmful", {"fraction": 0.2}))}
+    finally:
+        con.close()
+
+    def selected(query: str) -> np.ndarray:
+        return np.array([i in kept[query] for i in ids])
 
     def without(drop: np.ndarray) -> np.ndarray:
         keep = np.ones(n, bool)
@@ -65,10 +78,10 @@ def drop_rules(config_path: Path) -> dict[str, Any]:
     rng = np.random.default_rng(0)
     rules: dict[str, Callable[[], list[np.ndarray]]] = {
         "full": lambda: [np.ones(n, bool)],
-        "drop_issues": lambda: [without(harmful_first[:k])],
+        "drop_issues": lambda: [selected("drop_issues")],
         "cleanlab": lambda: [~issue],
         "issues_harmful": lambda: [~(issue & (score < 0))],
-        "drop_harmful_0.2": lambda: [without(harmful_first[: int(np.ceil(0.2 * n))])],
+        "drop_harmful_0.2": lambda: [selected("drop_harmful")],
         "random_k": lambda: [without(rng.choice(n, k, replace=False)) for _ in range(RANDOM_DRAWS)],
         **({"oracle": lambda: [~flipped]} if flipped.any() else {}),
     }
