@@ -26,6 +26,7 @@ from hyperinf_ops.location import Location
 from hyperinf_ops.query import connect, load_sql, run_sql, sql_params
 from hyperinf_ops.sql_files import EXPORT_QUERY
 from hyperinf_ops.store import json_safe, sql_literal
+from hyperinf_ops.store.schemas import input_columns, value_text
 
 if TYPE_CHECKING:  # the store's writers need torch; the config's check of query names imports this module
     from hyperinf_ops.store import LanceStore
@@ -101,6 +102,10 @@ def _stored_estimator_info(
     }
 
 
+def _input_columns(store: LanceStore, versions: Mapping[str, int]) -> dict[str, dict[str, str]]:
+    return input_columns(store.open("examples", versions["examples"]).schema) if "examples" in versions else {}
+
+
 def _write_jsonl(table: pa.Table, path: Path) -> None:
     with path.open("w", encoding="utf-8") as fh:
         for batch in table.to_batches(max_chunksize=4096):
@@ -108,7 +113,44 @@ def _write_jsonl(table: pa.Table, path: Path) -> None:
                 fh.write(json.dumps(json_safe(row), ensure_ascii=False, default=_json_default) + "\n")
 
 
-def _select(con: Any, sql: str, export_sql: str, params: Mapping[str, Any], name: str) -> pa.Table:
+def _with_input_types(subset: pa.Table, columns: Mapping[str, Mapping[str, str]]) -> pa.Table:
+    """`label` and `original_label` in the type the input's label column had (labels are stored as text: a pool of
+    integer labels exports integers, not "1"), and the input's id column under its own name and type beside
+    `sample_id`. `columns`: `schemas.input_columns` of the pinned `examples`. A column whose values do not all
+    come back as the same text in that type (a store written before the types were kept, shards of two types)
+    stays text."""
+    label = columns.get("label")
+    for name in ("label", "original_label"):
+        if label and name in subset.column_names:
+            typed = _as_input_type(subset[name], label["type"])
+            if typed is not None:
+                subset = subset.set_column(subset.column_names.index(name), name, typed)
+    ids = columns.get("sample_id")
+    if ids and ids["name"] not in subset.column_names:
+        typed = _as_input_type(subset["sample_id"], ids["type"])
+        subset = subset.add_column(1, ids["name"], subset["sample_id"] if typed is None else typed)
+    return subset
+
+
+def _as_input_type(texts: pa.ChunkedArray, type_name: str) -> pa.ChunkedArray | None:
+    """`texts` cast to the Arrow type named `type_name` when each value's text (`value_text`) is unchanged by it;
+    None when the type is text already or the cast would change a value."""
+    try:
+        target = pa.type_for_alias(type_name)
+    except ValueError:  # a type without an alias (timestamps, dictionaries): keep the text
+        return None
+    if pa.types.is_string(target) or pa.types.is_large_string(target) or pa.types.is_null(target):
+        return None
+    try:
+        typed = texts.cast(target)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        return None
+    same = [None if v is None else value_text(v) for v in typed.to_pylist()] == texts.to_pylist()
+    return typed if same else None
+
+
+def _select(con: Any, sql: str, export_sql: str, params: Mapping[str, Any], name: str,
+            columns: Mapping[str, Mapping[str, str]]) -> pa.Table:
     selection = run_sql(con, sql, params, name=name)
     if RELABEL_COLUMN not in selection.column_names:  # a selection that keeps every given label
         label = con.sql("SELECT label FROM examples LIMIT 0").to_arrow_table().schema.field("label").type
@@ -116,7 +158,7 @@ def _select(con: Any, sql: str, export_sql: str, params: Mapping[str, Any], name
     con.register("selection", selection)
     try:
         export_params = {k: params[k] for k in sql_params(export_sql) if k in params}
-        return run_sql(con, export_sql, export_params, name=EXPORT_QUERY)
+        return _with_input_types(run_sql(con, export_sql, export_params, name=EXPORT_QUERY), columns)
     finally:
         con.unregister("selection")
 
@@ -150,7 +192,7 @@ def export_subset(
     versions = store.versions()
     con = connect(store, versions=versions)
     try:
-        subset = _select(con, sql, export_sql, params, query_name)
+        subset = _select(con, sql, export_sql, params, query_name, _input_columns(store, versions))
     finally:
         con.close()
     if subset.num_rows == 0:  # an empty subset never replaces an export (it is no fine-tuning set)
@@ -227,6 +269,6 @@ def reproduce(manifest: Manifest | str | Path, *, store: LanceStore | None = Non
     store = store or LanceStore(m.store_root)
     con = connect(store, versions=m.table_versions)
     try:
-        return _select(con, m.sql, m.export_sql, m.params, m.query_name)
+        return _select(con, m.sql, m.export_sql, m.params, m.query_name, _input_columns(store, m.table_versions))
     finally:
         con.close()

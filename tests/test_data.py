@@ -168,6 +168,13 @@ def test_csv_ids_and_texts_are_read_as_written(tmp_path: Path):
     assert df["id"].tolist() == ["007", "0008", "9", "010"] and df["text"].tolist() == ["1e3", "good", "bad", "007"]
     table = prepare_examples(df, cfg.data, cfg.task, "pool", source="pool.csv")
     assert table["sample_id"].to_pylist() == ["007", "0008", "9", "010"]
+    assert read_table(cfg.data.path, cfg.data.verbatim_columns, cfg.data.integer_columns)["label"].tolist() == [1, 0, 1, 0]
+    # labels written two ways that integers would merge stay text, each as written
+    (tmp_path / "pool.csv").write_text("id,text,label\n1,a,01\n2,b,1\n3,c,-1\n")
+    df = read_table(cfg.data.path, cfg.data.verbatim_columns, cfg.data.integer_columns)
+    assert df["label"].tolist() == ["01", "1", "-1"] and df["id"].tolist() == [1, 2, 3]
+    table = prepare_examples(df, cfg.data, cfg.task, "pool", source="pool.csv")
+    assert table["label"].to_pylist() == ["01", "1", "-1"] and table["sample_id"].to_pylist() == ["1", "2", "3"]
 
 
 def test_demo_dataset(tmp_path: Path):

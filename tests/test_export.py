@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -132,3 +133,46 @@ def test_an_empty_subset_never_replaces_an_export(store, tmp_path):
     with pytest.raises(DataError, match=r"selects no rows: nothing exported, the previous export in .*out is kept"):
         export_subset(store, "top_fraction", {**PARAMS, "target_set": "nope"}, tmp_path / "out", overwrite=True)
     assert {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()} == before and first.row_count == 6
+
+
+@pytest.mark.parametrize("fmt", ["csv", "jsonl"])
+def test_the_export_gives_labels_and_ids_their_input_types(tmp_path, fmt):
+    """Labels are stored as text; the export writes them (and the given ones, `original_label`) in the input's type,
+    and the input's id column under its name and type beside `sample_id`: a pool of integer labels exports 0 / 1,
+    which a model trained on the export compares with its own test labels. Labels that an integer type would merge
+    (`01` and `1` in a CSV) stay text, each as written."""
+    from hyperinf_ops.config import load_config
+    from hyperinf_ops.stages.pool import ingest_shard
+
+    n = 20
+    pool = pd.DataFrame({"idx": range(100, 100 + n), "review": [f"review {i}" for i in range(n)],
+                         "sentiment": [i % 2 for i in range(n)]})
+    texts = pool.assign(sentiment=["01" if i % 2 else "1" for i in range(n)])
+    for name, df in (("ints", pool), ("texts", texts)):
+        folder = tmp_path / name / "pool"
+        folder.mkdir(parents=True)
+        if fmt == "csv":
+            df.to_csv(folder / "a.csv", index=False)
+        else:
+            df.to_json(folder / "a.jsonl", orient="records", lines=True)
+        cfg = load_config({"data": {"path": "pool", "text_column": "review", "label_column": "sentiment",
+                                    "id_column": "idx"}, "targets": {"sst2": {"where": "true"}}},
+                          base_dir=tmp_path / name)
+        store = LanceStore(str(tmp_path / name / "store"))
+        ingest_shard(store, "a", folder / f"a.{fmt}", cfg.data, cfg.task, log=lambda _: None)
+        ids = [str(i) for i in pool["idx"]]
+        store.write_gradients("a", GradientBatch(ids, torch.randn(n, DIM), torch.rand(n, 1)), FP)
+        _score(store)
+        export_subset(store, "top_fraction", {**PARAMS, "fraction": 0.5}, tmp_path / name / "out")
+        table = pq.read_table(tmp_path / name / "out" / "subset.parquet")
+        line = json.loads((tmp_path / name / "out" / "subset.jsonl").read_text().splitlines()[0])
+        assert table.num_rows == 10 and table["sample_id"].to_pylist() == list(map(str, table["idx"].to_pylist()))
+        assert table.schema.field("idx").type == pa.int64() and isinstance(line["idx"], int)
+        given = dict(zip(pool["idx"], df["sentiment"], strict=True))
+        assert table["label"].to_pylist() == [given[i] for i in table["idx"].to_pylist()]
+        assert table["original_label"].to_pylist() == table["label"].to_pylist()
+        if name == "ints":
+            assert table.schema.field("label").type == pa.int64() and isinstance(line["label"], int)
+        else:
+            assert set(table["label"].to_pylist()) <= {"01", "1"} and isinstance(line["label"], str)
+        assert reproduce(tmp_path / name / "out" / "manifest.json").equals(table)

@@ -88,6 +88,11 @@ class DataSection(Settings):
         return tuple(c for c in (self.id_column, self.text_column, self.prompt_column or "prompt",
                                  self.response_column or "response") if c)
 
+    @property
+    def integer_columns(self) -> tuple[str, ...]:
+        """The columns a CSV gives as integers when every value is written as one (the id and the label)."""
+        return tuple(c for c in (self.id_column, self.label_column) if c)
+
     @field_validator("path")
     @classmethod
     def _exists(cls, path: Path) -> Path:

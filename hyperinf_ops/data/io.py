@@ -42,9 +42,11 @@ def discover_shards(pool_path: Path) -> dict[str, Path]:
     return shards
 
 
-def read_table(path: str | Path, verbatim: Collection[str] = ()) -> pd.DataFrame:
-    """Read one .parquet / .csv / .jsonl file as written: a CSV's `verbatim` columns (ids, texts) are read as
-    strings, never parsed as numbers (`007` stays `007`); JSON and Parquet carry their own types."""
+def read_table(path: str | Path, verbatim: Collection[str] = (), integers: Collection[str] = ()) -> pd.DataFrame:
+    """Read one .parquet / .csv / .jsonl file as written. A CSV's `verbatim` columns (ids, texts) are read as
+    strings, never parsed as numbers (`007` stays `007`); its `integers` columns (ids, labels) are integers only
+    when every value is written as one (`12`, `-2`; one `007` or `1.0` keeps the column as text, so no two values
+    merge). JSON and Parquet carry their own types (the export gives labels and ids theirs back: export.py)."""
     path = Path(path)
     suffix = path.suffix.lower()
     try:
@@ -52,13 +54,25 @@ def read_table(path: str | Path, verbatim: Collection[str] = ()) -> pd.DataFrame
             return pd.read_parquet(path)
         if suffix == ".csv":
             # Only empty fields are missing: a text "NA" or "null" is text.
-            return pd.read_csv(path, keep_default_na=False, na_values=[""], dtype=dict.fromkeys(verbatim, str))
+            df = pd.read_csv(path, keep_default_na=False, na_values=[""], dtype=dict.fromkeys([*verbatim, *integers], str))
+            for col in integers:
+                if col in df.columns and df[col].notna().all() and df[col].map(_is_written_integer).all():
+                    df[col] = df[col].astype("int64")
+            return df
         if suffix == ".jsonl":
             return pd.read_json(path, lines=True, dtype=False)
     except (OSError, ValueError, pa.ArrowException) as err:
         raise DataError(f"cannot read {path}: {err}") from err
     raise DataError(f"{path}: unsupported file type{_JSON_HINT if suffix == '.json' else ''}; use one of "
                     f"{list(SUPPORTED_SUFFIXES)}")
+
+
+def _is_written_integer(text: str) -> bool:
+    """`text` is an integer written the one way str(int) writes it."""
+    try:
+        return str(int(text)) == text
+    except ValueError:
+        return False
 
 
 def file_digest(path: str | Path) -> str:

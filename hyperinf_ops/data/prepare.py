@@ -1,7 +1,8 @@
 """Pool examples and target sets: validation, stable sample ids, and the digests that say what changed.
 
 A prepared table has `sample_id`, `content_hash`, the task's text columns (`text`, or `prompt` + `response`),
-`label` (string), `shard`, and every other input column unchanged. `sample_id` is the input's id column as a
+`label` (string), `shard`, and every other input column unchanged; its schema metadata (`input_columns`) names
+the input's column and Arrow type of each role, so the export can give the label and id their input types back (`store.schemas.input_columns`). `sample_id` is the input's id column as a
 string when configured, else the first 16 hex of `content_hash` (sha256 of the text columns and the label),
 so the same example keeps its id across runs, files and row orders. Every unusable input raises
 `DataError` naming the problem; nothing is written before that check.
@@ -27,6 +28,7 @@ import pyarrow as pa
 
 from hyperinf_ops.errors import DataError
 from hyperinf_ops.query import sandbox
+from hyperinf_ops.store.schemas import INPUT_COLUMNS_KEY, value_text
 from hyperinf_ops.tasks import get_task
 
 __all__ = ["RESERVED_COLUMNS", "content_digest", "prepare_examples", "prepare_targets", "prepare_test",
@@ -37,6 +39,7 @@ __all__ = ["RESERVED_COLUMNS", "content_digest", "prepare_examples", "prepare_ta
 RESERVED_COLUMNS = ("sample_id", "content_hash", "text", "prompt", "response", "label", "shard", "original_label",
                     "relabelled", "selected_for", "influence_method", "influence_score", "influence_rank")
 _SHOWN = 5  # offending ids / rows named in an error message
+
 
 
 def record_columns(task: str) -> list[str]:
@@ -84,9 +87,12 @@ def prepare_examples(df: pd.DataFrame, data: Any, task: str, shard: str, *, sour
     # Without an id column, equal content means equal id: the same example listed twice.
     out = out[~out["sample_id"].duplicated()]
     try:
-        return pa.Table.from_pandas(out, preserve_index=False)
+        table = pa.Table.from_pandas(out, preserve_index=False)
     except (pa.ArrowException, ValueError) as err:
         raise DataError(f"{source}: a column cannot be stored ({err}); give it one type") from err
+    given = {**roles, "sample_id": id_col}
+    columns = {role: {"name": name, "type": _arrow_type(df[name])} for role, name in given.items() if name}
+    return table.replace_schema_metadata({INPUT_COLUMNS_KEY: json.dumps(columns, sort_keys=True)})
 
 
 def prepare_targets(targets: Mapping[str, Any], data: Any, task: str,
@@ -112,7 +118,7 @@ def prepare_targets(targets: Mapping[str, Any], data: Any, task: str,
         if target.path is not None:
             from hyperinf_ops.data.io import read_table
 
-            table = prepare_examples(read_table(target.path, data.verbatim_columns), data, task, name,
+            table = prepare_examples(read_table(target.path, data.verbatim_columns, data.integer_columns), data, task, name,
                                      source=f"{source} ({target.path})", require_id=False)
             df = table.select(keep).to_pandas()
         else:
@@ -135,7 +141,7 @@ def prepare_test(path: str | Path, data: Any, task: str, labels: Collection[str]
     from hyperinf_ops.data.io import read_table
 
     source = f"evaluation test file {path}"
-    table = prepare_examples(read_table(path, data.verbatim_columns), data, task, "test", source=source, require_id=False)
+    table = prepare_examples(read_table(path, data.verbatim_columns, data.integer_columns), data, task, "test", source=source, require_id=False)
     unknown = sorted(set(map(str, table["label"].to_pylist())) - set(labels)) if labels else []
     if unknown:
         raise DataError(f"{source} has labels the pool does not have: {unknown[:_SHOWN]} (pool labels: "
@@ -217,13 +223,13 @@ def _labels(df: pd.DataFrame, name: str | None, source: str) -> pd.Series:
     if col.isna().any():
         rows = [int(i) for i in np.flatnonzero(col.isna().to_numpy())[:_SHOWN]]
         raise DataError(f"{source}: {int(col.isna().sum())} missing label(s) in column {name!r} (rows {rows})")
-    return col.map(_as_string)
+    return col.map(value_text)
 
 
 def _ids(col: pd.Series, name: str, source: str) -> pd.Series:
     if col.isna().any():
         raise DataError(f"{source}: {int(col.isna().sum())} missing id(s) in id column {name!r}")
-    ids = col.map(_as_string)
+    ids = col.map(value_text)
     dup = ids[ids.duplicated()].unique().tolist()
     if dup:
         raise DataError(f"{source}: duplicated id(s) in column {name!r}: {dup[:_SHOWN]}"
@@ -231,8 +237,8 @@ def _ids(col: pd.Series, name: str, source: str) -> pd.Series:
     return ids
 
 
-def _as_string(value: Any) -> str:
-    """Labels and ids as strings; 3.0 read from a CSV with gaps is the integer 3."""
-    if isinstance(value, float | np.floating) and float(value).is_integer():
-        return str(int(value))
-    return str(value)
+def _arrow_type(col: pd.Series) -> str:
+    try:
+        return str(pa.Array.from_pandas(col).type)
+    except (pa.ArrowException, ValueError):  # mixed values: stored as text
+        return "string"

@@ -26,6 +26,7 @@ from hyperinf_ops.retention import apply_retention
 from hyperinf_ops.stages.common import Log, Summary, require_table
 from hyperinf_ops.stages.scores import display_columns
 from hyperinf_ops.store import LanceStore
+from hyperinf_ops.store.schemas import value_text
 
 __all__ = ["CurateSummary", "curate", "export_dir", "refuse_unlearned_warmup", "subset_preview"]
 
@@ -86,7 +87,8 @@ def curate(store: LanceStore, query: str, params: Mapping[str, Any], *, name: st
     examples = store.open("examples")
     columns = [c for c in ("label", "flipped", "true_label") if c in examples.schema.names]
     pool = examples.to_table(columns=columns)
-    subset = (out_dir / manifest.files["parquet"]).read_parquet([*columns, "original_label", "relabelled"])
+    subset = _labels_as_stored((out_dir / manifest.files["parquet"]).read_parquet([*columns, "original_label",
+                                                                                     "relabelled"]))
     labels, flipped = subset_report(pool, subset)
     relabelled = _true_count(subset["relabelled"])
     update_manifest(out_dir, labels=labels, flipped=flipped, relabelled=relabelled)
@@ -119,6 +121,15 @@ def subset_preview(store: LanceStore, parquet: str | Path, task: str, k: int = P
     table = Location(parquet).read_parquet(["influence_rank", "influence_score", *columns])
     rows = table.slice(0, k).to_pylist()
     return [{"rank": r.pop("influence_rank"), "score": r.pop("influence_score"), **r} for r in rows]
+
+
+def _labels_as_stored(subset: pa.Table) -> pa.Table:
+    """The export's labels (in the input's type) as the text `examples` stores them, to count against the pool."""
+    for name in ("label", "original_label"):
+        if name in subset.column_names and not pa.types.is_string(subset.schema.field(name).type):
+            texts = pa.array([None if v is None else value_text(v) for v in subset[name].to_pylist()], pa.string())
+            subset = subset.set_column(subset.column_names.index(name), name, texts)
+    return subset
 
 
 def subset_report(pool: pa.Table, subset: pa.Table) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:

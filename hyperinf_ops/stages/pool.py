@@ -72,7 +72,7 @@ def prepare_shard(store: LanceStore, shard: str, path: str | Path, data: Any, ta
     An example whose content (no id column) was already ingested from another shard is dropped here; with an
     id column, an id used by another shard is a DataError. Rows of `gone` shards (no pool file any more) count
     as removed."""
-    df = read_table(path, data.verbatim_columns)
+    df = read_table(path, data.verbatim_columns, data.integer_columns)
     table = prepare_examples(df, data, task, shard, source=f"pool file {Path(path).name}")
     elsewhere = _ids_in_other_shards(store, [shard, *gone], table["sample_id"])
     if elsewhere and data.id_column is not None:
@@ -112,6 +112,7 @@ def ingest_shard(store: LanceStore, shard: str, path: str | Path, data: Any, tas
     digest = table_digest(table)
     written = digest != stored_digest(store, shard)
     version = store.write_examples(shard, table) if written else store.open("examples").version
+    store.record_input_columns(table)  # also for unchanged rows: a store written before the types were kept
     summary = IngestSummary(shard=shard, rows=table.num_rows, written=written, digest=digest,
                             dropped_duplicates=dropped_here, dropped_in_other_shards=elsewhere, removed_shards=gone,
                             adopted_from=adopted, columns=table.column_names, examples_version=version,

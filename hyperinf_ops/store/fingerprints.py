@@ -57,19 +57,19 @@ class FingerprintedTables(LanceTables):
             if digest != expected.digest():
                 require_match(expected, known.get(digest), f"table {table!r}")
 
-    def _register_fingerprint(self, table: str, meta_key: str, fp: Fingerprint) -> None:
-        """Add the fingerprint JSON to the schema metadata unless there; concurrent registrations conflict
-        (Lance refuses two UpdateConfig commits at once), so re-check and retry."""
+    def set_schema_metadata(self, table: str, key: str, value: str) -> None:
+        """Set one key of `table`'s schema metadata unless it holds `value` already (no commit then); concurrent
+        updates conflict (Lance refuses two UpdateConfig commits at once), so re-check and retry."""
         for attempt in range(MAX_ATTEMPTS):
             ds = self.open(table)
-            if meta_key.encode() in (ds.schema.metadata or {}):
+            if (ds.schema.metadata or {}).get(key.encode()) == value.encode():
                 return
             try:
-                ds.update_schema_metadata({meta_key: fp.to_json()})
+                ds.update_schema_metadata({key: value})
                 return
             except OSError:  # CommitConflictError or "Incompatible transaction": another commit won
                 time.sleep(min(1.0, 0.01 * 2 ** min(attempt, 6)) * random.random())
-        raise CommitConflictError(f"could not register fingerprint {fp.digest()} in {table!r}")
+        raise CommitConflictError(f"could not set {key} in the schema metadata of {table!r}")
 
     def _guarded_write(
         self,
@@ -91,6 +91,6 @@ class FingerprintedTables(LanceTables):
         meta_key = _FP_PREFIX + fp.digest()
         # The first writer creates the table with the fingerprint in its schema metadata.
         self._ensure_table(table, schema.with_metadata({meta_key: fp.to_json()}))
-        self._register_fingerprint(table, meta_key, fp)
+        self.set_schema_metadata(table, meta_key, fp.to_json())
         also = f"fingerprint != {sql_literal(fp.digest())}" if overwrite else None
         return self.replace_where(table, key, data, schema=schema, also_delete=also)

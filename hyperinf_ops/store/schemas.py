@@ -5,20 +5,41 @@ Table layouts and meanings are documented in docs/tables.md.
 
 from __future__ import annotations
 
+import json
 import math
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import pyarrow as pa
 
 if TYPE_CHECKING:  # an annotation only: row_format needs torch, and the table readers must not
     from hyperinf_ops.core.row_format import RowFormat
 
-__all__ = ["TABLES", "curvature_schema", "example_outputs_schema", "gradients_schema", "json_safe",
+__all__ = ["INPUT_COLUMNS_KEY", "TABLES", "curvature_schema", "example_outputs_schema", "gradients_schema", "json_safe",
            "label_signals_schema", "label_suggestions_schema", "queries_schema", "scores_schema", "sql_literal",
-           "target_gradients_schema"]
+           "target_gradients_schema", "input_columns", "value_text"]
+
+# Schema metadata of a prepared pool table and of `examples` (data/prepare.py): the input's name and Arrow type of
+# each role's column. The label is stored as text; the export gives it its input type back.
+INPUT_COLUMNS_KEY = "hyperinf.input_columns"
 
 TABLES = ("examples", "targets", "gradients", "example_outputs", "curvature", "preconditioners", "target_gradients",
           "queries", "label_signals", "scores", "label_suggestions", "evaluation")
+
+
+def input_columns(schema: pa.Schema) -> dict[str, dict[str, str]]:
+    """The input columns a prepared table (or `examples`) was made from, per role (`sample_id`, `text` or
+    `prompt` / `response`, `label`): {"name": the input's column name, "type": its Arrow type}; {} when not
+    recorded (a store written before it was)."""
+    recorded = (schema.metadata or {}).get(INPUT_COLUMNS_KEY.encode())
+    return json.loads(recorded) if recorded else {}
+
+
+def value_text(value: Any) -> str:
+    """A label or id as the text it is stored as; 3.0 (read from a CSV with gaps, or a float column) is `3`."""
+    if isinstance(value, float | np.floating) and float(value).is_integer():
+        return str(int(value))
+    return str(value)
 
 
 def sql_literal(value: str) -> str:

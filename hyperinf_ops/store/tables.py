@@ -20,6 +20,7 @@ from hyperinf_ops.errors import DataError, GradientMismatchError, NonFiniteGradi
 from hyperinf_ops.fingerprint import Fingerprint, require_match
 from hyperinf_ops.store.fingerprints import FingerprintedTables
 from hyperinf_ops.store.schemas import (
+    INPUT_COLUMNS_KEY,
     curvature_schema,
     example_outputs_schema,
     gradients_schema,
@@ -73,6 +74,14 @@ class LanceStore(FingerprintedTables):
     def write_examples(self, shard: str, data: Data) -> int:
         """Pool examples of one shard: sample_id, text (or prompt/response), label, content_hash, extras."""
         return self.replace_shard("examples", shard, data)
+
+    def record_input_columns(self, prepared: pa.Table) -> None:
+        """Keep the input column names and types of a prepared shard (`schemas.input_columns`) in the schema
+        metadata of `examples` (one commit, only when they changed): the export restores the label's type from
+        them. Shards of one pool share their types; when they do not, the last ingested shard's are kept."""
+        recorded = (prepared.schema.metadata or {}).get(INPUT_COLUMNS_KEY.encode())
+        if recorded and self.exists("examples"):
+            self.set_schema_metadata("examples", INPUT_COLUMNS_KEY, recorded.decode())
 
     def write_targets(self, target_set: str, data: Data) -> int:
         """Examples of one target set (replaces that set's rows): sample_id, text columns, label."""
