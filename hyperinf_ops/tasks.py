@@ -155,9 +155,7 @@ class CausalLM:
             _require_tokens(records, torch.tensor([len(ids) for ids in raw]), field)
         rows = []
         for r in records:
-            prompt, response = self.token_ids(tokenizer, r)
-            response = response[: max_length - min(len(prompt), max_length // 2)]
-            prompt = prompt[-(max_length - len(response)):]
+            prompt, response = self.fitted_ids(tokenizer, r, max_length)
             rows.append((prompt + response, [IGNORE_INDEX] * len(prompt) + response))
         width = max(len(ids) for ids, _ in rows)
         input_ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
@@ -178,6 +176,13 @@ class CausalLM:
         prompt, response = _prompt_response_ids(tokenizer, record["prompt"], record["response"])
         eos = tokenizer.eos_token_id
         return prompt, response if eos is None or eos in response else [*response, eos]
+
+    @classmethod
+    def fitted_ids(cls, tokenizer: Any, record: Mapping[str, Any], max_length: int) -> tuple[list[int], list[int]]:
+        """`token_ids` cut to max_length tokens in all, as `collate` trains and scores them (its docstring)."""
+        prompt, response = cls.token_ids(tokenizer, record)
+        response = response[: max_length - min(len(prompt), max_length // 2)]
+        return prompt[-(max_length - len(response)):], response
 
     def loss_targets(self, model: nn.Module, labels: Tensor, mask: Tensor) -> Tensor:
         """Shifted next-token targets (B, T), aligned with the logits: position t predicts token t + 1. A

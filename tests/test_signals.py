@@ -473,3 +473,23 @@ def test_similarity_of_a_causal_pair_embeds_prompt_and_response(tmp_path):
     values = target_similarity(embed_records(model, pool, "causal_lm", 32), embed_records(model, target,
                                                                                             "causal_lm", 32))
     assert values[2] == pytest.approx(1.0) and int(np.argmax(values)) == 2 and values[1] < 1 - 1e-6
+
+
+def test_similarity_embeds_an_over_long_pair_as_its_training_cuts_it(tmp_path):
+    """An over-long pair is embedded as `collate` trains it: its prompt's end and its response's start. Pairs that
+    differ only where the cut drops (the prompt's start) embed alike; a different prompt end does not."""
+    from hyperinf_ops.signals.probe import load_tokenizer, token_embeddings
+    from hyperinf_ops.signals.similarity import embed_records
+    from hyperinf_ops.tasks import get_task
+
+    model = save_tiny_model(tmp_path / "tiny_llama", task="causal_lm")
+    words = " ".join(f"w{i}" for i in range(60))
+    pairs = [{"prompt": f"alpha beta {words} what is it", "response": "a good film " * 10},
+             {"prompt": f"gamma delta {words} what is it", "response": "a good film " * 10},
+             {"prompt": f"alpha beta {words} who made it", "response": "a good film " * 10}]
+    embedded = embed_records(model, pairs, "causal_lm", 32)
+    assert np.allclose(embedded[0], embedded[1], atol=1e-6) and not np.allclose(embedded[0], embedded[2], atol=1e-3)
+    tokenizer = load_tokenizer(model)
+    batch = get_task("causal_lm").collate(tokenizer, pairs[:1], {}, 32)
+    trained = batch["input_ids"][0][batch["attention_mask"][0].bool()].tolist()
+    assert np.allclose(embedded[0], token_embeddings(model, [trained], tokenizer.pad_token_id)[0], atol=1e-6)

@@ -19,26 +19,47 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["frozen_embeddings", "out_of_fold_probe"]
+__all__ = ["frozen_embeddings", "load_tokenizer", "out_of_fold_probe", "token_embeddings"]
 
 
-@torch.no_grad()
 def frozen_embeddings(model_path: str | Path, texts: Sequence[str], *, max_length: int = 128, batch_size: int = 64,
                       device: torch.device | str = "cpu") -> np.ndarray:
-    """(N, hidden) L2-normalised masked means of the base model's last hidden state over each text's tokens."""
-    from transformers import AutoModel, AutoTokenizer
+    """(N, hidden) L2-normalised masked means of the base model's last hidden state over each text's tokens (its
+    first max_length)."""
+    tokenizer = load_tokenizer(model_path)
+    ids = tokenizer(list(texts), truncation=True, max_length=max_length)["input_ids"]
+    return token_embeddings(model_path, ids, tokenizer.pad_token_id, batch_size=batch_size, device=device)
+
+
+def load_tokenizer(model_path: str | Path) -> Any:
+    """The model's tokenizer, padding with eos (or unk) when it has no pad token."""
+    from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    return tokenizer
+
+
+@torch.no_grad()
+def token_embeddings(model_path: str | Path, token_ids: Sequence[Sequence[int]], pad_token_id: int, *,
+                     batch_size: int = 64, device: torch.device | str = "cpu") -> np.ndarray:
+    """(N, hidden) L2-normalised masked means of the base model's last hidden state over each row of token ids
+    (right-padded per batch)."""
+    from transformers import AutoModel
+
     model = AutoModel.from_pretrained(model_path).to(device).eval()
     out = []
-    for start in range(0, len(texts), batch_size):
-        batch = tokenizer(list(texts[start: start + batch_size]), padding=True, truncation=True,
-                          max_length=max_length, return_tensors="pt").to(device)
-        hidden = model(**batch).last_hidden_state.float()
-        mask = batch["attention_mask"][..., None].to(hidden.dtype)
-        pooled = (hidden * mask).sum(1) / mask.sum(1).clamp_min(1)
+    for start in range(0, len(token_ids), batch_size):
+        rows = token_ids[start: start + batch_size]
+        width = max(len(ids) for ids in rows)
+        input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, ids in enumerate(rows):
+            input_ids[i, : len(ids)], mask[i, : len(ids)] = torch.tensor(ids, dtype=torch.long), 1
+        hidden = model(input_ids=input_ids.to(device), attention_mask=mask.to(device)).last_hidden_state.float()
+        weights = mask.to(device)[..., None].to(hidden.dtype)
+        pooled = (hidden * weights).sum(1) / weights.sum(1).clamp_min(1)
         out.append(torch.nn.functional.normalize(pooled, dim=1).cpu())
     return torch.cat(out).numpy() if out else np.zeros((0, 0), dtype=np.float32)
 

@@ -2,7 +2,8 @@
 non-gradient baseline of the LESS paper, representation-based selection).
 
 For example k with e_k the L2-normalised masked mean of the base model's last hidden state over its text
-(signals/probe.py `frozen_embeddings`; a causal LM's text is prompt, newline, response) and a target set T,
+(signals/probe.py; a causal LM's pair as its training sees it: prompt then response in the model's chat template,
+an over-long pair's prompt end and response start) and a target set T,
 
     similarity_k = < e_k , c_T >,      c_T = mean_{t in T} e_t / || mean_{t in T} e_t ||
 
@@ -20,12 +21,11 @@ import numpy as np
 
 from hyperinf_ops.errors import DataError
 
-__all__ = ["embed_records", "example_text", "target_similarity"]
+__all__ = ["EMBEDDING_VERSION", "embed_records", "target_similarity"]
 
-
-def example_text(record: Mapping[str, Any], task: str) -> str:
-    """The text of one record that is embedded: `text` (classification), or `prompt`, newline, `response`."""
-    return f"{record['prompt']}\n{record['response']}" if task == "causal_lm" else str(record["text"])
+# In the similarity signal's source key: a new version recomputes stored values (2: a causal LM's pair embedded as
+# its training sees it, where 1 embedded "prompt\nresponse" cut at its end).
+EMBEDDING_VERSION = 2
 
 
 def target_similarity(pool: np.ndarray, target: np.ndarray) -> np.ndarray:
@@ -41,7 +41,15 @@ def target_similarity(pool: np.ndarray, target: np.ndarray) -> np.ndarray:
 
 
 def embed_records(model_path: Any, records: Sequence[Mapping[str, Any]], task: str, max_length: int) -> np.ndarray:
-    """(N, h) frozen embeddings of `records` (`example_text` of each)."""
-    from hyperinf_ops.signals.probe import frozen_embeddings
+    """(N, h) frozen embeddings of `records`: a classifier's `text` (its first max_length tokens); a causal LM's
+    prompt and response tokens as its training sees them (the model's chat template, eos, and an over-long pair's
+    prompt end and response start: `CausalLM.fitted_ids`)."""
+    from hyperinf_ops.signals.probe import frozen_embeddings, load_tokenizer, token_embeddings
 
-    return frozen_embeddings(model_path, [example_text(r, task) for r in records], max_length=max_length)
+    if task != "causal_lm":
+        return frozen_embeddings(model_path, [str(r["text"]) for r in records], max_length=max_length)
+    from hyperinf_ops.tasks import CausalLM
+
+    tokenizer = load_tokenizer(model_path)
+    ids = [sum(CausalLM.fitted_ids(tokenizer, r, max_length), []) for r in records]
+    return token_embeddings(model_path, ids, tokenizer.pad_token_id)

@@ -29,6 +29,7 @@ import numpy as np
 from hyperinf_ops.data.prepare import content_digest, record_columns
 from hyperinf_ops.settings import SELF_TARGET, LoraSettings, ModelSpec, SignalSettings, TrainSettings
 from hyperinf_ops.signals.label_quality import assess_labels
+from hyperinf_ops.signals.similarity import EMBEDDING_VERSION
 from hyperinf_ops.stages.adapter import adapter_recipe, pool_labels
 from hyperinf_ops.stages.common import Log, Summary, require_table
 from hyperinf_ops.store import LanceStore
@@ -64,7 +65,8 @@ def cross_fit_sources(store: LanceStore, spec: ModelSpec, lora: LoraSettings, tr
     recipe = adapter_recipe(pool_labels(store, spec.task), spec, lora, train, None) if classes else None
     parts = {"probe": [recipe, "probe", PROBE_FOLDS, pool] if classes and signals.probe else None,
              "confident": [recipe, signals.folds, pool] if classes and signals.folds else None,
-             "similarity": [spec.name, spec.max_length, pool, _targets_digest(store)] if signals.similarity
+             "similarity": [spec.name, spec.max_length, pool, _targets_digest(store), EMBEDDING_VERSION]
+             if signals.similarity
              else None}
     return {name: hashlib.sha256(json.dumps(part).encode()).hexdigest()[:32] for name, part in parts.items()
             if part is not None}
