@@ -214,6 +214,12 @@ def test_evaluation_block(project: Path):
     assert cfg.evaluation_target == "clean_val" and cfg.curation_auto and cfg.export_name == "auto"
     assert [c.name for c in cfg.evaluation_candidates] == [
         "drop_issues(hyperinf)", "drop_issues(fused)", "relabel(hyperinf, 0.2)", "relabel(fused, 0.2)"]
+    # the curation's own drop_issues cap is the one its candidates are measured with
+    capped = load_config({**minimal(), "curation": {"query": "drop_issues", "params": {"max_fraction": 0.1}},
+                          "evaluation": {"test": {"path": "data/val.parquet"}}}, base_dir=project)
+    issues = [c for c in capped.evaluation_candidates if c.query == "drop_issues"]
+    assert [c.name for c in issues] == ["drop_issues(hyperinf, max 0.1)", "drop_issues(fused, max 0.1)"]
+    assert {c.params["max_fraction"] for c in issues} == {0.1}
     causal = problems({**minimal(), "task": "causal_lm", "evaluation": {"test": {"path": "data/val.parquet"}}},
                       base_dir=project)
     assert causal == ["evaluation.queries: ['drop_issues', 'relabel'] read label suggestions, which need classes "

@@ -206,9 +206,11 @@ class HyperinfConfig(Settings):
             return ()
         raw = self.to_dict()
         written = rankings(raw)
+        cap = self.curation.params.get("max_fraction") if self.curation.query == "drop_issues" else None
         candidates = (
             Candidate(query=q, method=m, fraction=None if q in WITHOUT_FRACTION else f, balance=b,
-                      target_set=SELF_TARGET if written.get(m) == SELF_TARGET else self.evaluation_target)
+                      target_set=SELF_TARGET if written.get(m) == SELF_TARGET else self.evaluation_target,
+                      **({"max_fraction": float(cap)} if cap is not None else {}))
             for q in ev.queries for m in ev.methods or (default_method(raw, q), "fused")
             if m not in COVER_RANKINGS or q in HELP_QUERIES  # a cover ranking has no harmful end to drop
             for f in ev.fractions for b in (ev.balance_variants if q == "top_fraction" else (False,)))

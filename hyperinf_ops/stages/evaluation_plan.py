@@ -6,7 +6,7 @@ A candidate curation is a `sql/` query over one ranking with one `$fraction` (`C
 
     drop_harmful  every example but the ceil(f N) most harmful
     drop_issues   every example but the k most harmful, k = the number of label issues cleanlab finds, at most
-                  ceil(DROP_ISSUES_MAX_FRACTION N) (no f)
+                  ceil(max_fraction N) (no f; DROP_ISSUES_MAX_FRACTION unless the curation sets its own)
     relabel       every example; among the ceil(f N) most harmful, those with another suggested label get it
     top_fraction  the ceil(f N) most helpful (class-balanced: the ceil(f N_c) most helpful of every label c)
 """
@@ -45,6 +45,7 @@ class Candidate:
     target_set: str
     fraction: float | None
     balance: bool = False
+    max_fraction: float = DROP_ISSUES_MAX_FRACTION  # drop_issues' cap (the curation's own when it sets one)
 
     @property
     def params(self) -> dict[str, Any]:
@@ -55,7 +56,7 @@ class Candidate:
         if self.query == "top_fraction":
             out["balance"] = self.balance
         if self.query == "drop_issues":
-            out["max_fraction"] = DROP_ISSUES_MAX_FRACTION
+            out["max_fraction"] = self.max_fraction
         return out
 
     @property
@@ -63,7 +64,9 @@ class Candidate:
         """How a person reads it: `relabel(fused, 0.2)`, `drop_issues(fused)`, `top_fraction(hyperinf, 0.8,
         balanced)`."""
         args = [self.method, *([f"{self.fraction:g}"] if self.fraction is not None else []),
-                *(["balanced"] if self.balance else [])]
+                *(["balanced"] if self.balance else []),
+                *([f"max {self.max_fraction:g}"] if self.query == "drop_issues" and
+                  self.max_fraction != DROP_ISSUES_MAX_FRACTION else [])]
         return f"{self.query}({', '.join(args)})"
 
 
