@@ -9,6 +9,7 @@
     python benchmarks/bench_compression.py --widths                             # issue 20: the width rule's bytes and
                                                                                 # the 8B codec + curvature memory
     python benchmarks/bench_compression.py --build smollm2 --out DIR            # SmolLM2 on chatterbot pairs (raw rows)
+    python benchmarks/bench_compression.py --build llm --out DIR                # the LLM demo's pool (raw rows)
 
 Results and their reading: docs/compression.md (the JSON of every run: benchmarks/results/compression/).
 
@@ -806,6 +807,13 @@ def build(kind: str, out: Path, seed: int, n_pool: int, n_target: int, overrides
         config_path.write_text(yaml.safe_dump({
             **CAUSAL_CONFIG, **overrides, "storage_root": "store", "signals": {"checkpoints": False},
             "data": {"path": "pool", "label_column": "label"}, "targets": {"ai": {"path": f"targets/{paths.target.name}"}}}))
+    elif kind == "llm":  # the LLM demo's pool (2,038 pairs, 4 sources; target: bbc_news), only what the rows need
+        from hyperinf_ops.data.instructions import build_instruction_mix, write_llm_config
+
+        paths = build_instruction_mix(out, seed=seed)
+        config_path = write_llm_config(paths, overrides={
+            **overrides, "estimators": ["hyperinf", "tracin"],
+            "signals": {"similarity": False, "unit": False, "cover": False, "checkpoints": False}})
     elif kind == "demo":
         paths = build_demo_dataset(out, n_pool=n_pool, n_target=n_target, seed=seed)
         config_path = write_demo_config(paths, overrides=overrides)
@@ -829,7 +837,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument("--quick", action="store_true", help="synthetic low-rank gradients (seconds)")
     parser.add_argument("--store", help="storage root of a finished pipeline run with raw rows")
     parser.add_argument("--target-set", default="clean_val")
-    parser.add_argument("--build", choices=("demo", "bbc", "smollm2"),
+    parser.add_argument("--build", choices=("demo", "bbc", "smollm2", "llm"),
                         help="build this dataset under --out and run the pipeline (smollm2: --n-pool chatterbot pairs)")
     parser.add_argument("--out", type=Path)
     parser.add_argument("--seed", type=int, default=0, help="--build: dataset and warm-up seed")

@@ -152,11 +152,12 @@ LLM_EVALUATION: dict[str, Any] = {"queries": ["top_fraction"], "fractions": [0.0
 
 
 def write_llm_config(paths: DatasetPaths, config_path: str | Path | None = None, *, storage_root: str = "store",
-                     evaluation: Mapping[str, Any] | None = None, target_task: str = LLM_TARGET) -> Path:
+                     evaluation: Mapping[str, Any] | None = None, target_task: str = LLM_TARGET,
+                     overrides: Mapping[str, Any] | None = None) -> Path:
     """Write the LLM demo's YAML config (default `<root>/hyperinf.yaml`, paths relative to it) and return its path;
     `evaluation` adds an `evaluation:` block over the test split; `target_task`: the target set's name (the
-    source build_instruction_mix took it from)."""
+    source build_instruction_mix took it from); `overrides`: as `write_dataset_config`'s."""
     return write_dataset_config(paths, LLM_CONFIG, data_columns={"prompt_column": "prompt", "response_column": "response",
                                                                  "label_column": "label"},
                                 target_name=target_task, config_path=config_path, storage_root=storage_root,
-                                evaluation=evaluation)
+                                evaluation=evaluation, overrides=overrides)
