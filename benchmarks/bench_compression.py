@@ -810,7 +810,7 @@ def build(kind: str, out: Path, seed: int, n_pool: int, n_target: int, overrides
     elif kind == "llm":  # the LLM demo's pool (2,038 pairs, 4 sources; target: bbc_news), only what the rows need
         from hyperinf_ops.data.instructions import build_instruction_mix, write_llm_config
 
-        paths = build_instruction_mix(out, seed=seed)
+        paths = build_instruction_mix(out, seed=seed, n_target=n_target)
         config_path = write_llm_config(paths, overrides={
             **overrides, "estimators": ["hyperinf", "tracin"],
             "signals": {"similarity": False, "unit": False, "cover": False, "checkpoints": False}})
@@ -886,7 +886,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         if args.build:
             if args.out is None:
                 parser.error("--build needs --out")
-            n_target = args.n_target or {"demo": 500, "bbc": 300, "smollm2": 20}[args.build]
+            n_target = args.n_target or {"demo": 500, "bbc": 300, "smollm2": 20, "llm": 50}[args.build]
             overrides = {"train": {"seed": args.seed, **args.train}} if args.train else None
             args.store = str(build(args.build, args.out, args.seed, args.n_pool, n_target, overrides))
             if args.build_only:
