@@ -63,7 +63,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from scipy.stats import spearmanr
+from scipy.stats import pearsonr, spearmanr
 from torch import Tensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -529,6 +529,33 @@ def evaluate(pool: Pool, settings: Sequence[Setting], *, lissa_iterations: int =
             "settings": results}
 
 
+def pilot_curvature_agreement(pool: Pool, fractions: Sequence[float], seed: int = 0) -> dict:
+    """HyperINF scores of the raw rows with the curvature of a seeded pilot sample only (full space, no sketch):
+    what scoring the configured target sets during the gradient pass could give, with the query preconditioned
+    before the pass from the pilot's GFIM, against the stored raw rows' scores (the whole pool's GFIM). Per pilot
+    share: Spearman, Pearson and the top-5% overlap of the hyperinf ranking with raw's."""
+    def hyperinf(curvature: Mapping[str, CurvaturePartial]) -> np.ndarray:
+        prepared = prepare(curvature, EstimatorOptions(method="hyperinf", damping_ratio=DAMPING_RATIO))
+        pv = prepared.apply_one(pool.target)
+        return torch.cat([score_gradients(pv, b) for b in _batches(pool.grads)]).numpy()
+
+    reference = hyperinf(_curvature(pool.grads))
+    n = len(reference)
+    top = max(1, round(0.05 * n))
+    best = set(np.argsort(-reference)[:top])
+    out = []
+    for fraction in fractions:
+        pick = np.sort(np.random.default_rng(seed).choice(n, size=max(1, round(fraction * n)), replace=False))
+        scores = hyperinf(_curvature({name: g[torch.from_numpy(pick)] for name, g in pool.grads.items()}))
+        out.append({"pilot_fraction": fraction, "pilot_examples": len(pick),
+                    "spearman": float(spearmanr(scores, reference).statistic),
+                    "pearson": float(pearsonr(scores, reference).statistic),
+                    "top5_overlap": len(best & set(np.argsort(-scores)[:top])) / top})
+        print(f"  pilot {fraction:.3f} ({len(pick)} examples): Spearman {out[-1]['spearman']:.3f}, Pearson "
+              f"{out[-1]['pearson']:.3f}, top-5% overlap {out[-1]['top5_overlap']:.2f}")
+    return {"source": pool.source, "n": n, "damping_ratio": DAMPING_RATIO, "pilot": out}
+
+
 def damping_check(pool: Pool, ratios: Sequence[float] = (0.1, 0.4, 1.6), k: int = 48) -> dict:
     """hyperinf AUROC on raw rows at larger damping ratios, and of the k-sketch (seed 0) with the sketch-space
     damping rule vs the raw damping (lambda_l = 0.1 mean(g_l^2), the exact raw value: sq_sum rescaled by k / d)."""
@@ -865,6 +892,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument("--spectrum", action="store_true",
                         help="only the GFIM spectrum / score-truncation analysis of --store (or --quick)")
     parser.add_argument("--markdown", action="store_true", help="--aggregate: also print Markdown tables")
+    parser.add_argument("--pilot-curvature", type=float, nargs="+", metavar="FRACTION",
+                        help="only: hyperinf over raw rows with a pilot sample's curvature (these shares of the pool)")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
     if args.threads or args.quick:
@@ -899,8 +928,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
             print(f"loaded {len(pool.flipped)} rows from {args.store} in {time.perf_counter() - start:.1f} s")
         else:
             parser.error("give --quick, --store, --build or --aggregate")
-        if args.spectrum:
-            out = spectrum(pool, args.ks)
+        if args.pilot_curvature or args.spectrum:
+            out = pilot_curvature_agreement(pool, args.pilot_curvature) if args.pilot_curvature else \
+                spectrum(pool, args.ks)
             print(json.dumps(out, indent=1))
             if args.json:
                 args.json.parent.mkdir(parents=True, exist_ok=True)
