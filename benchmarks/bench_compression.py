@@ -89,7 +89,7 @@ DAMPING_RATIO = 0.1
 GOAL_RATIO, GOAL_AUROC = 1.01 / 8, 0.02
 BATCH = 512  # examples per batch wherever float64 copies are made
 PILOT_FRACTION = 0.1  # --pilot-fraction (the pipeline takes min(pilot_examples = 512, pool))
-DTYPE_BITS = {"float32": 32, "float16": 16, "int8": 8, "int4": 4, "int3": 3, "int2": 2}
+DTYPE_BITS = {"float32": 32, "float16": 16, "int8": 8, "int4": 4, "int3": 3, "int2": 2, "lloyd2": 2, "sign1": 1}
 RAW_ROWS = {"sketch_dim": 0, "whiten": 0, "dtype": "float32"}  # the stored rows every setting starts from
 EXTRA_INT_LEVELS = {"int3": 3, "int2": 1}  # not row formats of the product; measured here to show the limit
 
@@ -207,10 +207,12 @@ def store_rows(c: Mapping[str, Tensor], dtype: str) -> dict[str, Tensor]:
 
     float32 / float16 / int8 / int4: encoded and decoded by the product's `RowFormat` (one block per matrix).
     int3 / int2 (measured here only, not shipped): the same per-block absmax round-to-nearest with
-    L = 2^(B-1) - 1 levels (3, 1).
+    L = 2^(B-1) - 1 levels (3, 1); lloyd2 / sign1 (measured here only): `_low_bit`.
     """
     names = sorted(c)
     n = c[names[0]].shape[0]
+    if dtype in ("lloyd2", "sign1"):
+        return {name: _low_bit(c[name].to(torch.float32), dtype) for name in names}
     if dtype in EXTRA_INT_LEVELS:
         levels, out = EXTRA_INT_LEVELS[dtype], {}
         for name in names:
@@ -233,6 +235,17 @@ def store_rows(c: Mapping[str, Tensor], dtype: str) -> dict[str, Tensor]:
             out[name][start: start + BATCH] = back[:, col: col + size].reshape(-1, *c[name].shape[1:])
             col += size
     return out
+
+
+def _low_bit(x: Tensor, dtype: str) -> Tensor:
+    """(n, r, k) per-block 2-bit / 1-bit codes read back: `lloyd2` the Lloyd-Max levels of a Gaussian (+-0.4528,
+    +-1.510 times the block's RMS, MSE 0.118 of its variance), `sign1` sign x the block's mean |x| (MSE 0.36)."""
+    flat = x.reshape(x.shape[0], -1)
+    if dtype == "sign1":
+        return torch.sign(x) * flat.abs().mean(1)[:, None, None]
+    rms = flat.pow(2).mean(1).sqrt().clamp_min(1e-30)[:, None, None]
+    z = x / rms
+    return torch.sign(z) * torch.where(z.abs() < 0.9816, 0.4528, 1.510) * rms
 
 
 def vector_bytes(shapes: Mapping[str, tuple[int, int]], widths: Mapping[str, int], dtype: str) -> int:
@@ -301,7 +314,8 @@ def default_settings(ks: Sequence[int] = KS, seeds: Sequence[int] = SKETCH_SEEDS
     return out
 
 
-def layout_settings(ks: Sequence[int], seeds: Sequence[int] = SKETCH_SEEDS) -> list[Setting]:
+def layout_settings(ks: Sequence[int], seeds: Sequence[int] = SKETCH_SEEDS,
+                    swhite_dtypes: Sequence[str] = ("int4", "float32")) -> list[Setting]:
     """Issue 20's candidates at each k: raw fp32 (the reference) and today's whitened int4, then per k the plain
     sketch (fp32), the sketch whitened in sketch space (int4: the width rule's layout; fp32: the same without
     quantization), the pilot's top-k/2 eigenvectors + a random basis of the rest (hybrid, fp32) and the
@@ -309,7 +323,7 @@ def layout_settings(ks: Sequence[int], seeds: Sequence[int] = SKETCH_SEEDS) -> l
     out = [Setting("raw"), Setting("white", "int4", None, 0, 0.25)]
     for k in ks:
         out += [Setting("sketch", "float32", k, s) for s in seeds]
-        out += [Setting("swhite", dtype, k, s, 0.25) for dtype in ("int4", "float32") for s in seeds]
+        out += [Setting("swhite", dtype, k, s, 0.25) for dtype in swhite_dtypes for s in seeds]
         out += [Setting("hybrid", "float32", k, 0), Setting("wjl", "float32", k, 0, 0.5),
                 Setting("wjl", "float32", k, 0, 0.25), Setting("krylov", "int4", k, 0, 0.25)]
     return out
@@ -533,7 +547,8 @@ def pilot_curvature_agreement(pool: Pool, fractions: Sequence[float], seed: int 
     """HyperINF scores of the raw rows with the curvature of a seeded pilot sample only (full space, no sketch):
     what scoring the configured target sets during the gradient pass could give, with the query preconditioned
     before the pass from the pilot's GFIM, against the stored raw rows' scores (the whole pool's GFIM). Per pilot
-    share: Spearman, Pearson and the top-5% overlap of the hyperinf ranking with raw's."""
+    share: Spearman, Pearson and the top-5% overlap of the hyperinf ranking with raw's; and, as the ranking's own
+    resolution, the Spearman between the rankings under the curvature of two disjoint halves of the pool."""
     def hyperinf(curvature: Mapping[str, CurvaturePartial]) -> np.ndarray:
         prepared = prepare(curvature, EstimatorOptions(method="hyperinf", damping_ratio=DAMPING_RATIO))
         pv = prepared.apply_one(pool.target)
@@ -553,7 +568,18 @@ def pilot_curvature_agreement(pool: Pool, fractions: Sequence[float], seed: int 
                     "top5_overlap": len(best & set(np.argsort(-scores)[:top])) / top})
         print(f"  pilot {fraction:.3f} ({len(pick)} examples): Spearman {out[-1]['spearman']:.3f}, Pearson "
               f"{out[-1]['pearson']:.3f}, top-5% overlap {out[-1]['top5_overlap']:.2f}")
-    return {"source": pool.source, "n": n, "damping_ratio": DAMPING_RATIO, "pilot": out}
+    # the ranking's own resolution: HyperINF with the curvature of one half of the pool against the other half's
+    halves = []
+    for seed in (0, 1):
+        order = np.random.default_rng(seed).permutation(n)
+        a, b = (hyperinf(_curvature({name: g[torch.from_numpy(np.sort(part))] for name, g in pool.grads.items()}))
+                for part in (order[: n // 2], order[n // 2:]))
+        halves.append({"seed": seed, "spearman_a_b": float(spearmanr(a, b).statistic),
+                       "spearman_a_full": float(spearmanr(a, reference).statistic),
+                       "spearman_b_full": float(spearmanr(b, reference).statistic)})
+        print(f"  halves (split {seed}): A vs B {halves[-1]['spearman_a_b']:.3f}, A vs all "
+              f"{halves[-1]['spearman_a_full']:.3f}, B vs all {halves[-1]['spearman_b_full']:.3f}")
+    return {"source": pool.source, "n": n, "damping_ratio": DAMPING_RATIO, "pilot": out, "halves": halves}
 
 
 def damping_check(pool: Pool, ratios: Sequence[float] = (0.1, 0.4, 1.6), k: int = 48) -> dict:
@@ -892,6 +918,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument("--spectrum", action="store_true",
                         help="only the GFIM spectrum / score-truncation analysis of --store (or --quick)")
     parser.add_argument("--markdown", action="store_true", help="--aggregate: also print Markdown tables")
+    parser.add_argument("--row-dtypes", nargs="+", default=["int4", "float32"],
+                        choices=("float32", "float16", "int8", "int4", "int3", "int2", "lloyd2", "sign1"),
+                        help="--layouts: the row dtypes of the sketch whitened in sketch space (lloyd2 / sign1: "
+                             "2 / 1 bits an entry, measured here only)")
     parser.add_argument("--pilot-curvature", type=float, nargs="+", metavar="FRACTION",
                         help="only: hyperinf over raw rows with a pilot sample's curvature (these shares of the pool)")
     args = parser.parse_args(argv)
@@ -937,7 +967,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
                 args.json.write_text(json.dumps(out, indent=1))
             return out
         start = time.perf_counter()
-        settings = layout_settings(args.ks) if args.layouts else default_settings(args.ks, extras=not args.no_extras)
+        settings = layout_settings(args.ks, swhite_dtypes=args.row_dtypes) if args.layouts else \
+            default_settings(args.ks, extras=not args.no_extras)
         if args.kinds:
             settings = [settings[0]] + [x for x in settings[1:] if x.kind in args.kinds]
         methods = [m for m in METHODS if m in {*args.methods, "hyperinf", "tracin"}]
