@@ -117,11 +117,17 @@ def apply_bases(grads: Mapping[str, Tensor], bases: Mapping[str, Tensor | None])
     return {name: g if bases[name] is None else g @ bases[name].to(g.dtype) for name, g in grads.items()}
 
 
-def _pilot(grads: Mapping[str, Tensor], seed: int) -> dict[str, Tensor]:
-    """A seeded PILOT_FRACTION sample of the examples, in pool order."""
+def _pilot(grads: Mapping[str, Tensor], seed: int, fraction: float | None = None) -> dict[str, Tensor]:
+    """A seeded sample of `fraction` of the examples (default PILOT_FRACTION), in pool order."""
     n = next(iter(grads.values())).shape[0]
-    pick = np.sort(np.random.default_rng(seed).choice(n, size=max(1, round(PILOT_FRACTION * n)), replace=False))
-    return {name: g[torch.from_numpy(pick)] for name, g in grads.items()}
+    share = PILOT_FRACTION if fraction is None else fraction
+    return _rows(grads, np.random.default_rng(seed).choice(n, size=max(1, round(share * n)), replace=False))
+
+
+def _rows(grads: Mapping[str, Tensor], index: np.ndarray) -> dict[str, Tensor]:
+    """The examples at `index`, in pool order."""
+    pick = torch.from_numpy(np.sort(index))
+    return {name: g[pick] for name, g in grads.items()}
 
 
 def eigen_bases(grads: Mapping[str, Tensor], k: int, seed: int) -> dict[str, Tensor | None]:
@@ -560,24 +566,23 @@ def pilot_curvature_agreement(pool: Pool, fractions: Sequence[float], seed: int 
     best = set(np.argsort(-reference)[:top])
     out = []
     for fraction in fractions:
-        pick = np.sort(np.random.default_rng(seed).choice(n, size=max(1, round(fraction * n)), replace=False))
-        scores = hyperinf(_curvature({name: g[torch.from_numpy(pick)] for name, g in pool.grads.items()}))
-        out.append({"pilot_fraction": fraction, "pilot_examples": len(pick),
+        pilot = _pilot(pool.grads, seed, fraction)
+        scores = hyperinf(_curvature(pilot))
+        out.append({"pilot_fraction": fraction, "pilot_examples": len(next(iter(pilot.values()))),
                     "spearman": float(spearmanr(scores, reference).statistic),
                     "pearson": float(pearsonr(scores, reference).statistic),
                     "top5_overlap": len(best & set(np.argsort(-scores)[:top])) / top})
-        print(f"  pilot {fraction:.3f} ({len(pick)} examples): Spearman {out[-1]['spearman']:.3f}, Pearson "
+        print(f"  pilot {fraction:.3f} ({out[-1]['pilot_examples']} examples): Spearman {out[-1]['spearman']:.3f}, Pearson "
               f"{out[-1]['pearson']:.3f}, top-5% overlap {out[-1]['top5_overlap']:.2f}")
     # the ranking's own resolution: HyperINF with the curvature of one half of the pool against the other half's
     halves = []
-    for seed in (0, 1):
-        order = np.random.default_rng(seed).permutation(n)
-        a, b = (hyperinf(_curvature({name: g[torch.from_numpy(np.sort(part))] for name, g in pool.grads.items()}))
-                for part in (order[: n // 2], order[n // 2:]))
-        halves.append({"seed": seed, "spearman_a_b": float(spearmanr(a, b).statistic),
+    for split in (0, 1):
+        order = np.random.default_rng(split).permutation(n)
+        a, b = (hyperinf(_curvature(_rows(pool.grads, part))) for part in (order[: n // 2], order[n // 2:]))
+        halves.append({"seed": split, "spearman_a_b": float(spearmanr(a, b).statistic),
                        "spearman_a_full": float(spearmanr(a, reference).statistic),
                        "spearman_b_full": float(spearmanr(b, reference).statistic)})
-        print(f"  halves (split {seed}): A vs B {halves[-1]['spearman_a_b']:.3f}, A vs all "
+        print(f"  halves (split {split}): A vs B {halves[-1]['spearman_a_b']:.3f}, A vs all "
               f"{halves[-1]['spearman_a_full']:.3f}, B vs all {halves[-1]['spearman_b_full']:.3f}")
     return {"source": pool.source, "n": n, "damping_ratio": DAMPING_RATIO, "pilot": out, "halves": halves}
 

@@ -26,7 +26,7 @@ from hyperinf_ops.location import Location
 from hyperinf_ops.query import connect, load_sql, run_sql, sql_params
 from hyperinf_ops.sql_files import EXPORT_QUERY
 from hyperinf_ops.store import json_safe, sql_literal
-from hyperinf_ops.store.schemas import input_columns, value_text
+from hyperinf_ops.store.schemas import input_columns, stored_texts
 
 if TYPE_CHECKING:  # the store's writers need torch; the config's check of query names imports this module
     from hyperinf_ops.store import LanceStore
@@ -133,7 +133,7 @@ def _with_input_types(subset: pa.Table, columns: Mapping[str, Mapping[str, str]]
 
 
 def _as_input_type(texts: pa.ChunkedArray, type_name: str) -> pa.ChunkedArray | None:
-    """`texts` cast to the Arrow type named `type_name` when each value's text (`value_text`) is unchanged by it;
+    """`texts` cast to the Arrow type named `type_name` when each value's text (`stored_texts`) is unchanged by it;
     None when the type is text already or the cast would change a value."""
     try:
         target = pa.type_for_alias(type_name)
@@ -145,8 +145,7 @@ def _as_input_type(texts: pa.ChunkedArray, type_name: str) -> pa.ChunkedArray | 
         typed = texts.cast(target)
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
         return None
-    same = [None if v is None else value_text(v) for v in typed.to_pylist()] == texts.to_pylist()
-    return typed if same else None
+    return typed if stored_texts(typed).equals(texts.combine_chunks().cast(pa.string())) else None
 
 
 def _select(con: Any, sql: str, export_sql: str, params: Mapping[str, Any], name: str,

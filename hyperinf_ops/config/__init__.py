@@ -35,6 +35,7 @@ from hyperinf_ops.config.cross_section import (
 from hyperinf_ops.config.problems import did_you_mean, problem_text, renamed_key_problems
 from hyperinf_ops.config.query_params import HELP_QUERIES, TARGET_PARAMS, query_param_problem
 from hyperinf_ops.config.sections import (
+    DROP_ISSUES_MAX_FRACTION,
     AdapterSection,
     CurationSection,
     DataSection,
@@ -206,11 +207,13 @@ class HyperinfConfig(Settings):
             return ()
         raw = self.to_dict()
         written = rankings(raw)
-        cap = self.curation.params.get("max_fraction") if self.curation.query == "drop_issues" else None
+        # drop_issues candidates are measured with the cap of a drop_issues curation
+        own = self.curation.params if self.curation.query == "drop_issues" else {}
+        cap = float(own.get("max_fraction", DROP_ISSUES_MAX_FRACTION))
         candidates = (
             Candidate(query=q, method=m, fraction=None if q in WITHOUT_FRACTION else f, balance=b,
                       target_set=SELF_TARGET if written.get(m) == SELF_TARGET else self.evaluation_target,
-                      **({"max_fraction": float(cap)} if cap is not None else {}))
+                      max_fraction=cap)
             for q in ev.queries for m in ev.methods or (default_method(raw, q), "fused")
             if m not in COVER_RANKINGS or q in HELP_QUERIES  # a cover ranking has no harmful end to drop
             for f in ev.fractions for b in (ev.balance_variants if q == "top_fraction" else (False,)))

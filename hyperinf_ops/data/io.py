@@ -54,7 +54,8 @@ def read_table(path: str | Path, verbatim: Collection[str] = (), integers: Colle
             return pd.read_parquet(path)
         if suffix == ".csv":
             # Only empty fields are missing: a text "NA" or "null" is text.
-            df = pd.read_csv(path, keep_default_na=False, na_values=[""], dtype=dict.fromkeys([*verbatim, *integers], str))
+            as_text = dict.fromkeys([*verbatim, *integers], str)
+            df = pd.read_csv(path, keep_default_na=False, na_values=[""], dtype=as_text)
             for col in integers:
                 if col in df.columns and df[col].notna().all() and df[col].map(_is_written_integer).all():
                     df[col] = df[col].astype("int64")

@@ -1,10 +1,11 @@
 """Pool examples and target sets: validation, stable sample ids, and the digests that say what changed.
 
 A prepared table has `sample_id`, `content_hash`, the task's text columns (`text`, or `prompt` + `response`),
-`label` (string), `shard`, and every other input column unchanged; its schema metadata (`input_columns`) names
-the input's column and Arrow type of each role, so the export can give the label and id their input types back (`store.schemas.input_columns`). `sample_id` is the input's id column as a
-string when configured, else the first 16 hex of `content_hash` (sha256 of the text columns and the label),
-so the same example keeps its id across runs, files and row orders. Every unusable input raises
+`label` (string), `shard`, and every other input column unchanged; its schema metadata names the input's column
+of each role and the Arrow type of its id and label, so the export can give those their input types back
+(`store.schemas.input_columns`). `sample_id` is the input's id column as a string when configured, else the
+first 16 hex of `content_hash` (sha256 of the text columns and the label), so the same example keeps its id
+across runs, files and row orders. Every unusable input raises
 `DataError` naming the problem; nothing is written before that check.
 
 Two digests tell later steps what changed:
@@ -39,7 +40,6 @@ __all__ = ["RESERVED_COLUMNS", "content_digest", "prepare_examples", "prepare_ta
 RESERVED_COLUMNS = ("sample_id", "content_hash", "text", "prompt", "response", "label", "shard", "original_label",
                     "relabelled", "selected_for", "influence_method", "influence_score", "influence_rank")
 _SHOWN = 5  # offending ids / rows named in an error message
-
 
 
 def record_columns(task: str) -> list[str]:
@@ -91,7 +91,9 @@ def prepare_examples(df: pd.DataFrame, data: Any, task: str, shard: str, *, sour
     except (pa.ArrowException, ValueError) as err:
         raise DataError(f"{source}: a column cannot be stored ({err}); give it one type") from err
     given = {**roles, "sample_id": id_col}
-    columns = {role: {"name": name, "type": _arrow_type(df[name])} for role, name in given.items() if name}
+    # texts are stored as text whatever they were: only the id's and the label's types are worth a conversion
+    columns = {role: {"name": name, **({"type": _arrow_type(df[name])} if role in ("label", "sample_id") else {})}
+               for role, name in given.items() if name}
     return table.replace_schema_metadata({INPUT_COLUMNS_KEY: json.dumps(columns, sort_keys=True)})
 
 
@@ -118,7 +120,8 @@ def prepare_targets(targets: Mapping[str, Any], data: Any, task: str,
         if target.path is not None:
             from hyperinf_ops.data.io import read_table
 
-            table = prepare_examples(read_table(target.path, data.verbatim_columns, data.integer_columns), data, task, name,
+            df = read_table(target.path, data.verbatim_columns, data.integer_columns)
+            table = prepare_examples(df, data, task, name,
                                      source=f"{source} ({target.path})", require_id=False)
             df = table.select(keep).to_pandas()
         else:
@@ -141,7 +144,8 @@ def prepare_test(path: str | Path, data: Any, task: str, labels: Collection[str]
     from hyperinf_ops.data.io import read_table
 
     source = f"evaluation test file {path}"
-    table = prepare_examples(read_table(path, data.verbatim_columns, data.integer_columns), data, task, "test", source=source, require_id=False)
+    df = read_table(path, data.verbatim_columns, data.integer_columns)
+    table = prepare_examples(df, data, task, "test", source=source, require_id=False)
     unknown = sorted(set(map(str, table["label"].to_pylist())) - set(labels)) if labels else []
     if unknown:
         raise DataError(f"{source} has labels the pool does not have: {unknown[:_SHOWN]} (pool labels: "

@@ -66,8 +66,7 @@ def cross_fit_sources(store: LanceStore, spec: ModelSpec, lora: LoraSettings, tr
     parts = {"probe": [recipe, "probe", PROBE_FOLDS, pool] if classes and signals.probe else None,
              "confident": [recipe, signals.folds, pool] if classes and signals.folds else None,
              "similarity": [spec.name, spec.max_length, pool, _targets_digest(store), EMBEDDING_VERSION]
-             if signals.similarity
-             else None}
+             if signals.similarity else None}
     return {name: hashlib.sha256(json.dumps(part).encode()).hexdigest()[:32] for name, part in parts.items()
             if part is not None}
 

@@ -26,7 +26,7 @@ from hyperinf_ops.retention import apply_retention
 from hyperinf_ops.stages.common import Log, Summary, require_table
 from hyperinf_ops.stages.scores import display_columns
 from hyperinf_ops.store import LanceStore
-from hyperinf_ops.store.schemas import value_text
+from hyperinf_ops.store.schemas import stored_texts
 
 __all__ = ["CurateSummary", "curate", "export_dir", "refuse_unlearned_warmup", "subset_preview"]
 
@@ -127,8 +127,7 @@ def _labels_as_stored(subset: pa.Table) -> pa.Table:
     """The export's labels (in the input's type) as the text `examples` stores them, to count against the pool."""
     for name in ("label", "original_label"):
         if name in subset.column_names and not pa.types.is_string(subset.schema.field(name).type):
-            texts = pa.array([None if v is None else value_text(v) for v in subset[name].to_pylist()], pa.string())
-            subset = subset.set_column(subset.column_names.index(name), name, texts)
+            subset = subset.set_column(subset.column_names.index(name), name, stored_texts(subset[name]))
     return subset
 
 

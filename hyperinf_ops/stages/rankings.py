@@ -189,8 +189,8 @@ def write_rankings(store: LanceStore, fingerprint: Fingerprint, gradients_versio
         + (f"; {issues} of {suggestions} labels marked as issues ({source})" if suggestions else ""))
     if suggestions and issues > DROP_ISSUES_MAX_FRACTION * suggestions:
         log(f"warning: {issues / suggestions:.0%} of the labels marked as issues: drop_issues drops at most "
-            f"{DROP_ISSUES_MAX_FRACTION:.0%} by default (its max_fraction); a warm-up that has not learned the task counts its own "
-            "mistakes as wrong labels (see its held-out accuracy)")
+            f"{DROP_ISSUES_MAX_FRACTION:.0%} by default (its max_fraction); a warm-up that has not learned the task "
+            "counts its own mistakes as wrong labels (see its held-out accuracy)")
     return summary
 
 

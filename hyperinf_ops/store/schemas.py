@@ -15,9 +15,9 @@ import pyarrow as pa
 if TYPE_CHECKING:  # an annotation only: row_format needs torch, and the table readers must not
     from hyperinf_ops.core.row_format import RowFormat
 
-__all__ = ["INPUT_COLUMNS_KEY", "TABLES", "curvature_schema", "example_outputs_schema", "gradients_schema", "json_safe",
-           "label_signals_schema", "label_suggestions_schema", "queries_schema", "scores_schema", "sql_literal",
-           "target_gradients_schema", "input_columns", "value_text"]
+__all__ = ["INPUT_COLUMNS_KEY", "TABLES", "curvature_schema", "example_outputs_schema", "gradients_schema",
+           "input_columns", "json_safe", "label_signals_schema", "label_suggestions_schema", "queries_schema",
+           "scores_schema", "sql_literal", "stored_texts", "target_gradients_schema", "value_text"]
 
 # Schema metadata of a prepared pool table and of `examples` (data/prepare.py): the input's name and Arrow type of
 # each role's column. The label is stored as text; the export gives it its input type back.
@@ -29,8 +29,8 @@ TABLES = ("examples", "targets", "gradients", "example_outputs", "curvature", "p
 
 def input_columns(schema: pa.Schema) -> dict[str, dict[str, str]]:
     """The input columns a prepared table (or `examples`) was made from, per role (`sample_id`, `text` or
-    `prompt` / `response`, `label`): {"name": the input's column name, "type": its Arrow type}; {} when not
-    recorded (a store written before it was)."""
+    `prompt` / `response`, `label`): {"name": the input's column name}, with "type" (its Arrow type) for
+    `sample_id` and `label`; {} when not recorded (a store written before it was)."""
     recorded = (schema.metadata or {}).get(INPUT_COLUMNS_KEY.encode())
     return json.loads(recorded) if recorded else {}
 
@@ -40,6 +40,11 @@ def value_text(value: Any) -> str:
     if isinstance(value, float | np.floating) and float(value).is_integer():
         return str(int(value))
     return str(value)
+
+
+def stored_texts(values: pa.Array | pa.ChunkedArray) -> pa.Array:
+    """`values` (labels or ids in any type) as the text the tables store them as (`value_text`), nulls kept."""
+    return pa.array([None if v is None else value_text(v) for v in values.to_pylist()], pa.string())
 
 
 def sql_literal(value: str) -> str:
