@@ -114,21 +114,26 @@ def _write_jsonl(table: pa.Table, path: Path) -> None:
 
 
 def _with_input_types(subset: pa.Table, columns: Mapping[str, Mapping[str, str]]) -> pa.Table:
-    """`label` and `original_label` in the type the input's label column had (labels are stored as text: a pool of
-    integer labels exports integers, not "1"), and the input's id column under its own name and type beside
-    `sample_id`. `columns`: `schemas.input_columns` of the pinned `examples`. A column whose values do not all
-    come back as the same text in that type (a store written before the types were kept, shards of two types)
-    stays text."""
+    """The export in the input's own columns: `label` and `original_label` in the type the input's label column
+    had (labels are stored as text: a pool of integer labels exports integers, not "1"), and every column the
+    pipeline read (id, texts, label) also under the input's name beside hyperinf's (`sample_id`, `text` or
+    `prompt` / `response`, `label`: the label the subset trains with, relabelled ones included), so a training
+    script written for the input reads the export unchanged. `columns`: `schemas.input_columns` of the pinned
+    `examples`. A column whose values do not all come back as the same text in that type (a store written before
+    the types were kept, shards of two types) stays text."""
     label = columns.get("label")
     for name in ("label", "original_label"):
         if label and name in subset.column_names:
             typed = _as_input_type(subset[name], label["type"])
             if typed is not None:
                 subset = subset.set_column(subset.column_names.index(name), name, typed)
-    ids = columns.get("sample_id")
-    if ids and ids["name"] not in subset.column_names:
-        typed = _as_input_type(subset["sample_id"], ids["type"])
-        subset = subset.add_column(1, ids["name"], subset["sample_id"] if typed is None else typed)
+    for role, given in columns.items():
+        if role not in subset.column_names or given["name"] in subset.column_names:
+            continue
+        values = subset[role]
+        typed = _as_input_type(values, given["type"]) if role == "sample_id" else None
+        subset = subset.add_column(subset.column_names.index(role) + 1, given["name"],
+                                   values if typed is None else typed)
     return subset
 
 

@@ -138,9 +138,10 @@ def test_an_empty_subset_never_replaces_an_export(store, tmp_path):
 @pytest.mark.parametrize("fmt", ["csv", "jsonl"])
 def test_the_export_gives_labels_and_ids_their_input_types(tmp_path, fmt):
     """Labels are stored as text; the export writes them (and the given ones, `original_label`) in the input's type,
-    and the input's id column under its name and type beside `sample_id`: a pool of integer labels exports 0 / 1,
-    which a model trained on the export compares with its own test labels. Labels that an integer type would merge
-    (`01` and `1` in a CSV) stay text, each as written."""
+    and the input's id, text and label columns under their names (and types) beside hyperinf's: a pool of integer
+    labels exports 0 / 1, which a model trained on the export compares with its own test labels, and a training
+    script written for the input reads its columns. Labels that an integer type would merge (`01` and `1` in a CSV)
+    stay text, each as written."""
     from hyperinf_ops.config import load_config
     from hyperinf_ops.stages.pool import ingest_shard
 
@@ -171,6 +172,9 @@ def test_the_export_gives_labels_and_ids_their_input_types(tmp_path, fmt):
         given = dict(zip(pool["idx"], df["sentiment"], strict=True))
         assert table["label"].to_pylist() == [given[i] for i in table["idx"].to_pylist()]
         assert table["original_label"].to_pylist() == table["label"].to_pylist()
+        assert table["sentiment"].equals(table["label"]) and table["review"].equals(table["text"])
+        assert table["review"].to_pylist() == [f"review {i - 100}" for i in table["idx"].to_pylist()]
+        assert line["sentiment"] == line["label"] and line["review"] == line["text"]
         if name == "ints":
             assert table.schema.field("label").type == pa.int64() and isinstance(line["label"], int)
         else:
