@@ -10,7 +10,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-__all__ = ["ProgressCallback", "ProgressEvent", "ProgressMeter", "format_seconds"]
+__all__ = ["ProgressCallback", "ProgressEvent", "ProgressMeter", "format_seconds", "tenths"]
 
 
 def format_seconds(seconds: float) -> str:
@@ -54,12 +54,20 @@ class ProgressEvent:
 ProgressCallback = Callable[[ProgressEvent], None]
 
 
+def tenths(total: int) -> int:
+    """The `ProgressMeter.step` that reports about ten times over `total` units."""
+    return max(1, -(-total // 10))
+
+
 class ProgressMeter:
-    """Counts units and reports every `every` updates (and at `finish`) to an optional callback."""
+    """Counts units and reports every `every` updates that advanced at least `step` units since the last report
+    (and at `finish`) to an optional callback. `step` keeps a pass whose batches shrink (a byte cap on reads, a
+    batch halved after running out of memory) at about `total / step` reports: `tenths(total)` for ten."""
 
     def __init__(self, phase: str, total: int, callback: ProgressCallback | None, *, unit: str = "examples",
-                 every: int = 10) -> None:
+                 every: int = 10, step: int = 0) -> None:
         self.phase, self.total, self.callback, self.unit, self.every = phase, total, callback, unit, max(1, every)
+        self.step = step
         self.done = 0
         self.updates = 0
         self.reported = -1  # `done` at the last report
@@ -72,7 +80,7 @@ class ProgressMeter:
         """Add `n` units; report if this is every `every`-th update."""
         self.done += n
         self.updates += 1
-        if self.updates % self.every == 0:
+        if self.updates % self.every == 0 and self.done - max(self.reported, 0) >= self.step:
             self._report(self.event(**extra))
 
     def report(self, **extra: float) -> ProgressEvent:

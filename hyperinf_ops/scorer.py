@@ -46,7 +46,7 @@ from hyperinf_ops.errors import (
 from hyperinf_ops.fingerprint import Fingerprint, require_match
 from hyperinf_ops.memory import release_memory
 from hyperinf_ops.preconditioners import Prepared
-from hyperinf_ops.progress import ProgressCallback, ProgressMeter
+from hyperinf_ops.progress import ProgressCallback, ProgressMeter, tenths
 from hyperinf_ops.ranking_table import ranking_table, write_ranking
 from hyperinf_ops.settings import SELF_TARGET
 from hyperinf_ops.store import LanceStore, Query
@@ -297,7 +297,7 @@ def score_store(
              and IntegerCodeProduct.supports(fmt) else None)
     converted = torch.empty((chunk_rows, dim), dtype=dtype) if dev.type == "cpu" and codes is None else None
     total = ds.count_rows()
-    meter = ProgressMeter("scoring", total, progress, unit="rows", every=max(1, math.ceil(total / batch_rows) // 10))
+    meter = ProgressMeter("scoring", total, progress, unit="rows", every=1, step=tenths(total))
     with _one_cpu_thread(dev):
         for batch, (meta, values) in enumerate(iter_fixed_rows(ds, "grad", _meta_columns(fmt), batch_rows), 1):
             rows = _tensor(values)

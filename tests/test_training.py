@@ -10,7 +10,7 @@ from toy_data import toy_records
 from hyperinf_ops.config import load_config
 from hyperinf_ops.evaluation import evaluate_model, majority_baseline
 from hyperinf_ops.models import adapter_hash, load_lora_model
-from hyperinf_ops.progress import ProgressEvent
+from hyperinf_ops.progress import ProgressEvent, ProgressMeter, tenths
 from hyperinf_ops.settings import TrainSettings
 from hyperinf_ops.stages.adapter import warmup_problem
 from hyperinf_ops.training import warmup_train
@@ -46,6 +46,27 @@ def test_loss_decreases_and_progress(cfg, tmp_path: Path):
     assert final.loss == pytest.approx(stats.heldout_loss_per_epoch[-1], rel=1e-5)
     assert stats.heldout_accuracy_per_epoch[-1] == final.accuracy > 0.9 > stats.heldout_accuracy_per_epoch[0]
     assert stats.heldout_loss_per_epoch[-1] < 0.5 * stats.heldout_loss_per_epoch[0]
+
+
+def test_progress_reports_about_ten_times_whatever_the_batch_sizes(tmp_path: Path):
+    """A pass whose batches shrink (a byte cap on reads, a batch halved after running out of memory) still reports
+    about ten times, each report at least a tenth further on, and at its end; the frozen-embedding pass reports so."""
+    events: list[ProgressEvent] = []
+    meter = ProgressMeter("pass", 1000, events.append, every=1, step=tenths(1000))
+    for size in [64] * 5 + [16] * 30 + [1] * 100 + [10] * 10:
+        meter.update(size)
+    meter.finish()
+    done = [event.done for event in events]
+    assert 8 <= len(done) <= 11 and done[-1] == 1000 and done == sorted(set(done))
+    assert all(b - a >= 100 for a, b in zip([0, *done[:-2]], done[:-1], strict=True))
+
+    from hyperinf_ops.signals.probe import token_embeddings
+
+    model = save_tiny_model(tmp_path / "model")
+    heard: list[ProgressEvent] = []
+    vectors = token_embeddings(model, [[5, 6, 7]] * 23, 0, batch_size=2, progress=heard.append)
+    assert vectors.shape[0] == 23 and [e.done for e in heard] == [4, 8, 12, 16, 20, 23]
+    assert heard[-1].phase == "embeddings" and heard[-1].total == 23
 
 
 def test_majority_baseline_is_the_training_majority_scored_on_the_evaluated_labels():

@@ -19,16 +19,19 @@ from typing import Any
 import numpy as np
 import torch
 
+from hyperinf_ops.progress import ProgressCallback, ProgressMeter, tenths
+
 __all__ = ["frozen_embeddings", "load_tokenizer", "out_of_fold_probe", "token_embeddings"]
 
 
 def frozen_embeddings(model_path: str | Path, texts: Sequence[str], *, max_length: int = 128, batch_size: int = 64,
-                      device: torch.device | str = "cpu") -> np.ndarray:
+                      device: torch.device | str = "cpu", progress: ProgressCallback | None = None) -> np.ndarray:
     """(N, hidden) L2-normalised masked means of the base model's last hidden state over each text's tokens (its
     first max_length)."""
     tokenizer = load_tokenizer(model_path)
     ids = tokenizer(list(texts), truncation=True, max_length=max_length)["input_ids"]
-    return token_embeddings(model_path, ids, tokenizer.pad_token_id, batch_size=batch_size, device=device)
+    return token_embeddings(model_path, ids, tokenizer.pad_token_id, batch_size=batch_size, device=device,
+                            progress=progress)
 
 
 def load_tokenizer(model_path: str | Path) -> Any:
@@ -43,12 +46,14 @@ def load_tokenizer(model_path: str | Path) -> Any:
 
 @torch.no_grad()
 def token_embeddings(model_path: str | Path, token_ids: Sequence[Sequence[int]], pad_token_id: int, *,
-                     batch_size: int = 64, device: torch.device | str = "cpu") -> np.ndarray:
+                     batch_size: int = 64, device: torch.device | str = "cpu",
+                     progress: ProgressCallback | None = None) -> np.ndarray:
     """(N, hidden) L2-normalised masked means of the base model's last hidden state over each row of token ids
-    (right-padded per batch)."""
+    (right-padded per batch); `progress` hears about ten times over the pass."""
     from transformers import AutoModel
 
     model = AutoModel.from_pretrained(model_path).to(device).eval()
+    meter = ProgressMeter("embeddings", len(token_ids), progress, every=1, step=tenths(len(token_ids)))
     out = []
     for start in range(0, len(token_ids), batch_size):
         rows = token_ids[start: start + batch_size]
@@ -61,6 +66,8 @@ def token_embeddings(model_path: str | Path, token_ids: Sequence[Sequence[int]],
         weights = mask.to(device)[..., None].to(hidden.dtype)
         pooled = (hidden * weights).sum(1) / weights.sum(1).clamp_min(1)
         out.append(torch.nn.functional.normalize(pooled, dim=1).cpu())
+        meter.update(len(rows))
+    meter.finish()
     return torch.cat(out).numpy() if out else np.zeros((0, 0), dtype=np.float32)
 
 

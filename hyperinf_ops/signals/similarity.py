@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from hyperinf_ops.errors import DataError
+from hyperinf_ops.progress import ProgressCallback
 
 __all__ = ["EMBEDDING_VERSION", "embed_records", "target_similarity"]
 
@@ -40,16 +41,18 @@ def target_similarity(pool: np.ndarray, target: np.ndarray) -> np.ndarray:
     return pool.astype(np.float64) @ (centre / norm)
 
 
-def embed_records(model_path: Any, records: Sequence[Mapping[str, Any]], task: str, max_length: int) -> np.ndarray:
+def embed_records(model_path: Any, records: Sequence[Mapping[str, Any]], task: str, max_length: int, *,
+                  progress: ProgressCallback | None = None) -> np.ndarray:
     """(N, h) frozen embeddings of `records`: a classifier's `text` (its first max_length tokens); a causal LM's
     prompt and response tokens as its training sees them (the model's chat template, eos, and an over-long pair's
-    prompt end and response start: `CausalLM.fitted_ids`)."""
+    prompt end and response start: `CausalLM.fitted_ids`). `progress`: as `probe.token_embeddings`."""
     from hyperinf_ops.signals.probe import frozen_embeddings, load_tokenizer, token_embeddings
 
     if task != "causal_lm":
-        return frozen_embeddings(model_path, [str(r["text"]) for r in records], max_length=max_length)
+        return frozen_embeddings(model_path, [str(r["text"]) for r in records], max_length=max_length,
+                                 progress=progress)
     from hyperinf_ops.tasks import CausalLM
 
     tokenizer = load_tokenizer(model_path)
     ids = [sum(CausalLM.fitted_ids(tokenizer, r, max_length), []) for r in records]
-    return token_embeddings(model_path, ids, tokenizer.pad_token_id)
+    return token_embeddings(model_path, ids, tokenizer.pad_token_id, progress=progress)

@@ -129,7 +129,9 @@ def cross_fit_labels(store: LanceStore, spec: ModelSpec, lora: LoraSettings, tra
     def embedded() -> np.ndarray:
         """(N + M, h) frozen embeddings of the pool, then of the target sets' examples when similarity is due: one
         forward pass (one model load) for the probe and similarity both."""
-        return embed_records(resolve_model(spec.name), [*records, *targets], spec.task, spec.max_length)
+        log(f"embedding {len(records)} pool and {len(targets)} target examples with the base model {spec.name}")
+        return embed_records(resolve_model(spec.name), [*records, *targets], spec.task, spec.max_length,
+                             progress=lambda event: log(str(event)))
 
     fits: dict[str, Callable[[], np.ndarray]] = {
         "probe": lambda: out_of_fold_probe(embedded()[: len(records)], [r["label"] for r in records], classes,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -16,7 +15,7 @@ from hyperinf_ops.devices import activation_bytes_per_example, auto_batch_size, 
 from hyperinf_ops.errors import ModelLoadError
 from hyperinf_ops.memory import release_memory
 from hyperinf_ops.models.lora import LoadedModel, adapter_hash, batches, load_lora_model
-from hyperinf_ops.progress import ProgressMeter
+from hyperinf_ops.progress import ProgressMeter, tenths
 from hyperinf_ops.settings import GradientSettings, ModelSpec
 from hyperinf_ops.signals.outputs import ExampleOutputs
 from hyperinf_ops.stages.common import Log
@@ -62,9 +61,8 @@ def gradient_batches(loaded: LoadedModel, records: Sequence[Mapping[str, Any]], 
         raise ModelLoadError(f"the model's base weights are {loaded.dtype_name} but these gradient rows are "
                              f"fingerprinted as {settings.model_dtype}: load it with that precision")
     size = _batch_size(loaded, settings, max_length)
-    n_batches = math.ceil(len(records) / size)
-    meter = ProgressMeter(phase, len(records), (lambda e: log(str(e))) if log else None,
-                          every=max(1, n_batches // 10))
+    meter = ProgressMeter(phase, len(records), (lambda e: log(str(e))) if log else None, every=1,
+                          step=tenths(len(records)))
 
     def run(chunk: Sequence[Mapping[str, Any]]) -> tuple[dict[str, Tensor], ExampleOutputs]:
         (_, batch), = batches(loaded, chunk, len(chunk), max_length)
