@@ -77,7 +77,7 @@ class ProgressMeter:
         return ProgressEvent(self.phase, self.done, self.total, time.perf_counter() - self.start, self.unit, extra)
 
     def update(self, n: int, **extra: float) -> None:
-        """Add `n` units; report if this is every `every`-th update."""
+        """Add `n` units; report if this is every `every`-th update and `step` units on from the last report."""
         self.done += n
         self.updates += 1
         if self.updates % self.every == 0 and self.done - max(self.reported, 0) >= self.step:
