@@ -26,6 +26,13 @@ held-out pairs of that source, balanced by answer), then the same pipeline and t
     $PY benchmarks/bench_llm.py --workdir /tmp/llm_rt --build-task rotten_tomatoes [--methods m1 m2 ...]
     $PY -m pipelines.cli run --config /tmp/llm_rt/llm/hyperinf.yaml
     $PY benchmarks/bench_llm.py --workdir /tmp/llm_rt --out benchmarks/results/llm/rotten_tomatoes
+
+Another warm-up of the same pool (a store whose config differs only in `train.seed`, say, with the rankings
+scored): its curated subsets fitted with the workdir's evaluation recipe, seeds and test halves, so each fit pairs
+seed by seed with the workdir's own random, similarity and full-pool fits (`--fit-from NAME=STORE_ROOT`, appended to
+the tables; with `--methods` only those rankings):
+
+    $PY benchmarks/bench_llm.py --workdir /tmp/llm --fit-from "warm-up seed 0=/tmp/other/store" --out OUT
 """
 
 from __future__ import annotations
@@ -113,6 +120,66 @@ def summarize(workdir: Path) -> dict[str, Any]:
             "test_examples": int(fits["test_examples"].iloc[0]), "options": options, "comparisons": comparisons}
 
 
+def fit_from(workdir: Path, name: str, root: str, methods: list[str] | None) -> dict[str, Any]:
+    """Fit the workdir's curated candidates (those of `methods`, default all) ranked by the store at `root` (the
+    same pool under another warm-up) with the workdir's evaluation recipe, seeds and halves (the evaluation's own
+    `plan_fits` and `_fit_and_test`); each fit's test loss against the workdir's fits of the same training seed."""
+    import dataclasses
+
+    from assets_defs.evaluation import evaluation_plan
+    from hyperinf_ops.config import load_config
+    from hyperinf_ops.stages.evaluation import (
+        _fit_and_test,
+        pool_labels,
+        pool_records,
+        prepare_test,
+        record_columns,
+        split_test,
+    )
+    from hyperinf_ops.stages.evaluation_plan import plan_fits
+
+    cfg = load_config(workdir / "llm" / "hyperinf.yaml")
+    plan = evaluation_plan(cfg)
+    plan = dataclasses.replace(plan, candidates=tuple(c for c in plan.candidates if not methods or c.method in methods))
+    store, spec = LanceStore(root), cfg.model_spec
+    labels, pool = pool_labels(store, spec.task), pool_records(store, spec.task)
+    validation, test = split_test(prepare_test(plan.test_path, cfg.data, spec.task, labels)
+                                  .select(record_columns(spec.task)).to_pylist(), plan.validation)
+    by_id = {r["sample_id"]: r for r in pool}
+    reference = LanceStore(str(workdir / "llm" / "store")).open("evaluation").to_table().to_pandas()
+    reference["option"] = reference.apply(_option, axis=1)
+    fits = []
+    for fit in plan_fits(store, plan, pool):
+        if fit.subset != "curated":
+            continue
+        records = [{**by_id[i], "original_label": by_id[i]["label"]} for i in fit.ids]
+        row = _fit_and_test(spec, cfg.lora, cfg.train, labels, records, validation, test, fit, print,
+                            epochs=plan.epochs(fit))
+        option = f"{fit.candidate.method} {fit.fraction:.0%}"
+        versus = {}
+        for other in (f"random {fit.fraction:.0%}", f"similarity {fit.fraction:.0%}", option, "full"):
+            same = reference[(reference["option"] == other) & (reference["seed"] == fit.seed)]
+            if len(same):
+                versus[other] = float(row["test_loss"] - same.sort_values("created_at")["test_loss"].iloc[-1])
+        fits.append({"option": option, "seed": fit.seed, "test_loss": row["test_loss"],
+                     "exact_match": row["test_accuracy"], "versus": versus, "sample_ids": list(fit.ids)})
+        print(f"{name}: {option} seed {fit.seed}: test loss {row['test_loss']:.4f}, exact match "
+              f"{row['test_accuracy']:.3f}; minus the workdir's " + ", ".join(f"{k} {v:+.3f}" for k, v in versus.items()))
+    return {"name": name, "root": root, "fits": fits}
+
+
+def markdown_fit_from(result: dict[str, Any]) -> str:
+    """The `fit_from` fits: test loss and exact match per seed, and the paired differences."""
+    lines = ["", f"Rankings of {result['name']} ({result['root']}), fitted with this workdir's recipe, seeds and halves:",
+             "", "| option | seed | test loss | exact match | minus this workdir's fit of the same seed |",
+             "|---|---|---|---|---|"]
+    for fit in result["fits"]:
+        versus = ", ".join(f"{k} {v:+.3f}" for k, v in fit["versus"].items())
+        lines.append(f"| {fit['option']} | {fit['seed']} | {fit['test_loss']:.3f} | {fit['exact_match']:.3f} | "
+                     f"{versus} |")
+    return "\n".join(lines) + "\n"
+
+
 def markdown(summary: dict[str, Any]) -> str:
     epochs = summary.get("subset_epochs")
     lines = [f"Target task: {summary['task']}.", "", f"Subsets trained for {epochs} epochs (the full pool: the warm-up's)." if epochs else
@@ -142,7 +209,9 @@ def main() -> None:
     parser.add_argument("--build-task", choices=SOURCES[1:],
                         help="build <workdir>/llm with this target task and the demo's evaluation, then stop")
     parser.add_argument("--methods", nargs="+", help="with --build-task: the evaluation's rankings (default the "
-                        "demo's)")
+                        "demo's); with --fit-from: the rankings fitted (default all the evaluation's)")
+    parser.add_argument("--fit-from", metavar="NAME=STORE_ROOT",
+                        help="fit the evaluation's curated subsets of another store of the same pool (another warm-up)")
     args = parser.parse_args()
     if args.build_task:
         paths = build_instruction_mix(args.workdir / "llm", target_task=args.build_task)
@@ -151,6 +220,10 @@ def main() -> None:
         return
     summary = summarize(args.workdir)
     table = markdown(summary)
+    if args.fit_from:
+        name, root = args.fit_from.split("=", 1)
+        summary["fit_from"] = fit_from(args.workdir, name, root, args.methods)
+        table += markdown_fit_from(summary["fit_from"])
     print(table)
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
