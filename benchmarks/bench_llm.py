@@ -146,7 +146,10 @@ def fit_from(workdir: Path, name: str, root: str, methods: list[str] | None) -> 
     validation, test = split_test(prepare_test(plan.test_path, cfg.data, spec.task, labels)
                                   .select(record_columns(spec.task)).to_pylist(), plan.validation)
     by_id = {r["sample_id"]: r for r in pool}
-    reference = LanceStore(str(workdir / "llm" / "store")).open("evaluation").to_table().to_pandas()
+    own = LanceStore(str(workdir / "llm" / "store"))
+    if by_id.keys() != {r["sample_id"] for r in pool_records(own, spec.task)}:
+        raise SystemExit(f"{root} holds another pool than {workdir / 'llm'}: its fits would pair with nothing")
+    reference = own.open("evaluation").to_table().to_pandas()
     reference["option"] = reference.apply(_option, axis=1)
     fits = []
     for fit in plan_fits(store, plan, pool):
