@@ -179,15 +179,19 @@ def test_probe_and_similarity_share_one_embedding_pass(project, tmp_path):
     Location(copy.uri("label_signals")).remove_tree()  # nothing current: both are due
     real, calls = similarity.embed_records, []
 
-    def counted(model_path, records, task, max_length):
+    def counted(model_path, records, task, max_length, **options):
         calls.append(len(records))
-        return real(model_path, records, task, max_length)
+        return real(model_path, records, task, max_length, **options)
 
+    lines: list[str] = []
     with mock.patch.object(similarity, "embed_records", counted):
         summary = cross_fit_labels(copy, cfg.model_spec, cfg.lora, cfg.train,
-                                   cfg.signals.model_copy(update={"folds": 0}), log=lambda _: None)
+                                   cfg.signals.model_copy(update={"folds": 0}), log=lines.append)
     n_pool, n_targets = copy.open("examples").count_rows(), copy.open("targets").count_rows()
     assert set(summary.computed) == {"probe", "similarity"} and calls == [n_pool + n_targets]
+    # the pass reports its progress: about ten lines, the last at its end
+    progress = [line for line in lines if line.startswith("embeddings: ")]
+    assert 1 <= len(progress) <= 11 and progress[-1].startswith(f"embeddings: {n_pool + n_targets}/{n_pool + n_targets}")
     for name, target in (("probe", "self"), *(("similarity", t) for t in cfg.targets)):
         made, again = (s.read_label_signal(name, target).to_pandas().set_index("sample_id")["value"].sort_index()
                        for s in (store, copy))
