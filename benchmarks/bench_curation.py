@@ -167,12 +167,11 @@ def fusion_alternatives(store: Any, target: str, estimators: Sequence[str], ids:
 def evaluate_store(config_path: Path, model_dir: Path | None = None) -> dict[str, Any]:
     """Detection and selection numbers of one finished run (module docstring)."""
     from hyperinf_ops.config import load_config
-    from hyperinf_ops.data.prepare import prepare_test
     from hyperinf_ops.export import Manifest
     from hyperinf_ops.stages.adapter import pool_labels
     from hyperinf_ops.stages.curation import export_dir
-    from hyperinf_ops.stages.evaluation import EVALUATION_TABLE, pool_records
-    from hyperinf_ops.stages.evaluation_plan import EvaluationPlan, plan_fits, split_test, summarize
+    from hyperinf_ops.stages.evaluation import EVALUATION_TABLE, evaluation_halves, pool_records
+    from hyperinf_ops.stages.evaluation_plan import EvaluationPlan, plan_fits, summarize
     from hyperinf_ops.stages.reports import mislabel_report
     from hyperinf_ops.store import LanceStore
 
@@ -199,7 +198,7 @@ def evaluate_store(config_path: Path, model_dir: Path | None = None) -> dict[str
         return out
     plan = EvaluationPlan(test_path=str(cfg.evaluation.test.path), candidates=cfg.evaluation_candidates,
                           seeds=cfg.evaluation.seeds, full=cfg.evaluation.full, validation=cfg.evaluation.validation)
-    halves = split_test(prepare_test(plan.test_path, cfg.data, cfg.task, classes).to_pylist(), plan.validation)
+    halves = evaluation_halves(plan, cfg.data, cfg.task, classes)
     x_halves = [frozen_embeddings([r["text"] for r in half], model_dir) for half in halves]
     y_halves = [[r["label"] for r in half] for half in halves]
     by_id = {r["sample_id"]: i for i, r in enumerate(pool)}

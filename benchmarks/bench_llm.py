@@ -130,11 +130,10 @@ def fit_from(workdir: Path, name: str, root: str, methods: list[str] | None) -> 
     from hyperinf_ops.config import load_config
     from hyperinf_ops.stages.evaluation import (
         _fit_and_test,
+        evaluation_halves,
+        fit_records,
         pool_labels,
         pool_records,
-        prepare_test,
-        record_columns,
-        split_test,
     )
     from hyperinf_ops.stages.evaluation_plan import plan_fits
 
@@ -143,8 +142,7 @@ def fit_from(workdir: Path, name: str, root: str, methods: list[str] | None) -> 
     plan = dataclasses.replace(plan, candidates=tuple(c for c in plan.candidates if not methods or c.method in methods))
     store, spec = LanceStore(root), cfg.model_spec
     labels, pool = pool_labels(store, spec.task), pool_records(store, spec.task)
-    validation, test = split_test(prepare_test(plan.test_path, cfg.data, spec.task, labels)
-                                  .select(record_columns(spec.task)).to_pylist(), plan.validation)
+    validation, test = evaluation_halves(plan, cfg.data, spec.task, labels)
     by_id = {r["sample_id"]: r for r in pool}
     own = LanceStore(str(workdir / "llm" / "store"))
     if by_id.keys() != {r["sample_id"] for r in pool_records(own, spec.task)}:
@@ -155,8 +153,7 @@ def fit_from(workdir: Path, name: str, root: str, methods: list[str] | None) -> 
     for fit in plan_fits(store, plan, pool):
         if fit.subset != "curated":
             continue
-        records = [{**by_id[i], "original_label": by_id[i]["label"]} for i in fit.ids]
-        row = _fit_and_test(spec, cfg.lora, cfg.train, labels, records, validation, test, fit, print,
+        row = _fit_and_test(spec, cfg.lora, cfg.train, labels, fit_records(fit, by_id), validation, test, fit, print,
                             epochs=plan.epochs(fit))
         option = f"{fit.candidate.method} {fit.fraction:.0%}"
         versus = {}

@@ -656,13 +656,10 @@ def test_the_full_pool_fit_of_seed_0_is_the_warm_up_adapter_tested(built):
     # ... and a fresh training on the same records gives the same numbers
     pool = pool_records(store, cfg.task)
     fit = next(f for f in plan_fits(store, evaluation_plan(cfg), pool) if f.subset == "full" and f.seed == 0)
-    from hyperinf_ops.data.prepare import prepare_test
-    from hyperinf_ops.stages.evaluation_plan import split_test
+    from hyperinf_ops.stages.evaluation import evaluation_halves, fit_records
 
-    halves = split_test(prepare_test(cfg.evaluation.test.path, cfg.data, cfg.task, ["neg", "pos"])
-                        .select(["sample_id", "text", "label"]).to_pylist(), cfg.evaluation.validation)
-    by_id = {r["sample_id"]: r for r in pool}
-    records = [{**by_id[i], "original_label": by_id[i]["label"]} for i in fit.ids]
+    halves = evaluation_halves(evaluation_plan(cfg), cfg.data, cfg.task, ["neg", "pos"])
+    records = fit_records(fit, {r["sample_id"]: r for r in pool})
     fresh = _fit_and_test(cfg.model_spec, cfg.lora, cfg.train, ["neg", "pos"], records, *halves, fit, lambda _: None)
     for key in ("validation_accuracy", "test_accuracy", "validation_loss", "test_loss", "train_loss"):
         assert again[key] == row[key], key

@@ -48,7 +48,8 @@ from hyperinf_ops.store import LanceStore
 from hyperinf_ops.tasks import get_task
 from hyperinf_ops.training import warmup_train
 
-__all__ = ["EVALUATION_TABLE", "EvaluationSummary", "evaluation_schema", "pool_records", "run_evaluation"]
+__all__ = ["EVALUATION_TABLE", "EvaluationSummary", "evaluation_halves", "evaluation_schema", "fit_records",
+           "pool_records", "run_evaluation"]
 
 EVALUATION_TABLE = "evaluation"
 
@@ -101,8 +102,7 @@ def run_evaluation(store: LanceStore, spec: ModelSpec, lora: LoraSettings, train
     _replace_old_layout(store, log)
     labels = pool_labels(store, spec.task)
     pool = pool_records(store, spec.task)
-    validation, test = split_test(prepare_test(plan.test_path, data, spec.task, labels)
-                                  .select(record_columns(spec.task)).to_pylist(), plan.validation)
+    validation, test = evaluation_halves(plan, data, spec.task, labels)
     fits = plan_fits(store, plan, pool)
     recipe = _recipe_digest(spec, lora, train, validation, test)
     by_id = {r["sample_id"]: r for r in pool}
@@ -117,9 +117,7 @@ def run_evaluation(store: LanceStore, spec: ModelSpec, lora: LoraSettings, train
         epochs = plan.epochs(fit)
         log(f"evaluation fit {i}/{len(fits)}: {fit.label} seed {fit.seed}, {len(fit.ids)} examples"
             + (f", {len(fit.relabel)} relabelled" if fit.relabel else "") + (f", {epochs} epochs" if epochs else ""))
-        relabel = dict(fit.relabel)
-        records = [{**by_id[j], "original_label": by_id[j]["label"], "label": relabel.get(j, by_id[j]["label"])}
-                   for j in fit.ids]
+        records = fit_records(fit, by_id)
         same = (warmup is not None and fit.subset == "full" and fit.seed == 0
                 and warmup.train.get("records_digest") == records_digest(records, spec.task))
         if same:
@@ -147,6 +145,22 @@ def run_evaluation(store: LanceStore, spec: ModelSpec, lora: LoraSettings, train
 
 
 # ------------------------------------------------------------------------------------------------ helpers
+
+def evaluation_halves(plan: EvaluationPlan, data: Any, task: str, labels: Sequence[str]
+                      ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The plan's test file as records (`record_columns`), split into the validation half (chooses) and the
+    reported half."""
+    table = prepare_test(plan.test_path, data, task, labels).select(record_columns(task))
+    return split_test(table.to_pylist(), plan.validation)
+
+
+def fit_records(fit: Fit, by_id: Mapping[str, Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """The records `fit` trains on, from the pool's records by sample id: its relabelled examples carry the new
+    label, every record its given one as `original_label`."""
+    relabel = dict(fit.relabel)
+    return [{**by_id[j], "original_label": by_id[j]["label"], "label": relabel.get(j, by_id[j]["label"])}
+            for j in fit.ids]
+
 
 def _replace_old_layout(store: LanceStore, log: Log) -> None:
     """An `evaluation` table of an earlier layout (before candidates and the validation half) holds fits this
