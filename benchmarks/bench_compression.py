@@ -208,10 +208,11 @@ def whitening(grads: Mapping[str, Tensor], seed: int, power: float = 0.5) -> Whi
 # ------------------------------------------------------------------------------------------- row storage
 
 
-def store_rows(c: Mapping[str, Tensor], dtype: str) -> dict[str, Tensor]:
+def store_rows(c: Mapping[str, Tensor], dtype: str, rank: int = 0) -> dict[str, Tensor]:
     """What a reader gets back from rows stored in `dtype` (float32 out); a row = the concatenated c, sorted names.
 
-    float32 / float16 / int8 / int4: encoded and decoded by the product's `RowFormat` (one block per matrix).
+    float32 / float16 / int8 / int4: encoded and decoded by the product's `RowFormat` (one block per matrix;
+    `rank` > 0: factor rows of that rank).
     int3 / int2 (measured here only, not shipped): the same per-block absmax round-to-nearest with
     L = 2^(B-1) - 1 levels (3, 1); lloyd2 / sign1 (measured here only): `_low_bit`.
     """
@@ -227,7 +228,7 @@ def store_rows(c: Mapping[str, Tensor], dtype: str) -> dict[str, Tensor]:
             scale = torch.where(absmax > 0, absmax / levels, torch.ones_like(absmax))[:, None, None]
             out[name] = torch.round(x / scale).clamp(-levels, levels) * scale
         return out
-    fmt = RowFormat(dtype, tuple(c[name][0].numel() for name in names))
+    fmt = RowFormat(dtype, tuple(c[name][0].numel() for name in names), rank, c[names[0]].shape[1] if rank else 0)
     out = {name: torch.empty(c[name].shape, dtype=torch.float32) for name in names}
     for start in range(0, n, BATCH):
         rows = torch.cat([c[name][start: start + BATCH].reshape(-1, c[name][0].numel()).to(torch.float32)
@@ -254,11 +255,14 @@ def _low_bit(x: Tensor, dtype: str) -> Tensor:
     return torch.sign(z) * torch.where(z.abs() < 0.9816, 0.4528, 1.510) * rms
 
 
-def vector_bytes(shapes: Mapping[str, tuple[int, int]], widths: Mapping[str, int], dtype: str) -> int:
-    """Bytes of one stored vector: sum r * width_l entries, plus the scales (float16: one float32 per row, as
-    the store writes `grad_scale`; intB: B bits an entry, packed, and one float32 scale per matrix)."""
-    entries = sum(shapes[name][0] * widths[name] for name in shapes)
-    scales = 0 if dtype == "float32" else 4 if dtype == "float16" else 4 * len(shapes)
+def vector_bytes(shapes: Mapping[str, tuple[int, int]], widths: Mapping[str, int], dtype: str, rank: int = 0) -> int:
+    """Bytes of one stored vector: sum r * width_l entries (rank > 0: the factor rows' q (r + width_l)), plus the
+    scales (float16: one float32 per row, as the store writes `grad_scale`; intB: B bits an entry, packed, and one
+    float32 scale per matrix, or per quantization group of factor rows)."""
+    names = sorted(shapes)
+    fmt = RowFormat("float32", tuple(shapes[n][0] * widths[n] for n in names), rank, shapes[names[0]][0] * (rank > 0))
+    entries = fmt.values
+    scales = 0 if dtype == "float32" else 4 if dtype == "float16" else 4 * len(fmt.groups)
     return math.ceil(entries * DTYPE_BITS[dtype] / 8) + scales
 
 
@@ -272,15 +276,27 @@ class Setting:
     k: int | None = None
     seed: int = 0
     power: float = 0.5  # white: W = U (S + lambda)^-power (0.5 = full whitening)
+    rank: int = 0  # swhite: factor rows of this rank (row_format.py; 0 = dense)
 
     @property
     def label(self) -> str:
+        return self._name(True) + (f" rank-{self.rank} factors" if self.rank else "")
+
+    @property
+    def group(self) -> str:
+        """The label without the sketch seed (settings that differ only by P)."""
+        return self._name(False) + (f" rank-{self.rank} factors" if self.rank else "")
+
+    def _name(self, seeded: bool) -> str:
+        if not seeded:
+            return self._group()
         if self.kind == "raw":
             return f"raw {self.dtype}"
         if self.kind == "white":
             return f"white^{self.power:g} pilot{self.seed} {self.dtype}"
         if self.kind == "swhite":
-            return f"sketch k={self.k} P{self.seed} white^{self.power:g} {self.dtype}"
+            sketch = f"sketch k={self.k} P{self.seed}" if self.k else "unsketched"
+            return f"{sketch} white^{self.power:g} {self.dtype}"
         if self.kind == "krylov":
             return f"krylov k={self.k} pilot{self.seed} white^{self.power:g} {self.dtype}"
         if self.kind == "wjl":
@@ -288,13 +304,11 @@ class Setting:
         seed = f" P{self.seed}" if self.kind in ("sketch", "orth", "hybrid") else ""
         return f"{self.kind} k={self.k}{seed} {self.dtype}"
 
-    @property
-    def group(self) -> str:
-        """The label without the sketch seed (settings that differ only by P)."""
+    def _group(self) -> str:
         if self.kind == "white":
             return f"white^{self.power:g} {self.dtype}"
         if self.kind == "swhite":
-            return f"sketch k={self.k} white^{self.power:g} {self.dtype}"
+            return f"{f'sketch k={self.k}' if self.k else 'unsketched'} white^{self.power:g} {self.dtype}"
         if self.kind == "krylov":
             return f"krylov k={self.k} white^{self.power:g} {self.dtype}"
         if self.kind == "wjl":
@@ -321,15 +335,19 @@ def default_settings(ks: Sequence[int] = KS, seeds: Sequence[int] = SKETCH_SEEDS
 
 
 def layout_settings(ks: Sequence[int], seeds: Sequence[int] = SKETCH_SEEDS,
-                    swhite_dtypes: Sequence[str] = ("int4", "float32")) -> list[Setting]:
+                    swhite_dtypes: Sequence[str] = ("int4", "float32"), ranks: Sequence[int] = ()) -> list[Setting]:
     """Issue 20's candidates at each k: raw fp32 (the reference) and today's whitened int4, then per k the plain
     sketch (fp32), the sketch whitened in sketch space (int4: the width rule's layout; fp32: the same without
     quantization), the pilot's top-k/2 eigenvectors + a random basis of the rest (hybrid, fp32) and the
-    whitened JL sketch (wjl, q = 1/2 and 1/4, fp32) and the target's Krylov basis whitened in its space (int4)."""
+    whitened JL sketch (wjl, q = 1/2 and 1/4, fp32) and the target's Krylov basis whitened in its space (int4);
+    `ranks`: the sketch whitened in sketch space stored as factor rows of each rank (k = 0: unsketched, the width
+    rule's layout for SmolLM2)."""
     out = [Setting("raw"), Setting("white", "int4", None, 0, 0.25)]
     for k in ks:
         out += [Setting("sketch", "float32", k, s) for s in seeds]
         out += [Setting("swhite", dtype, k, s, 0.25) for dtype in swhite_dtypes for s in seeds]
+        out += [Setting("swhite", dtype, k, s, 0.25, rank) for rank in ranks for dtype in swhite_dtypes
+                for s in seeds]
         out += [Setting("hybrid", "float32", k, 0), Setting("wjl", "float32", k, 0, 0.5),
                 Setting("wjl", "float32", k, 0, 0.25), Setting("krylov", "int4", k, 0, 0.25)]
     return out
@@ -513,7 +531,7 @@ def evaluate(pool: Pool, settings: Sequence[Setting], *, lissa_iterations: int =
             if setting.kind in ("swhite", "krylov"):
                 # whitened in the sketch space from the pilot's sketched GFIM (the pipeline's width-rule layout)
                 white = whitening(c, setting.seed, setting.power)
-                rows = white.undo(store_rows(white.apply(c), setting.dtype))
+                rows = white.undo(store_rows(white.apply(c), setting.dtype, setting.rank))
             else:
                 rows = store_rows(c, setting.dtype)
             v = apply_bases(pool.target, bases)
@@ -521,7 +539,7 @@ def evaluate(pool: Pool, settings: Sequence[Setting], *, lissa_iterations: int =
         harm, seconds = rankings(c, rows, v, lissa_iterations, methods)
         if reference is None:
             reference = harm
-        nbytes = vector_bytes(shapes, widths, setting.dtype)
+        nbytes = vector_bytes(shapes, widths, setting.dtype, setting.rank)
         per_ranking = {}
         for name in ranked:
             rho = float(spearmanr(harm[name], reference[name]).statistic)
@@ -671,18 +689,20 @@ def widths_report(spec: CompressionSpec | None = None) -> dict:
     """Per model of MODEL_SHAPES, from its shapes alone: the sketch width the width rule gives under `spec` (the
     pipeline's DEFAULT_COMPRESSION), the stored row's bytes (`RowFormat.row_bytes`, what `hyperinf plan` prints)
     against raw float32 and today's unsketched whitened int4, and the codec + curvature state it implies."""
-    from hyperinf_ops.core.sketch import row_shapes, sketch_width
+    from hyperinf_ops.core.sketch import row_format, row_layout, row_shapes
     from hyperinf_ops.settings import DEFAULT_COMPRESSION
 
     spec = spec or DEFAULT_COMPRESSION
     out = {}
     for model, shapes in MODEL_SHAPES.items():
-        k = sketch_width(shapes, spec)
+        k, rank = row_layout(shapes, spec)
         stored = row_shapes(shapes, spec)
         unsketched = RowFormat(spec.dtype, tuple(r * d for r, d in shapes.values())).row_bytes
+        dense = spec.model_copy(update={"row_rank": 0, "state_budget": 0})
         out[model] = {
             "matrices": len(shapes), "floats": sum(r * d for r, d in shapes.values()), "sketch_width": k,
-            "row_bytes": RowFormat(spec.dtype, tuple(r * w for r, w in stored.values())).row_bytes,
+            "factor_rank": rank, "row_bytes": row_format(shapes, spec).row_bytes,
+            "dense_sketch_width": row_layout(shapes, dense)[0], "dense_row_bytes": row_format(shapes, dense).row_bytes,
             "raw_float32_row_bytes": RowFormat("float32", tuple(r * d for r, d in shapes.values())).row_bytes,
             "unsketched_row_bytes": unsketched,
             # P_l (d, k) float32 + the whitening (U (k, k), roots (k,)) float32 + the curvature sums (k, k) float64
@@ -927,6 +947,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
                         choices=("float32", "float16", "int8", "int4", "int3", "int2", "lloyd2", "sign1"),
                         help="--layouts: the row dtypes of the sketch whitened in sketch space (lloyd2 / sign1: "
                              "2 / 1 bits an entry, measured here only)")
+    parser.add_argument("--row-ranks", nargs="+", type=int, default=[],
+                        help="--layouts: also store the sketch whitened in sketch space as factor rows of these "
+                             "ranks (a --ks of 0: unsketched)")
     parser.add_argument("--pilot-curvature", type=float, nargs="+", metavar="FRACTION",
                         help="only: hyperinf over raw rows with a pilot sample's curvature (these shares of the pool)")
     args = parser.parse_args(argv)
@@ -972,7 +995,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
                 args.json.write_text(json.dumps(out, indent=1))
             return out
         start = time.perf_counter()
-        settings = layout_settings(args.ks, swhite_dtypes=args.row_dtypes) if args.layouts else \
+        settings = layout_settings(args.ks, swhite_dtypes=args.row_dtypes, ranks=args.row_ranks) if args.layouts else \
             default_settings(args.ks, extras=not args.no_extras)
         if args.kinds:
             settings = [settings[0]] + [x for x in settings[1:] if x.kind in args.kinds]

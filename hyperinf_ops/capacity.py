@@ -29,8 +29,7 @@ from hyperinf_ops.architecture import (
     parameter_count,
 )
 from hyperinf_ops.config import HyperinfConfig
-from hyperinf_ops.core.row_format import RowFormat
-from hyperinf_ops.core.sketch import row_shapes, sketch_width
+from hyperinf_ops.core.sketch import row_format, row_layout, row_shapes
 from hyperinf_ops.devices import use_checkpointing
 from hyperinf_ops.errors import ConfigError, DataError
 
@@ -213,8 +212,8 @@ def plan(cfg: HyperinfConfig, examples: int, device: str = "cpu", tokens: int | 
     config = model_config(cfg.model)
     raw = lora_shapes(config, cfg.lora.rank, cfg.lora.gradient_modules)
     stored = row_shapes(raw, cfg.compression)
-    blocks = tuple(r * k for r, k in stored.values())
-    fmt = RowFormat(cfg.compression.dtype, blocks)
+    fmt = row_format(raw, cfg.compression)
+    blocks = fmt.blocks
     row_bytes = fmt.row_bytes
     flops = forward_flops(config, tokens, cfg.task == "causal_lm")
     memory = _memory(cfg, config, tokens, raw, stored, device)
@@ -332,9 +331,10 @@ def plan_command(config_path: Path, examples: int, device: str, tokens: int | No
     cfg = load_config(config_path)
     planned = plan(cfg, examples, device, tokens)
     c = cfg.compression
-    k = sketch_width(lora_shapes(model_config(cfg.model), cfg.lora.rank, cfg.lora.gradient_modules), c)
-    rule = "" if c.sketch_dim or not k else f" (compression.row_budget {c.row_budget:,} bytes)"
+    k, rank = row_layout(lora_shapes(model_config(cfg.model), cfg.lora.rank, cfg.lora.gradient_modules), c)
+    rule = "" if c.sketch_dim or not (k or rank) else f" (compression.row_budget {c.row_budget:,} bytes)"
+    layout = ", ".join([*([f"rank-{rank} factors"] if rank else []), *([f"sketch {k}"] if k else [])])
     described = f"{c.dtype}" + (f", whitened p={c.whiten:g}" if c.whitened else "") + \
-        (f", sketch {k}{rule}" if k else "")
+        (f", {layout}{rule}" if layout else "")
     print(render(planned, cfg.model, described))
     return 0

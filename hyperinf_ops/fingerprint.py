@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from hyperinf_ops.core.row_format import RowFormat
-from hyperinf_ops.core.sketch import row_shapes, sketch_width
+from hyperinf_ops.core.sketch import row_layout, row_shapes
 from hyperinf_ops.errors import FingerprintMismatchError
 from hyperinf_ops.settings import CompressionSpec
 
@@ -85,6 +85,8 @@ class Fingerprint:
     # the dtype the base weights ran in: a bf16 pass gives other gradients than an fp32 one (devices.py). Left out
     # of the JSON (and so of the digest) when float32, so rows stored before the field existed stay current.
     model_dtype: str = "float32"
+    # factor rows' rank (row_format.py; 0 = dense rows). Left out of the JSON when 0, as model_dtype when float32.
+    row_rank: int = 0
 
     def __post_init__(self) -> None:
         # JSON round trips give lists; keep the dataclass hashable and comparable.
@@ -99,7 +101,7 @@ class Fingerprint:
     @property
     def row_format(self) -> RowFormat:
         """How the rows are stored (row_format.py)."""
-        return RowFormat(self.row_dtype, self.row_blocks)
+        return RowFormat(self.row_dtype, self.row_blocks, self.row_rank, self.rank if self.row_rank else 0)
 
     @classmethod
     def create(
@@ -132,7 +134,8 @@ class Fingerprint:
             lora_modules=tuple(lora_modules),
             rank=ranks.pop(),
             matrices_hash=shapes_hash(shapes),
-            sketch_dim=sketch_width(shapes, compression),
+            sketch_dim=row_layout(shapes, compression)[0],
+            row_rank=row_layout(shapes, compression)[1],
             sketch_seed=compression.seed,
             row_dtype=compression.dtype,
             row_blocks=tuple(r * k for r, k in row_shapes(shapes, compression).values()),
@@ -146,6 +149,8 @@ class Fingerprint:
         data = asdict(self)
         if data["model_dtype"] == "float32":
             del data["model_dtype"]
+        if not data["row_rank"]:
+            del data["row_rank"]
         return json.dumps(data, sort_keys=True)
 
     @classmethod

@@ -19,7 +19,7 @@ from typing import Any
 
 from hyperinf_ops.adapters import AdapterStore
 from hyperinf_ops.core.row_format import RowFormat
-from hyperinf_ops.core.sketch import row_shapes
+from hyperinf_ops.core.sketch import row_format
 from hyperinf_ops.core.stacks import select_matrices
 from hyperinf_ops.errors import ConfigError, HyperinfError
 from hyperinf_ops.location import is_object_store
@@ -54,7 +54,7 @@ def _expected_format(store: LanceStore, cfg: Any) -> RowFormat | None:
         shapes = _configured_shapes(cfg)
     if not shapes:
         return None
-    return RowFormat(cfg.compression.dtype, tuple(r * k for r, k in row_shapes(shapes, cfg.compression).values()))
+    return row_format(shapes, cfg.compression)
 
 
 def _configured_shapes(cfg: Any) -> dict[str, tuple[int, int]] | None:

@@ -21,6 +21,7 @@ __all__ = [
     "CompressionSpec",
     "DEFAULT_COMPRESSION",
     "ROW_BUDGET",
+    "STATE_BUDGET",
     "UNIT_RANKINGS",
     "COVER_RANKINGS",
     "cover_on",
@@ -230,8 +231,12 @@ class CompressionSpec(Settings):
     int8 / int4 (per-block scale). row_budget: bytes a stored row may take (0 = no budget); with whitened rows
     (`whiten > 0`) and `sketch_dim = 0`, a model whose unsketched rows would take more gets the widest sketch
     (a multiple of 8) whose rows fit, whitened in the sketch space (`sketch.sketch_width`: the width rule, so
-    MiniLM keeps unsketched rows and a 4096-wide model is sketched; docs/compression.md, issue 20). An explicit
-    `sketch_dim`, or `whiten = 0`, is never changed by it: `{whiten: 0, dtype: float32}` is exact raw float32.
+    MiniLM keeps unsketched rows and a 4096-wide model is sketched; docs/compression.md, issue 20). row_rank: under
+    that rule, rows whose dense unsketched form exceeds the budget are stored as rank-`row_rank` factors of each
+    whitened block (row_format.py; 0 = dense rows), unsketched when they fit, else at the widest sketch that fits.
+    state_budget: bytes the codec and curvature state may take under the rule (`sketch.state_bytes`; 0 = none).
+    An explicit `sketch_dim`, or `whiten = 0`, is never changed by it: `{whiten: 0, dtype: float32}` is exact raw
+    float32.
     The library default is exact (raw float32); the pipeline's default is `DEFAULT_COMPRESSION`."""
 
     sketch_dim: int = Field(0, ge=0)
@@ -240,6 +245,8 @@ class CompressionSpec(Settings):
     whiten: float = Field(0.0, ge=0, le=1)
     pilot_examples: int = Field(512, ge=2)
     row_budget: int = Field(0, ge=0)
+    row_rank: int = Field(0, ge=0)
+    state_budget: int = Field(0, ge=0)
 
     @property
     def raw(self) -> bool:
@@ -253,10 +260,14 @@ class CompressionSpec(Settings):
 
 # The pipeline's default: half-whitened int4 rows, 8x smaller than raw float32 with every measured ranking's
 # mislabel AUROC within 0.002 of raw (docs/compression.md: demo 3 seeds, BBC News).
-# Wider models are sketched to the widest whitened int4 rows of at most ROW_BUDGET bytes (issue 20: 64 KB an example
-# for Llama-3-8B's 128 q/v LoRA matrices, sketch 120 of 4096); MiniLM's 36,960-byte rows stay unsketched.
+# Wider models get rank-2 factor rows of at most ROW_BUDGET bytes, sketched where that is needed to fit, with at
+# most STATE_BUDGET bytes of codec and curvature state (issue 20: SmolLM2 unsketched, hyperinf Spearman 0.96 against
+# raw on the LLM demo where dense rows at k = 128 kept 0.86; Llama-3-8B at k = 424 of 4096); MiniLM's 36,960-byte
+# dense rows stay as they are.
 ROW_BUDGET = 65536
-DEFAULT_COMPRESSION = CompressionSpec(whiten=0.25, dtype="int4", row_budget=ROW_BUDGET)
+STATE_BUDGET = 10**9
+DEFAULT_COMPRESSION = CompressionSpec(whiten=0.25, dtype="int4", row_budget=ROW_BUDGET, row_rank=2,
+                                      state_budget=STATE_BUDGET)
 
 
 class GradientSettings(Settings):

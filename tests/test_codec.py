@@ -11,8 +11,9 @@ import torch
 from hyperinf_ops import scorer
 from hyperinf_ops.core.curvature import curvature_partials
 from hyperinf_ops.core.estimators import EstimatorOptions, mean_target_gradient
-from hyperinf_ops.core.row_format import INT_LEVELS, ROW_OVERHEAD, RowFormat
-from hyperinf_ops.core.sketch import Sketch, row_shapes, sketch_width
+from hyperinf_ops.core.code_product import IntegerCodeProduct
+from hyperinf_ops.core.row_format import FACTOR_GROUP, INT_LEVELS, ROW_OVERHEAD, RowFormat
+from hyperinf_ops.core.sketch import Sketch, row_format, row_layout, row_shapes, sketch_width, state_bytes
 from hyperinf_ops.core.whitening import Whitening
 from hyperinf_ops.errors import ConfigError, DataError, GradientMismatchError, NonFiniteGradientError
 from hyperinf_ops.fingerprint import Fingerprint
@@ -82,6 +83,51 @@ def test_rows_refuse_other_widths_and_non_finite_values():
         fmt.encode(bad)
     with pytest.raises(ValueError, match="row dtype"):
         RowFormat("int2", BLOCKS)
+
+
+def _rank_q(x: torch.Tensor, q: int) -> torch.Tensor:
+    """The best rank-q approximation of each (r, k) matrix of x (n, r, k), float64 SVD."""
+    u, s, vh = torch.linalg.svd(x.double(), full_matrices=False)
+    return (u[..., :q] * s[..., None, :q]) @ vh[..., :q, :]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "int8", "int4"])
+def test_factor_rows_decode_to_each_blocks_best_rank_q_approximation(dtype):
+    """Factor rows (rank q = 2, r = 8): values q (r + k) a block, U_q then B's rows in FACTOR_GROUP pieces; float32
+    rows decode to the SVD truncation itself (a rank-2 block: to the block), the codes to within their rounding of
+    it; an all-zero row stays zero; the code product leaves factor rows to the decoder."""
+    r, q, widths = 8, 2, (200, 40)
+    fmt = RowFormat(dtype, tuple(r * k for k in widths), q, r)
+    assert FACTOR_GROUP == 96 and fmt.groups == (16, 96, 96, 8, 96, 96, 8, 16, 40, 40)
+    assert fmt.values == q * (r + 200) + q * (r + 40) and fmt.width == r * 240
+    gen = torch.Generator().manual_seed(0)
+    blocks = [torch.randn(30, r, 3, generator=gen) @ torch.randn(30, 3, k, generator=gen) for k in widths]
+    blocks[0][:5] = torch.randn(5, r, 2, generator=gen) @ torch.randn(5, 2, 200, generator=gen)  # rank 2 exactly
+    blocks[1] *= 1e-3  # blocks of different magnitude
+    for b in blocks:
+        b[7] = 0  # an all-zero row
+    x = torch.cat([b.reshape(30, -1) for b in blocks], 1)
+    encoded = fmt.encode(x)
+    assert encoded.values.shape == (30, fmt.stored_width) and (encoded.block_scales is None) != fmt.integer
+    scales = torch.from_numpy(encoded.block_scales) if fmt.integer else None
+    back = fmt.decode(torch.from_numpy(encoded.values), torch.from_numpy(encoded.grad_scale), scales)
+    assert back.shape == x.shape and torch.equal(back[7], torch.zeros(fmt.width))
+    start, tolerance = 0, {"float32": 1e-6, "float16": 2e-3, "int8": 0.03, "int4": 0.3}[dtype]
+    for block, k in zip(blocks, widths, strict=True):
+        got = back[:, start: start + r * k].reshape(30, r, k).double()
+        best = _rank_q(block, q)
+        err = (got - best).flatten(1).norm(dim=1) / best.flatten(1).norm(dim=1).clamp_min(1e-30)
+        assert err.max() <= tolerance, (dtype, k, float(err.max()))
+        # the rank-3 blocks lose their third direction: further from the block than from its truncation
+        assert ((got - block).flatten(1).norm(dim=1)[8:] > (got - best).flatten(1).norm(dim=1)[8:]).all()
+        start += r * k
+    if dtype == "float32":
+        torch.testing.assert_close(back[:5, : r * 200].reshape(5, r, 200), blocks[0][:5], rtol=0, atol=1e-4)
+    assert not IntegerCodeProduct.supports(fmt)
+    with pytest.raises(ValueError, match="lora_rank"):
+        RowFormat(dtype, (30,), 2, 8)  # 30 floats are no (8, k) block
+    with pytest.raises(ValueError, match="lora_rank"):
+        RowFormat(dtype, (64,), 8, 8)  # a factor rank of r stores more than the block
 
 
 # ------------------------------------------------------------------------------------------------ whitening
@@ -258,33 +304,86 @@ def _lora(layers: int, modules: dict[str, tuple[int, int]]) -> dict[str, tuple[i
 
 
 def test_width_rule_keeps_minilm_and_fits_wide_models_in_64_kb():
-    """The pipeline's default: MiniLM keeps unsketched whitened int4 rows (36,960 value + scale bytes); SmolLM2-135M
-    and Llama-3-8B (q/v r=8) are sketched to the widest multiple of 8 within 65,536 bytes a row; an explicit
-    sketch_dim, row_budget 0 or unwhitened rows (`{whiten: 0, dtype: float32}`: raw float32, the reference) are
-    never changed; a budget nothing fits is refused."""
+    """The pipeline's default: MiniLM keeps dense unsketched whitened int4 rows (36,960 value + scale bytes);
+    SmolLM2-135M (q/v r=8) gets unsketched rank-2 factor rows within 65,536 bytes a row, Llama-3-8B rank-2 factor
+    rows at the widest multiple of 8 that fits both the row budget and the 1 GB state budget (dense rows, row_rank 0:
+    sketched to k = 128 and 120); an explicit sketch_dim, row_budget 0 or unwhitened rows (`{whiten: 0, dtype:
+    float32}`: raw float32, the reference) are never changed; a budget nothing fits is refused."""
     minilm = _lora(6, {"query": (384, 384), "value": (384, 384)})
     smol = _lora(30, {"q_proj": (576, 576), "v_proj": (576, 192)})
     llama = _lora(32, {"q_proj": (4096, 4096), "v_proj": (4096, 1024)})
     assert sum(r * d for r, d in llama.values()) == 3_407_872 and len(llama) == 128
 
     def row_bytes(shapes, spec):
-        return RowFormat(spec.dtype, tuple(r * k for r, k in row_shapes(shapes, spec).values())).row_bytes
+        return row_format(shapes, spec).row_bytes
 
     d = DEFAULT_COMPRESSION
-    assert d.row_budget == ROW_BUDGET == 65536
-    assert sketch_width(minilm, d) == 0 and row_shapes(minilm, d) == dict(sorted(minilm.items()))
+    assert d.row_budget == ROW_BUDGET == 65536 and d.row_rank == 2 and d.state_budget == 10**9
+    assert row_layout(minilm, d) == (0, 0) and row_shapes(minilm, d) == dict(sorted(minilm.items()))
     assert row_bytes(minilm, d) == 36_960 + 24 * 4 + ROW_OVERHEAD  # values + steps, the norms, the fixed bytes
-    assert sketch_width(smol, d) == 128 and row_bytes(smol, d) == 62_452
-    assert sketch_width(llama, d) == 120 and row_bytes(llama, d) == 62_516 <= 65_536 < row_bytes(
+    # SmolLM2: 90 blocks (8, 576) and 30 (8, 192) as q (r + d) int4 values, a step per U and per 96 values of B
+    assert row_layout(smol, d) == (0, 2) and row_shapes(smol, d) == dict(sorted(smol.items()))
+    values = 90 * 2 * (8 + 576) + 30 * 2 * (8 + 192)
+    steps = 90 * (1 + 2 * 6) + 30 * (1 + 2 * 2)
+    assert row_bytes(smol, d) == values // 2 + 4 * steps + 4 * 120 + ROW_OVERHEAD == 64_372
+    k, rank = row_layout(llama, d)
+    assert (k, rank) == (424, 2) and row_bytes(llama, d) <= 65_536
+    assert state_bytes(llama, k) <= 10**9 < state_bytes(llama, k + 8)
+    assert row_bytes(llama, d.model_copy(update={"state_budget": 0})) <= 65_536  # wider without the state budget
+    assert row_layout(llama, d.model_copy(update={"state_budget": 0}))[0] > k
+    dense = d.model_copy(update={"row_rank": 0})
+    assert sketch_width(smol, dense) == 128 and row_bytes(smol, dense) == 62_452
+    assert sketch_width(llama, dense) == 120 and row_bytes(llama, dense) == 62_516 <= 65_536 < row_bytes(
         llama, d.model_copy(update={"row_budget": 0}))
     assert row_bytes(llama, d.model_copy(update={"sketch_dim": 128})) > 65_536  # explicit: never changed
     fp = Fingerprint.create(model_id="m", model_hash="h", adapter_hash="a", task="causal_lm", lora_modules=["q"],
                             shapes=llama, compression=d, whitening="w")
-    assert fp.sketch_dim == 120 and fp.row_format.row_bytes == 62_516
+    assert (fp.sketch_dim, fp.row_rank) == (424, 2) and fp.row_format == row_format(llama, d)
+    assert Fingerprint.from_json(fp.to_json()) == fp
     exact = CompressionSpec(**{**d.model_dump(), "whiten": 0, "dtype": "float32"})  # how the YAML merges it
-    assert sketch_width(llama, exact) == 0 and row_bytes(llama, exact) == 4 * 3_407_872 + 4 * 128 + ROW_OVERHEAD
+    assert row_layout(llama, exact) == (0, 0)
+    assert row_bytes(llama, exact) == 4 * 3_407_872 + 4 * 128 + ROW_OVERHEAD
     with pytest.raises(ConfigError, match="row_budget"):
         sketch_width(llama, d.model_copy(update={"row_budget": 4000}))
+
+
+def test_factor_rows_through_the_store_score_like_a_dense_computation_on_their_blocks(tmp_path):
+    """A budget dense rows do not fit (148 bytes as int4) but rank-2 factor rows do (132): the width rule keeps the
+    blocks unsketched as factor rows (a dense rule would sketch them to k = 16). The fingerprint names the rank (a
+    dense fingerprint's JSON does not: digests of rows stored before factor rows existed are unchanged); the rows
+    decode to within int4 rounding of each whitened block's best rank-2 approximation; the curvature is the exact
+    sums of the unfactored blocks; scores and self-influence through the store equal the dense computation on the
+    decoded blocks."""
+    spec = CompressionSpec(whiten=0.25, dtype="int4", row_budget=140, row_rank=2)
+    assert RowFormat("int4", (96, 64)).row_bytes == 148 and row_format(SHAPES, spec).row_bytes == 132
+    assert row_layout(SHAPES, spec) == (0, 2) and row_layout(SHAPES, spec.model_copy(update={"row_rank": 0})) == (16, 0)
+    train, target = _grads(120, 4), _grads(10, 5)
+    w = _whitening({k: t[:40] for k, t in train.items()})
+    fp = _fp(spec, w.digest())
+    assert fp.row_rank == 2 and '"row_rank": 2' in fp.to_json()
+    assert "row_rank" not in _fp(spec.model_copy(update={"row_rank": 0}), w.digest()).to_json()
+    sketch = Sketch(SHAPES, spec)
+    store = LanceStore(str(tmp_path))
+    ids = [f"id{i:03d}" for i in range(120)]
+    for s, sl in enumerate((slice(0, 70), slice(70, 120))):
+        part = {k: t[sl] for k, t in train.items()}
+        store.write_gradients(f"s{s}", GradientBatch(ids[sl], sketch.flatten(w.apply(part)), sketch.sq_norms(part)),
+                              fp)
+        store.write_curvature(f"s{s}", curvature_partials(part), fp, examples_digest=f"d{s}")
+    curvature = store.read_curvature(fp)
+    for name, g in train.items():
+        rows64 = g.double().reshape(-1, g.shape[-1])
+        torch.testing.assert_close(curvature[name].gfim_sum, rows64.T @ rows64, rtol=1e-6, atol=1e-8)
+    decoded = {}
+    for batch_ids, got in raw_gradient_batches(store, sketch.row_shapes, whitening=w, batch_rows=32):
+        decoded.update({i: {k: b[j] for k, b in got.items()} for j, i in enumerate(batch_ids)})
+    rows = {k: torch.stack([decoded[i][k] for i in ids]) for k in SHAPES}
+    best = w.undo({k: _rank_q(h, 2).float() for k, h in w.apply(train).items()})
+    for k in SHAPES:
+        err = (rows[k] - best[k]).flatten(1).norm(dim=1) / best[k].flatten(1).norm(dim=1)
+        assert err.max() < 0.3 and (rows[k] - train[k]).abs().max() > 0  # rank 2 of 4: not the blocks themselves
+    v = mean_target_gradient(target)
+    _score_against_dense(store, curvature, v, w, rows, fp, ids)
 
 
 def _score_against_dense(store, curvature, v, w, rows, fp, ids) -> list:

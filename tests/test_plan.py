@@ -150,11 +150,12 @@ def test_an_8b_config_without_weights_is_planned_scaled_from_smollm2(tmp_path):
     m = p.memory
     assert m.weights == {"float32": 4, "bfloat16": 2}[weight_dtype(cfg, "cuda")] * p.parameters
     assert m.gradient_batch == 32 * 4 * sum(r * d for r, d in lora_shapes(LLAMA_8B, 8, None).values())
-    # the width rule sketches every q/v block (96 of width 4096, 32 of 1024) to k = 120 (rows <= 64 KB); the
-    # curvature is exact in that space: a float32 k x k and its inverse per block, not 4096 x 4096
+    # the width rule stores every q/v block (96 of width 4096, 32 of 1024) as rank-2 factors of its sketch to
+    # k = 424 (rows <= 64 KB, codec + curvature state <= 1 GB); the curvature is exact in that space: a float32
+    # k x k and its inverse per block, not 4096 x 4096
     stored = row_shapes(lora_shapes(LLAMA_8B, 8, None), cfg.compression)
-    assert {k for _, k in stored.values()} == {120} and p.row_bytes <= 65_536
-    assert m.curvature == 8 * 128 * 120**2
+    assert {k for _, k in stored.values()} == {424} and p.row_bytes <= 65_536
+    assert m.curvature == 8 * 128 * 424**2
     assert p.peak_mb == pytest.approx(m.sum / 1e6)
     text = render(p, cfg.model, "int4")
     assert "8.03B parameters" in text and "per device (estimated): weights " in text
@@ -173,11 +174,11 @@ def test_a_never_measured_encoder_is_scaled_from_minilm(tmp_path):
     # hidden x2, layers x2: the matmuls ~8x, attention's term ~4x; no LM head for a classifier
     assert p.time_factor == pytest.approx(p.flops / minilm.flops) and 7 < p.time_factor < 8
     assert p.warmup_s == pytest.approx(minilm.warmup_s * p.time_factor)
-    # rows: twice the layers, blocks twice as wide but sketched by the width rule to fit 64 KB; the scan scales by
-    # the k x k self-influence products of the stored blocks
+    # rows: twice the layers, blocks twice as wide: dense rows would exceed 64 KB, so the width rule stores them as
+    # unsketched rank-2 factors; the scan scales by the k x k self-influence products of the stored blocks
     stored = row_shapes(lora_shapes(BERT_BASE, 8, None), cfg.compression)
     (k,) = {k for _, k in stored.values()}
-    assert k < 768 and p.row_bytes <= 65_536 < plan(load_config({**cfg.to_dict(), "compression": {
+    assert k == 768 and p.row_bytes <= 65_536 < plan(load_config({**cfg.to_dict(), "compression": {
         "row_budget": 0}}), 10_000).row_bytes
     flops = sum(2 * 8 * k * k + 2 * 8 * k for _ in stored) / sum(2 * 8 * 384 * 384 + 2 * 8 * 384 for _ in range(24))
     assert p.scoring_factor == pytest.approx(flops)
@@ -194,8 +195,8 @@ def test_scaled_times_follow_layers_and_tokens(tmp_path):
     # twice the blocks in the same 64 KB: each sketched narrower, the scan less than doubles
     narrow = {k for _, k in row_shapes(lora_shapes({**LLAMA_8B, "num_hidden_layers": 64}, 8, None),
                                        cfg.compression).values()}
-    assert narrow == {56} and deep.row_bytes <= 65_536
-    assert deep.scoring_s / base.scoring_s == pytest.approx((256 * (56**2 + 56)) / (128 * (120**2 + 120)))
+    assert narrow == {208} and deep.row_bytes <= 65_536
+    assert deep.scoring_s / base.scoring_s == pytest.approx((256 * (208**2 + 208)) / (128 * (424**2 + 424)))
     assert deep.memory.weights - base.memory.weights == pytest.approx(32 * 218.1e6 * 4, rel=0.01)
     half = plan(cfg, 1000, tokens=64)
     assert 0.49 < half.gradients_s / base.gradients_s < 0.5  # attention's term is quadratic in the tokens

@@ -62,8 +62,9 @@ class IntegerCodeProduct:
 
     @staticmethod
     def supports(fmt: RowFormat) -> bool:
-        """Integer codes whose blocks (int4: every block start even) the product can take."""
-        if fmt.dtype not in INT_LEVELS:
+        """Dense integer-coded rows whose blocks (int4: every block start even) the product can take (factor rows
+        are multiplied out by `RowFormat.decode`)."""
+        if fmt.dtype not in INT_LEVELS or fmt.rank:
             return False
         starts = [sum(fmt.blocks[:i]) for i in range(len(fmt.blocks))]
         return fmt.dtype == "int8" or all(s % 2 == 0 for s in starts)

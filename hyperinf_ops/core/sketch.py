@@ -10,13 +10,16 @@ target gradient v_l P_l, DataInf, self-influence. So the compressed path is infl
 the sketched model, and its scores equal a dense computation in sketch space; how well it ranks like raw
 influence is measured (docs/compression.md), not assumed. `sketch_dim = 0`, or k >= d_l, keeps g_l raw.
 
-The width rule (`sketch_width`, issue 20): with whitened rows, `sketch_dim = 0` and a `row_budget` (the pipeline's
-default: 64 KB), a model whose unsketched rows would take more than the budget is sketched to the widest k (a
-multiple of 8) whose rows fit (`RowFormat.row_bytes`: values, per-block scales and norms, the row's fixed bytes),
-and the whitening is then taken in the sketch space. MiniLM (24 matrices of (8, 384): 36,960-byte int4 rows) keeps
-unsketched rows; SmolLM2-135M (120 matrices, d = 576 / 192) gets k = 128 (62,452 bytes); Llama-3-8B with q/v r=8
-(128 matrices, d = 4096 / 1024) gets k = 120 (62,516 bytes instead of 1.7 MB). What it costs in ranking quality
-is measured in docs/compression.md: it keeps HyperINF's ranking where k is a large share of d, not at d/k ~ 32.
+The width rule (`row_layout`, issue 20): with whitened rows, `sketch_dim = 0` and a `row_budget` (the pipeline's
+default: 64 KB), a model whose dense unsketched rows would take more than the budget is stored as factor rows of
+rank `row_rank` (row_format.py; the pipeline's default: 2) when `row_rank` is set, else as dense rows, in either
+case sketched to the widest k (a multiple of 8; unsketched when that fits) whose rows fit (`RowFormat.row_bytes`:
+values, per-group scales, per-block norms, the row's fixed bytes) and whose codec and curvature state
+(`state_bytes`) fits the `state_budget`; the whitening is then taken in the sketch space. MiniLM (24 matrices of
+(8, 384): 36,960-byte dense int4 rows) keeps dense unsketched rows; SmolLM2-135M (120 matrices, d = 576 / 192) gets
+unsketched rank-2 factor rows (64,372 bytes; dense rows would need k = 128); Llama-3-8B with q/v r=8 (128 matrices,
+d = 4096 / 1024) gets rank-2 factor rows at k = 424 (61,492 bytes, state 1.0 GB; dense rows: k = 120) instead of 1.7 MB rows.
+What each costs in ranking quality is measured in docs/compression.md.
 
 P_l is drawn on the CPU in float32 from a `torch.Generator` seeded by sha256 of (seed, l's index in sorted
 name order), so any machine and device builds the same matrices. A row is every matrix's c_l flattened
@@ -36,7 +39,7 @@ from hyperinf_ops.core.row_format import RowFormat
 from hyperinf_ops.errors import ConfigError, GradientMismatchError
 from hyperinf_ops.settings import CompressionSpec
 
-__all__ = ["SKETCH_ALIGN", "Sketch", "row_shapes", "sketch_width"]
+__all__ = ["SKETCH_ALIGN", "Sketch", "row_format", "row_layout", "row_shapes", "sketch_width", "state_bytes"]
 
 # The width rule picks sketch widths that are multiples of this.
 SKETCH_ALIGN = 8
@@ -52,30 +55,66 @@ def _blocks(shapes: Mapping[str, tuple[int, int]], k: int) -> tuple[int, ...]:
     return tuple(r * _stored_width(d, k) for _, (r, d) in sorted(shapes.items()))
 
 
-def sketch_width(shapes: Mapping[str, tuple[int, int]], spec: CompressionSpec) -> int:
-    """The sketch width k the rows of matrices `shapes` (name -> (r, d)) are stored at under `spec` (0 = none).
+def state_bytes(shapes: Mapping[str, tuple[int, int]], k: int) -> int:
+    """Bytes of the codec and curvature state of rows stored at sketch width k (0 = none): per matrix the sketch
+    P_l (d, k) float32 when sketched, the whitening (w, w) and its roots (w,) float32 and the curvature sums (w, w)
+    float64, w the stored width."""
+    total = 0
+    for _, d in shapes.values():
+        w = _stored_width(d, k)
+        total += 4 * d * w * (w < d) + 4 * (w * w + w) + 8 * w * w
+    return total
 
-    `spec.sketch_dim` when it is set, or when the rows are not whitened or have no `row_budget`. Otherwise the
-    width rule: 0 when the unsketched rows fit the budget (`RowFormat.row_bytes` <= row_budget), else the largest
-    multiple of SKETCH_ALIGN below the widest d whose rows fit. ConfigError when not even SKETCH_ALIGN fits.
+
+def row_layout(shapes: Mapping[str, tuple[int, int]], spec: CompressionSpec) -> tuple[int, int]:
+    """(k, q): the sketch width (0 = none) and factor rank (0 = dense rows) the rows of matrices `shapes`
+    (name -> (r, d)) are stored at under `spec`.
+
+    (`spec.sketch_dim`, 0) when it is set, or when the rows are not whitened or have no `row_budget`. Otherwise the
+    width rule (module docstring): (0, 0) when dense unsketched rows fit the budget; else, with q = `row_rank`
+    (0: dense), the widest k (0 = unsketched, else a multiple of SKETCH_ALIGN below the widest d) whose rows fit
+    the row budget and whose `state_bytes` fit `state_budget` (0 = none). ConfigError when not even SKETCH_ALIGN
+    fits.
     """
     if spec.sketch_dim or not spec.whitened or not spec.row_budget or not shapes:
-        return spec.sketch_dim
-    def fits(k: int) -> bool:
-        return RowFormat(spec.dtype, _blocks(shapes, k)).row_bytes <= spec.row_budget
-    if fits(0):
-        return 0
+        return spec.sketch_dim, 0
+    r = next(iter(shapes.values()))[0]
+    rank = spec.row_rank if 0 < spec.row_rank < r else 0
+
+    def fits(k: int, q: int) -> bool:
+        return (RowFormat(spec.dtype, _blocks(shapes, k), q, r).row_bytes <= spec.row_budget
+                and (not spec.state_budget or state_bytes(shapes, k) <= spec.state_budget))
+    if fits(0, 0):
+        return 0, 0
+    if fits(0, rank):
+        return 0, rank
     widest, best = max(d for _, d in shapes.values()), 0
-    for k in range(SKETCH_ALIGN, widest, SKETCH_ALIGN):  # bytes grow with k: stop at the first that does not fit
-        if not fits(k):
+    for k in range(SKETCH_ALIGN, widest, SKETCH_ALIGN):  # bytes and state grow with k: stop at the first misfit
+        if not fits(k, rank):
             break
         best = k
     if best == 0:
         raise ConfigError(f"compression.row_budget = {spec.row_budget} bytes is too small for {len(shapes)} LoRA "
                           f"matrices: even a sketch of {SKETCH_ALIGN} per matrix in {spec.dtype} takes "
-                          f"{RowFormat(spec.dtype, _blocks(shapes, SKETCH_ALIGN)).row_bytes}; raise it or set "
-                          "compression.sketch_dim")
-    return best
+                          f"{RowFormat(spec.dtype, _blocks(shapes, SKETCH_ALIGN), rank, r).row_bytes}"
+                          + (f" (state {state_bytes(shapes, SKETCH_ALIGN):,} bytes, state_budget "
+                             f"{spec.state_budget:,})" if spec.state_budget else "")
+                          + "; raise it or set compression.sketch_dim")
+    return best, rank
+
+
+def sketch_width(shapes: Mapping[str, tuple[int, int]], spec: CompressionSpec) -> int:
+    """The sketch width k the rows of matrices `shapes` (name -> (r, d)) are stored at under `spec` (0 = none):
+    `row_layout`'s."""
+    return row_layout(shapes, spec)[0]
+
+
+def row_format(shapes: Mapping[str, tuple[int, int]], spec: CompressionSpec) -> RowFormat:
+    """How rows of matrices `shapes` (name -> (r, d)) are stored under `spec`: dtype, the (r, k_l) blocks and the
+    factor rank (`row_layout`)."""
+    k, rank = row_layout(shapes, spec)
+    r = next(iter(shapes.values()))[0] if shapes else 0
+    return RowFormat(spec.dtype, _blocks(shapes, k), rank, r if rank else 0)
 
 
 def row_shapes(shapes: Mapping[str, tuple[int, int]], spec: CompressionSpec) -> dict[str, tuple[int, int]]:

@@ -65,7 +65,7 @@ def json_safe(value: Any) -> Any:
 
 def gradients_schema(fmt: RowFormat) -> pa.Schema:
     """grad: fixed_size_list<value type>[stored width] (row_format.py), grad_scale: float32 per row,
-    block_scales: float32[L] per matrix block (integer codes only), sq_norms: float32[L] of the blocks.
+    block_scales: float32[G] per quantization group (integer codes only: a block each, or factor groups), sq_norms: float32[L] of the blocks.
     content_hash: the example's content (text + label) the row was computed from; null when the writer did not
     say, and such a row is never reused by content."""
     fields = [
@@ -76,7 +76,7 @@ def gradients_schema(fmt: RowFormat) -> pa.Schema:
         pa.field("grad_scale", pa.float32(), nullable=False),
     ]
     if fmt.integer:
-        fields.append(pa.field("block_scales", pa.list_(pa.float32(), len(fmt.blocks)), nullable=False))
+        fields.append(pa.field("block_scales", pa.list_(pa.float32(), len(fmt.groups)), nullable=False))
     return pa.schema([
         *fields,
         pa.field("sq_norms", pa.list_(pa.float32(), len(fmt.blocks)), nullable=False),
