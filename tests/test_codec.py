@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from hyperinf_ops import scorer
+from hyperinf_ops.core.code_product import IntegerCodeProduct
 from hyperinf_ops.core.curvature import curvature_partials
 from hyperinf_ops.core.estimators import EstimatorOptions, mean_target_gradient
-from hyperinf_ops.core.code_product import IntegerCodeProduct
 from hyperinf_ops.core.row_format import FACTOR_GROUP, INT_LEVELS, ROW_OVERHEAD, RowFormat
 from hyperinf_ops.core.sketch import Sketch, row_format, row_layout, row_shapes, sketch_width, state_bytes
 from hyperinf_ops.core.whitening import Whitening
