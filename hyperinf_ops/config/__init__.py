@@ -106,8 +106,9 @@ class HyperinfConfig(Settings):
     damping_ratio: float = Field(0.1, gt=0, le=MAX_DAMPING_RATIO)
     estimator_options: SolverOptions = Field(default_factory=SolverOptions)
     # How gradient rows are stored: half-whitened int4 codes by default (8x smaller than exact float32 rows), and for
-    # models whose rows would pass `row_budget` (64 KB) sketched to the widest width that fits, whitened in the sketch
-    # space (the width rule: sketch.sketch_width); docs/compression.md has what each setting costs in quality and bytes.
+    # models whose rows would pass `row_budget` (64 KB) rank-2 factors of each whitened block, sketched to the widest
+    # width that fits where needed, whitened in the sketch space (the width rule: sketch.row_layout);
+    # docs/compression.md has what each setting costs in quality and bytes.
     compression: CompressionSpec = DEFAULT_COMPRESSION
     max_length: int = Field(128, ge=4)
     # examples per forward/backward of the gradient pass; `auto` = from the free memory on CUDA (32 elsewhere), and
