@@ -89,11 +89,11 @@ def row_layout_problem(store: LanceStore, cfg: Any) -> str | None:
     if have == [(f.name, f.type) for f in gradients_schema(want)]:
         return None
     fp = store.fingerprints("gradients").get(first[0])
-    made = (f"adapter {fp.adapter_hash[:16]} (rank {fp.rank}, {fp.row_width} {fp.row_dtype} values per row)"
+    made = (f"adapter {fp.adapter_hash[:16]} (rank {fp.rank}, {fp.row_format.values} {fp.row_dtype} values per row)"
             if fp else "another layout")
     return (f"storage root {store.root} holds gradient rows of {made}; model {cfg.model}, lora.modules "
             f"{list(cfg.lora.modules) if cfg.lora.modules else 'default'}, lora.rank {cfg.lora.rank} with compression "
-            f"{cfg.compression.dtype} / sketch_dim {cfg.compression.sketch_dim} needs rows of {want.width} "
+            f"{cfg.compression.dtype} / sketch_dim {cfg.compression.sketch_dim} / row_rank {want.rank} needs rows of {want.values} "
             f"{want.dtype} values: run `hyperinf migrate --config FILE --yes` to move the derived tables to "
             f"{store.root}/archive/ (a rename: nothing is deleted, moving them back restores them) and start over "
             "on this root, or set another storage_root")

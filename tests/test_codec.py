@@ -275,6 +275,21 @@ def test_width_rule_rows_sketched_and_whitened_in_sketch_space_equal_a_dense_com
     assert w.widths == {"a.lora_A": 8, "b.lora_B": 8}
     fp = _fp(spec, w.digest())
     assert fp.sketch_dim == 8 and fp.row_blocks == (32, 32)
+    store, ids, curvature, rows = _two_shards(tmp_path, sketch, w, blocks, fp)
+    for name, g in train.items():
+        p = sketch.matrix(name).double()
+        rows64 = g.double().reshape(-1, g.shape[-1])
+        torch.testing.assert_close(curvature[name].gfim_sum, p.T @ (rows64.T @ rows64) @ p, rtol=1e-5, atol=1e-8)
+        assert curvature[name].count == 120 and curvature[name].numel == 32
+    for k in SHAPES:
+        assert (rows[k] - blocks[k]).abs().max() < 0.2 * blocks[k].abs().max()
+    v = sketch.apply_one(mean_target_gradient(target))
+    _score_against_dense(store, curvature, v, w, rows, fp, ids)
+
+
+def _two_shards(tmp_path, sketch: Sketch, w: Whitening, blocks: dict[str, torch.Tensor], fp: Fingerprint):
+    """Blocks (120, r, k) written whitened as two shards (70 + 50 rows) with their curvature sums, as the pass does;
+    returns the store, the ids, the stored curvature and the rows read back (name -> (120, r, k), unwhitened)."""
     store = LanceStore(str(tmp_path))
     ids = [f"id{i:03d}" for i in range(120)]
     for s, sl in enumerate((slice(0, 70), slice(70, 120))):
@@ -282,20 +297,11 @@ def test_width_rule_rows_sketched_and_whitened_in_sketch_space_equal_a_dense_com
         store.write_gradients(f"s{s}", GradientBatch(ids[sl], sketch.flatten(w.apply(part)), sketch.sq_norms(part)),
                               fp)
         store.write_curvature(f"s{s}", curvature_partials(part), fp, examples_digest=f"d{s}")
-    curvature = store.read_curvature(fp)
-    for name, g in train.items():
-        p = sketch.matrix(name).double()
-        rows64 = g.double().reshape(-1, g.shape[-1])
-        torch.testing.assert_close(curvature[name].gfim_sum, p.T @ (rows64.T @ rows64) @ p, rtol=1e-5, atol=1e-8)
-        assert curvature[name].count == 120 and curvature[name].numel == 32
     decoded = {}
     for batch_ids, got in raw_gradient_batches(store, sketch.row_shapes, whitening=w, batch_rows=32):
         decoded.update({i: {k: b[j] for k, b in got.items()} for j, i in enumerate(batch_ids)})
-    rows = {k: torch.stack([decoded[i][k] for i in ids]) for k in SHAPES}
-    for k in SHAPES:
-        assert (rows[k] - blocks[k]).abs().max() < 0.2 * blocks[k].abs().max()
-    v = sketch.apply_one(mean_target_gradient(target))
-    _score_against_dense(store, curvature, v, w, rows, fp, ids)
+    rows = {k: torch.stack([decoded[i][k] for i in ids]) for k in blocks}
+    return store, ids, store.read_curvature(fp), rows
 
 
 def _lora(layers: int, modules: dict[str, tuple[int, int]]) -> dict[str, tuple[int, int]]:
@@ -362,22 +368,10 @@ def test_factor_rows_through_the_store_score_like_a_dense_computation_on_their_b
     fp = _fp(spec, w.digest())
     assert fp.row_rank == 2 and '"row_rank": 2' in fp.to_json()
     assert "row_rank" not in _fp(spec.model_copy(update={"row_rank": 0}), w.digest()).to_json()
-    sketch = Sketch(SHAPES, spec)
-    store = LanceStore(str(tmp_path))
-    ids = [f"id{i:03d}" for i in range(120)]
-    for s, sl in enumerate((slice(0, 70), slice(70, 120))):
-        part = {k: t[sl] for k, t in train.items()}
-        store.write_gradients(f"s{s}", GradientBatch(ids[sl], sketch.flatten(w.apply(part)), sketch.sq_norms(part)),
-                              fp)
-        store.write_curvature(f"s{s}", curvature_partials(part), fp, examples_digest=f"d{s}")
-    curvature = store.read_curvature(fp)
+    store, ids, curvature, rows = _two_shards(tmp_path, Sketch(SHAPES, spec), w, train, fp)
     for name, g in train.items():
         rows64 = g.double().reshape(-1, g.shape[-1])
         torch.testing.assert_close(curvature[name].gfim_sum, rows64.T @ rows64, rtol=1e-6, atol=1e-8)
-    decoded = {}
-    for batch_ids, got in raw_gradient_batches(store, sketch.row_shapes, whitening=w, batch_rows=32):
-        decoded.update({i: {k: b[j] for k, b in got.items()} for j, i in enumerate(batch_ids)})
-    rows = {k: torch.stack([decoded[i][k] for i in ids]) for k in SHAPES}
     best = w.undo({k: _rank_q(h, 2).float() for k, h in w.apply(train).items()})
     for k in SHAPES:
         err = (rows[k] - best[k]).flatten(1).norm(dim=1) / best[k].flatten(1).norm(dim=1)

@@ -46,9 +46,10 @@ def test_defaults_and_relative_paths(project: Path, monkeypatch: pytest.MonkeyPa
     assert cfg.model == "minilm" and cfg.task == "classification"
     assert cfg.lora.rank == 8 and cfg.lora.alpha == 16 and cfg.train.epochs == 2
     assert cfg.estimators == ("hyperinf", "datainf", "tracin")
-    # half-whitened int4 rows, no sketch unless a row would pass 64 KB (the width rule, docs/compression.md); a
-    # compression mapping overrides key by key
-    assert cfg.compression == CompressionSpec(whiten=0.25, dtype="int4", row_budget=65536) and cfg.damping_ratio == 0.1
+    # half-whitened int4 rows, dense unless a row would pass 64 KB, then rank-2 factors within 1 GB of codec state
+    # (the width rule, docs/compression.md); a compression mapping overrides key by key
+    assert cfg.compression == CompressionSpec(whiten=0.25, dtype="int4", row_budget=65536, row_rank=2,
+                                              state_budget=10**9) and cfg.damping_ratio == 0.1
     partial = load_config({**minimal(), "compression": {"sketch_dim": 48}}, base_dir=project).compression
     assert (partial.sketch_dim, partial.whiten, partial.dtype, partial.row_budget) == (48, 0.25, "int4", 65536)
     exact = load_config({**minimal(), "compression": {"whiten": 0, "dtype": "float32"}}, base_dir=project).compression
