@@ -280,16 +280,17 @@ class Setting:
 
     @property
     def label(self) -> str:
-        return self._name(True) + (f" rank-{self.rank} factors" if self.rank else "")
+        return self._label() + self._factors()
 
     @property
     def group(self) -> str:
         """The label without the sketch seed (settings that differ only by P)."""
-        return self._name(False) + (f" rank-{self.rank} factors" if self.rank else "")
+        return self._group() + self._factors()
 
-    def _name(self, seeded: bool) -> str:
-        if not seeded:
-            return self._group()
+    def _factors(self) -> str:
+        return f" rank-{self.rank} factors" if self.rank else ""
+
+    def _label(self) -> str:
         if self.kind == "raw":
             return f"raw {self.dtype}"
         if self.kind == "white":

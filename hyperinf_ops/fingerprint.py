@@ -126,6 +126,7 @@ class Fingerprint:
         ranks = {int(r) for r, _ in shapes.values()}
         if len(ranks) != 1:
             raise ValueError(f"LoRA matrices disagree on rank: {sorted(ranks)}")
+        sketch_dim, row_rank = row_layout(shapes, compression)
         return cls(
             model_id=model_id,
             model_hash=model_hash,
@@ -134,8 +135,8 @@ class Fingerprint:
             lora_modules=tuple(lora_modules),
             rank=ranks.pop(),
             matrices_hash=shapes_hash(shapes),
-            sketch_dim=row_layout(shapes, compression)[0],
-            row_rank=row_layout(shapes, compression)[1],
+            sketch_dim=sketch_dim,
+            row_rank=row_rank,
             sketch_seed=compression.seed,
             row_dtype=compression.dtype,
             row_blocks=tuple(r * k for r, k in row_shapes(shapes, compression).values()),

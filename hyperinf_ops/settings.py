@@ -230,10 +230,11 @@ class CompressionSpec(Settings):
     coordinate-wise quantizer equally precise in every direction). dtype: float32, float16 (per-row scale),
     int8 / int4 (per-block scale). row_budget: bytes a stored row may take (0 = no budget); with whitened rows
     (`whiten > 0`) and `sketch_dim = 0`, a model whose unsketched rows would take more gets the widest sketch
-    (a multiple of 8) whose rows fit, whitened in the sketch space (`sketch.sketch_width`: the width rule, so
+    (a multiple of 8) whose rows fit, whitened in the sketch space (`sketch.row_layout`: the width rule, so
     MiniLM keeps unsketched rows and a 4096-wide model is sketched; docs/compression.md, issue 20). row_rank: under
     that rule, rows whose dense unsketched form exceeds the budget are stored as rank-`row_rank` factors of each
-    whitened block (row_format.py; 0 = dense rows), unsketched when they fit, else at the widest sketch that fits.
+    whitened block (row_format.py; 0 = dense rows, as is a rank >= the LoRA rank, which would not shrink them),
+    unsketched when they fit, else at the widest sketch that fits.
     state_budget: bytes the codec and curvature state may take under the rule (`sketch.state_bytes`; 0 = none).
     An explicit `sketch_dim`, or `whiten = 0`, is never changed by it: `{whiten: 0, dtype: float32}` is exact raw
     float32.

@@ -27,6 +27,7 @@ reader sees dense (r, k) blocks. Measured in docs/compression.md ("Factor rows")
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from typing import get_args
 
 import numpy as np
@@ -84,7 +85,7 @@ class RowFormat:
         """Floats a decoded row has."""
         return sum(self.blocks)
 
-    @property
+    @cached_property  # read on every encode / decode: computed once per format (not a field: eq and hash ignore it)
     def groups(self) -> tuple[int, ...]:
         """Sizes of the quantization groups, in stored order: the blocks themselves for dense rows; for factor rows,
         per block U_q (r q values) then each of B's q rows in FACTOR_GROUP pieces."""
